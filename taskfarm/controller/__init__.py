@@ -1,0 +1,1 @@
+"""The controller: engine registry, scheduler and the client interfaces."""

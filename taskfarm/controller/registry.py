@@ -1,0 +1,211 @@
+"""The engines the controller knows, and the ordered command stream to each.
+
+Every command for an engine (a task, or a MultiEngine call) gets the next
+sequence number of that engine and runs there in that order.  Commands sent
+during one reactor turn leave together, in one message per engine; replies
+come back in batches too.  When an engine is lost, each of its unanswered
+commands is answered with `EngineLost`, so no caller waits forever.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from taskfarm.errors import EngineLost, InvalidProperty, to_wire
+from taskfarm.interfaces import IEngineSink
+
+#: The largest engine id handed out, plus one.
+MAX_ENGINES = 4096
+
+#: ``on_reply(seq, ok, data, started, finished)``
+ReplyCallback = Callable[[int, bool, object, "float | None", float], None]
+
+
+class EngineState(enum.Enum):
+    REGISTERING = "registering"
+    IDLE = "idle"
+    BUSY = "busy"
+    LOST = "lost"
+
+
+class EngineHandle:
+    """The controller's view of one engine."""
+
+    def __init__(
+        self,
+        registry: "EngineRegistry",
+        engine_id: int,
+        channel,
+        properties: dict,
+        task_slots: int,
+    ) -> None:
+        self._registry = registry
+        self.engine_id = engine_id
+        self.channel = channel
+        self.properties = properties
+        #: Bumped on every change of `properties`; schedulers cache by it.
+        self.properties_version = 0
+        #: How many tasks may be sent ahead to this engine at once.
+        self.task_slots = task_slots
+        self.inflight: dict[int, ReplyCallback] = {}
+        self._outbox: list = []
+        self._next_seq = 0
+        self._lost = False
+
+    @property
+    def state(self) -> EngineState:
+        if self._lost:
+            return EngineState.LOST
+        return EngineState.BUSY if self.inflight else EngineState.IDLE
+
+    def send(self, op: str, args: tuple, on_reply: ReplyCallback) -> int:
+        """Queue one command; it leaves at the end of this reactor turn."""
+        if self._lost:
+            raise EngineLost("engine %d is gone" % self.engine_id)
+        seq = self._next_seq
+        self._next_seq += 1
+        self.inflight[seq] = on_reply
+        self._outbox.append((seq, op, args))
+        self._registry._wants_flush(self)
+        return seq
+
+    def interrupt(self, seq: int) -> None:
+        """Ask the engine to stop command `seq`; its reply still comes."""
+        if not self._lost and seq in self.inflight:
+            self.channel.interrupt(seq)
+
+    def update_properties(self, properties: dict) -> None:
+        """Replace the properties mirror and tell the schedulers."""
+        self.properties = properties
+        self.properties_version += 1
+        self._registry._properties_changed(self)
+
+    def _flush(self) -> None:
+        if self._outbox and not self._lost:
+            batch, self._outbox = self._outbox, []
+            self.channel.send(batch)
+
+    def __repr__(self) -> str:
+        return "<engine %d %s>" % (self.engine_id, self.state.value)
+
+
+class RegistryListener:
+    """What the registry tells its listeners; subclass and override."""
+
+    def engine_added(self, engine: EngineHandle) -> None:
+        """A new engine can take commands."""
+
+    def engine_removed(self, engine: EngineHandle) -> None:
+        """An engine is gone; its unanswered commands fail right after."""
+
+    def properties_changed(self, engine: EngineHandle) -> None:
+        """An engine's properties changed."""
+
+
+@implementer(IEngineSink)
+class EngineRegistry:
+    """Engine ids, handles and the plumbing of commands and replies."""
+
+    _log = Logger()
+
+    def __init__(self, clock, task_slots: int = 2) -> None:
+        self._clock = clock
+        self.task_slots = task_slots
+        self.engines: dict[int, EngineHandle] = {}
+        self._listeners: list[RegistryListener] = []
+        self._dirty: dict[int, EngineHandle] = {}
+        self._flush_call = None
+
+    def add_listener(self, listener: RegistryListener) -> None:
+        self._listeners.append(listener)
+
+    def ids(self) -> list[int]:
+        return sorted(self.engines)
+
+    def register(
+        self, channel, properties: dict, requested_id: int | None = None
+    ) -> EngineHandle:
+        """Give a new engine an id (the requested one when it is free)."""
+        if not isinstance(properties, dict) or not all(
+            isinstance(k, str) for k in properties
+        ):
+            raise InvalidProperty("engine properties must be a dict with str keys")
+        if (
+            isinstance(requested_id, int)
+            and 0 <= requested_id < MAX_ENGINES
+            and requested_id not in self.engines
+        ):
+            engine_id = requested_id
+        else:
+            engine_id = next(i for i in range(MAX_ENGINES + 1) if i not in self.engines)
+            if engine_id == MAX_ENGINES:
+                raise InvalidProperty("too many engines (%d)" % MAX_ENGINES)
+        engine = EngineHandle(self, engine_id, channel, properties, self.task_slots)
+        self.engines[engine_id] = engine
+        self._log.info(
+            "engine {engine_id} registered from {host} pid {pid}",
+            engine_id=engine_id,
+            host=properties.get("hostname"),
+            pid=properties.get("pid"),
+        )
+        for listener in self._listeners:
+            listener.engine_added(engine)
+        return engine
+
+    # -- IEngineSink ----------------------------------------------------------------
+
+    def replies(self, engine: EngineHandle, replies: list) -> None:
+        if self.engines.get(engine.engine_id) is not engine:
+            return
+        for seq, ok, data, started, finished in replies:
+            callback = engine.inflight.pop(seq, None)
+            if callback is not None:
+                callback(seq, ok, data, started, finished)
+
+    def engine_lost(self, engine: EngineHandle, reason: str) -> None:
+        engine_id = engine.engine_id
+        if self.engines.get(engine_id) is not engine:
+            return
+        del self.engines[engine_id]
+        engine._lost = True
+        self._dirty.pop(engine_id, None)
+        self._log.warn(
+            "engine {engine_id} lost: {reason}", engine_id=engine_id, reason=reason
+        )
+        for listener in self._listeners:
+            listener.engine_removed(engine)
+        error = to_wire(EngineLost("engine %d was lost: %s" % (engine_id, reason)))
+        now = self._clock.seconds()
+        pending, engine.inflight = engine.inflight, {}
+        for seq, callback in pending.items():
+            callback(seq, False, error, None, now)
+
+    # -- batching -------------------------------------------------------------------
+
+    def _wants_flush(self, engine: EngineHandle) -> None:
+        self._dirty[engine.engine_id] = engine
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Send every queued command now."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        dirty, self._dirty = self._dirty, {}
+        for engine in dirty.values():
+            engine._flush()
+
+    def _properties_changed(self, engine: EngineHandle) -> None:
+        for listener in self._listeners:
+            listener.properties_changed(engine)
+
+    def stop(self) -> None:
+        """Cancel the pending flush; used when the controller stops."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None

@@ -1,0 +1,81 @@
+"""The controller service tree and the factory that builds it."""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.logger import Logger
+
+from taskfarm.controller.registry import EngineRegistry
+from taskfarm.controller.scheduler import FIFOScheduler
+from taskfarm.controller.taskcontroller import DEFAULT_UNMET_TIMEOUT, TaskController
+from taskfarm.profile import ENGINE, MULTIENGINE, TASK, Profile
+from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
+
+
+class ControllerService(service.MultiService):
+    """One controller: its engine registry, scheduler and Task interface,
+    served over one Foolscap Tub whose furls are written to the profile."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        profile: Profile,
+        registry: EngineRegistry,
+        scheduler,
+        tasks: TaskController,
+        server,
+    ) -> None:
+        super().__init__()
+        self.profile = profile
+        self.registry = registry
+        self.scheduler = scheduler
+        self.tasks = tasks
+        #: The Foolscap side (`taskfarm.remote.server.ControllerServer`).
+        self.server = server
+        server.setServiceParent(self)
+
+    def startService(self) -> None:
+        self.tasks.start()
+        super().startService()
+        self._log.info(
+            "controller serving at {location}; furl files in {folder}",
+            location=self.server.location,
+            folder=str(self.profile.security_dir),
+        )
+
+    async def stopService(self) -> None:
+        self.tasks.stop()
+        self.registry.stop()
+        await super().stopService()
+
+    def furl_file(self, interface: str):
+        return self.profile.furl_file(interface)
+
+
+def create_controller(
+    profile: Profile,
+    reactor,
+    listen: str | None = None,
+    location: str | None = None,
+    scheduler_class=FIFOScheduler,
+    task_slots: int = 2,
+    unmet_timeout: float | None = DEFAULT_UNMET_TIMEOUT,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+) -> ControllerService:
+    """Build a controller for `profile`; it listens once started."""
+    from taskfarm.remote.server import ControllerServer
+
+    registry = EngineRegistry(reactor, task_slots=task_slots)
+    scheduler = scheduler_class()
+    tasks = TaskController(registry, scheduler, reactor, unmet_timeout=unmet_timeout)
+    server = ControllerServer(
+        profile,
+        reactor,
+        registry,
+        {TASK: tasks, MULTIENGINE: None, ENGINE: registry},
+        listen=listen,
+        location=location,
+        max_message_size=max_message_size,
+    )
+    return ControllerService(profile, registry, scheduler, tasks, server)

@@ -1,0 +1,85 @@
+"""``twistd -n taskcontroller``: options and service for the controller."""
+
+from __future__ import annotations
+
+from twisted.python import reflect, usage
+
+from taskfarm.controller.scheduler import FIFOScheduler
+from taskfarm.controller.taskcontroller import DEFAULT_UNMET_TIMEOUT
+from taskfarm.interfaces import IScheduler
+from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
+
+
+def load_scheduler(dotted: str):
+    """The scheduler class named by a dotted path, checked against IScheduler."""
+    try:
+        cls = reflect.namedAny(dotted)
+    except (reflect.ModuleNotFound, reflect.ObjectNotFound, ValueError, AttributeError) as e:
+        raise usage.UsageError("--scheduler %s cannot be imported: %s" % (dotted, e))
+    if not isinstance(cls, type) or not IScheduler.implementedBy(cls):
+        raise usage.UsageError(
+            "--scheduler %s is not a class implementing taskfarm.interfaces.IScheduler"
+            % dotted
+        )
+    return cls
+
+
+class Options(usage.Options):
+    """Options of ``twistd taskcontroller``."""
+
+    synopsis = "[--profile-dir DIR] [--listen ENDPOINT] [--location HOST:PORT] [--scheduler DOTTED.NAME]"
+    optParameters = [
+        ["profile-dir", "p", None, "The profile folder (default ~/.taskfarm or $TASKFARM_PROFILE)."],
+        ["listen", "l", None, "Where to listen, e.g. tcp:10105:interface=127.0.0.1 (default: loopback, same port as last time)."],
+        ["location", None, None, "HOST:PORT that engines and clients should dial (default: the listen address)."],
+        ["scheduler", "s", "taskfarm.controller.scheduler.FIFOScheduler", "Dotted name of the scheduler class."],
+        ["task-slots", None, 2, "Tasks sent ahead to each engine at once.", int],
+        ["unmet-timeout", None, DEFAULT_UNMET_TIMEOUT, "Seconds a task may wait while no engine satisfies its depend (0: forever).", float],
+        ["max-message-size", None, DEFAULT_MAX_MESSAGE_SIZE, "Largest message accepted, in bytes.", int],
+    ]
+
+    def postOptions(self) -> None:
+        from taskfarm.remote.tub import parse_listen
+
+        self["scheduler_class"] = load_scheduler(self["scheduler"])
+        if self["listen"] is not None:
+            try:
+                interface, _ = parse_listen(self["listen"])
+            except ValueError as e:
+                raise usage.UsageError(str(e))
+            if interface in ("0.0.0.0", "::", "") and not self["location"]:
+                raise usage.UsageError(
+                    "--listen on all interfaces needs --location HOST:PORT, the "
+                    "address engines and clients should dial"
+                )
+        if self["task-slots"] < 1:
+            raise usage.UsageError("--task-slots must be at least 1")
+        if self["unmet-timeout"] < 0:
+            raise usage.UsageError("--unmet-timeout must be >= 0")
+        if self["max-message-size"] < 1024:
+            raise usage.UsageError("--max-message-size must be at least 1024 bytes")
+
+
+def makeService(options: Options):
+    """The controller service for parsed `options`, logging to the profile."""
+    from twisted.internet import reactor
+    from twisted.logger import globalLogPublisher, textFileLogObserver
+    from twisted.python.logfile import LogFile
+
+    from taskfarm.controller.service import create_controller
+    from taskfarm.profile import Profile
+
+    profile = Profile.from_option(options["profile-dir"])
+    profile.ensure()
+    logfile = LogFile("controller.log", str(profile.log_dir), rotateLength=10_000_000)
+    globalLogPublisher.addObserver(textFileLogObserver(logfile))
+    return create_controller(
+        profile,
+        reactor,
+        listen=options["listen"],
+        location=options["location"],
+        scheduler_class=options["scheduler_class"],
+        task_slots=options["task-slots"],
+        unmet_timeout=options["unmet-timeout"] or None,
+        max_message_size=options["max-message-size"],
+    )

@@ -1,0 +1,266 @@
+"""The controller's record of one task, and the state machine it follows.
+
+::
+
+    queued ──► running ──► succeeded
+      │  ▲        │ │
+      │  └────────┘ └────► failed      (a failed attempt goes back to
+      │   retry or recovery            queued while retries or a recovery
+      ▼                                task remain)
+    aborted ◄── (from queued or running)
+
+A recovery task runs under the same task id: the record swaps its spec for
+the recovery spec and starts again with that spec's retries.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from taskfarm.errors import BadRequest
+from taskfarm.task import CALL, EXEC
+
+
+class TaskState(enum.Enum):
+    QUEUED = "scheduled"
+    RUNNING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+FINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.ABORTED})
+
+_ALLOWED = {
+    TaskState.QUEUED: {TaskState.RUNNING, TaskState.ABORTED, TaskState.FAILED},
+    TaskState.RUNNING: {
+        TaskState.QUEUED,
+        TaskState.SUCCEEDED,
+        TaskState.FAILED,
+        TaskState.ABORTED,
+    },
+    TaskState.SUCCEEDED: set(),
+    TaskState.FAILED: set(),
+    TaskState.ABORTED: set(),
+}
+
+
+class InvalidTransition(Exception):
+    """A bug: a task was moved along an edge the state machine does not have."""
+
+
+class TaskSpec:
+    """What the controller needs to know about one task of a recovery chain."""
+
+    __slots__ = (
+        "kind",
+        "payload",
+        "clear_before",
+        "clear_after",
+        "retries",
+        "priority",
+        "timeout",
+        "depend",
+        "recovery",
+    )
+
+    def __init__(
+        self,
+        kind: str,
+        payload: bytes,
+        clear_before: bool = False,
+        clear_after: bool = False,
+        retries: int = 0,
+        priority: int = 0,
+        timeout: float | None = None,
+        depend: bytes | None = None,
+        recovery: "TaskSpec | None" = None,
+    ) -> None:
+        self.kind = kind
+        self.payload = payload
+        self.clear_before = clear_before
+        self.clear_after = clear_after
+        self.retries = retries
+        self.priority = priority
+        self.timeout = timeout
+        self.depend = depend
+        self.recovery = recovery
+
+    @classmethod
+    def from_envelope(cls, envelope: object, depth: int = 0) -> "TaskSpec":
+        """Check and decode a client's task envelope; `BadRequest` if malformed."""
+        if depth > 1000:
+            raise BadRequest("recovery chain is deeper than 1000 tasks")
+        try:
+            kind, payload, options, depend, recovery = envelope  # type: ignore[misc]
+            clear_before, clear_after, retries, priority, timeout = options
+        except (TypeError, ValueError):
+            raise BadRequest("a task envelope must be a 5-tuple") from None
+        if kind not in (EXEC, CALL):
+            raise BadRequest("unknown task kind %r" % (kind,))
+        if not isinstance(payload, bytes):
+            raise BadRequest("task payload must be bytes")
+        if not (isinstance(clear_before, bool) and isinstance(clear_after, bool)):
+            raise BadRequest("clear_before and clear_after must be booleans")
+        for name, value in (("retries", retries), ("priority", priority)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise BadRequest("%s must be an int" % name)
+        if retries < 0:
+            raise BadRequest("retries must be >= 0")
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or timeout <= 0
+        ):
+            raise BadRequest("timeout must be a positive number or None")
+        if depend is not None and not isinstance(depend, bytes):
+            raise BadRequest("depend must be pickled bytes or None")
+        return cls(
+            kind,
+            payload,
+            clear_before,
+            clear_after,
+            retries,
+            priority,
+            timeout,
+            depend,
+            None if recovery is None else cls.from_envelope(recovery, depth + 1),
+        )
+
+    def chain(self):
+        """This spec and its recovery specs, in order."""
+        spec: TaskSpec | None = self
+        while spec is not None:
+            yield spec
+            spec = spec.recovery
+
+
+class TaskRecord:
+    """One submitted task as the controller tracks it."""
+
+    __slots__ = (
+        "taskid",
+        "spec",
+        "state",
+        "retries_left",
+        "attempts",
+        "engine_id",
+        "seq",
+        "submitted",
+        "started",
+        "completed",
+        "ok",
+        "data",
+        "group",
+        "timer",
+    )
+
+    def __init__(self, taskid: int, spec: TaskSpec, submitted: float) -> None:
+        self.taskid = taskid
+        self.spec = spec
+        self.state = TaskState.QUEUED
+        self.retries_left = spec.retries
+        self.attempts = 0
+        self.engine_id: int | None = None
+        self.seq: int | None = None
+        self.submitted = submitted
+        self.started: float | None = None
+        self.completed: float | None = None
+        #: The outcome, once final: ok -> pickled result, else wire error.
+        self.ok = False
+        self.data: object = None
+        #: The scheduler's depend group while queued.
+        self.group = None
+        #: A pending timeout call while running.
+        self.timer = None
+
+    @property
+    def is_queued(self) -> bool:
+        return self.state is TaskState.QUEUED
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def _move(self, new: TaskState) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise InvalidTransition(
+                "task %d cannot go from %s to %s" % (self.taskid, self.state, new)
+            )
+        self.state = new
+
+    def start(self, engine_id: int, seq: int) -> None:
+        """queued -> running on `engine_id` as command `seq`."""
+        self._move(TaskState.RUNNING)
+        self.attempts += 1
+        self.engine_id = engine_id
+        self.seq = seq
+
+    def succeed(self, data: bytes, started: float | None, completed: float) -> None:
+        """running -> succeeded."""
+        self._move(TaskState.SUCCEEDED)
+        self.ok, self.data = True, data
+        self.started, self.completed = started, completed
+
+    def fail_attempt(
+        self, error: tuple, started: float | None, completed: float
+    ) -> bool:
+        """A running attempt failed.  Returns True when the task is queued again.
+
+        Retries are spent first; then the recovery task takes over the id
+        with its own retries; after that the task fails with `error`.
+        """
+        if self.retries_left > 0:
+            self.retries_left -= 1
+            self._requeue()
+            return True
+        if self.spec.recovery is not None:
+            self.spec = self.spec.recovery
+            self.retries_left = self.spec.retries
+            self._requeue()
+            return True
+        self.fail(error, started, completed)
+        return False
+
+    def recover_or_fail(self, error: tuple, now: float) -> bool:
+        """A queued task can never run as it is (its depend is unmet).
+
+        Retries cannot help, so its recovery task takes over if it has one
+        (True: still queued, under the new spec); otherwise it fails.
+        """
+        if self.state is TaskState.QUEUED and self.spec.recovery is not None:
+            self.spec = self.spec.recovery
+            self.retries_left = self.spec.retries
+            return True
+        self.fail(error, None, now)
+        return False
+
+    def fail(self, error: tuple, started: float | None, completed: float) -> None:
+        """queued or running -> failed, for good."""
+        self._move(TaskState.FAILED)
+        self.ok, self.data = False, error
+        self.started, self.completed = started, completed
+
+    def abort(self, error: tuple, now: float) -> None:
+        """queued or running -> aborted."""
+        self._move(TaskState.ABORTED)
+        self.ok, self.data = False, error
+        self.completed = now
+
+    def _requeue(self) -> None:
+        self._move(TaskState.QUEUED)
+        self.engine_id = None
+        self.seq = None
+
+    def result_envelope(self) -> tuple:
+        """The wire form `taskfarm.task.result_from_envelope` reads."""
+        return (
+            self.taskid,
+            self.spec.kind,
+            self.ok,
+            self.data,
+            self.engine_id,
+            self.submitted,
+            self.started,
+            self.completed,
+        )

@@ -1,0 +1,1 @@
+"""The engine: a process that runs user code for the controller."""

@@ -1,0 +1,59 @@
+"""The engine service: a worker thread, a namespace and a link to the controller."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from pathlib import Path
+
+from twisted.application import service
+
+from taskfarm.engine.namespace import Namespace, install_output_capture
+from taskfarm.engine.worker import CommandWorker
+from taskfarm.profile import read_furl_file
+
+
+def machine_facts() -> dict:
+    """What an engine knows about where it runs, sent with its properties."""
+    facts = {
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "ncpus": os.cpu_count() or 1,
+        "python": platform.python_version(),
+    }
+    try:
+        facts["ram"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        facts["ram"] = 0
+    return facts
+
+
+class EngineService(service.MultiService):
+    """One engine: runs commands in its worker thread, stays registered."""
+
+    def __init__(self, worker: CommandWorker, link: service.Service) -> None:
+        super().__init__()
+        self.worker = worker
+        self.link = link
+        link.setServiceParent(self)
+
+    def startService(self) -> None:
+        install_output_capture()
+        self.worker.start()
+        super().startService()
+
+    async def stopService(self) -> None:
+        await super().stopService()
+        self.worker.stop()
+
+
+def create_engine(furl_file: Path, properties: dict, reactor) -> EngineService:
+    """Build an engine that registers through the furl in `furl_file`."""
+    from taskfarm.remote.engine_link import EngineLink
+
+    worker = CommandWorker(Namespace(), reactor)
+    props = machine_facts()
+    props.update(properties)
+    link = EngineLink(lambda: read_furl_file(furl_file), worker, props, reactor)
+    return EngineService(worker, link)

@@ -1,0 +1,60 @@
+"""``twistd -n taskengine``: options and service for one engine."""
+
+from __future__ import annotations
+
+import ast
+
+from twisted.python import usage
+
+from taskfarm.profile import ENGINE, Profile
+
+
+def parse_property(text: str) -> tuple[str, object]:
+    """``KEY=VALUE``; VALUE is read as a Python literal when it is one."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise usage.UsageError(
+            "--property takes KEY=VALUE with KEY an identifier, not %r" % (text,)
+        )
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key, value
+
+
+class Options(usage.Options):
+    """Options of ``twistd taskengine``."""
+
+    synopsis = "[--furl-file FILE] [--property KEY=VALUE ...]"
+    optParameters = [
+        ["furl-file", "f", None, "The engine furl file (default: the profile's)."],
+        ["profile-dir", "p", None, "The profile folder (default ~/.taskfarm)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["properties"] = {}
+
+    def opt_property(self, text: str) -> None:
+        """Set an engine property KEY=VALUE (repeatable)."""
+        key, value = parse_property(text)
+        self["properties"][key] = value
+
+    def postOptions(self) -> None:
+        if self["furl-file"] is None:
+            self["furl-file"] = str(
+                Profile.from_option(self["profile-dir"]).furl_file(ENGINE)
+            )
+
+
+def makeService(options: Options):
+    """The engine service for parsed `options`."""
+    from pathlib import Path
+
+    from twisted.internet import reactor
+
+    from taskfarm.engine.service import create_engine
+
+    return create_engine(Path(options["furl-file"]), options["properties"], reactor)

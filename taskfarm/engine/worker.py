@@ -1,0 +1,221 @@
+"""Runs an engine's commands in order, in one thread off the reactor.
+
+The reactor thread hands commands in (`receive`) and may ask for one to stop
+(`interrupt`).  The worker thread runs them one at a time against the
+`Namespace`; replies are collected and leave in one batch per reactor turn.
+
+Commands belong to a *session* (one registration with a controller).  When
+the link breaks, `end_session` drops whatever that session still had queued
+and interrupts what was running: the controller has already given that work
+to other engines.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from twisted.logger import Logger
+
+from taskfarm.engine.namespace import Interrupt, Namespace
+from taskfarm.errors import TaskAborted, TaskTimeout, to_wire
+
+
+class _AbortInterrupt(Interrupt):
+    pass
+
+
+class _TimeoutInterrupt(Interrupt):
+    pass
+
+
+_STOP = object()
+
+
+def _raise_in_thread(thread_id: int, exception_type: type | None) -> None:
+    # None clears an exception that was set but not yet raised.
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id),
+        ctypes.py_object(exception_type) if exception_type is not None else None,
+    )
+
+
+class CommandWorker:
+    """One engine's command queue and the thread that works it."""
+
+    _log = Logger()
+
+    def __init__(self, namespace: Namespace, reactor) -> None:
+        self.namespace = namespace
+        self._reactor = reactor
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._session = 0
+        self._sink: Callable[[list], None] | None = None
+        #: (session, seq) of the command running now, or None.
+        self._current: tuple[int, int] | None = None
+        self._interrupted: set[tuple[int, int]] = set()
+        self._cancelled: set[tuple[int, int]] = set()
+        self._replies: list = []
+        self._flush_scheduled = False
+        self._timers: dict[tuple[int, int], object] = {}
+        self._thread: threading.Thread | None = None
+        self.commands_run = 0
+
+    # -- lifecycle (reactor thread) ---------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._work, name="taskfarm-engine-worker", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop taking commands; interrupt the running one; wait a little."""
+        self.end_session()
+        self._queue.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def begin_session(self, engine_id: int, sink: Callable[[list], None]) -> None:
+        """Start taking commands for a new registration; replies go to `sink`."""
+        self.end_session()
+        with self._lock:
+            self._sink = sink
+        self.namespace.set_engine_id(engine_id)
+
+    def end_session(self) -> None:
+        """Forget the current session's queued commands; stop the running one."""
+        with self._lock:
+            self._session += 1
+            self._sink = None
+            self._cancelled.clear()
+            current = self._current
+        if current is not None:
+            self._interrupt(current, _AbortInterrupt)
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+
+    # -- commands (reactor thread) -------------------------------------------------
+
+    def receive(self, commands: list) -> None:
+        """Queue ``(seq, op, args)`` commands of the current session."""
+        session = self._session
+        for command in commands:
+            self._queue.put((session, command))
+
+    def interrupt(self, seq: int, reason: type = _AbortInterrupt) -> None:
+        """Stop command `seq`: drop it if queued, interrupt it if running."""
+        key = (self._session, seq)
+        with self._lock:
+            running = self._current == key
+            if not running:
+                self._cancelled.add(key)
+        if running:
+            self._interrupt(key, reason)
+
+    def _interrupt(self, key: tuple[int, int], reason: type) -> None:
+        with self._lock:
+            if self._current != key or key in self._interrupted:
+                return
+            self._interrupted.add(key)
+            _raise_in_thread(self._thread.ident, reason)
+        self._log.info("interrupted command {seq}", seq=key[1])
+
+    # -- the worker thread ------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            session, (seq, op, args) = item
+            key = (session, seq)
+            reply = None
+            # At most one Interrupt is ever raised per command, and only
+            # while it is current; `_settle` ends that window.  Whichever
+            # line it lands on, one of the two handlers below catches it.
+            try:
+                try:
+                    reply = self._run(key, op, args)
+                except Interrupt as e:
+                    reply = self._interrupted_reply(seq, e)
+                self._settle(key)
+            except Interrupt as e:
+                reply = reply or self._interrupted_reply(seq, e)
+                self._settle(key)
+            self._finish(key, reply)
+
+    def _run(self, key: tuple[int, int], op: str, args: tuple) -> tuple | None:
+        seq = key[1]
+        with self._lock:
+            if key[0] != self._session:
+                return None
+            if key in self._cancelled:
+                self._cancelled.discard(key)
+                error = to_wire(TaskAborted("aborted before it ran"))
+                return (seq, False, error, None, time.time())
+            self._current = key
+        started = time.time()
+        timeout = args[4] if op == "task" and len(args) > 4 else None
+        if timeout:
+            self._reactor.callFromThread(self._arm_timer, key, timeout)
+        ok, data = self.namespace.run(op, args)
+        return (seq, ok, data, started, time.time())
+
+    def _settle(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            if self._current == key:
+                self._current = None
+            self._interrupted.discard(key)
+            # Clear an interrupt that was set but not yet delivered.
+            _raise_in_thread(threading.get_ident(), None)
+
+    @staticmethod
+    def _interrupted_reply(seq: int, interrupt: Interrupt) -> tuple:
+        if isinstance(interrupt, _TimeoutInterrupt):
+            error = TaskTimeout("the task ran past its timeout and was stopped")
+        else:
+            error = TaskAborted("the command was interrupted")
+        return (seq, False, to_wire(error), None, time.time())
+
+    def _finish(self, key: tuple[int, int], reply: tuple | None) -> None:
+        self.commands_run += 1
+        with self._lock:
+            if reply is None or key[0] != self._session:
+                return
+            self._replies.append(reply)
+            if self._flush_scheduled:
+                return
+            self._flush_scheduled = True
+        self._reactor.callFromThread(self._flush)
+
+    # -- back on the reactor thread ------------------------------------------------------
+
+    def _arm_timer(self, key: tuple[int, int], timeout: float) -> None:
+        if key[0] != self._session:
+            return
+        self._timers[key] = self._reactor.callLater(
+            timeout, self._timed_out, key
+        )
+
+    def _timed_out(self, key: tuple[int, int]) -> None:
+        self._timers.pop(key, None)
+        self._interrupt(key, _TimeoutInterrupt)
+
+    def _flush(self) -> None:
+        with self._lock:
+            replies, self._replies = self._replies, []
+            self._flush_scheduled = False
+            sink = self._sink
+        for reply in replies:
+            timer = self._timers.pop((self._session, reply[0]), None)
+            if timer is not None and timer.active():
+                timer.cancel()
+        if sink is not None and replies:
+            sink(replies)

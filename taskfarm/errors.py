@@ -1,0 +1,241 @@
+"""Every exception taskfarm raises.
+
+Errors cross the wire as data: a name from this module plus a message (see
+`to_wire` / `from_wire`).  A name this module does not know comes back as a
+`TaskfarmError` carrying the original name, so nothing is silently lost.
+"""
+
+from __future__ import annotations
+
+
+class TaskfarmError(Exception):
+    """Base class of every taskfarm error."""
+
+
+# -- set-up, profiles and connections ---------------------------------------
+
+
+class ProfileError(TaskfarmError):
+    """A profile folder or furl file is missing, unreadable or malformed."""
+
+
+class FurlError(TaskfarmError, ValueError):
+    """A furl (or the thing given instead of one) cannot be used to connect."""
+
+
+class WrongInterface(FurlError):
+    """A furl names another controller interface than the client expects."""
+
+
+class ControllerUnreachable(TaskfarmError, ConnectionError):
+    """The controller did not answer within the connection timeout."""
+
+
+class ConnectionLost(TaskfarmError, ConnectionError):
+    """The connection to the controller broke while a call was in flight."""
+
+
+class ProtocolVersionError(TaskfarmError):
+    """The two ends of a connection speak different wire versions."""
+
+
+# -- payloads ----------------------------------------------------------------
+
+
+class SerializationError(TaskfarmError, TypeError):
+    """A value could not be pickled or unpickled; the message names it."""
+
+
+class MessageTooLarge(TaskfarmError, ValueError):
+    """A message is bigger than the configured size limit."""
+
+
+class BadRequest(TaskfarmError, ValueError):
+    """A peer sent a message the receiver cannot make sense of."""
+
+
+# -- tasks -------------------------------------------------------------------
+
+
+class RecoveryLoopError(TaskfarmError, ValueError):
+    """A task's chain of recovery tasks comes back to a task already in it."""
+
+
+class UnknownTask(TaskfarmError, IndexError):
+    """No task with this id was submitted, or its result was cleared."""
+
+
+class TaskAlreadyCompleted(TaskfarmError, IndexError):
+    """`abort` was asked for a task that has already finished."""
+
+    def __init__(self, message: str = "Task Already Completed") -> None:
+        super().__init__(message)
+
+
+class TaskAlreadyAborted(TaskAlreadyCompleted):
+    """`abort` was asked twice for the same task."""
+
+    def __init__(self, message: str = "Task Already Aborted") -> None:
+        super().__init__(message)
+
+
+class TaskAborted(TaskfarmError):
+    """The failure recorded for a task that was aborted."""
+
+
+class TaskTimeout(TaskfarmError):
+    """A task ran too long, or waited too long for an engine that suits it."""
+
+
+class EngineLost(TaskfarmError):
+    """The engine running a command disconnected or died before answering."""
+
+
+class RemoteTaskError(TaskfarmError):
+    """User code raised on an engine.
+
+    Carries the remote exception's type name (`ename`), message (`evalue`),
+    the remote traceback text (`traceback`), the engine id and, when it could
+    be unpickled here, the original exception object (`exception`).
+    """
+
+    def __init__(
+        self,
+        ename: str,
+        evalue: str,
+        traceback: str = "",
+        engine_id: int | None = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        super().__init__(ename, evalue)
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback = traceback
+        self.engine_id = engine_id
+        self.exception = exception
+
+    def __str__(self) -> str:
+        return "%s: %s" % (self.ename, self.evalue)
+
+    def __reduce__(self):
+        return (
+            RemoteTaskError,
+            (self.ename, self.evalue, self.traceback, self.engine_id, None),
+        )
+
+
+# -- engines and the MultiEngine interface ------------------------------------
+
+
+class InvalidEngineID(TaskfarmError, KeyError):
+    """A target names an engine that is not registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "invalid engine id"
+
+
+class NoEnginesRegistered(TaskfarmError):
+    """`'all'` engines were asked for while none is registered."""
+
+
+class QueueCleared(TaskfarmError):
+    """A queued engine command was dropped by `clear_queue`."""
+
+
+class InvalidProperty(TaskfarmError, ValueError):
+    """An engine property is malformed or cannot be pickled."""
+
+
+class ResultNotCompleted(TaskfarmError):
+    """A non-blocking result was asked for before it was ready."""
+
+
+class InvalidResultID(TaskfarmError, KeyError):
+    """A pending result id is unknown or was already fetched or flushed."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "invalid result id"
+
+
+class NotAPendingResult(TaskfarmError, TypeError):
+    """`barrier` was given something that is not a `PendingResult`."""
+
+
+class CompositeError(TaskfarmError):
+    """Errors from several engines gathered into one exception.
+
+    `elist` holds `(engine_id, method, error)` triples; `str()` gives one
+    ``[engine_id:method]: Type: message`` line per engine.
+    """
+
+    def __init__(self, message: str, elist: list) -> None:
+        flat: list = []
+        for engine_id, method, error in elist:
+            if isinstance(error, CompositeError):
+                flat.extend(error.elist)
+            else:
+                flat.append((engine_id, method, error))
+        super().__init__(message, flat)
+        self.message = message
+        self.elist = flat
+
+    def __str__(self) -> str:
+        lines = [self.message]
+        for engine_id, method, error in self.elist:
+            lines.append("[%s:%s]: %s" % (engine_id, method, _describe(error)))
+        return "\n".join(lines)
+
+    def print_tracebacks(self, excid: int | None = None) -> None:
+        """Print the remote traceback text of one error, or of all of them."""
+        chosen = self.elist if excid is None else [self.elist[excid]]
+        for engine_id, method, error in chosen:
+            print("[%s:%s]: %s" % (engine_id, method, _describe(error)))
+            print(getattr(error, "traceback", "") or "(no remote traceback)")
+
+    def raise_exception(self, excid: int = 0) -> None:
+        """Raise error number `excid` of the collected errors."""
+        try:
+            raise self.elist[excid][2]
+        except IndexError:
+            raise IndexError("an exception with index %i does not exist" % excid)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, RemoteTaskError):
+        return str(error)
+    return "%s: %s" % (type(error).__name__, error)
+
+
+# -- the wire form of errors -------------------------------------------------
+
+
+def to_wire(error: BaseException) -> tuple:
+    """Turn an exception into plain data that any peer can read."""
+    if isinstance(error, RemoteTaskError):
+        return (
+            "RemoteTaskError",
+            (error.ename, error.evalue, error.traceback, error.engine_id),
+        )
+    return (type(error).__name__, str(error))
+
+
+def from_wire(data: tuple) -> BaseException:
+    """Rebuild the exception `to_wire` described."""
+    name, detail = data
+    if name == "RemoteTaskError":
+        return RemoteTaskError(*detail)
+    cls = _WIRE_CLASSES.get(name)
+    if cls is None:
+        return TaskfarmError("%s: %s" % (name, detail))
+    return cls(detail)
+
+
+_WIRE_CLASSES = {
+    name: obj
+    for name, obj in list(globals().items())
+    if isinstance(obj, type) and issubclass(obj, TaskfarmError)
+}
+# Plain built-in errors that our services raise on bad input.
+_WIRE_CLASSES.update(
+    {"TypeError": TypeError, "ValueError": ValueError, "KeyError": KeyError}
+)

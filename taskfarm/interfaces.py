@@ -1,0 +1,70 @@
+"""The zope interfaces between taskfarm's parts.
+
+The controller's logic talks to engines through `IEngineChannel` and to its
+scheduler through `IScheduler`; both have a Foolscap implementation
+(`taskfarm.remote`) and an in-process one (`taskfarm.testing`).
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IScheduler(Interface):
+    """Decides which queued task runs on which engine.
+
+    Tasks are the controller's task records (`taskid`, `spec.priority`,
+    `spec.depend`, `is_queued`); engines are registry handles
+    (`engine_id`, `properties`, `properties_version`, `task_slots`).
+    """
+
+    ntasks = Attribute("How many tasks are queued.")
+    nengines = Attribute("How many engines the scheduler knows.")
+
+    def add_task(task):
+        """Queue a task record."""
+
+    def remove_task(task):
+        """Forget a queued task (it was aborted or failed while queued)."""
+
+    def add_engine(engine):
+        """Start giving tasks to an engine, up to its `task_slots` at once."""
+
+    def remove_engine(engine_id):
+        """Stop giving tasks to an engine."""
+
+    def release(engine_id):
+        """One task given to this engine has finished; its slot is free."""
+
+    def schedule():
+        """Pair free engine slots with tasks; return ``[(engine, task)]``."""
+
+    def unmet_groups():
+        """Depend groups with queued tasks that no known engine accepts.
+
+        Returns ``[(key, [task, ...])]``; empty when no engine is known.
+        """
+
+
+class IEngineChannel(Interface):
+    """The controller's end of the link to one engine."""
+
+    def send(commands):
+        """Send a list of ``(seq, op, args)`` commands, in order."""
+
+    def interrupt(seq):
+        """Ask the engine to stop command `seq` if it is running or queued."""
+
+    def disconnect():
+        """Drop the link; the engine counts as lost."""
+
+
+class IEngineSink(Interface):
+    """What an engine's link delivers to the controller."""
+
+    def replies(engine, replies):
+        """A batch of ``(seq, ok, data, started, finished)`` replies from the
+        engine with this handle (stale handles are ignored)."""
+
+    def engine_lost(engine, reason):
+        """The link of the engine with this handle broke."""

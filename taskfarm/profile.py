@@ -1,0 +1,116 @@
+"""The profile folder: where a controller keeps its certificate, furls and logs.
+
+Layout (folders 0700, secret files 0600)::
+
+    PROFILE/
+      security/controller.pem      the controller Tub's key and certificate
+      security/engine.furl         lets an engine register
+      security/task.furl           the Task interface, for clients
+      security/multiengine.furl    the MultiEngine interface, for clients
+      log/                         controller and engine logs
+      run/                         pid files of processes the launcher started
+
+The default profile is ``~/.taskfarm``; ``TASKFARM_PROFILE`` overrides it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from taskfarm.errors import ProfileError
+
+#: Interface names, each with its own furl file.
+ENGINE = "engine"
+TASK = "task"
+MULTIENGINE = "multiengine"
+INTERFACES = (ENGINE, TASK, MULTIENGINE)
+
+
+def default_profile_dir() -> Path:
+    """The profile folder used when none is named."""
+    env = os.environ.get("TASKFARM_PROFILE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".taskfarm"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The paths of one profile folder; making one does no I/O."""
+
+    root: Path
+
+    @classmethod
+    def from_option(cls, path: str | os.PathLike | None) -> "Profile":
+        """The profile at `path`, or the default one when `path` is empty."""
+        return cls(Path(path).expanduser() if path else default_profile_dir())
+
+    @property
+    def security_dir(self) -> Path:
+        return self.root / "security"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "log"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def cert_file(self) -> Path:
+        return self.security_dir / "controller.pem"
+
+    @property
+    def journal_file(self) -> Path:
+        return self.root / "journal.sqlite"
+
+    def furl_file(self, interface: str) -> Path:
+        """The furl file of one of `INTERFACES`."""
+        if interface not in INTERFACES:
+            raise ValueError("unknown interface %r" % (interface,))
+        return self.security_dir / ("%s.furl" % interface)
+
+    def ensure(self) -> None:
+        """Create the folders, with the security folder closed to others."""
+        for folder in (self.root, self.security_dir, self.log_dir, self.run_dir):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        os.chmod(self.security_dir, 0o700)
+
+
+def write_secret(path: Path, data: bytes | str) -> None:
+    """Write `data` to `path` atomically, readable by its owner only."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=str(path.parent))
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_furl_file(path: Path) -> str:
+    """Read a furl from its file, with a clear error when that is impossible."""
+    try:
+        text = Path(path).read_text().strip()
+    except FileNotFoundError:
+        raise ProfileError(
+            "furl file %s does not exist: is the controller running "
+            "(`taskfarm cluster` or `twistd -n taskcontroller`)?" % (path,)
+        ) from None
+    except OSError as e:
+        raise ProfileError("cannot read furl file %s: %s" % (path, e)) from None
+    if not text.startswith("pb://"):
+        raise ProfileError("%s does not hold a furl" % (path,))
+    return text

@@ -1,0 +1,65 @@
+"""The reactor in a daemon thread, for the blocking client.
+
+It starts when the first blocking client is made, never at import, and
+stops at interpreter exit.  Blocking calls hop onto it with
+`blockingCallFromThread`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+
+from twisted.internet import threads
+
+_lock = threading.Lock()
+_thread: threading.Thread | None = None
+
+
+def ensure_running():
+    """Start the reactor thread if needed; returns the reactor."""
+    global _thread
+    from twisted.internet import reactor
+
+    with _lock:
+        if _thread is not None and _thread.is_alive():
+            return reactor
+        if reactor.running:
+            raise RuntimeError(
+                "the blocking taskfarm.client cannot run inside a program whose "
+                "reactor is already running; use taskfarm.asyncclient there"
+            )
+        started = threading.Event()
+        reactor.callWhenRunning(started.set)
+        _thread = threading.Thread(
+            target=reactor.run,
+            kwargs={"installSignalHandlers": False},
+            name="taskfarm-reactor",
+            daemon=True,
+        )
+        _thread.start()
+        if not started.wait(30):
+            raise RuntimeError("the reactor thread did not start within 30 s")
+        atexit.register(_stop, reactor)
+        return reactor
+
+
+def call(function, *args, **kwargs):
+    """Run `function` (which may return a Deferred) in the reactor thread and
+    wait for its result; its failure is raised here."""
+    from twisted.internet import reactor
+
+    if _thread is not None and threading.current_thread() is _thread:
+        raise RuntimeError("a blocking taskfarm call was made from the reactor thread")
+    return threads.blockingCallFromThread(reactor, function, *args, **kwargs)
+
+
+def _stop(reactor) -> None:
+    thread = _thread
+    if thread is None or not thread.is_alive():
+        return
+    try:
+        reactor.callFromThread(reactor.stop)
+    except RuntimeError:
+        return
+    thread.join(5)

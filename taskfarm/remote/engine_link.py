@@ -1,0 +1,164 @@
+"""An engine's link to its controller: register, serve commands, come back.
+
+`EngineLink` is a Twisted service.  It reads the engine furl (again on each
+attempt, since a restarted controller may have a new one), registers with
+the engine's properties, and feeds commands to the `CommandWorker`.  When
+the link breaks it ends the worker's session and tries again with back-off,
+asking for the same engine id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from foolscap.api import DeadReferenceError, Referenceable
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from taskfarm import serialization
+from taskfarm.engine.worker import CommandWorker
+from taskfarm.remote import schemas
+from taskfarm.remote.client import furl_location
+from taskfarm.remote.tub import new_tub
+
+
+@implementer(schemas.RIEngine)
+class _EngineReferenceable(Referenceable):
+    """What the controller calls on this engine."""
+
+    def __init__(self, worker: CommandWorker) -> None:
+        self._worker = worker
+
+    def remote_commands(self, batch):
+        self._worker.receive(serialization.unpack(batch))
+
+    def remote_interrupt(self, seq):
+        self._worker.interrupt(seq)
+
+    def remote_ping(self):
+        return None
+
+
+class EngineLink(service.Service):
+    """Keeps one engine registered with its controller."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        read_furl: Callable[[], str],
+        worker: CommandWorker,
+        properties: dict,
+        reactor,
+        retry_delays: tuple[float, float] = (0.2, 5.0),
+    ) -> None:
+        self._read_furl = read_furl
+        self._worker = worker
+        self.properties = properties
+        self._reactor = reactor
+        self._first_delay, self._max_delay = retry_delays
+        self._tub = None
+        self._loop: defer.Deferred | None = None
+        self._rref = None
+        self._lost: defer.Deferred | None = None
+        self._stopping = False
+        self.engine_id: int | None = None
+        #: How many times this engine has registered (1 + reconnections).
+        self.registrations = 0
+        #: Fires each time the engine registers, with its id (for tests).
+        self.on_registered: list[Callable[[int], None]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._tub = new_tub()
+        self._tub.startService()
+        self._loop = defer.Deferred.fromCoroutine(self._keep_registered())
+
+    async def stopService(self) -> None:
+        self._stopping = True
+        super().stopService()
+        if self._lost is not None and not self._lost.called:
+            self._lost.callback(None)
+        self._worker.end_session()
+        if self._loop is not None:
+            self._loop.cancel()
+            try:
+                await self._loop
+            except defer.CancelledError:
+                pass
+        await self._tub.stopService()
+
+    async def _keep_registered(self) -> None:
+        delay = self._first_delay
+        while not self._stopping:
+            try:
+                await self._register_once()
+                delay = self._first_delay
+                self._lost = defer.Deferred()
+                await self._lost
+                if self._stopping:
+                    return
+                self._log.warn("lost the controller; reconnecting")
+            except defer.CancelledError:
+                return
+            except Exception as e:
+                self._log.warn(
+                    "cannot register with the controller ({error}); retrying in "
+                    "{delay:.1f} s",
+                    error=_brief(e),
+                    delay=delay,
+                )
+            self._worker.end_session()
+            await task.deferLater(self._reactor, delay, lambda: None)
+            delay = min(delay * 2, self._max_delay)
+
+    async def _register_once(self) -> None:
+        furl = self._read_furl()
+        rref = await self._tub.getReference(furl).addTimeout(10, self._reactor)
+        hello = serialization.unpack(await rref.callRemote("hello"))
+        if not isinstance(hello, dict) or hello.get("interface") != "engine":
+            raise ValueError(
+                "the furl for %s is not the engine furl (security/engine.furl)"
+                % furl_location(furl)
+            )
+        engine_id, session = await rref.callRemote(
+            "register",
+            _EngineReferenceable(self._worker),
+            serialization.pack(self.properties),
+            self.engine_id,
+        )
+        self.engine_id = engine_id
+        self.registrations += 1
+        self._rref = rref
+        self._worker.begin_session(engine_id, self._sender(session))
+        rref.notifyOnDisconnect(self._disconnected)
+        self._log.info(
+            "registered with the controller at {location} as engine {engine_id}",
+            location=furl_location(furl),
+            engine_id=engine_id,
+        )
+        for callback in self.on_registered:
+            callback(engine_id)
+
+    def _sender(self, session) -> Callable[[list], None]:
+        def send(replies: list) -> None:
+            try:
+                session.callRemoteOnly("replies", serialization.pack(replies))
+            except DeadReferenceError:
+                pass
+
+        return send
+
+    def _disconnected(self) -> None:
+        self._rref = None
+        self._worker.end_session()
+        if self._lost is not None and not self._lost.called:
+            self._lost.callback(None)
+
+
+def _brief(e: BaseException) -> str:
+    value = getattr(e, "value", None)
+    return "%s" % (value if value is not None else "%s: %s" % (type(e).__name__, e))

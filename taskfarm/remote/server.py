@@ -1,0 +1,253 @@
+"""The controller's Referenceables: thin adapters from Foolscap to services.
+
+Each remote method unpacks its arguments, calls the service, and answers a
+reply envelope: ``(True, value)`` or ``(False, wire_error)``.  Errors are
+data, so a client awaits them like any value (see foolscap-notes: raised
+remote exceptions break ``await``).  Nothing a client or engine sends can
+stop the controller: malformed input becomes `BadRequest`.
+"""
+
+from __future__ import annotations
+
+from foolscap.api import DeadReferenceError, Referenceable
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from taskfarm import serialization
+from taskfarm.errors import BadRequest, TaskfarmError, to_wire
+from taskfarm.interfaces import IEngineChannel
+from taskfarm.profile import ENGINE, MULTIENGINE, TASK
+from taskfarm.remote import schemas
+
+_log = Logger()
+
+
+def _answer(value) -> bytes:
+    return serialization.pack((True, value))
+
+
+def _refuse(failure) -> bytes:
+    error = failure.value
+    if not isinstance(error, (TaskfarmError, TypeError, ValueError, KeyError)):
+        _log.failure("unexpected error in a remote call", failure)
+        error = TaskfarmError(
+            "internal controller error: %s: %s" % (type(error).__name__, error)
+        )
+    return serialization.pack((False, to_wire(error)))
+
+
+def reply(function, *args) -> defer.Deferred:
+    """Run `function(*args)` (value or Deferred) and answer an envelope."""
+    d = defer.maybeDeferred(function, *args)
+    d.addCallbacks(_answer, _refuse)
+    return d
+
+
+def _unpack_ids(blob: bytes, allow_none: bool = False):
+    ids = serialization.unpack(blob, schemas.message_limit())
+    if ids is None and allow_none:
+        return None
+    if not isinstance(ids, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in ids
+    ):
+        raise BadRequest("expected a list of task ids")
+    return list(ids)
+
+
+def hello_blob(interface: str) -> bytes:
+    """What `hello` answers: which interface this is, and the wire's limits."""
+    return serialization.pack(
+        {
+            "interface": interface,
+            "version": schemas.WIRE_VERSION,
+            "max_message_size": schemas.message_limit(),
+        }
+    )
+
+
+@implementer(schemas.RITaskController)
+class RemoteTaskController(Referenceable):
+    """The Task interface, served to clients holding the task furl."""
+
+    def __init__(self, controller) -> None:
+        self._controller = controller
+
+    def remote_hello(self):
+        return hello_blob("task")
+
+    def remote_submit(self, batch):
+        def submit():
+            envelopes = serialization.unpack(batch, schemas.message_limit())
+            if not isinstance(envelopes, list):
+                raise BadRequest("a submission must be a list of tasks")
+            return self._controller.submit(envelopes)
+
+        return reply(submit)
+
+    def remote_results(self, taskids, block):
+        return reply(lambda: self._controller.results(_unpack_ids(taskids), block))
+
+    def remote_wait(self, taskids):
+        return reply(lambda: self._controller.wait(_unpack_ids(taskids)))
+
+    def remote_abort(self, taskid):
+        return reply(self._controller.abort, taskid)
+
+    def remote_queue_status(self, verbose):
+        return reply(self._controller.queue_status, verbose)
+
+    def remote_clear(self, taskids):
+        return reply(lambda: self._controller.clear(_unpack_ids(taskids, True)))
+
+    def remote_spin(self):
+        return reply(self._controller.spin)
+
+    def remote_engine_ids(self):
+        return reply(self._controller.engine_ids)
+
+
+@implementer(IEngineChannel)
+class RemoteEngineChannel:
+    """The controller's link to one engine, over its RemoteReference."""
+
+    def __init__(self, rref) -> None:
+        self._rref = rref
+
+    def send(self, commands: list) -> None:
+        self._call("commands", serialization.pack(commands))
+
+    def interrupt(self, seq: int) -> None:
+        self._call("interrupt", seq)
+
+    def disconnect(self) -> None:
+        tracker = getattr(self._rref, "tracker", None)
+        broker = getattr(tracker, "broker", None)
+        if broker is not None and broker.transport is not None:
+            broker.transport.loseConnection()
+
+    def _call(self, method: str, *args) -> None:
+        # Replies come back through the engine's session, so the answer to
+        # this call carries nothing; a dead link is noticed by the
+        # disconnect notification.
+        try:
+            self._rref.callRemoteOnly(method, *args)
+        except DeadReferenceError:
+            pass
+
+
+@implementer(schemas.RIEngineSession)
+class RemoteEngineSession(Referenceable):
+    """Where one registered engine sends its replies."""
+
+    def __init__(self, registry, handle, channel: RemoteEngineChannel) -> None:
+        self._registry = registry
+        self._handle = handle
+        self._channel = channel
+
+    def remote_replies(self, batch):
+        try:
+            replies = serialization.unpack(batch, schemas.message_limit())
+            if not isinstance(replies, list) or not all(
+                isinstance(r, tuple) and len(r) == 5 for r in replies
+            ):
+                raise BadRequest("replies must be a list of 5-tuples")
+        except BadRequest as e:
+            _log.warn(
+                "engine {engine_id} sent a malformed reply ({error}); dropping it",
+                engine_id=self._handle.engine_id,
+                error=e,
+            )
+            self._channel.disconnect()
+            return None
+        self._registry.replies(self._handle, replies)
+        return None
+
+
+@implementer(schemas.RIEngineRegistrar)
+class RemoteEngineRegistrar(Referenceable):
+    """The engine furl's object: registration, and nothing more."""
+
+    def __init__(self, registry) -> None:
+        self._registry = registry
+
+    def remote_hello(self):
+        return hello_blob("engine")
+
+    def remote_register(self, engine, properties, requested_id):
+        props = serialization.unpack(properties, schemas.message_limit())
+        channel = RemoteEngineChannel(engine)
+        handle = self._registry.register(channel, props, requested_id)
+        engine.notifyOnDisconnect(
+            self._registry.engine_lost, handle, "its connection closed"
+        )
+        return handle.engine_id, RemoteEngineSession(self._registry, handle, channel)
+
+
+class ControllerServer(Service):
+    """The controller's Tub: listens, registers each interface, writes furls."""
+
+    def __init__(
+        self,
+        profile,
+        reactor,
+        registry,
+        services: dict,
+        listen: str | None = None,
+        location: str | None = None,
+        max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        self._profile = profile
+        self._reactor = reactor
+        self._registry = registry
+        self._services = services
+        self._listen = listen
+        self._location = location
+        self._max_message_size = max_message_size
+        self.tub = None
+        self.location: str | None = None
+        self.furls: dict[str, str] = {}
+
+    def startService(self) -> None:
+        from taskfarm.remote import tub as tubs
+
+        super().startService()
+        schemas.set_message_limit(self._max_message_size)
+        self._profile.ensure()
+        self.tub = tubs.new_tub(tubs.load_or_create_cert(self._profile))
+        listen = self._listen or tubs.default_listen(self._profile)
+        self.location = tubs.listen_and_locate(
+            self.tub, listen, self._location, self._reactor
+        )
+        self.tub.startService()
+        referenceables = {
+            ENGINE: RemoteEngineRegistrar(self._registry),
+            TASK: RemoteTaskController(self._services[TASK]),
+            MULTIENGINE: self._multiengine(),
+        }
+        for interface, ref in referenceables.items():
+            self.furls[interface] = tubs.register(self.tub, self._profile, interface, ref)
+
+    def _multiengine(self):
+        service = self._services.get(MULTIENGINE)
+        if service is None:
+            return _ReservedInterface(MULTIENGINE)
+        from taskfarm.remote.multiengine import RemoteMultiEngine
+
+        return RemoteMultiEngine(service)
+
+    async def stopService(self) -> None:
+        super().stopService()
+        if self.tub is not None:
+            await self.tub.stopService()
+
+
+class _ReservedInterface(Referenceable):
+    """Holds a furl for an interface this controller does not serve yet."""
+
+    def __init__(self, interface: str) -> None:
+        self._interface = interface
+
+    def remote_hello(self):
+        return hello_blob(self._interface)

@@ -1,0 +1,454 @@
+"""What a user submits and gets back: `Task`, `MapTask`, `TaskResult`.
+
+A task is encoded once, on the client, into a plain *envelope*::
+
+    (kind, payload, options, depend, recovery)
+
+``payload`` is opaque bytes only an engine opens; ``options`` is the tuple
+``(clear_before, clear_after, retries, priority, timeout)``; ``depend`` is
+the cloudpickled predicate or None; ``recovery`` is the recovery task's
+envelope or None.  The controller reads options and depend, never payload.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+
+from taskfarm import serialization
+from taskfarm.errors import RecoveryLoopError, TaskfarmError
+
+#: Envelope kinds.
+EXEC = "exec"
+CALL = "call"
+
+_TIME_FORMAT = "%Y/%m/%d %H:%M:%S"
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("%s must be True or False, not %r" % (name, value))
+    return value
+
+
+def _check_int(name: str, value: object, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("%s must be an int, not %s" % (name, type(value).__name__))
+    if minimum is not None and value < minimum:
+        raise ValueError("%s must be >= %d, not %d" % (name, minimum, value))
+    return value
+
+
+class BaseTask:
+    """Options shared by every kind of task.
+
+    All of them may be given to the constructor or assigned afterwards; each
+    assignment is checked at once.
+    """
+
+    def __init__(
+        self,
+        clear_before: bool = False,
+        clear_after: bool = False,
+        retries: int = 0,
+        recovery_task: "BaseTask | None" = None,
+        depend: Callable[[dict], bool] | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> None:
+        self.clear_before = clear_before
+        self.clear_after = clear_after
+        self.retries = retries
+        self.recovery_task = recovery_task
+        self.depend = depend
+        self.priority = priority
+        self.timeout = timeout
+
+    @property
+    def clear_before(self) -> bool:
+        """Reset the engine's namespace before the task runs."""
+        return self._clear_before
+
+    @clear_before.setter
+    def clear_before(self, value: bool) -> None:
+        self._clear_before = _check_bool("clear_before", value)
+
+    @property
+    def clear_after(self) -> bool:
+        """Reset the engine's namespace after the task ran."""
+        return self._clear_after
+
+    @clear_after.setter
+    def clear_after(self, value: bool) -> None:
+        self._clear_after = _check_bool("clear_after", value)
+
+    @property
+    def retries(self) -> int:
+        """How many times a failed attempt is run again."""
+        return self._retries
+
+    @retries.setter
+    def retries(self, value: int) -> None:
+        self._retries = _check_int("retries", value, minimum=0)
+
+    @property
+    def recovery_task(self) -> "BaseTask | None":
+        """The task run, under the same id, once retries are spent."""
+        return self._recovery_task
+
+    @recovery_task.setter
+    def recovery_task(self, value: "BaseTask | None") -> None:
+        if value is not None and not isinstance(value, BaseTask):
+            raise TypeError(
+                "recovery_task must be a Task or MapTask, not %s" % type(value).__name__
+            )
+        self._recovery_task = value
+
+    @property
+    def depend(self) -> Callable[[dict], bool] | None:
+        """A predicate of an engine's properties: may the task run there?"""
+        return self._depend
+
+    @depend.setter
+    def depend(self, value: Callable[[dict], bool] | None) -> None:
+        if value is not None and not callable(value):
+            raise TypeError(
+                "depend must be a function of one argument (the engine's "
+                "properties), not %s" % type(value).__name__
+            )
+        self._depend = value
+
+    @property
+    def priority(self) -> int:
+        """Higher runs first under the priority scheduler; FIFO ignores it."""
+        return self._priority
+
+    @priority.setter
+    def priority(self, value: int) -> None:
+        self._priority = _check_int("priority", value)
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds one attempt may run before it fails with `TaskTimeout`."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(
+                    "timeout must be a number of seconds or None, not %r" % (value,)
+                )
+            if value <= 0:
+                raise ValueError("timeout must be positive, not %r" % (value,))
+            value = float(value)
+        self._timeout = value
+
+    # -- encoding ------------------------------------------------------------
+
+    def _payload(self) -> tuple[str, bytes]:
+        raise NotImplementedError
+
+    def to_envelope(self) -> tuple:
+        """Encode this task and its recovery chain for the wire.
+
+        Raises `RecoveryLoopError` when the chain comes back to a task in it,
+        and `SerializationError` when a value cannot be pickled.
+        """
+        chain: list[BaseTask] = []
+        seen: set[int] = set()
+        task: BaseTask | None = self
+        while task is not None:
+            if id(task) in seen:
+                raise RecoveryLoopError(
+                    "the recovery_task chain of %r loops back to %r after %d "
+                    "tasks; a chain must end" % (self, task, len(chain))
+                )
+            seen.add(id(task))
+            chain.append(task)
+            task = task.recovery_task
+        envelope = None
+        for task in reversed(chain):
+            kind, payload = task._payload()
+            depend = (
+                None
+                if task.depend is None
+                else serialization.dumps(task.depend, "the depend function")
+            )
+            options = (
+                task.clear_before,
+                task.clear_after,
+                task.retries,
+                task.priority,
+                task.timeout,
+            )
+            envelope = (kind, payload, options, depend, envelope)
+        return envelope
+
+
+class Task(BaseTask):
+    """A code string run on an engine, with values pushed before and pulled after.
+
+    `pull` is a name or a sequence of names; `push` a dict of names to values.
+    """
+
+    def __init__(
+        self,
+        expression: str,
+        pull: str | Sequence[str] | None = None,
+        push: Mapping[str, object] | None = None,
+        clear_before: bool = False,
+        clear_after: bool = False,
+        retries: int = 0,
+        recovery_task: BaseTask | None = None,
+        depend: Callable[[dict], bool] | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> None:
+        self.expression = expression
+        self.pull = pull
+        self.push = push
+        super().__init__(
+            clear_before, clear_after, retries, recovery_task, depend, priority, timeout
+        )
+
+    @property
+    def expression(self) -> str:
+        """The Python code the task executes."""
+        return self._expression
+
+    @expression.setter
+    def expression(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(
+                "expression must be a str of Python code, not %s" % type(value).__name__
+            )
+        self._expression = value
+
+    @property
+    def pull(self) -> tuple[str, ...]:
+        """The names whose values come back in the result."""
+        return self._pull
+
+    @pull.setter
+    def pull(self, value: str | Sequence[str] | None) -> None:
+        if value is None:
+            names: tuple = ()
+        elif isinstance(value, str):
+            names = (value,)
+        elif isinstance(value, Sequence):
+            names = tuple(value)
+        else:
+            raise TypeError(
+                "pull must be a name or a sequence of names, not %s"
+                % type(value).__name__
+            )
+        for name in names:
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError("pull names must be identifiers, not %r" % (name,))
+        self._pull = names
+
+    @property
+    def push(self) -> dict[str, object]:
+        """Names and values put in the engine's namespace before the code runs."""
+        return self._push
+
+    @push.setter
+    def push(self, value: Mapping[str, object] | None) -> None:
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise TypeError(
+                "push must be a dict of names to values, not %s" % type(value).__name__
+            )
+        for name in value:
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError("push keys must be identifiers, not %r" % (name,))
+        self._push = dict(value)
+
+    def _payload(self) -> tuple[str, bytes]:
+        push = serialization.dumps(self.push, "the push dict") if self.push else None
+        return EXEC, serialization.pack((self.expression, self.pull, push))
+
+    def __repr__(self) -> str:
+        return "Task(%r, pull=%r)" % (self.expression, list(self.pull))
+
+
+class MapTask(BaseTask):
+    """A function called on an engine as ``function(*args, **kwargs)``.
+
+    Its result is the function's return value.  The function travels with
+    cloudpickle, closures and default arguments included.
+    """
+
+    def __init__(
+        self,
+        function: Callable,
+        args: Sequence = (),
+        kwargs: Mapping[str, object] | None = None,
+        **options,
+    ) -> None:
+        if not callable(function):
+            raise TypeError("function must be callable, not %s" % type(function).__name__)
+        if not isinstance(args, (list, tuple)):
+            raise TypeError("args must be a list or tuple, not %s" % type(args).__name__)
+        if kwargs is None:
+            kwargs = {}
+        if not isinstance(kwargs, Mapping):
+            raise TypeError("kwargs must be a dict, not %s" % type(kwargs).__name__)
+        self.function = function
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs)
+        self._function_blob: bytes | None = None
+        super().__init__(**options)
+
+    def _payload(self) -> tuple[str, bytes]:
+        function = self._function_blob or serialization.dumps(
+            self.function, "function %r" % (getattr(self.function, "__name__", "?"),)
+        )
+        args = serialization.dumps((self.args, self.kwargs), "the arguments")
+        return CALL, serialization.pack((function, args))
+
+    def __repr__(self) -> str:
+        return "MapTask(%s, %r)" % (getattr(self.function, "__name__", "?"), self.args)
+
+
+# -- results -------------------------------------------------------------------
+
+
+class ResultNS:
+    """Read-only attribute access to a result dict: ``tr.ns.a``."""
+
+    __slots__ = ("_values", "_failure")
+
+    def __init__(self, values: Mapping[str, object], failure: BaseException | None):
+        object.__setattr__(self, "_values", MappingProxyType(dict(values)))
+        object.__setattr__(self, "_failure", failure)
+
+    def __getattr__(self, name: str) -> object:
+        if self._failure is not None:
+            raise self._failure
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError("the task pulled no name %r" % (name,)) from None
+
+    def __getitem__(self, name: str) -> object:
+        if self._failure is not None:
+            raise self._failure
+        return self._values[name]
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("a task's results are read-only")
+
+    def __dir__(self):
+        return list(self._values)
+
+    def __repr__(self) -> str:
+        return "ResultNS(%r)" % (dict(self._values),)
+
+
+def format_time(timestamp: float | None) -> str | None:
+    """A wall-clock time as ``2008/03/08 03:41:42``."""
+    if timestamp is None:
+        return None
+    return time.strftime(_TIME_FORMAT, time.localtime(timestamp))
+
+
+class TaskResult:
+    """The outcome of one task, with when and where it ran.
+
+    `results` is the dict of pulled values (empty on failure); `failure` the
+    typed error or None; `submitted` and `completed` are formatted times;
+    `duration` is the seconds the last attempt ran on its engine.
+    """
+
+    def __init__(
+        self,
+        taskid: int,
+        results: dict,
+        failure: BaseException | None,
+        engineid: int | None,
+        submitted_at: float,
+        started_at: float | None,
+        completed_at: float | None,
+        value: object = None,
+    ) -> None:
+        self.taskid = taskid
+        self.results = results
+        self.failure = failure
+        self.engineid = engineid
+        self.submitted_at = submitted_at
+        self.started_at = started_at
+        self.completed_at = completed_at
+        #: A MapTask's return value (None for code-string tasks).
+        self.value = value
+        self.ns = ResultNS(results, failure)
+
+    @property
+    def submitted(self) -> str | None:
+        """When the controller accepted the task."""
+        return format_time(self.submitted_at)
+
+    @property
+    def completed(self) -> str | None:
+        """When the task finished."""
+        return format_time(self.completed_at)
+
+    @property
+    def duration(self) -> float:
+        """Seconds the last attempt ran on its engine."""
+        if self.started_at is None or self.completed_at is None:
+            return 0.0
+        return max(0.0, self.completed_at - self.started_at)
+
+    @property
+    def keys(self) -> list[str]:
+        """The pulled names."""
+        return list(self.results)
+
+    def __getitem__(self, key: str) -> object:
+        return self.ns[key]
+
+    def raise_exception(self) -> None:
+        """Raise the task's failure, if it has one."""
+        if self.failure is not None:
+            raise self.failure
+
+    def __repr__(self) -> str:
+        if self.failure is not None:
+            return "TaskResult[ID:%s]:%s(%s)" % (
+                self.taskid,
+                type(self.failure).__name__,
+                self.failure,
+            )
+        return "TaskResult[ID:%s]:%r" % (self.taskid, self.results)
+
+
+def result_from_envelope(envelope: tuple) -> TaskResult:
+    """Build a `TaskResult` from the controller's result envelope.
+
+    The envelope is ``(taskid, kind, ok, data, engine_id, submitted,
+    started, completed)``; `data` is the pickled outcome when `ok`, else the
+    wire form of the error.
+    """
+    from taskfarm.errors import from_wire
+
+    taskid, kind, ok, data, engine_id, submitted, started, completed = envelope
+    results: dict = {}
+    value = None
+    failure = None
+    if ok:
+        outcome = serialization.loads(data, "the result of task %d" % taskid)
+        if kind == CALL:
+            value = outcome
+        else:
+            results = outcome
+    else:
+        failure = from_wire(data)
+        if not isinstance(failure, TaskfarmError):
+            failure = TaskfarmError(str(failure))
+    return TaskResult(
+        taskid, results, failure, engine_id, submitted, started, completed, value
+    )
