@@ -58,6 +58,7 @@ class _Client:
         furl_or_file=None,
         reactor=None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        tub=None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -67,6 +68,7 @@ class _Client:
             self.interface,
             reactor,
             connect_timeout,
+            tub=tub,
         )
 
     def connect(self) -> defer.Deferred:
@@ -87,8 +89,10 @@ class TaskClient(_Client):
 
     interface = TASK
 
-    def __init__(self, furl_or_file=None, reactor=None, connect_timeout=DEFAULT_CONNECT_TIMEOUT):
-        super().__init__(furl_or_file, reactor, connect_timeout)
+    def __init__(
+        self, furl_or_file=None, reactor=None, connect_timeout=DEFAULT_CONNECT_TIMEOUT, tub=None
+    ):
+        super().__init__(furl_or_file, reactor, connect_timeout, tub)
         self._batch: list[tuple[tuple, defer.Deferred]] = []
 
     # -- submitting ---------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Starting controllers and engines as processes (`taskfarm cluster`)."""
