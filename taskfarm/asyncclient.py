@@ -7,6 +7,7 @@ call (or on `connect()`).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,12 +15,21 @@ from pathlib import Path
 from twisted.internet import defer
 
 from taskfarm import serialization
-from taskfarm.errors import FurlError
-from taskfarm.profile import TASK, Profile, read_furl_file
+from taskfarm.errors import (
+    CompositeError,
+    FurlError,
+    NoEnginesRegistered,
+    NotAPendingResult,
+    RemoteTaskError,
+    from_wire,
+)
+from taskfarm.profile import MULTIENGINE, TASK, Profile, read_furl_file
 from taskfarm.remote.client import DEFAULT_CONNECT_TIMEOUT, ControllerConnection
-from taskfarm.task import CALL, BaseTask, result_from_envelope
+from taskfarm.results import PendingResults, ResultList, join_blocks, partition
+from taskfarm.results import barrier as results_barrier
+from taskfarm.task import CALL, BaseTask, MapTask, result_from_envelope
 
-__all__ = ["TaskClient", "resolve_furl"]
+__all__ = ["TaskClient", "MultiEngineClient", "resolve_furl"]
 
 
 def resolve_furl(furl_or_file, interface: str) -> str:
@@ -175,6 +185,43 @@ class TaskClient(_Client):
             _check_id(taskid)
         return self._call("wait", serialization.pack(ids))
 
+    # -- function tasks -----------------------------------------------------------------
+
+    def map(self, function, *sequences, **task_options) -> defer.Deferred:
+        """Load-balanced ``[function(*args) for args in zip(*sequences)]``.
+
+        One `MapTask` per element, each with `task_options` (retries,
+        depend, ...); the function is pickled once.  Fires with the results
+        in order, or fails with the first task's failure.  The results are
+        cleared on the controller once fetched.
+        """
+        return defer.Deferred.fromCoroutine(self._map(function, sequences, task_options))
+
+    async def _map(self, function, sequences, task_options) -> list:
+        arguments = _zip_equal(sequences)
+        if not arguments:
+            return []
+        tasks = map_tasks(function, arguments, task_options)
+        ids = await self.run_many(tasks)
+        try:
+            await self.barrier(ids)
+            outcomes = await self.get_task_results(ids)
+        finally:
+            await self.clear(ids)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes
+
+    def mapper(self, block: bool = True, **task_options) -> "TaskMapper":
+        """A `TaskMapper` whose `map` uses these task options (and, with
+        ``block=False``, fires with task ids instead of results)."""
+        return TaskMapper(self, block, task_options)
+
+    def parallel(self, block: bool = True, **task_options):
+        """A decorator: ``f(seq)`` becomes the load-balanced map of `f` over `seq`."""
+        return _parallel(self.mapper(block=block, **task_options))
+
     # -- control ----------------------------------------------------------------------
 
     def abort(self, taskid: int) -> defer.Deferred:
@@ -204,6 +251,58 @@ class TaskClient(_Client):
         return self._call("engine_ids")
 
 
+class TaskMapper:
+    """Maps functions over sequences as load-balanced function tasks."""
+
+    def __init__(self, client, block: bool, task_options: dict) -> None:
+        self._client = client
+        self.block = block
+        self.task_options = task_options
+
+    def map(self, function, *sequences):
+        """The results (or, when not `block`, the task ids) of the map."""
+        if self.block:
+            return self._client.map(function, *sequences, **self.task_options)
+        tasks = map_tasks(function, _zip_equal(sequences), self.task_options)
+        return self._client.run_many(tasks)
+
+
+def _parallel(mapper):
+    def decorate(function):
+        @functools.wraps(function)
+        def mapped(*sequences):
+            return mapper.map(function, *sequences)
+
+        return mapped
+
+    return decorate
+
+
+def map_tasks(function, arguments: list, task_options: dict) -> list[MapTask]:
+    """One MapTask per argument tuple, sharing one pickled copy of `function`."""
+    if not callable(function):
+        raise TypeError("map needs a callable, not %s" % type(function).__name__)
+    blob = serialization.dumps(function, "function %r" % getattr(function, "__name__", "?"))
+    tasks = []
+    for args in arguments:
+        task = MapTask(function, args, **task_options)
+        task._function_blob = blob
+        tasks.append(task)
+    return tasks
+
+
+def _zip_equal(sequences) -> list[tuple]:
+    if not sequences:
+        raise TypeError("map needs at least one sequence")
+    lists = [list(seq) for seq in sequences]
+    lengths = {len(seq) for seq in lists}
+    if len(lengths) > 1:
+        raise ValueError(
+            "map's sequences must have equal lengths, not %s" % [len(seq) for seq in lists]
+        )
+    return list(zip(*lists))
+
+
 def _present(envelope: tuple, raising: bool = True):
     """A `TaskResult`; for a MapTask its value (or its failure, raised)."""
     result = result_from_envelope(envelope)
@@ -228,3 +327,303 @@ def _check_id(taskid) -> None:
     if isinstance(taskid, bool) or not isinstance(taskid, int):
         raise TypeError("a task id is an int, not %r" % (taskid,))
 
+
+
+class MultiEngineClient(_Client):
+    """The MultiEngine interface, as Deferreds: explicit engines.
+
+    Every method takes `targets` (an engine id, a list of ids, or ``'all'``)
+    and `block`; the attributes `targets` and `block` are the defaults.
+    With ``block=False`` the Deferred fires at once with a `PendingResult`.
+    Errors from engines are gathered into one `CompositeError`.
+    """
+
+    interface = MULTIENGINE
+
+    def __init__(
+        self,
+        furl_or_file=None,
+        reactor=None,
+        connect_timeout=DEFAULT_CONNECT_TIMEOUT,
+        tub=None,
+        targets="all",
+        block: bool = True,
+    ):
+        super().__init__(furl_or_file, reactor, connect_timeout, tub)
+        #: The default targets of every method.
+        self.targets = targets
+        #: The default of every method's `block`.
+        self.block = block
+        self._results = PendingResults()
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _answer(self, coroutine, block) -> defer.Deferred:
+        d = defer.Deferred.fromCoroutine(coroutine)
+        if (self.block if block is None else block):
+            return d
+        return defer.succeed(self._results.new(d))
+
+    async def _engine_call(self, method, op, targets, args, decode, per_target=None) -> list:
+        targets = self.targets if targets is None else targets
+        request = serialization.pack((op, targets, args, per_target))
+        return _collect(method, await self._connection.call("engine_call", request), decode)
+
+    async def _resolve(self, targets) -> list[int]:
+        targets = self.targets if targets is None else targets
+        if targets == "all":
+            ids = await self._connection.call("engine_ids")
+            if not ids:
+                raise NoEnginesRegistered("no engines are registered")
+            return ids
+        return [targets] if isinstance(targets, int) else list(targets)
+
+    # -- code and data ---------------------------------------------------------------
+
+    def execute(self, lines: str, targets=None, block=None) -> defer.Deferred:
+        """Run code on each target; one result dict (input, stdout, stderr) each."""
+        if not isinstance(lines, str):
+            return defer.fail(TypeError("execute takes a str of code, not %s" % type(lines).__name__))
+
+        async def go():
+            return ResultList(
+                await self._engine_call("execute", "execute", targets, (lines,), serialization.unpack)
+            )
+
+        return self._answer(go(), block)
+
+    def run(self, filename, targets=None, block=None) -> defer.Deferred:
+        """Read a Python file here and execute it on each target."""
+        try:
+            with open(filename) as f:
+                source = f.read()
+            compile(source, str(filename), "exec")
+        except (OSError, SyntaxError) as e:
+            return defer.fail(e)
+        return self.execute(source, targets, block)
+
+    def push(self, namespace: dict, targets=None, block=None) -> defer.Deferred:
+        """Put the names and values of `namespace` on each target."""
+        if not isinstance(namespace, dict):
+            return defer.fail(TypeError("push takes a dict, not %s" % type(namespace).__name__))
+        try:
+            blob = serialization.dumps(namespace, "the pushed namespace")
+        except Exception as e:
+            return defer.fail(e)
+        return self._answer(
+            self._engine_call("push", "push", targets, (blob,), lambda _: None), block
+        )
+
+    def pull(self, keys, targets=None, block=None) -> defer.Deferred:
+        """One value per target for a str key; a list of values for a list of keys."""
+        single = isinstance(keys, str)
+        names = (keys,) if single else tuple(keys)
+        for name in names:
+            if not isinstance(name, str):
+                return defer.fail(TypeError("pull takes names (str), not %r" % (name,)))
+
+        def decode(data):
+            values = [serialization.loads(blob, "a pulled value") for blob in serialization.unpack(data)]
+            return values[0] if single else values
+
+        return self._answer(self._engine_call("pull", "pull", targets, (names,), decode), block)
+
+    push_function = push
+    pull_function = pull
+
+    def zip_pull(self, keys, targets=None, block=None) -> defer.Deferred:
+        """`pull` of several keys, transposed: one list per key."""
+
+        async def go():
+            values = await self._engine_call("pull", "pull", targets, (tuple(keys),), _decode_pull)
+            return [list(column) for column in zip(*values)]
+
+        return self._answer(go(), block)
+
+    def get_result(self, i: int | None = None, targets=None, block=None) -> defer.Deferred:
+        """The result dict of execute number `i` (the last if None) on each target."""
+        return self._answer(
+            self._engine_call("get_result", "get_result", targets, (i,), serialization.unpack),
+            block,
+        )
+
+    def reset(self, targets=None, block=None) -> defer.Deferred:
+        """Give each target an empty namespace."""
+        return self._answer(self._engine_call("reset", "reset", targets, (), lambda _: None), block)
+
+    def keys(self, targets=None, block=None) -> defer.Deferred:
+        """The user names on each target."""
+        return self._answer(self._engine_call("keys", "keys", targets, (), serialization.unpack), block)
+
+    def kill(self, controller: bool = False, targets=None, block=None) -> defer.Deferred:
+        """Stop the target engines (and, if `controller`, the controller after them)."""
+
+        async def go():
+            await self._engine_call("kill", "kill", targets, (), lambda _: None)
+            if controller:
+                await self._connection.call("kill_controller")
+
+        return self._answer(go(), block)
+
+    # -- scatter, gather, map ------------------------------------------------------------
+
+    def scatter(self, key: str, seq, dist: str = "b", flatten: bool = False, targets=None, block=None):
+        """Split `seq` into contiguous blocks, one per target, stored as `key`."""
+        if dist != "b":
+            return defer.fail(ValueError("only dist='b' (contiguous blocks) is supported"))
+
+        async def go():
+            ids = await self._resolve(targets)
+            per_target = {}
+            for engine_id, (start, stop) in zip(ids, partition(len(seq), len(ids))):
+                block_ = seq[start:stop]
+                if flatten and stop - start == 1:
+                    block_ = block_[0]
+                per_target[engine_id] = (serialization.dumps({key: block_}, "a scattered block"),)
+            return await self._engine_call("scatter", "push", ids, (), lambda _: None, per_target)
+
+        return self._answer(go(), block)
+
+    def gather(self, key: str, dist: str = "b", targets=None, block=None):
+        """Pull `key` from each target and join the blocks (see `scatter`)."""
+        if dist != "b":
+            return defer.fail(ValueError("only dist='b' (contiguous blocks) is supported"))
+
+        async def go():
+            blocks = await self._engine_call("gather", "pull", targets, ((key,),), _decode_first)
+            return join_blocks(blocks)
+
+        return self._answer(go(), block)
+
+    def map(self, function, *sequences, targets=None, block=None) -> defer.Deferred:
+        """``[function(*args) for args in zip(*sequences)]`` in contiguous
+        blocks over the targets (direct, not load-balanced)."""
+
+        async def go():
+            arguments = _zip_equal(sequences)
+            ids = await self._resolve(targets)
+            blob = serialization.dumps(function, "the mapped function")
+            per_target = {
+                engine_id: (blob, serialization.dumps(arguments[start:stop], "map arguments"))
+                for engine_id, (start, stop) in zip(ids, partition(len(arguments), len(ids)))
+            }
+            blocks = await self._engine_call(
+                "map", "map", ids, (), lambda data: serialization.loads(data, "map results"), per_target
+            )
+            return [value for block_ in blocks for value in block_]
+
+        return self._answer(go(), block)
+
+    def mapper(self, targets=None, block=None) -> "MultiEngineMapper":
+        """An object whose `map` maps over these targets."""
+        return MultiEngineMapper(self, targets, block)
+
+    def parallel(self, targets=None, block=None):
+        """A decorator: ``f(seq)`` becomes ``map(f, seq)`` over the targets."""
+        return _parallel(self.mapper(targets, block))
+
+    # -- properties --------------------------------------------------------------------
+
+    def _properties(self, method, action, argument, targets, block) -> defer.Deferred:
+        async def go():
+            request = serialization.pack(
+                (action, self.targets if targets is None else targets, argument)
+            )
+            return _collect(method, await self._connection.call("properties", request), serialization.unpack)
+
+        return self._answer(go(), block)
+
+    def get_properties(self, keys=None, targets=None, block=None):
+        """Each target's properties (all, one key's value, or a dict of `keys`)."""
+        return self._properties("get_properties", "get", _keys(keys), targets, block)
+
+    def set_properties(self, properties: dict, targets=None, block=None):
+        """Update each target's properties; the scheduler sees them at once."""
+        return self._properties("set_properties", "set", properties, targets, block)
+
+    def has_properties(self, keys, targets=None, block=None):
+        """Per target: whether it has `keys` (a bool, or a list of bools)."""
+        return self._properties("has_properties", "has", _keys(keys), targets, block)
+
+    def del_properties(self, keys, targets=None, block=None):
+        """Remove `keys` from each target's properties."""
+        return self._properties("del_properties", "del", _keys(keys), targets, block)
+
+    def clear_properties(self, targets=None, block=None):
+        """Remove every property but the machine facts the engine reported."""
+        return self._properties("clear_properties", "clear", None, targets, block)
+
+    # -- engines and queues ------------------------------------------------------------
+
+    def get_ids(self) -> defer.Deferred:
+        """The ids of the registered engines."""
+        return self._call("engine_ids")
+
+    def queue_status(self, targets=None, block=None):
+        """Per target: the command running (`pending`) and those queued."""
+        targets = self.targets if targets is None else targets
+        return self._answer(self._connection.call("queue_status", serialization.pack(targets)), block)
+
+    def clear_queue(self, targets=None, block=None):
+        """Drop the queued MultiEngine commands of the targets (they fail
+        with `QueueCleared`); running commands and tasks are not touched."""
+        targets = self.targets if targets is None else targets
+        return self._answer(self._connection.call("clear_queue", serialization.pack(targets)), block)
+
+    # -- pending results -----------------------------------------------------------------
+
+    def barrier(self, pending_results) -> defer.Deferred:
+        """Wait until every given `PendingResult` has its answer."""
+        try:
+            return results_barrier(pending_results)
+        except NotAPendingResult as e:
+            return defer.fail(e)
+
+    def flush(self) -> defer.Deferred:
+        """Drop every non-blocking result not fetched yet."""
+        self._results.flush()
+        return defer.succeed(None)
+
+    clear_pending_results = flush
+
+
+class MultiEngineMapper:
+    """Maps functions over explicit engines, in contiguous blocks."""
+
+    def __init__(self, client, targets, block) -> None:
+        self._client = client
+        self.targets = targets
+        self.block = block
+
+    def map(self, function, *sequences):
+        return self._client.map(function, *sequences, targets=self.targets, block=self.block)
+
+
+def _collect(method: str, outcomes: list, decode) -> list:
+    """Values in target order, or one CompositeError for every failure."""
+    values, errors = [], []
+    for engine_id, ok, data in outcomes:
+        if ok:
+            values.append(decode(data))
+        else:
+            error = from_wire(data)
+            if isinstance(error, RemoteTaskError) and error.engine_id is None:
+                error.engine_id = engine_id
+            errors.append((engine_id, method, error))
+    if errors:
+        raise CompositeError("one or more exceptions from call to method: %s" % method, errors)
+    return values
+
+
+def _decode_pull(data: bytes) -> list:
+    return [serialization.loads(blob, "a pulled value") for blob in serialization.unpack(data)]
+
+
+def _decode_first(data: bytes):
+    return _decode_pull(data)[0]
+
+
+def _keys(keys):
+    if keys is None or isinstance(keys, str):
+        return keys
+    return list(keys)

@@ -16,18 +16,29 @@ from __future__ import annotations
 import functools
 import inspect
 
-from taskfarm import asyncclient, reactorthread
+from taskfarm import asyncclient, reactorthread, results
 from taskfarm.errors import *  # noqa: F401,F403  (the errors users catch)
+from taskfarm.errors import NotAPendingResult
 from taskfarm.remote.client import DEFAULT_CONNECT_TIMEOUT
 from taskfarm.task import MapTask, Task, TaskResult
 
-__all__ = ["TaskClient", "Task", "MapTask", "TaskResult"]
+__all__ = [
+    "TaskClient",
+    "MultiEngineClient",
+    "Task",
+    "MapTask",
+    "TaskResult",
+    "PendingResult",
+]
 
 
 def _blocking(method_name: str, async_method):
     @functools.wraps(async_method)
     def method(self, *args, **kwargs):
-        return reactorthread.call(getattr(self._async, method_name), *args, **kwargs)
+        value = reactorthread.call(getattr(self._async, method_name), *args, **kwargs)
+        if isinstance(value, results.PendingResult):
+            return PendingResult(value)
+        return value
 
     return method
 
@@ -62,3 +73,91 @@ class TaskClient(_BlockingClient):
     """The load-balanced Task interface, blocking."""
 
     async_class = asyncclient.TaskClient
+
+    def mapper(self, block: bool = True, **task_options) -> asyncclient.TaskMapper:
+        """A mapper whose `map` runs function tasks with these options (and,
+        with ``block=False``, returns task ids instead of results)."""
+        return asyncclient.TaskMapper(self, block, task_options)
+
+    def parallel(self, block: bool = True, **task_options):
+        """A decorator: ``f(seq)`` becomes the load-balanced map of `f` over `seq`."""
+        return asyncclient._parallel(self.mapper(block=block, **task_options))
+
+
+class PendingResult:
+    """The future answer of a non-blocking MultiEngine call."""
+
+    def __init__(self, pending: results.PendingResult) -> None:
+        self._pending = pending
+
+    @property
+    def result_id(self) -> int:
+        return self._pending.result_id
+
+    def get_result(self, default=None, block: bool = True):
+        """The value (an error is raised); `default` if not ready and not `block`."""
+        return reactorthread.call(self._pending.get_result, default, block)
+
+    @property
+    def r(self):
+        """``get_result(block=True)``."""
+        return self.get_result(block=True)
+
+    def add_callback(self, function, *args, **kwargs) -> "PendingResult":
+        """Apply ``function(result, *args, **kwargs)`` to the result when it arrives."""
+        reactorthread.call(self._pending.add_callback, function, *args, **kwargs)
+        return self
+
+    def __repr__(self) -> str:
+        return repr(self._pending)
+
+
+@blocking_facade
+class MultiEngineClient(_BlockingClient):
+    """The MultiEngine interface, blocking: explicit engines."""
+
+    async_class = asyncclient.MultiEngineClient
+
+    @property
+    def targets(self):
+        """The default targets of every method (``'all'`` at first)."""
+        return self._async.targets
+
+    @targets.setter
+    def targets(self, value) -> None:
+        self._async.targets = value
+
+    @property
+    def block(self) -> bool:
+        """The default `block` of every method (True at first)."""
+        return self._async.block
+
+    @block.setter
+    def block(self, value: bool) -> None:
+        self._async.block = value
+
+    def barrier(self, pending_results) -> None:
+        """Wait until every given `PendingResult` has its answer."""
+        unwrapped = []
+        for result in pending_results:
+            if not isinstance(result, PendingResult):
+                raise NotAPendingResult("barrier takes PendingResults, not %r" % (result,))
+            unwrapped.append(result._pending)
+        reactorthread.call(self._async.barrier, unwrapped)
+
+    def mapper(self, targets=None, block=None) -> asyncclient.MultiEngineMapper:
+        """An object whose `map` maps over these targets."""
+        return asyncclient.MultiEngineMapper(self, targets, block)
+
+    def parallel(self, targets=None, block=None):
+        """A decorator: ``f(seq)`` becomes ``map(f, seq)`` over the targets."""
+        return asyncclient._parallel(self.mapper(targets, block))
+
+    def __len__(self) -> int:
+        return len(self.get_ids())
+
+    def __getitem__(self, key: str):
+        return self.pull(key, block=True)
+
+    def __setitem__(self, key: str, value) -> None:
+        self.push({key: value}, block=True)

@@ -216,6 +216,15 @@ def to_wire(error: BaseException) -> tuple:
             "RemoteTaskError",
             (error.ename, error.evalue, error.traceback, error.engine_id),
         )
+    if isinstance(error, CompositeError):
+        # Each engine's error travels typed, so the far side can raise it.
+        return (
+            "CompositeError",
+            (error.message, [(e, m, to_wire(err)) for e, m, err in error.elist]),
+        )
+    if isinstance(error, KeyError) and len(error.args) == 1:
+        # str() of a KeyError quotes its key; send the message itself.
+        return (type(error).__name__, str(error.args[0]))
     return (type(error).__name__, str(error))
 
 
@@ -224,6 +233,11 @@ def from_wire(data: tuple) -> BaseException:
     name, detail = data
     if name == "RemoteTaskError":
         return RemoteTaskError(*detail)
+    if name == "CompositeError":
+        if isinstance(detail, str):
+            return CompositeError(detail, [])
+        message, elist = detail
+        return CompositeError(message, [(e, m, from_wire(w)) for e, m, w in elist])
     cls = _WIRE_CLASSES.get(name)
     if cls is None:
         return TaskfarmError("%s: %s" % (name, detail))

@@ -55,6 +55,9 @@ class IEngineChannel(Interface):
     def interrupt(seq):
         """Ask the engine to stop command `seq` if it is running or queued."""
 
+    def cancel(seqs):
+        """Ask the engine to drop these commands if they are still queued."""
+
     def disconnect():
         """Drop the link; the engine counts as lost."""
 

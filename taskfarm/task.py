@@ -289,19 +289,49 @@ class MapTask(BaseTask):
         kwargs: Mapping[str, object] | None = None,
         **options,
     ) -> None:
-        if not callable(function):
-            raise TypeError("function must be callable, not %s" % type(function).__name__)
-        if not isinstance(args, (list, tuple)):
-            raise TypeError("args must be a list or tuple, not %s" % type(args).__name__)
-        if kwargs is None:
-            kwargs = {}
-        if not isinstance(kwargs, Mapping):
-            raise TypeError("kwargs must be a dict, not %s" % type(kwargs).__name__)
-        self.function = function
-        self.args = tuple(args)
-        self.kwargs = dict(kwargs)
         self._function_blob: bytes | None = None
+        self.function = function
+        self.args = args
+        self.kwargs = kwargs
         super().__init__(**options)
+
+    # Like every other option, these are checked on assignment too.
+
+    @property
+    def function(self) -> Callable:
+        """The function called on the engine."""
+        return self._function
+
+    @function.setter
+    def function(self, value: Callable) -> None:
+        if not callable(value):
+            raise TypeError("function must be callable, not %s" % type(value).__name__)
+        self._function = value
+        self._function_blob = None
+
+    @property
+    def args(self) -> tuple:
+        """The positional arguments of the call."""
+        return self._args
+
+    @args.setter
+    def args(self, value: Sequence) -> None:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError("args must be a list or tuple, not %s" % type(value).__name__)
+        self._args = tuple(value)
+
+    @property
+    def kwargs(self) -> dict[str, object]:
+        """The keyword arguments of the call."""
+        return self._kwargs
+
+    @kwargs.setter
+    def kwargs(self, value: Mapping[str, object] | None) -> None:
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise TypeError("kwargs must be a dict, not %s" % type(value).__name__)
+        self._kwargs = dict(value)
 
     def _payload(self) -> tuple[str, bytes]:
         function = self._function_blob or serialization.dumps(

@@ -51,7 +51,8 @@ class EngineHandle:
         self.properties_version = 0
         #: How many tasks may be sent ahead to this engine at once.
         self.task_slots = task_slots
-        self.inflight: dict[int, ReplyCallback] = {}
+        #: seq -> (op, on_reply) of every unanswered command, oldest first.
+        self.inflight: dict[int, tuple[str, ReplyCallback]] = {}
         self._outbox: list = []
         self._next_seq = 0
         self._lost = False
@@ -68,7 +69,7 @@ class EngineHandle:
             raise EngineLost("engine %d is gone" % self.engine_id)
         seq = self._next_seq
         self._next_seq += 1
-        self.inflight[seq] = on_reply
+        self.inflight[seq] = (op, on_reply)
         self._outbox.append((seq, op, args))
         self._registry._wants_flush(self)
         return seq
@@ -77,6 +78,17 @@ class EngineHandle:
         """Ask the engine to stop command `seq`; its reply still comes."""
         if not self._lost and seq in self.inflight:
             self.channel.interrupt(seq)
+
+    def cancel(self, seqs: list[int], error: tuple) -> None:
+        """Answer queued commands `seqs` with `error` now, and tell the
+        engine to drop them if it has not started them."""
+        now = self._registry._clock.seconds()
+        cancelled = [seq for seq in seqs if seq in self.inflight]
+        for seq in cancelled:
+            _, callback = self.inflight.pop(seq)
+            callback(seq, False, error, None, now)
+        if cancelled and not self._lost:
+            self.channel.cancel(cancelled)
 
     def update_properties(self, properties: dict) -> None:
         """Replace the properties mirror and tell the schedulers."""
@@ -162,9 +174,9 @@ class EngineRegistry:
         if self.engines.get(engine.engine_id) is not engine:
             return
         for seq, ok, data, started, finished in replies:
-            callback = engine.inflight.pop(seq, None)
-            if callback is not None:
-                callback(seq, ok, data, started, finished)
+            entry = engine.inflight.pop(seq, None)
+            if entry is not None:
+                entry[1](seq, ok, data, started, finished)
 
     def engine_lost(self, engine: EngineHandle, reason: str) -> None:
         engine_id = engine.engine_id
@@ -181,7 +193,7 @@ class EngineRegistry:
         error = to_wire(EngineLost("engine %d was lost: %s" % (engine_id, reason)))
         now = self._clock.seconds()
         pending, engine.inflight = engine.inflight, {}
-        for seq, callback in pending.items():
+        for seq, (_, callback) in pending.items():
             callback(seq, False, error, None, now)
 
     # -- batching -------------------------------------------------------------------

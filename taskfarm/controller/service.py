@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.application import service
 from twisted.logger import Logger
 
+from taskfarm.controller.multiengine import MultiEngine
 from taskfarm.controller.registry import EngineRegistry
 from taskfarm.controller.scheduler import FIFOScheduler
 from taskfarm.controller.taskcontroller import DEFAULT_UNMET_TIMEOUT, TaskController
@@ -24,6 +25,7 @@ class ControllerService(service.MultiService):
         registry: EngineRegistry,
         scheduler,
         tasks: TaskController,
+        multiengine: MultiEngine,
         server,
     ) -> None:
         super().__init__()
@@ -31,6 +33,7 @@ class ControllerService(service.MultiService):
         self.registry = registry
         self.scheduler = scheduler
         self.tasks = tasks
+        self.multiengine = multiengine
         #: The Foolscap side (`taskfarm.remote.server.ControllerServer`).
         self.server = server
         server.setServiceParent(self)
@@ -49,9 +52,6 @@ class ControllerService(service.MultiService):
         self.registry.stop()
         await super().stopService()
 
-    def furl_file(self, interface: str):
-        return self.profile.furl_file(interface)
-
 
 def create_controller(
     profile: Profile,
@@ -69,13 +69,14 @@ def create_controller(
     registry = EngineRegistry(reactor, task_slots=task_slots)
     scheduler = scheduler_class()
     tasks = TaskController(registry, scheduler, reactor, unmet_timeout=unmet_timeout)
+    multiengine = MultiEngine(registry, reactor)
     server = ControllerServer(
         profile,
         reactor,
         registry,
-        {TASK: tasks, MULTIENGINE: None, ENGINE: registry},
+        {TASK: tasks, MULTIENGINE: multiengine, ENGINE: registry},
         listen=listen,
         location=location,
         max_message_size=max_message_size,
     )
-    return ControllerService(profile, registry, scheduler, tasks, server)
+    return ControllerService(profile, registry, scheduler, tasks, multiengine, server)

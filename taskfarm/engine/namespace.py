@@ -9,11 +9,13 @@ a typed error otherwise (`RemoteTaskError` with the remote traceback text).
 from __future__ import annotations
 
 import builtins
+import collections
 import io
 import os
 import sys
 import threading
 import traceback
+import types
 from collections.abc import Callable
 
 from taskfarm import serialization
@@ -88,9 +90,17 @@ def _user_traceback(error: BaseException) -> str:
 class Namespace:
     """One engine's persistent user namespace and the operations on it."""
 
-    def __init__(self, engine_id: int = -1) -> None:
+    #: How many `execute` results `get_result` can still return.
+    HISTORY_LENGTH = 100
+
+    def __init__(self, engine_id: int = -1, properties: dict | None = None) -> None:
         self.engine_id = engine_id
+        #: The engine's properties, as the controller last set them.
+        self.properties: dict = dict(properties or {})
         self.user_ns: dict = {}
+        self.execution_count = 0
+        self.history: collections.OrderedDict[int, dict] = collections.OrderedDict()
+        self._functions: dict[bytes, Callable] = {}
         self.reset()
         self._operations: dict[str, Callable] = {
             "task": self.run_task,
@@ -99,6 +109,9 @@ class Namespace:
             "pull": self.pull,
             "reset": self._reset_op,
             "keys": self.keys,
+            "get_result": self.get_result,
+            "map": self.map,
+            "set_properties": self.set_properties,
         }
 
     def reset(self) -> None:
@@ -136,15 +149,91 @@ class Namespace:
     # -- operations (each returns bytes, or raises) ----------------------------------
 
     def execute(self, code: str) -> bytes:
-        """Run a code string; returns the pickled ``(stdout, stderr)``."""
+        """Run a code string; returns the pickled result dict (number,
+        input, stdout, stderr), also kept for `get_result`."""
         stdout, stderr = install_output_capture()
         stdout.capture()
         stderr.capture()
+        self.execution_count += 1
+        number = self.execution_count
         try:
             self._exec(code)
         finally:
             out, err = stdout.release(), stderr.release()
-        return serialization.pack((out, err))
+        result = {
+            "id": self.engine_id,
+            "number": number,
+            "input": {"raw": code, "translated": code},
+            "stdout": out,
+            "stderr": err,
+        }
+        self.history[number] = result
+        while len(self.history) > self.HISTORY_LENGTH:
+            self.history.popitem(last=False)
+        return serialization.pack(result)
+
+    def get_result(self, number: int | None = None) -> bytes:
+        """The result dict of execute number `number` (the last if None)."""
+        if number is None:
+            if not self.history:
+                raise IndexError("engine %d has executed nothing yet" % self.engine_id)
+            number = next(reversed(self.history))
+        try:
+            return serialization.pack(self.history[number])
+        except KeyError:
+            raise IndexError(
+                "engine %d keeps results %s, not %r"
+                % (self.engine_id, _span(self.history), number)
+            ) from None
+
+    def map(self, function_blob: bytes, chunk_blob: bytes) -> bytes:
+        """``[function(*args) for args in chunk]``, pickled."""
+        function = self._function(function_blob)
+        chunk = serialization.loads(chunk_blob, "the mapped arguments")
+        return serialization.dumps(
+            [function(*args) for args in chunk], "the mapped results"
+        )
+
+    def _function(self, blob: bytes) -> Callable:
+        """Unpickle a function (cached: a map sends the same one many times)
+        and let it see the engine's names that it does not define itself."""
+        function = self._functions.get(blob)
+        if function is None:
+            function = serialization.loads(blob, "the function")
+            if len(self._functions) >= 32:
+                self._functions.clear()
+            self._functions[blob] = function
+        return self._bind(function)
+
+    def _bind(self, function: Callable) -> Callable:
+        # Like the original push_function: names set up on the engine (an
+        # import done with execute, say) are visible to the function.
+        if not isinstance(function, types.FunctionType):
+            return function
+        own = function.__globals__
+        missing = [
+            name
+            for name in function.__code__.co_names
+            if name not in own and name in self.user_ns
+        ]
+        if not missing:
+            return function
+        merged = dict(own)
+        merged.update((name, self.user_ns[name]) for name in missing)
+        bound = types.FunctionType(
+            function.__code__,
+            merged,
+            function.__name__,
+            function.__defaults__,
+            function.__closure__,
+        )
+        bound.__kwdefaults__ = function.__kwdefaults__
+        return bound
+
+    def set_properties(self, blob: bytes) -> bytes:
+        """Replace the engine's properties (sent by the controller)."""
+        self.properties = serialization.unpack(blob)
+        return b""
 
     def _exec(self, code: str) -> None:
         compiled = compile(code, "<engine %d>" % self.engine_id, "exec")
@@ -194,7 +283,7 @@ class Namespace:
                 return self._dump_pulled(values)
             if kind == CALL:
                 function_blob, args_blob = serialization.loads(payload, "the task")
-                function = serialization.loads(function_blob, "the task's function")
+                function = self._function(function_blob)
                 args, kwargs = serialization.loads(args_blob, "the task's arguments")
                 result = function(*args, **kwargs)
                 return serialization.dumps(result, "the return value")
@@ -220,3 +309,10 @@ class Namespace:
             for name, value in values.items():
                 serialization.dumps(value, "pulled name %r" % name)
             raise
+
+
+def _span(history: dict) -> str:
+    if not history:
+        return "none"
+    numbers = list(history)
+    return "%d..%d" % (numbers[0], numbers[-1])

@@ -52,8 +52,8 @@ def create_engine(furl_file: Path, properties: dict, reactor) -> EngineService:
     """Build an engine that registers through the furl in `furl_file`."""
     from taskfarm.remote.engine_link import EngineLink
 
-    worker = CommandWorker(Namespace(), reactor)
     props = machine_facts()
     props.update(properties)
-    link = EngineLink(lambda: read_furl_file(furl_file), worker, props, reactor)
+    worker = CommandWorker(Namespace(properties=props), reactor)
+    link = EngineLink(lambda: read_furl_file(furl_file), worker, reactor)
     return EngineService(worker, link)

@@ -119,6 +119,14 @@ class CommandWorker:
         if running:
             self._interrupt(key, reason)
 
+    def cancel(self, seqs: list[int]) -> None:
+        """Drop commands that are still queued; the running one goes on."""
+        session = self._session
+        with self._lock:
+            for seq in seqs:
+                if self._current != (session, seq):
+                    self._cancelled.add((session, seq))
+
     def _interrupt(self, key: tuple[int, int], reason: type) -> None:
         with self._lock:
             if self._current != key or key in self._interrupted:
@@ -165,6 +173,10 @@ class CommandWorker:
         timeout = args[4] if op == "task" and len(args) > 4 else None
         if timeout:
             self._reactor.callFromThread(self._arm_timer, key, timeout)
+        if op == "kill":
+            # Answer first, then stop this process's reactor.
+            self._reactor.callFromThread(self._reactor.callLater, 0.2, self._reactor.stop)
+            return (seq, True, b"", started, time.time())
         ok, data = self.namespace.run(op, args)
         return (seq, ok, data, started, time.time())
 

@@ -2,7 +2,7 @@
 
 `EngineLink` is a Twisted service.  It reads the engine furl (again on each
 attempt, since a restarted controller may have a new one), registers with
-the engine's properties, and feeds commands to the `CommandWorker`.  When
+the engine's properties (the namespace keeps the latest), and feeds commands to the `CommandWorker`.  When
 the link breaks it ends the worker's session and tries again with back-off,
 asking for the same engine id.
 """
@@ -37,6 +37,9 @@ class _EngineReferenceable(Referenceable):
     def remote_interrupt(self, seq):
         self._worker.interrupt(seq)
 
+    def remote_cancel(self, seqs):
+        self._worker.cancel(seqs)
+
     def remote_ping(self):
         return None
 
@@ -50,13 +53,11 @@ class EngineLink(service.Service):
         self,
         read_furl: Callable[[], str],
         worker: CommandWorker,
-        properties: dict,
         reactor,
         retry_delays: tuple[float, float] = (0.2, 5.0),
     ) -> None:
         self._read_furl = read_furl
         self._worker = worker
-        self.properties = properties
         self._reactor = reactor
         self._first_delay, self._max_delay = retry_delays
         self._tub = None
@@ -127,7 +128,8 @@ class EngineLink(service.Service):
         engine_id, session = await rref.callRemote(
             "register",
             _EngineReferenceable(self._worker),
-            serialization.pack(self.properties),
+            # The controller's latest view, so a re-registration keeps it.
+            serialization.pack(self._worker.namespace.properties),
             self.engine_id,
         )
         self.engine_id = engine_id

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from foolscap.api import RemoteInterface
 from foolscap.constraint import ByteStringConstraint
-from foolscap.schema import ChoiceOf, TupleOf
+from foolscap.schema import ChoiceOf, ListOf, TupleOf
 from foolscap.tokens import STRING
 
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
@@ -45,6 +45,10 @@ class RIEngine(RemoteInterface):
 
     def interrupt(seq=int):
         """Stop command `seq` if it is queued or running."""
+        return None
+
+    def cancel(seqs=ListOf(int, maxLength=100000)):
+        """Drop these commands if they are still queued (never the running one)."""
         return None
 
     def ping():
@@ -111,4 +115,34 @@ class RITaskController(RemoteInterface):
         return MESSAGE
 
     def engine_ids():
+        return MESSAGE
+
+
+class RIMultiEngine(RemoteInterface):
+    """The MultiEngine interface furl.  Answers are reply envelopes, as for
+    `RITaskController`; per-engine outcomes are ``(engine_id, ok, data)``."""
+
+    __remote_name__ = "taskfarm.RIMultiEngine.v1"
+
+    def hello():
+        return MESSAGE
+
+    def engine_call(request=MESSAGE):
+        """A pickled ``(op, targets, args, per_target_args_or_None)``."""
+        return MESSAGE
+
+    def properties(request=MESSAGE):
+        """A pickled ``(action, targets, argument)``."""
+        return MESSAGE
+
+    def engine_ids():
+        return MESSAGE
+
+    def queue_status(targets=MESSAGE):
+        return MESSAGE
+
+    def clear_queue(targets=MESSAGE):
+        return MESSAGE
+
+    def kill_controller():
         return MESSAGE

@@ -121,6 +121,9 @@ class RemoteEngineChannel:
     def interrupt(self, seq: int) -> None:
         self._call("interrupt", seq)
 
+    def cancel(self, seqs: list[int]) -> None:
+        self._call("cancel", seqs)
+
     def disconnect(self) -> None:
         tracker = getattr(self._rref, "tracker", None)
         broker = getattr(tracker, "broker", None)
@@ -230,24 +233,11 @@ class ControllerServer(Service):
             self.furls[interface] = tubs.register(self.tub, self._profile, interface, ref)
 
     def _multiengine(self):
-        service = self._services.get(MULTIENGINE)
-        if service is None:
-            return _ReservedInterface(MULTIENGINE)
         from taskfarm.remote.multiengine import RemoteMultiEngine
 
-        return RemoteMultiEngine(service)
+        return RemoteMultiEngine(self._services[MULTIENGINE])
 
     async def stopService(self) -> None:
         super().stopService()
         if self.tub is not None:
             await self.tub.stopService()
-
-
-class _ReservedInterface(Referenceable):
-    """Holds a furl for an interface this controller does not serve yet."""
-
-    def __init__(self, interface: str) -> None:
-        self._interface = interface
-
-    def remote_hello(self):
-        return hello_blob(self._interface)

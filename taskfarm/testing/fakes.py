@@ -18,6 +18,7 @@ class ScriptedChannel:
     def __init__(self) -> None:
         self.sent: list[tuple] = []
         self.interrupted: list[int] = []
+        self.cancelled: list[int] = []
         self.disconnected = False
         self.engine = None  # the registry handle, set by the test
 
@@ -26,6 +27,9 @@ class ScriptedChannel:
 
     def interrupt(self, seq: int) -> None:
         self.interrupted.append(seq)
+
+    def cancel(self, seqs: list[int]) -> None:
+        self.cancelled.extend(seqs)
 
     def disconnect(self) -> None:
         self.disconnected = True
@@ -65,6 +69,9 @@ class InProcessChannel:
 
     def interrupt(self, seq: int) -> None:
         self._cancelled.add(seq)
+
+    def cancel(self, seqs: list[int]) -> None:
+        self._cancelled.update(seqs)
 
     def disconnect(self) -> None:
         self._clock.callLater(0, self.engine._registry.engine_lost, self.engine, "disconnected")
