@@ -9,10 +9,10 @@ from pathlib import Path
 
 from twisted.internet import defer, task
 
-from taskfarm.asyncclient import TaskClient
+from taskfarm.asyncclient import MultiEngineClient, TaskClient
 from taskfarm.cluster.launcher import ProcessSlot, twisted_argv
 from taskfarm.controller.service import create_controller
-from taskfarm.profile import ENGINE, TASK, Profile
+from taskfarm.profile import ENGINE, MULTIENGINE, TASK, Profile
 
 _CERT_CACHE: bytes | None = None
 
@@ -88,6 +88,14 @@ class RealCluster:
         """An async Task client for this cluster, closed at `stop`."""
         client = TaskClient(
             self.profile.furl_file(TASK), self.reactor, tub=self._tub(), **options
+        )
+        self._clients.append(client)
+        return client
+
+    def multiengine_client(self, **options) -> MultiEngineClient:
+        """An async MultiEngine client for this cluster, closed at `stop`."""
+        client = MultiEngineClient(
+            self.profile.furl_file(MULTIENGINE), self.reactor, tub=self._tub(), **options
         )
         self._clients.append(client)
         return client
