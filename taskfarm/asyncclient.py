@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,7 +25,11 @@ from taskfarm.errors import (
     from_wire,
 )
 from taskfarm.profile import MULTIENGINE, TASK, Profile, read_furl_file
-from taskfarm.remote.client import DEFAULT_CONNECT_TIMEOUT, ControllerConnection
+from taskfarm.remote.client import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_RECONNECT_TIMEOUT,
+    ControllerConnection,
+)
 from taskfarm.results import PendingResults, ResultList, join_blocks, partition
 from taskfarm.results import barrier as results_barrier
 from taskfarm.task import CALL, BaseTask, MapTask, result_from_envelope
@@ -69,6 +74,7 @@ class _Client:
         reactor=None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         tub=None,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -79,6 +85,7 @@ class _Client:
             reactor,
             connect_timeout,
             tub=tub,
+            reconnect_timeout=reconnect_timeout,
         )
 
     def connect(self) -> defer.Deferred:
@@ -90,8 +97,8 @@ class _Client:
         self._connection.disconnect()
         return defer.succeed(None)
 
-    def _call(self, method: str, *args) -> defer.Deferred:
-        return defer.Deferred.fromCoroutine(self._connection.call(method, *args))
+    def _call(self, method: str, *args, retry: bool = False) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._connection.call(method, *args, retry=retry))
 
 
 class TaskClient(_Client):
@@ -100,9 +107,14 @@ class TaskClient(_Client):
     interface = TASK
 
     def __init__(
-        self, furl_or_file=None, reactor=None, connect_timeout=DEFAULT_CONNECT_TIMEOUT, tub=None
+        self,
+        furl_or_file=None,
+        reactor=None,
+        connect_timeout=DEFAULT_CONNECT_TIMEOUT,
+        tub=None,
+        reconnect_timeout=DEFAULT_RECONNECT_TIMEOUT,
     ):
-        super().__init__(furl_or_file, reactor, connect_timeout, tub)
+        super().__init__(furl_or_file, reactor, connect_timeout, tub, reconnect_timeout)
         self._batch: list[tuple[tuple, defer.Deferred]] = []
 
     # -- submitting ---------------------------------------------------------------
@@ -145,7 +157,9 @@ class TaskClient(_Client):
         d.addCallbacks(deliver, refuse)
 
     async def _submit(self, envelopes: list) -> list[int]:
-        return await self._connection.call("submit", serialization.pack(envelopes))
+        # The token makes a resubmission after a lost connection harmless.
+        request = serialization.pack((uuid.uuid4().hex, envelopes))
+        return await self._connection.call("submit", request, retry=True)
 
     # -- results ---------------------------------------------------------------------
 
@@ -160,7 +174,7 @@ class TaskClient(_Client):
     async def _get_result(self, taskid: int, block: bool):
         _check_id(taskid)
         (envelope,) = await self._connection.call(
-            "results", serialization.pack([taskid]), bool(block)
+            "results", serialization.pack([taskid]), bool(block), retry=True
         )
         if envelope is None:
             return None
@@ -174,7 +188,7 @@ class TaskClient(_Client):
         for taskid in taskids:
             _check_id(taskid)
         envelopes = await self._connection.call(
-            "results", serialization.pack(taskids), bool(block)
+            "results", serialization.pack(taskids), bool(block), retry=True
         )
         return [None if env is None else _present(env, raising=False) for env in envelopes]
 
@@ -183,7 +197,7 @@ class TaskClient(_Client):
         ids = [taskids] if isinstance(taskids, int) else list(taskids)
         for taskid in ids:
             _check_id(taskid)
-        return self._call("wait", serialization.pack(ids))
+        return self._call("wait", serialization.pack(ids), retry=True)
 
     # -- function tasks -----------------------------------------------------------------
 
@@ -234,7 +248,7 @@ class TaskClient(_Client):
 
     def queue_status(self, verbose: bool = False) -> defer.Deferred:
         """Task counts per state (id lists if `verbose`)."""
-        return self._call("queue_status", bool(verbose))
+        return self._call("queue_status", bool(verbose), retry=True)
 
     def clear(self, taskids=None) -> defer.Deferred:
         """Forget finished tasks (all, or the listed ids); fires with how many."""
@@ -244,11 +258,11 @@ class TaskClient(_Client):
 
     def spin(self) -> defer.Deferred:
         """Ask the controller for a scheduling pass (rarely needed)."""
-        return self._call("spin")
+        return self._call("spin", retry=True)
 
     def engine_ids(self) -> defer.Deferred:
         """The ids of the registered engines."""
-        return self._call("engine_ids")
+        return self._call("engine_ids", retry=True)
 
 
 class TaskMapper:
@@ -346,10 +360,11 @@ class MultiEngineClient(_Client):
         reactor=None,
         connect_timeout=DEFAULT_CONNECT_TIMEOUT,
         tub=None,
+        reconnect_timeout=DEFAULT_RECONNECT_TIMEOUT,
         targets="all",
         block: bool = True,
     ):
-        super().__init__(furl_or_file, reactor, connect_timeout, tub)
+        super().__init__(furl_or_file, reactor, connect_timeout, tub, reconnect_timeout)
         #: The default targets of every method.
         self.targets = targets
         #: The default of every method's `block`.

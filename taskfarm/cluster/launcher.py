@@ -225,7 +225,9 @@ class Cluster:
                     % (self.profile.log_dir / "controller.out")
                 )
             if furl_file.exists():
-                client = TaskClient(furl_file, self._reactor, connect_timeout=2.0)
+                client = TaskClient(
+                    furl_file, self._reactor, connect_timeout=2.0, reconnect_timeout=2.0
+                )
                 try:
                     await client.engine_ids()
                     return client

@@ -8,7 +8,12 @@ from twisted.logger import Logger
 from taskfarm.controller.multiengine import MultiEngine
 from taskfarm.controller.registry import EngineRegistry
 from taskfarm.controller.scheduler import FIFOScheduler
-from taskfarm.controller.taskcontroller import DEFAULT_UNMET_TIMEOUT, TaskController
+from taskfarm.controller.journal import Journal
+from taskfarm.controller.taskcontroller import (
+    DEFAULT_RETENTION,
+    DEFAULT_UNMET_TIMEOUT,
+    TaskController,
+)
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK, Profile
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -27,6 +32,7 @@ class ControllerService(service.MultiService):
         tasks: TaskController,
         multiengine: MultiEngine,
         server,
+        journal=None,
     ) -> None:
         super().__init__()
         self.profile = profile
@@ -34,6 +40,8 @@ class ControllerService(service.MultiService):
         self.scheduler = scheduler
         self.tasks = tasks
         self.multiengine = multiengine
+        #: The task journal, or None when running purely in memory.
+        self.journal = journal
         #: The Foolscap side (`taskfarm.remote.server.ControllerServer`).
         self.server = server
         server.setServiceParent(self)
@@ -51,6 +59,8 @@ class ControllerService(service.MultiService):
         self.tasks.stop()
         self.registry.stop()
         await super().stopService()
+        if self.journal is not None:
+            self.journal.close()
 
 
 def create_controller(
@@ -62,13 +72,31 @@ def create_controller(
     task_slots: int = 2,
     unmet_timeout: float | None = DEFAULT_UNMET_TIMEOUT,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    journal: bool = True,
+    retention: float | None = DEFAULT_RETENTION,
 ) -> ControllerService:
-    """Build a controller for `profile`; it listens once started."""
+    """Build a controller for `profile`; it listens once started.
+
+    With `journal`, tasks are kept in the profile's journal and restored at
+    start; `JournalCorrupt` is raised here if it cannot be read.
+    """
     from taskfarm.remote.server import ControllerServer
 
     registry = EngineRegistry(reactor, task_slots=task_slots)
     scheduler = scheduler_class()
-    tasks = TaskController(registry, scheduler, reactor, unmet_timeout=unmet_timeout)
+    task_journal = None
+    if journal:
+        profile.ensure()
+        task_journal = Journal(profile.journal_file, reactor)
+        task_journal.open()
+    tasks = TaskController(
+        registry,
+        scheduler,
+        reactor,
+        unmet_timeout=unmet_timeout,
+        journal=task_journal,
+        retention=retention,
+    )
     multiengine = MultiEngine(registry, reactor)
     server = ControllerServer(
         profile,
@@ -79,4 +107,6 @@ def create_controller(
         location=location,
         max_message_size=max_message_size,
     )
-    return ControllerService(profile, registry, scheduler, tasks, multiengine, server)
+    return ControllerService(
+        profile, registry, scheduler, tasks, multiengine, server, task_journal
+    )

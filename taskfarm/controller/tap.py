@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.python import reflect, usage
 
 from taskfarm.controller.scheduler import FIFOScheduler
-from taskfarm.controller.taskcontroller import DEFAULT_UNMET_TIMEOUT
+from taskfarm.controller.taskcontroller import DEFAULT_RETENTION, DEFAULT_UNMET_TIMEOUT
 from taskfarm.interfaces import IScheduler
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -36,6 +36,10 @@ class Options(usage.Options):
         ["task-slots", None, 2, "Tasks sent ahead to each engine at once.", int],
         ["unmet-timeout", None, DEFAULT_UNMET_TIMEOUT, "Seconds a task may wait while no engine satisfies its depend (0: forever).", float],
         ["max-message-size", None, DEFAULT_MAX_MESSAGE_SIZE, "Largest message accepted, in bytes.", int],
+        ["retention", None, DEFAULT_RETENTION, "Seconds finished tasks are kept unless cleared (0: until cleared).", float],
+    ]
+    optFlags = [
+        ["no-journal", None, "Keep tasks in memory only: a controller restart loses them."],
     ]
 
     def postOptions(self) -> None:
@@ -56,6 +60,8 @@ class Options(usage.Options):
             raise usage.UsageError("--task-slots must be at least 1")
         if self["unmet-timeout"] < 0:
             raise usage.UsageError("--unmet-timeout must be >= 0")
+        if self["retention"] < 0:
+            raise usage.UsageError("--retention must be >= 0")
         if self["max-message-size"] < 1024:
             raise usage.UsageError("--max-message-size must be at least 1024 bytes")
 
@@ -66,6 +72,7 @@ def makeService(options: Options):
     from twisted.logger import globalLogPublisher, textFileLogObserver
     from twisted.python.logfile import LogFile
 
+    from taskfarm.controller.journal import JournalCorrupt
     from taskfarm.controller.service import create_controller
     from taskfarm.profile import Profile
 
@@ -73,13 +80,18 @@ def makeService(options: Options):
     profile.ensure()
     logfile = LogFile("controller.log", str(profile.log_dir), rotateLength=10_000_000)
     globalLogPublisher.addObserver(textFileLogObserver(logfile))
-    return create_controller(
-        profile,
-        reactor,
-        listen=options["listen"],
-        location=options["location"],
-        scheduler_class=options["scheduler_class"],
-        task_slots=options["task-slots"],
-        unmet_timeout=options["unmet-timeout"] or None,
-        max_message_size=options["max-message-size"],
-    )
+    try:
+        return create_controller(
+            profile,
+            reactor,
+            listen=options["listen"],
+            location=options["location"],
+            scheduler_class=options["scheduler_class"],
+            task_slots=options["task-slots"],
+            unmet_timeout=options["unmet-timeout"] or None,
+            max_message_size=options["max-message-size"],
+            journal=not options["no-journal"],
+            retention=options["retention"] or None,
+        )
+    except JournalCorrupt as e:
+        raise SystemExit("taskcontroller: %s" % e) from None

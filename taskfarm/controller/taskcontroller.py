@@ -9,6 +9,7 @@ on it is told.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable
 from functools import partial
 
@@ -31,6 +32,13 @@ from taskfarm.errors import (
 
 #: How long a task may wait when no engine's properties satisfy its `depend`.
 DEFAULT_UNMET_TIMEOUT = 60.0
+
+#: How long finished tasks are kept (seconds) unless cleared sooner.
+DEFAULT_RETENTION = 24 * 3600.0
+
+#: How many submission tokens are remembered, and for how long (seconds).
+MAX_TOKENS = 100_000
+TOKEN_LIFETIME = 3600.0
 
 
 class _Countdown:
@@ -59,11 +67,20 @@ class TaskController(RegistryListener):
         scheduler,
         clock,
         unmet_timeout: float | None = DEFAULT_UNMET_TIMEOUT,
+        journal=None,
+        retention: float | None = DEFAULT_RETENTION,
     ) -> None:
         self._registry = registry
         self._scheduler = scheduler
         self._clock = clock
         self._unmet_timeout = unmet_timeout
+        self._journal = journal
+        self._retention = retention
+        #: (completed time, taskid) in completion order, for the retention sweep.
+        self._finished_order: collections.deque = collections.deque()
+        #: Submission token -> the ids it got (resubmission gets them again).
+        self._tokens: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
+        self._sweep_loop: task.LoopingCall | None = None
         self._tasks: dict[int, TaskRecord] = {}
         self._counts = {state: 0 for state in TaskState}
         self._next_id = 0
@@ -77,44 +94,84 @@ class TaskController(RegistryListener):
     # -- lifecycle --------------------------------------------------------------
 
     def start(self) -> None:
-        """Begin watching for tasks whose dependencies no engine meets."""
+        """Restore journaled tasks; start the unmet-depend and retention timers."""
+        if self._journal is not None:
+            self._restore()
         if self._unmet_timeout:
-            self._unmet_loop = task.LoopingCall(self._check_unmet)
-            self._unmet_loop.clock = self._clock
-            self._unmet_loop.start(max(self._unmet_timeout / 4.0, 0.05), now=False)
+            self._unmet_loop = self._every(max(self._unmet_timeout / 4.0, 0.05), self._check_unmet)
+        if self._retention:
+            self._sweep_loop = self._every(min(max(self._retention / 10.0, 0.05), 60.0), self._sweep)
+
+    def _every(self, interval: float, function) -> task.LoopingCall:
+        loop = task.LoopingCall(function)
+        loop.clock = self._clock
+        loop.start(interval, now=False)
+        return loop
 
     def stop(self) -> None:
         """Stop the timers; waiting clients are answered by their connection."""
-        if self._unmet_loop is not None and self._unmet_loop.running:
-            self._unmet_loop.stop()
+        for loop in (self._unmet_loop, self._sweep_loop):
+            if loop is not None and loop.running:
+                loop.stop()
         if self._dispatch_call is not None and self._dispatch_call.active():
             self._dispatch_call.cancel()
         self._dispatch_call = None
 
     # -- the client API ---------------------------------------------------------------
 
-    def submit(self, envelopes: Iterable) -> list[int]:
+    def submit(self, envelopes: Iterable, token: str | None = None) -> list[int]:
         """Accept a batch of task envelopes; returns their ids, in order.
 
         The whole batch is checked before any task is queued, so a bad task
-        rejects the batch and nothing is half-submitted.
+        rejects the batch and nothing is half-submitted.  A batch sent again
+        with the same `token` (after a lost connection) gets the same ids
+        and is not queued twice.  With a journal, the tasks are durable once
+        `durable()` fires.
         """
+        if token is not None and token in self._tokens:
+            first, count = self._tokens[token]
+            return list(range(first, first + count))
+        envelopes = list(envelopes)
         specs = [TaskSpec.from_envelope(envelope) for envelope in envelopes]
         for spec in specs:
             for link in spec.chain():
                 self._check_depend(link.depend)
         now = self._clock.seconds()
-        ids = []
-        for spec in specs:
+        first = self._next_id
+        for spec, envelope in zip(specs, envelopes):
             taskid = self._next_id
             self._next_id += 1
             record = TaskRecord(taskid, spec, now)
             self._tasks[taskid] = record
             self._counts[TaskState.QUEUED] += 1
             self._scheduler.add_task(record)
-            ids.append(taskid)
+            if self._journal is not None:
+                self._journal.accepted(taskid, serialization.pack(envelope), now, spec.retries)
+        if token is not None:
+            self._remember_token(token, first, len(specs), now)
+        if self._journal is not None:
+            self._journal.next_id_is(self._next_id)
         self._kick()
+        return list(range(first, self._next_id))
+
+    def durable(self) -> defer.Deferred:
+        """Fires once every task accepted so far is in the journal."""
+        if self._journal is None:
+            return defer.succeed(None)
+        return self._journal.sync()
+
+    async def submit_durably(self, envelopes: Iterable, token: str | None = None) -> list[int]:
+        """`submit`, answering only once the tasks are journaled."""
+        ids = self.submit(envelopes, token)
+        await self.durable()
         return ids
+
+    def _remember_token(self, token: str, first: int, count: int, now: float) -> None:
+        self._tokens[token] = (first, count)
+        while len(self._tokens) > MAX_TOKENS:
+            self._tokens.popitem(last=False)
+        if self._journal is not None:
+            self._journal.token(token, first, count, now)
 
     def results(self, taskids: list[int], block: bool = False) -> defer.Deferred:
         """Result envelopes of `taskids` (None for unfinished ones unless `block`)."""
@@ -190,6 +247,8 @@ class TaskController(RegistryListener):
                 del self._tasks[taskid]
                 self._counts[record.state] -= 1
                 cleared += 1
+                if self._journal is not None:
+                    self._journal.cleared([taskid])
         if unknown:
             raise UnknownTask("no such task ids: %s" % (unknown[:10],))
         return cleared
@@ -285,6 +344,7 @@ class TaskController(RegistryListener):
                 self._move(record, record.succeed, data, started, finished)
                 self._finished(record)
             elif self._move(record, record.fail_attempt, data, started, finished):
+                self._journal_requeue(record)
                 self._log.info(
                     "task {taskid} attempt {attempt} failed on engine {engine_id}; "
                     "queued again",
@@ -298,8 +358,65 @@ class TaskController(RegistryListener):
         self._kick()
 
     def _finished(self, record: TaskRecord) -> None:
+        if self._journal is not None:
+            self._journal.finished(record, record.link)
+        if self._retention:
+            self._finished_order.append((record.completed or self._clock.seconds(), record.taskid))
         for countdown in self._waiters.pop(record.taskid, ()):
             countdown.one_done()
+
+    def _journal_requeue(self, record: TaskRecord) -> None:
+        if self._journal is not None:
+            self._journal.requeued(record.taskid, record.link, record.retries_left, record.attempts)
+
+    def _sweep(self) -> None:
+        """Forget finished tasks older than the retention time."""
+        horizon = self._clock.seconds() - self._retention
+        order = self._finished_order
+        expired = []
+        while order and order[0][0] < horizon:
+            _, taskid = order.popleft()
+            record = self._tasks.get(taskid)
+            if record is not None and record.is_final:
+                del self._tasks[taskid]
+                self._counts[record.state] -= 1
+                expired.append(taskid)
+        if expired and self._journal is not None:
+            self._journal.cleared(expired)
+        if self._journal is not None:
+            self._journal.forget_tokens(self._clock.seconds() - TOKEN_LIFETIME)
+
+    def _restore(self) -> None:
+        """Load the journal: results come back, unfinished tasks queue again."""
+        self._next_id = self._journal.next_id()
+        restored = requeued = 0
+        finished = []
+        for stored in self._journal.tasks():
+            spec = TaskSpec.from_envelope(serialization.unpack(stored.envelope))
+            if stored.state != "queued" and not stored.ok and stored.data is not None:
+                stored.data = serialization.unpack(stored.data)
+            record = TaskRecord.restore(stored, spec)
+            self._tasks[record.taskid] = record
+            self._counts[record.state] += 1
+            restored += 1
+            if record.is_queued:
+                self._scheduler.add_task(record)
+                requeued += 1
+            else:
+                finished.append((record.completed or 0.0, record.taskid))
+        if self._retention:
+            self._finished_order.extend(sorted(finished))
+        for token, first, count in self._journal.tokens():
+            self._tokens[token] = (first, count)
+        self._log.info(
+            "restored {restored} tasks from {path} ({requeued} queued again); "
+            "next task id {next_id}",
+            restored=restored,
+            requeued=requeued,
+            path=str(self._journal.path),
+            next_id=self._next_id,
+        )
+        self._kick()
 
     def _check_unmet(self) -> None:
         now = self._clock.seconds()
@@ -307,20 +424,32 @@ class TaskController(RegistryListener):
         for key in list(self._unmet_since):
             if key not in unmet:
                 del self._unmet_since[key]
+        expired = []
         for key, records in unmet.items():
             since = self._unmet_since.setdefault(key, now)
             if now - since < self._unmet_timeout:
                 continue
             del self._unmet_since[key]
-            error = to_wire(
-                TaskTimeout(
-                    "no engine's properties satisfied the task's depend "
-                    "function for %g seconds" % self._unmet_timeout
-                )
-            )
+            # Take every expired task out before queueing any recovery task:
+            # the emptied groups are dropped with their queues, so a recovery
+            # task with the same depend cannot meet its own stale entry there
+            # (which let one pass hand the same task out twice).
             for record in records:
                 self._scheduler.remove_task(record)
-                if self._move(record, record.recover_or_fail, error, now):
-                    self._scheduler.add_task(record)
-                else:
-                    self._finished(record)
+            expired.extend(records)
+        if not expired:
+            return
+        error = to_wire(
+            TaskTimeout(
+                "no engine's properties satisfied the task's depend "
+                "function for %g seconds" % self._unmet_timeout
+            )
+        )
+        for record in expired:
+            if self._move(record, record.recover_or_fail, error, now):
+                self._journal_requeue(record)
+                self._scheduler.add_task(record)
+            else:
+                self._finished(record)
+        # Recovery tasks may run on the engines there are now.
+        self._kick()

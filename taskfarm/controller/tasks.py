@@ -153,11 +153,14 @@ class TaskRecord:
         "data",
         "group",
         "timer",
+        "link",
     )
 
     def __init__(self, taskid: int, spec: TaskSpec, submitted: float) -> None:
         self.taskid = taskid
         self.spec = spec
+        #: Which task of the recovery chain `spec` is (0: the one submitted).
+        self.link = 0
         self.state = TaskState.QUEUED
         self.retries_left = spec.retries
         self.attempts = 0
@@ -215,12 +218,16 @@ class TaskRecord:
             self._requeue()
             return True
         if self.spec.recovery is not None:
-            self.spec = self.spec.recovery
-            self.retries_left = self.spec.retries
+            self._next_link()
             self._requeue()
             return True
         self.fail(error, started, completed)
         return False
+
+    def _next_link(self) -> None:
+        self.spec = self.spec.recovery
+        self.link += 1
+        self.retries_left = self.spec.retries
 
     def recover_or_fail(self, error: tuple, now: float) -> bool:
         """A queued task can never run as it is (its depend is unmet).
@@ -229,8 +236,7 @@ class TaskRecord:
         (True: still queued, under the new spec); otherwise it fails.
         """
         if self.state is TaskState.QUEUED and self.spec.recovery is not None:
-            self.spec = self.spec.recovery
-            self.retries_left = self.spec.retries
+            self._next_link()
             return True
         self.fail(error, None, now)
         return False
@@ -251,6 +257,23 @@ class TaskRecord:
         self._move(TaskState.QUEUED)
         self.engine_id = None
         self.seq = None
+
+    @classmethod
+    def restore(cls, stored, spec: TaskSpec) -> "TaskRecord":
+        """A record as the journal kept it; one that was not final is queued."""
+        record = cls(stored.taskid, spec, stored.submitted)
+        for _ in range(stored.link):
+            record.spec = record.spec.recovery
+        record.link = stored.link
+        record.retries_left = stored.retries_left
+        record.attempts = stored.attempts
+        if stored.state != "queued":
+            record.state = TaskState[stored.state.upper()]
+            record.engine_id = stored.engine_id
+            record.started, record.completed = stored.started, stored.completed
+            record.ok = bool(stored.ok)
+            record.data = stored.data
+        return record
 
     def result_envelope(self) -> tuple:
         """The wire form `taskfarm.task.result_from_envelope` reads."""

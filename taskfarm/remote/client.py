@@ -14,7 +14,8 @@ import warnings
 
 from foolscap.api import DeadReferenceError
 from foolscap.furl import decode_furl
-from twisted.internet import defer, error as internet_error
+from twisted.internet import defer, task
+from twisted.internet import error as internet_error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -36,6 +37,10 @@ from taskfarm.remote.tub import new_tub
 
 #: Seconds a connection attempt may take before `ControllerUnreachable`.
 DEFAULT_CONNECT_TIMEOUT = 10.0
+
+#: Seconds an idempotent call keeps reconnecting after the link broke
+#: (a controller restart, say) before it gives up.
+DEFAULT_RECONNECT_TIMEOUT = 120.0
 
 _shared_tub = None
 
@@ -77,6 +82,7 @@ class ControllerConnection:
         reactor,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         tub=None,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     ) -> None:
         if interface not in INTERFACES:
             raise ValueError("unknown interface %r" % (interface,))
@@ -85,9 +91,12 @@ class ControllerConnection:
         self.interface = interface
         self._reactor = reactor
         self._connect_timeout = connect_timeout
+        self._reconnect_timeout = reconnect_timeout
         self._tub = tub
         self._rref = None
         self._waiters: list[defer.Deferred] = []
+        #: Whether this connection ever reached the controller.
+        self.ever_connected = False
         #: The controller's largest accepted message, learnt at `hello`.
         self.max_message_size = serialization.DEFAULT_MAX_MESSAGE_SIZE
 
@@ -148,13 +157,40 @@ class ControllerConnection:
         self.max_message_size = hello.get("max_message_size", self.max_message_size)
         rref.notifyOnDisconnect(self._disconnected, rref)
         self._rref = rref
+        self.ever_connected = True
 
     def _disconnected(self, rref) -> None:
         if self._rref is rref:
             self._rref = None
 
-    async def call(self, method: str, *args):
-        """Call `method`; returns its value or raises its typed error."""
+    async def call(self, method: str, *args, retry: bool = False):
+        """Call `method`; returns its value or raises its typed error.
+
+        With `retry` (for calls that are safe to repeat), a broken link is
+        mended: the call reconnects, with back-off, and is made again, for
+        up to the reconnect timeout.
+        """
+        if not retry or not self.ever_connected:
+            # A controller never reached fails fast: that is a set-up error.
+            return await self._call_once(method, args)
+        deadline = self._reactor.seconds() + self._reconnect_timeout
+        delay = 0.1
+        while True:
+            try:
+                return await self._call_once(method, args)
+            except (ConnectionLost, ControllerUnreachable) as e:
+                if self._reactor.seconds() + delay > deadline:
+                    raise
+                self._log.info(
+                    "{method}: {error}; trying again in {delay:.1f} s",
+                    method=method,
+                    error=e,
+                    delay=delay,
+                )
+                await task.deferLater(self._reactor, delay, lambda: None)
+                delay = min(delay * 2, 2.0)
+
+    async def _call_once(self, method: str, args: tuple):
         for arg in args:
             if isinstance(arg, bytes) and len(arg) > self.max_message_size:
                 raise MessageTooLarge(

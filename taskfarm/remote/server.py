@@ -79,10 +79,15 @@ class RemoteTaskController(Referenceable):
 
     def remote_submit(self, batch):
         def submit():
-            envelopes = serialization.unpack(batch, schemas.message_limit())
-            if not isinstance(envelopes, list):
-                raise BadRequest("a submission must be a list of tasks")
-            return self._controller.submit(envelopes)
+            request = serialization.unpack(batch, schemas.message_limit())
+            if not (isinstance(request, tuple) and len(request) == 2):
+                raise BadRequest("a submission must be (token, [task, ...])")
+            token, envelopes = request
+            if not isinstance(envelopes, list) or not (token is None or isinstance(token, str)):
+                raise BadRequest("a submission must be (token, [task, ...])")
+            return defer.Deferred.fromCoroutine(
+                self._controller.submit_durably(envelopes, token)
+            )
 
         return reply(submit)
 

@@ -1,0 +1,281 @@
+"""The controller's journal: tasks survive a controller crash.
+
+An SQLite database in WAL mode, in the profile.  One writer thread owns the
+connection; the reactor only enqueues operations, and everything enqueued
+in one reactor turn is committed in one transaction (group commit), so the
+reactor never waits on the disk per task.  `sync()` fires once everything
+enqueued before it is on disk: the controller answers "accepted" only then.
+
+What is written: each accepted task (its envelope), each requeue (retries
+spent, recovery taking over), each final outcome, each clear, and the
+submission tokens that make resubmission idempotent.  Running is never
+written: after a crash a running task is queued again (at-least-once).
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from taskfarm.errors import ProfileError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS tasks (
+    taskid INTEGER PRIMARY KEY,
+    envelope BLOB NOT NULL,
+    submitted REAL NOT NULL,
+    state TEXT NOT NULL,
+    link INTEGER NOT NULL DEFAULT 0,
+    retries_left INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    engine_id INTEGER,
+    started REAL,
+    completed REAL,
+    ok INTEGER,
+    data BLOB
+);
+CREATE INDEX IF NOT EXISTS tasks_completed ON tasks (completed);
+CREATE TABLE IF NOT EXISTS tokens (
+    token TEXT PRIMARY KEY,
+    first_id INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+class JournalCorrupt(ProfileError):
+    """The journal file cannot be read; the controller refuses to start."""
+
+
+class StoredTask:
+    """One task as read back from the journal."""
+
+    __slots__ = (
+        "taskid", "envelope", "submitted", "state", "link", "retries_left",
+        "attempts", "engine_id", "started", "completed", "ok", "data",
+    )
+
+    def __init__(self, row: tuple) -> None:
+        (self.taskid, self.envelope, self.submitted, self.state, self.link,
+         self.retries_left, self.attempts, self.engine_id, self.started,
+         self.completed, self.ok, self.data) = row
+
+
+_STOP = object()
+
+
+class Journal:
+    """Durable record of the controller's tasks, written by one thread."""
+
+    _log = Logger()
+
+    def __init__(self, path: Path, reactor) -> None:
+        self.path = Path(path)
+        self._reactor = reactor
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pending: list = []
+        self._flush_call = None
+        self._sync_waiters: list[defer.Deferred] = []
+        self._failed: BaseException | None = None
+        #: Operations committed so far (for tests and benchmarks).
+        self.committed = 0
+
+    # -- opening and reading (before the reactor serves anyone) -----------------------
+
+    def open(self) -> None:
+        """Open (or create) the journal and check it; `JournalCorrupt` if bad."""
+        try:
+            connection = sqlite3.connect(str(self.path), check_same_thread=False)
+            check = connection.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(check)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.executescript(_SCHEMA)
+            version = connection.execute(
+                "SELECT value FROM meta WHERE key='schema'"
+            ).fetchone()
+            if version is None:
+                connection.execute(
+                    "INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,)
+                )
+                connection.commit()
+            elif version[0] != SCHEMA_VERSION:
+                raise sqlite3.DatabaseError("schema version %r" % (version[0],))
+        except sqlite3.DatabaseError as e:
+            raise JournalCorrupt(
+                "refusing to start: the journal %s cannot be read (%s). Move it "
+                "aside to start with an empty journal; the tasks it holds would "
+                "be lost." % (self.path, e)
+            ) from None
+        self._connection = connection
+        self._thread = threading.Thread(
+            target=self._write_loop, name="taskfarm-journal", daemon=True
+        )
+        self._thread.start()
+
+    def next_id(self) -> int:
+        """The first task id never handed out."""
+        row = self._connection.execute(
+            "SELECT value FROM meta WHERE key='next_id'"
+        ).fetchone()
+        stored = row[0] if row else 0
+        highest = self._connection.execute("SELECT MAX(taskid) FROM tasks").fetchone()[0]
+        return max(stored, -1 if highest is None else highest + 1, 0)
+
+    def tasks(self) -> Iterator[StoredTask]:
+        """Every stored task, in id order."""
+        cursor = self._connection.execute(
+            "SELECT taskid, envelope, submitted, state, link, retries_left, attempts,"
+            " engine_id, started, completed, ok, data FROM tasks ORDER BY taskid"
+        )
+        for row in cursor:
+            yield StoredTask(row)
+
+    def tokens(self) -> list[tuple[str, int, int]]:
+        """Stored submission tokens, oldest first."""
+        return self._connection.execute(
+            "SELECT token, first_id, count FROM tokens ORDER BY created"
+        ).fetchall()
+
+    # -- writing (reactor thread enqueues) -------------------------------------------
+
+    def accepted(self, taskid: int, envelope: bytes, submitted: float, retries: int) -> None:
+        self._enqueue(
+            "INSERT OR REPLACE INTO tasks (taskid, envelope, submitted, state, link,"
+            " retries_left) VALUES (?, ?, ?, 'queued', 0, ?)",
+            (taskid, envelope, submitted, retries),
+        )
+
+    def next_id_is(self, next_id: int) -> None:
+        self._enqueue("INSERT OR REPLACE INTO meta VALUES ('next_id', ?)", (next_id,))
+
+    def requeued(self, taskid: int, link: int, retries_left: int, attempts: int) -> None:
+        self._enqueue(
+            "UPDATE tasks SET link=?, retries_left=?, attempts=? WHERE taskid=?",
+            (link, retries_left, attempts, taskid),
+        )
+
+    def finished(self, record, link: int) -> None:
+        self._enqueue(
+            "UPDATE tasks SET state=?, link=?, retries_left=?, attempts=?, engine_id=?,"
+            " started=?, completed=?, ok=?, data=? WHERE taskid=?",
+            (
+                record.state.name.lower(), link, record.retries_left, record.attempts,
+                record.engine_id, record.started, record.completed, int(record.ok),
+                _blob(record), record.taskid,
+            ),
+        )
+
+    def cleared(self, taskids: list[int]) -> None:
+        for taskid in taskids:
+            self._enqueue("DELETE FROM tasks WHERE taskid=?", (taskid,))
+
+    def token(self, token: str, first_id: int, count: int, now: float) -> None:
+        self._enqueue(
+            "INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?)", (token, first_id, count, now)
+        )
+
+    def forget_tokens(self, older_than: float) -> None:
+        self._enqueue("DELETE FROM tokens WHERE created < ?", (older_than,))
+
+    def sync(self) -> defer.Deferred:
+        """Fires once everything enqueued so far is committed."""
+        if self._failed is not None:
+            return defer.fail(self._failed)
+        d: defer.Deferred = defer.Deferred()
+        self._sync_waiters.append(d)
+        self._schedule_flush()
+        return d
+
+    def _enqueue(self, sql: str, params: tuple) -> None:
+        self._pending.append((sql, params))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        operations, self._pending = self._pending, []
+        waiters, self._sync_waiters = self._sync_waiters, []
+        self._queue.put((operations, waiters))
+
+    # -- the writer thread --------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            batches = [item]
+            # Group commit: take whatever else is already waiting.
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    self._commit(batches)
+                    return
+                batches.append(more)
+            self._commit(batches)
+
+    def _commit(self, batches: list) -> None:
+        waiters = [w for _, ws in batches for w in ws]
+        count = 0
+        try:
+            with self._connection:
+                for operations, _ in batches:
+                    for sql, params in operations:
+                        self._connection.execute(sql, params)
+                    count += len(operations)
+        except Exception as e:
+            self._failed = e
+            self._reactor.callFromThread(self._report_failure, e, waiters)
+            return
+        self.committed += count
+        if waiters:
+            self._reactor.callFromThread(_fire, waiters)
+
+    def _report_failure(self, error: BaseException, waiters: list) -> None:
+        self._log.critical("the journal {path} cannot be written: {error}", path=str(self.path), error=error)
+        for waiter in waiters:
+            waiter.errback(error)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is pending, then close (blocks up to `timeout`)."""
+        if self._thread is None:
+            return
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush()
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        self._thread = None
+        self._connection.close()
+
+
+def _fire(waiters: list) -> None:
+    for waiter in waiters:
+        waiter.callback(None)
+
+
+def _blob(record) -> bytes | None:
+    from taskfarm import serialization
+
+    if record.ok:
+        return record.data
+    return serialization.pack(record.data)
