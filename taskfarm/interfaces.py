@@ -55,6 +55,9 @@ class IEngineChannel(Interface):
     def interrupt(seq):
         """Ask the engine to stop command `seq` if it is running or queued."""
 
+    def ping(on_answer):
+        """Check the engine is alive; call `on_answer()` when it answers."""
+
     def cancel(seqs):
         """Ask the engine to drop these commands if they are still queued."""
 

@@ -76,6 +76,8 @@ class ProcessSlot:
         self.child: _Child | None = None
         self.restarts = 0
         self.stopping = False
+        #: Called with this slot when its child exits with status 0.
+        self.on_clean_exit: list = []
 
     def start(self) -> None:
         self.child = _Child(self.name, self._log_path)
@@ -90,6 +92,13 @@ class ProcessSlot:
 
     def _ended(self, reason, started: float) -> None:
         if self.stopping:
+            return
+        if isinstance(reason, error.ProcessDone):
+            # A clean exit was asked for (MultiEngine kill): stay down.
+            self._log.info("{name} (pid {pid}) exited cleanly", name=self.name, pid=self.child.pid)
+            self.stopping = True
+            for callback in self.on_clean_exit:
+                callback(self)
             return
         lived = self._reactor.seconds() - started
         # A child that lived a while gets a fresh back-off.
@@ -184,6 +193,9 @@ class Cluster:
             self._reactor,
             env,
         )
+        # A controller that exits cleanly was asked to (kill(controller=True)):
+        # the whole cluster goes with it.
+        self.controller.on_clean_exit.append(lambda _: self._controller_exited())
         self.controller.start()
         client = await self._wait_for_controller()
         try:
@@ -249,6 +261,11 @@ class Cluster:
             "only %d of %d engines registered within %g s; see the logs in %s"
             % (len(await client.engine_ids()), n, self._start_timeout, self.profile.log_dir)
         )
+
+    def _controller_exited(self) -> None:
+        self._log.info("the controller exited cleanly; stopping the cluster")
+        if self._reactor.running:
+            self._reactor.stop()
 
     @property
     def engine_restarts(self) -> int:

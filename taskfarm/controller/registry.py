@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from functools import partial
 
+from twisted.internet import task
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -20,6 +22,10 @@ from taskfarm.interfaces import IEngineSink
 
 #: The largest engine id handed out, plus one.
 MAX_ENGINES = 4096
+
+#: Seconds between pings of each engine, and of silence before it is lost.
+DEFAULT_HEARTBEAT_PERIOD = 1.0
+DEFAULT_HEARTBEAT_TIMEOUT = 10.0
 
 #: ``on_reply(seq, ok, data, started, finished)``
 ReplyCallback = Callable[[int, bool, object, "float | None", float], None]
@@ -53,6 +59,8 @@ class EngineHandle:
         self.task_slots = task_slots
         #: seq -> (op, on_reply) of every unanswered command, oldest first.
         self.inflight: dict[int, tuple[str, ReplyCallback]] = {}
+        #: When the engine last answered anything (a reply or a ping).
+        self.last_heard = 0.0
         self._outbox: list = []
         self._next_seq = 0
         self._lost = False
@@ -124,13 +132,22 @@ class EngineRegistry:
 
     _log = Logger()
 
-    def __init__(self, clock, task_slots: int = 2) -> None:
+    def __init__(
+        self,
+        clock,
+        task_slots: int = 2,
+        heartbeat_period: float | None = DEFAULT_HEARTBEAT_PERIOD,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+    ) -> None:
         self._clock = clock
         self.task_slots = task_slots
         self.engines: dict[int, EngineHandle] = {}
         self._listeners: list[RegistryListener] = []
         self._dirty: dict[int, EngineHandle] = {}
         self._flush_call = None
+        self._heartbeat_period = heartbeat_period
+        self._heartbeat_timeout = heartbeat_timeout
+        self._heartbeat: task.LoopingCall | None = None
 
     def add_listener(self, listener: RegistryListener) -> None:
         self._listeners.append(listener)
@@ -157,6 +174,7 @@ class EngineRegistry:
             if engine_id == MAX_ENGINES:
                 raise InvalidProperty("too many engines (%d)" % MAX_ENGINES)
         engine = EngineHandle(self, engine_id, channel, properties, self.task_slots)
+        engine.last_heard = self._clock.seconds()
         self.engines[engine_id] = engine
         self._log.info(
             "engine {engine_id} registered from {host} pid {pid}",
@@ -173,6 +191,7 @@ class EngineRegistry:
     def replies(self, engine: EngineHandle, replies: list) -> None:
         if self.engines.get(engine.engine_id) is not engine:
             return
+        engine.last_heard = self._clock.seconds()
         for seq, ok, data, started, finished in replies:
             entry = engine.inflight.pop(seq, None)
             if entry is not None:
@@ -216,8 +235,35 @@ class EngineRegistry:
         for listener in self._listeners:
             listener.properties_changed(engine)
 
+    # -- liveness -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the heartbeat: ping every engine, drop the silent ones."""
+        if self._heartbeat_period:
+            self._heartbeat = task.LoopingCall(self._beat)
+            self._heartbeat.clock = self._clock
+            self._heartbeat.start(self._heartbeat_period, now=False)
+
+    def _beat(self) -> None:
+        now = self._clock.seconds()
+        for engine in list(self.engines.values()):
+            silent = now - engine.last_heard
+            if silent > self._heartbeat_timeout:
+                self.engine_lost(
+                    engine,
+                    "no answer for %.1f s (hung, stopped or unreachable)" % silent,
+                )
+                engine.channel.disconnect()
+            else:
+                engine.channel.ping(partial(self._heard, engine))
+
+    def _heard(self, engine: EngineHandle) -> None:
+        engine.last_heard = self._clock.seconds()
+
     def stop(self) -> None:
-        """Cancel the pending flush; used when the controller stops."""
+        """Cancel the heartbeat and pending flush; used when the controller stops."""
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None

@@ -6,7 +6,11 @@ from twisted.application import service
 from twisted.logger import Logger
 
 from taskfarm.controller.multiengine import MultiEngine
-from taskfarm.controller.registry import EngineRegistry
+from taskfarm.controller.registry import (
+    DEFAULT_HEARTBEAT_PERIOD,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    EngineRegistry,
+)
 from taskfarm.controller.scheduler import FIFOScheduler
 from taskfarm.controller.journal import Journal
 from taskfarm.controller.taskcontroller import (
@@ -47,6 +51,7 @@ class ControllerService(service.MultiService):
         server.setServiceParent(self)
 
     def startService(self) -> None:
+        self.registry.start()
         self.tasks.start()
         super().startService()
         self._log.info(
@@ -74,6 +79,8 @@ def create_controller(
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     journal: bool = True,
     retention: float | None = DEFAULT_RETENTION,
+    heartbeat_period: float | None = DEFAULT_HEARTBEAT_PERIOD,
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
 ) -> ControllerService:
     """Build a controller for `profile`; it listens once started.
 
@@ -82,7 +89,12 @@ def create_controller(
     """
     from taskfarm.remote.server import ControllerServer
 
-    registry = EngineRegistry(reactor, task_slots=task_slots)
+    registry = EngineRegistry(
+        reactor,
+        task_slots=task_slots,
+        heartbeat_period=heartbeat_period,
+        heartbeat_timeout=heartbeat_timeout,
+    )
     scheduler = scheduler_class()
     task_journal = None
     if journal:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from twisted.python import reflect, usage
 
+from taskfarm.controller.registry import DEFAULT_HEARTBEAT_PERIOD, DEFAULT_HEARTBEAT_TIMEOUT
 from taskfarm.controller.scheduler import FIFOScheduler
 from taskfarm.controller.taskcontroller import DEFAULT_RETENTION, DEFAULT_UNMET_TIMEOUT
 from taskfarm.interfaces import IScheduler
@@ -36,6 +37,8 @@ class Options(usage.Options):
         ["task-slots", None, 2, "Tasks sent ahead to each engine at once.", int],
         ["unmet-timeout", None, DEFAULT_UNMET_TIMEOUT, "Seconds a task may wait while no engine satisfies its depend (0: forever).", float],
         ["max-message-size", None, DEFAULT_MAX_MESSAGE_SIZE, "Largest message accepted, in bytes.", int],
+        ["heartbeat-period", None, DEFAULT_HEARTBEAT_PERIOD, "Seconds between pings of each engine (0: no heartbeat).", float],
+        ["heartbeat-timeout", None, DEFAULT_HEARTBEAT_TIMEOUT, "Seconds of silence after which an engine counts as lost.", float],
         ["retention", None, DEFAULT_RETENTION, "Seconds finished tasks are kept unless cleared (0: until cleared).", float],
     ]
     optFlags = [
@@ -60,6 +63,10 @@ class Options(usage.Options):
             raise usage.UsageError("--task-slots must be at least 1")
         if self["unmet-timeout"] < 0:
             raise usage.UsageError("--unmet-timeout must be >= 0")
+        if self["heartbeat-period"] < 0:
+            raise usage.UsageError("--heartbeat-period must be >= 0")
+        if self["heartbeat-period"] and self["heartbeat-timeout"] <= self["heartbeat-period"]:
+            raise usage.UsageError("--heartbeat-timeout must be longer than --heartbeat-period")
         if self["retention"] < 0:
             raise usage.UsageError("--retention must be >= 0")
         if self["max-message-size"] < 1024:
@@ -92,6 +99,8 @@ def makeService(options: Options):
             max_message_size=options["max-message-size"],
             journal=not options["no-journal"],
             retention=options["retention"] or None,
+            heartbeat_period=options["heartbeat-period"] or None,
+            heartbeat_timeout=options["heartbeat-timeout"],
         )
     except JournalCorrupt as e:
         raise SystemExit("taskcontroller: %s" % e) from None

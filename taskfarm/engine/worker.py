@@ -13,6 +13,7 @@ to other engines.
 from __future__ import annotations
 
 import ctypes
+import os
 import queue
 import threading
 import time
@@ -34,6 +35,17 @@ class _TimeoutInterrupt(Interrupt):
 
 _STOP = object()
 
+#: Seconds an interrupted command gets to stop before the engine exits.
+DEFAULT_STUCK_GRACE = 5.0
+
+#: The exit status of an engine that gave up on a command that would not
+#: stop; `taskfarm cluster` starts a fresh engine in its place.
+EXIT_STUCK = 75
+
+
+def _exit_for_restart() -> None:
+    os._exit(EXIT_STUCK)
+
 
 def _raise_in_thread(thread_id: int, exception_type: type | None) -> None:
     # None clears an exception that was set but not yet raised.
@@ -48,9 +60,19 @@ class CommandWorker:
 
     _log = Logger()
 
-    def __init__(self, namespace: Namespace, reactor) -> None:
+    def __init__(
+        self,
+        namespace: Namespace,
+        reactor,
+        stuck_grace: float = DEFAULT_STUCK_GRACE,
+        on_stuck: Callable[[], None] | None = None,
+    ) -> None:
         self.namespace = namespace
         self._reactor = reactor
+        #: Seconds an interrupted command may take to stop before the engine
+        #: gives up on it (answers for it and calls `on_stuck`).
+        self.stuck_grace = stuck_grace
+        self._on_stuck = on_stuck or _exit_for_restart
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._session = 0
@@ -134,6 +156,27 @@ class CommandWorker:
             self._interrupted.add(key)
             _raise_in_thread(self._thread.ident, reason)
         self._log.info("interrupted command {seq}", seq=key[1])
+        self._reactor.callLater(self.stuck_grace, self._check_stuck, key, reason)
+
+    def _check_stuck(self, key: tuple[int, int], reason: type) -> None:
+        # Code that ignores the interrupt (C code, a long sleep) holds the
+        # worker: answer for it, then leave so a fresh engine takes over.
+        with self._lock:
+            if self._current != key:
+                return
+            self._current = None
+            sink = self._sink if key[0] == self._session else None
+            self._session += 1
+            self._sink = None
+        self._log.warn(
+            "command {seq} did not stop within {grace} s of being interrupted; "
+            "this engine exits so that a fresh one can replace it",
+            seq=key[1],
+            grace=self.stuck_grace,
+        )
+        if sink is not None:
+            sink([self._interrupted_reply(key[1], reason())])
+        self._reactor.callLater(0.5, self._on_stuck)
 
     # -- the worker thread ------------------------------------------------------------
 

@@ -129,11 +129,20 @@ class RemoteEngineChannel:
     def cancel(self, seqs: list[int]) -> None:
         self._call("cancel", seqs)
 
+    def ping(self, on_answer) -> None:
+        try:
+            d = self._rref.callRemote("ping")
+        except DeadReferenceError:
+            return
+        d.addCallbacks(lambda _: on_answer(), lambda _: None)
+
     def disconnect(self) -> None:
         tracker = getattr(self._rref, "tracker", None)
         broker = getattr(tracker, "broker", None)
-        if broker is not None and broker.transport is not None:
-            broker.transport.loseConnection()
+        transport = getattr(broker, "transport", None)
+        if transport is not None:
+            # abort, not lose: a stopped peer never drains our buffer.
+            getattr(transport, "abortConnection", transport.loseConnection)()
 
     def _call(self, method: str, *args) -> None:
         # Replies come back through the engine's session, so the answer to

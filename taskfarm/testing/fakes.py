@@ -20,6 +20,9 @@ class ScriptedChannel:
         self.interrupted: list[int] = []
         self.cancelled: list[int] = []
         self.disconnected = False
+        self.pings = 0
+        #: Set False to play a hung engine.
+        self.answers_pings = True
         self.engine = None  # the registry handle, set by the test
 
     def send(self, commands: list) -> None:
@@ -30,6 +33,11 @@ class ScriptedChannel:
 
     def cancel(self, seqs: list[int]) -> None:
         self.cancelled.extend(seqs)
+
+    def ping(self, on_answer) -> None:
+        self.pings += 1
+        if self.answers_pings:
+            on_answer()
 
     def disconnect(self) -> None:
         self.disconnected = True
@@ -72,6 +80,9 @@ class InProcessChannel:
 
     def cancel(self, seqs: list[int]) -> None:
         self._cancelled.update(seqs)
+
+    def ping(self, on_answer) -> None:
+        self._clock.callLater(0, on_answer)
 
     def disconnect(self) -> None:
         self._clock.callLater(0, self.engine._registry.engine_lost, self.engine, "disconnected")
