@@ -71,11 +71,19 @@ _streams: tuple[_ThreadRoutedStream, _ThreadRoutedStream] | None = None
 
 
 def install_output_capture() -> tuple[_ThreadRoutedStream, _ThreadRoutedStream]:
-    """Route stdout/stderr per thread (once per process)."""
+    """Route stdout/stderr per thread.
+
+    Installed again over whatever replaced our streams since (user code, a
+    logger, a test runner), or output would silently stop being captured.
+    """
     global _streams
-    if _streams is None:
-        _streams = (_ThreadRoutedStream(sys.stdout), _ThreadRoutedStream(sys.stderr))
-        sys.stdout, sys.stderr = _streams
+    out, err = _streams if _streams is not None else (None, None)
+    if sys.stdout is not out:
+        out = _ThreadRoutedStream(sys.stdout)
+    if sys.stderr is not err:
+        err = _ThreadRoutedStream(sys.stderr)
+    _streams = (out, err)
+    sys.stdout, sys.stderr = _streams
     return _streams
 
 

@@ -84,6 +84,8 @@ class CommandWorker:
         self._replies: list = []
         self._flush_scheduled = False
         self._timers: dict[tuple[int, int], object] = {}
+        #: The pending `_check_stuck` call of each interrupted command.
+        self._stuck_checks: dict[tuple[int, int], object] = {}
         self._thread: threading.Thread | None = None
         self.commands_run = 0
 
@@ -101,6 +103,11 @@ class CommandWorker:
         self._queue.put(_STOP)
         if self._thread is not None:
             self._thread.join(timeout)
+        # A stopped worker leaves no timer behind in the reactor.
+        for check in self._stuck_checks.values():
+            if check.active():
+                check.cancel()
+        self._stuck_checks.clear()
 
     def begin_session(self, engine_id: int, sink: Callable[[list], None]) -> None:
         """Start taking commands for a new registration; replies go to `sink`."""
@@ -156,11 +163,14 @@ class CommandWorker:
             self._interrupted.add(key)
             _raise_in_thread(self._thread.ident, reason)
         self._log.info("interrupted command {seq}", seq=key[1])
-        self._reactor.callLater(self.stuck_grace, self._check_stuck, key, reason)
+        self._stuck_checks[key] = self._reactor.callLater(
+            self.stuck_grace, self._check_stuck, key, reason
+        )
 
     def _check_stuck(self, key: tuple[int, int], reason: type) -> None:
         # Code that ignores the interrupt (C code, a long sleep) holds the
         # worker: answer for it, then leave so a fresh engine takes over.
+        self._stuck_checks.pop(key, None)
         with self._lock:
             if self._current != key:
                 return

@@ -7,6 +7,7 @@ port.  Furl files are written atomically with mode 0600.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 from foolscap.api import Tub
@@ -78,8 +79,11 @@ def _port_free(port: int) -> bool:
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """(interface, port) of a ``tcp:PORT[:interface=HOST]`` endpoint string."""
-    parts = listen.split(":")
+    """(interface, port) of a ``tcp:PORT[:interface=HOST]`` endpoint string.
+
+    Colons escaped as ``\\:`` (an IPv6 address) belong to their value.
+    """
+    parts = [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", listen)]
     if not parts or parts[0] != "tcp" or len(parts) < 2:
         raise ValueError(
             "--listen must be a tcp endpoint like tcp:10105:interface=127.0.0.1, "
@@ -101,7 +105,7 @@ def listen_and_locate(tub: Tub, listen: str, location: str | None, reactor) -> s
     interface, port = parse_listen(listen)
     if port == 0:
         port = allocate_tcp_port()
-        listen = "tcp:%d:interface=%s" % (port, interface)
+        listen = "tcp:%d:interface=%s" % (port, interface.replace(":", "\\:"))
     tub.listenOn(serverFromString(reactor, listen))
     if location is None:
         if interface in ("0.0.0.0", "::", ""):
