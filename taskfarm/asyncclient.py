@@ -25,6 +25,7 @@ from taskfarm.errors import (
     from_wire,
 )
 from taskfarm.profile import MULTIENGINE, TASK, Profile, read_furl_file
+from taskfarm.properties import checked_properties
 from taskfarm.remote.client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_RECONNECT_TIMEOUT,
@@ -554,6 +555,13 @@ class MultiEngineClient(_Client):
 
     def set_properties(self, properties: dict, targets=None, block=None):
         """Update each target's properties; the scheduler sees them at once."""
+        try:
+            # Checked here too: the request envelope itself carries plain
+            # data only, so a bad value would otherwise fail as a raw pickle
+            # error (or BadRequest) instead of InvalidProperty.
+            properties = checked_properties(properties)
+        except Exception as e:
+            return defer.fail(e)
         return self._properties("set_properties", "set", properties, targets, block)
 
     def has_properties(self, keys, targets=None, block=None):
