@@ -142,6 +142,9 @@ async def run_demo(reactor, options) -> int:
     root = tempfile.mkdtemp(prefix="taskfarm-demo-") if temporary else options["profile-dir"]
     profile = Profile.from_option(root)
     cluster = Cluster(profile, options["n"], reactor, start_timeout=options["start-timeout"])
+    # Ctrl-C or SIGTERM stops the reactor without reaching the `finally`
+    # below: stop the children on the way out too.
+    _stop_on_shutdown(reactor, cluster)
     try:
         print("demo: starting a controller and %d engines in %s" % (options["n"], profile.root), flush=True)
         await cluster.start()

@@ -165,8 +165,13 @@ class FIFOScheduler:
         if not self.ntasks:
             return assignments
         # Round robin over engines with room: each pass gives at most one
-        # task to each engine, so a burst spreads evenly.
-        open_engines = [eid for eid, free in self._free.items() if free > 0]
+        # task to each engine, so a burst spreads evenly.  The engines with
+        # the most free slots go first: a task sent ahead to a busy engine
+        # waits behind its running one while an idle engine stays idle.
+        open_engines = sorted(
+            (eid for eid, free in self._free.items() if free > 0),
+            key=lambda eid: -self._free[eid],
+        )
         while open_engines and self.ntasks:
             still_open = []
             for engine_id in open_engines:

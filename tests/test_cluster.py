@@ -1,0 +1,342 @@
+"""The `taskfarm` command and the blocking client, in real processes.
+
+The launcher runs as a subprocess with a temporary profile folder; the
+blocking client runs in a subprocess of its own (in this process trial owns
+the reactor, and the blocking client must never share it).  Every wait polls
+a condition under a deadline, and every process started is ended by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from taskfarm.asyncclient import TaskClient
+from taskfarm.profile import INTERFACES, TASK, Profile
+from taskfarm.task import Task
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: How to run the `taskfarm` command with this interpreter.
+TASKFARM = [sys.executable, "-c", "from taskfarm.cli import main; main()"]
+
+#: The original quick-start, with the blocking client, as a script.  argv[1]
+#: is the profile folder; TASKFARM_PROFILE names the same folder, so the
+#: default client finds the same controller.
+QUICKSTART = r"""
+import json, sys
+from taskfarm import client
+
+tc = client.TaskClient(sys.argv[1])
+tasklist = [client.Task("a = %i" % n, pull="a") for n in range(1000)]
+taskids = [tc.run(t) for t in tasklist]
+tc.barrier(taskids)
+task_results = [tc.get_task_result(taskid) for taskid in taskids]
+tr = task_results[73]
+status = tc.queue_status()
+# One batch, so that both engines surely get some.
+pid_ids = tc.run_many([client.Task("import os; pid = os.getpid()", pull="pid") for _ in range(20)])
+default = client.TaskClient()
+report = {
+    "repr": repr(tr),
+    "a": tr.results["a"],
+    "ns_a": tr.ns.a,
+    "id": tr.taskid,
+    "first_id": taskids[0],
+    "submitted": tr.submitted,
+    "in_order": [r.ns.a for r in task_results] == list(range(1000)),
+    "engines": sorted({r.engineid for r in task_results}),
+    "status": status,
+    "engine_ids": tc.engine_ids(),
+    "default_engine_ids": default.engine_ids(),
+    "pow": tc.get_task_result(tc.run(client.MapTask(pow, (2, 10))), block=True),
+    "pids": sorted({tc.get_task_result(i, block=True).ns.pid for i in pid_ids}),
+}
+default.close()
+tc.close()
+print("REPORT " + json.dumps(report))
+"""
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name, or None."""
+    try:
+        text = Path("/proc/%d/stat" % pid).read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def children_of(parent: int) -> dict[int, tuple[str, str]]:
+    """{pid: (start time, command line)} of the live children of `parent`."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat(int(entry))
+        if fields is None or fields[0] == "Z" or int(fields[1]) != parent:
+            continue
+        try:
+            cmdline = Path("/proc/%s/cmdline" % entry).read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        found[int(entry)] = (fields[19], cmdline.decode(errors="replace"))
+    return found
+
+
+def descendants_of(parent: int) -> dict[int, str]:
+    """{pid: start time} of every live descendant of `parent`."""
+    found: dict[int, str] = {}
+    todo = [parent]
+    while todo:
+        for pid, (started, _) in children_of(todo.pop()).items():
+            if pid not in found:
+                found[pid] = started
+                todo.append(pid)
+    return found
+
+
+def is_alive(pid: int, started: str) -> bool:
+    """Whether the process `pid` that started at `started` still runs."""
+    fields = _stat(pid)
+    return fields is not None and fields[19] == started and fields[0] != "Z"
+
+
+async def wait_until(condition, what: str, timeout: float = 60.0, interval: float = 0.05):
+    """Poll `condition` (a function, maybe async) until it is true; its value."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = condition()
+        if hasattr(value, "__await__") or isinstance(value, defer.Deferred):
+            value = await value
+        if value:
+            return value
+        if reactor.seconds() > deadline:
+            raise AssertionError("timed out after %g s waiting for %s" % (timeout, what))
+        await task.deferLater(reactor, interval, lambda: None)
+
+
+class _ProcessTestCase(unittest.TestCase):
+    timeout = 120
+
+    def setUp(self):
+        self.root = Path(tempfile.mkdtemp(prefix="taskfarm-cluster-test-"))
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self._known_children: dict[int, str] = {}
+
+    def env(self, **extra) -> dict:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("TASKFARM_PROFILE", None)
+        env.update(extra)
+        return env
+
+    def spawn(self, argv: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
+        """Start a process whose output goes to a file; ended by PID at cleanup."""
+        out = open(self.root / (name + ".out"), "wb")
+        self.addCleanup(out.close)
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env or self.env()
+        )
+        self.addCleanup(self._end, process)
+        return process
+
+    def output(self, name: str) -> str:
+        return (self.root / (name + ".out")).read_text(errors="replace")
+
+    def remember_children(self, parent: int) -> dict[int, tuple[str, str]]:
+        """The children of `parent` now; each is killed at cleanup if still alive."""
+        children = children_of(parent)
+        for pid, (started, _) in children.items():
+            self._known_children[pid] = started
+        return children
+
+    def _end(self, process: subprocess.Popen) -> None:
+        # Whatever a failed test left running: the process first (or it
+        # would restart its children), then every descendant, by PID.
+        leftovers = dict(self._known_children)
+        if process.poll() is None:
+            leftovers.update(descendants_of(process.pid))
+            process.kill()
+        process.wait(10)
+        for pid, started in leftovers.items():
+            if is_alive(pid, started):
+                os.kill(pid, signal.SIGKILL)
+
+    async def wait_for_exit(self, process: subprocess.Popen, name: str, timeout: float) -> int:
+        try:
+            await wait_until(lambda: process.poll() is not None, name + " to exit", timeout)
+        except AssertionError:
+            raise AssertionError(
+                "%s did not exit within %g s; its output:\n%s" % (name, timeout, self.output(name))
+            ) from None
+        return process.returncode
+
+    async def start_launcher(self, n: int = 2) -> tuple[subprocess.Popen, Profile]:
+        """`taskfarm cluster -n N --profile-dir D`, up once it says so."""
+        profile = Profile(self.root / "profile")
+        launcher = self.spawn(
+            TASKFARM + ["cluster", "-n", str(n), "--profile-dir", str(profile.root)], "launcher"
+        )
+
+        def up():
+            if launcher.poll() is not None:
+                raise AssertionError(
+                    "taskfarm cluster exited with %s:\n%s"
+                    % (launcher.returncode, self.output("launcher"))
+                )
+            return "Press Ctrl-C to stop." in self.output("launcher")
+
+        await wait_until(up, "taskfarm cluster to start")
+        return launcher, profile
+
+
+def run(test):
+    """Run an async test method under trial."""
+
+    def method(self):
+        return defer.Deferred.fromCoroutine(test(self))
+
+    method.__name__ = test.__name__
+    method.__doc__ = test.__doc__
+    return method
+
+
+class ClusterCommandTests(_ProcessTestCase):
+    @run
+    async def test_cluster_serves_blocking_quickstart_and_stops_cleanly(self):
+        """`taskfarm cluster -n 2` prints its furl files (0600, in a 0700
+        folder), serves the blocking quick-start run from another process,
+        and on SIGTERM stops the controller and every engine."""
+        launcher, profile = await self.start_launcher(2)
+        out = self.output("launcher")
+        for interface in INTERFACES:
+            path = profile.furl_file(interface)
+            self.assertIn(str(path), out)
+            self.assertEqual(path.stat().st_mode & 0o777, 0o600, interface)
+        self.assertEqual(profile.security_dir.stat().st_mode & 0o777, 0o700)
+        self.assertEqual(profile.cert_file.stat().st_mode & 0o777, 0o600)
+
+        children = self.remember_children(launcher.pid)
+        controllers = [pid for pid, (_, cmd) in children.items() if "taskcontroller" in cmd]
+        engines = sorted(pid for pid, (_, cmd) in children.items() if "taskengine" in cmd)
+        self.assertEqual(len(controllers), 1, children)
+        self.assertEqual(len(engines), 2, children)
+        self.assertIn("controller (pid %d)" % controllers[0], out)
+
+        script = self.root / "quickstart.py"
+        script.write_text(QUICKSTART)
+        job = self.spawn(
+            [sys.executable, str(script), str(profile.root)],
+            "quickstart",
+            self.env(TASKFARM_PROFILE=str(profile.root)),
+        )
+        code = await self.wait_for_exit(job, "quickstart", 90)
+        job_out = self.output("quickstart")
+        self.assertEqual(code, 0, job_out)
+        (line,) = [x for x in job_out.splitlines() if x.startswith("REPORT ")]
+        report = json.loads(line[len("REPORT ") :])
+        self.assertEqual(report["repr"], "TaskResult[ID:%d]:{'a': 73}" % report["id"])
+        self.assertEqual((report["a"], report["ns_a"]), (73, 73))
+        self.assertEqual(report["id"], report["first_id"] + 73)
+        self.assertRegex(report["submitted"], r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d$")
+        self.assertTrue(report["in_order"])
+        self.assertEqual(report["engines"], [0, 1])
+        self.assertEqual(report["status"]["succeeded"], 1000)
+        self.assertEqual(report["status"]["failed"], 0)
+        self.assertEqual(report["engine_ids"], [0, 1])
+        self.assertEqual(report["default_engine_ids"], [0, 1])
+        self.assertEqual(report["pow"], 1024)
+        self.assertEqual(report["pids"], engines)
+
+        launcher.send_signal(signal.SIGTERM)
+        code = await self.wait_for_exit(launcher, "launcher", 60)
+        self.assertEqual(code, 0, self.output("launcher"))
+        still = [pid for pid, (started, _) in children.items() if is_alive(pid, started)]
+        self.assertEqual(still, [], "left running after SIGTERM")
+
+    @run
+    async def test_killed_engine_is_restarted(self):
+        """The launcher starts an engine again after it was SIGKILLed, until
+        two engines are registered again."""
+        launcher, profile = await self.start_launcher(2)
+        before = self.remember_children(launcher.pid)
+        engines = {pid for pid, (_, cmd) in before.items() if "taskengine" in cmd}
+        self.assertEqual(len(engines), 2, before)
+
+        from taskfarm.remote.tub import new_tub
+
+        tub = new_tub()
+        tub.startService()
+        self.addCleanup(tub.stopService)
+        tc = TaskClient(profile.furl_file(TASK), reactor, connect_timeout=5, tub=tub)
+        self.addCleanup(tc.disconnect)
+        self.assertEqual(len(await tc.engine_ids()), 2)
+
+        victim = min(engines)
+        os.kill(victim, signal.SIGKILL)
+        await wait_until(lambda: not is_alive(victim, before[victim][0]), "the engine to die")
+
+        def new_engine():
+            now = self.remember_children(launcher.pid)
+            return {p for p, (_, cmd) in now.items() if "taskengine" in cmd} - engines
+
+        (newcomer,) = await wait_until(new_engine, "a new engine process")
+
+        async def two_engines():
+            return len(await tc.engine_ids()) == 2
+
+        await wait_until(two_engines, "two registered engines again")
+        ids = await tc.run_many([Task("import os; pid = os.getpid()", pull="pid")] * 10)
+        results = await tc.get_task_results(ids, block=True)
+        self.assertEqual({r.ns.pid for r in results}, (engines - {victim}) | {newcomer})
+
+        launcher.send_signal(signal.SIGTERM)
+        await self.wait_for_exit(launcher, "launcher", 60)
+        alive = [pid for pid, started in self._known_children.items() if is_alive(pid, started)]
+        self.assertEqual(alive, [])
+
+
+class DemoCommandTests(_ProcessTestCase):
+    @run
+    async def test_demo_runs_and_says_ok(self):
+        """`taskfarm demo -n 2` starts a cluster, runs the quick-start job,
+        stops everything and exits 0 saying 'demo: OK'."""
+        demo = self.spawn(TASKFARM + ["demo", "-n", "2"], "demo")
+        code = await self.wait_for_exit(demo, "demo", 100)
+        out = self.output("demo")
+        self.assertEqual(code, 0, out)
+        self.assertIn("demo: OK", out)
+        self.assertIn("1000 tasks in", out)
+        self.assertIn("MapTask(sum, squares of 0..9) = 285", out)
+
+    @run
+    async def test_demo_interrupted_stops_its_cluster(self):
+        """SIGTERM to `taskfarm demo` while its job runs stops the controller
+        and engines it started (they used to be left running)."""
+        demo = self.spawn(TASKFARM + ["demo", "-n", "2"], "demo")
+        await wait_until(
+            lambda: "cluster up" in self.output("demo"), "the demo's cluster to start", 60
+        )
+        cluster = {}
+        for pid, started in descendants_of(demo.pid).items():
+            self._known_children[pid] = started
+            cmdline = Path("/proc/%d/cmdline" % pid).read_bytes()
+            if b"taskcontroller" in cmdline or b"taskengine" in cmdline:
+                cluster[pid] = started
+        self.assertEqual(len(cluster), 3, self.output("demo"))
+        demo.send_signal(signal.SIGTERM)
+        await self.wait_for_exit(demo, "demo", 60)
+        await wait_until(
+            lambda: not any(is_alive(pid, started) for pid, started in cluster.items()),
+            "the demo's controller and engines to end",
+            10,
+        )
