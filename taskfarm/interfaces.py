@@ -33,6 +33,9 @@ class IScheduler(Interface):
     def remove_engine(engine_id):
         """Stop giving tasks to an engine."""
 
+    def resize(engine_id, slots):
+        """Let the engine hold `slots` tasks at once from now on."""
+
     def release(engine_id):
         """One task given to this engine has finished; its slot is free."""
 

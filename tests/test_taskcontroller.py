@@ -44,13 +44,19 @@ class ControllerTestCase(unittest.TestCase):
     task_slots = 2
     unmet_timeout = 10.0
     scheduler_class = FIFOScheduler
+    #: Fixed task slots unless a test class turns adaptive prefetch on.
+    prefetch = None
 
     def setUp(self):
         self.clock = task.Clock()
         self.registry = EngineRegistry(self.clock, task_slots=self.task_slots)
         self.scheduler = self.scheduler_class()
         self.controller = TaskController(
-            self.registry, self.scheduler, self.clock, unmet_timeout=self.unmet_timeout
+            self.registry,
+            self.scheduler,
+            self.clock,
+            unmet_timeout=self.unmet_timeout,
+            prefetch=self.prefetch,
         )
         self.controller.start()
         self.addCleanup(self.controller.stop)
@@ -702,3 +708,36 @@ class BadRequestTests(ControllerTestCase):
         with self.assertRaises(BadRequest) as caught:
             self.controller.submit([bad])
         self.assertIn("depend", str(caught.exception))
+
+
+class AdaptivePrefetchTests(ControllerTestCase):
+    """Task slots follow each engine's task run time."""
+
+    prefetch = 0.005
+
+    def answer_all(self, channel, duration):
+        for seq, _, _ in channel.pending():
+            channel.reply(seq, True, serialization.dumps({}), 0.0, duration)
+
+    def test_short_tasks_get_more_slots(self):
+        """An engine whose tasks take 50 us holds about 5 ms of them: 100 tasks."""
+        channel = self.add_engine()
+        self.submit(*[Task("t") for _ in range(5000)])
+        self.turn()
+        self.assertEqual(len(channel.pending()), self.task_slots)
+        for _ in range(5):
+            self.answer_all(channel, 0.00005)
+            self.turn()
+        self.assertEqual(channel.engine.task_slots, 100)
+        self.assertEqual(len(channel.pending()), 100)
+
+    def test_long_tasks_get_one_slot(self):
+        """An engine whose tasks take 100 ms holds one at a time, so none waits
+        behind a long task while another engine is idle."""
+        channel = self.add_engine()
+        self.submit(*[Task("t") for _ in range(10)])
+        self.turn()
+        self.answer_all(channel, 0.1)
+        self.turn()
+        self.assertEqual(channel.engine.task_slots, 1)
+        self.assertEqual(len(channel.pending()), 1)

@@ -10,6 +10,7 @@ commands is answered with `EngineLost`, so no caller waits forever.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -57,6 +58,10 @@ class EngineHandle:
         self.properties_version = 0
         #: How many tasks may be sent ahead to this engine at once.
         self.task_slots = task_slots
+        #: The slots the scheduler currently counts for this engine.
+        self.task_slots_given = task_slots
+        #: Moving average of this engine's task run time, in seconds.
+        self.mean_duration: float | None = None
         #: seq -> (op, on_reply) of every unanswered command, oldest first.
         self.inflight: dict[int, tuple[str, ReplyCallback]] = {}
         #: When the engine last answered anything (a reply or a ping).
@@ -97,6 +102,20 @@ class EngineHandle:
             callback(seq, False, error, None, now)
         if cancelled and not self._lost:
             self.channel.cancel(cancelled)
+
+    def observe(self, duration: float, prefetch: float, max_slots: int) -> int | None:
+        """Learn from one task's run time; returns a new slot count when the
+        engine should hold more or fewer tasks to keep about `prefetch`
+        seconds of work queued, else None."""
+        mean = self.mean_duration
+        mean = duration if mean is None else 0.8 * mean + 0.2 * duration
+        self.mean_duration = mean
+        wanted = max(1, min(max_slots, math.ceil(prefetch / max(mean, 1e-6))))
+        current = self.task_slots
+        if wanted != current and (wanted == 1 or not 0.8 * current <= wanted <= 1.25 * current):
+            self.task_slots = wanted
+            return wanted
+        return None
 
     def update_properties(self, properties: dict) -> None:
         """Replace the properties mirror and tell the schedulers."""

@@ -149,12 +149,18 @@ class FIFOScheduler:
     def add_engine(self, engine) -> None:
         self._engines[engine.engine_id] = engine
         self._free[engine.engine_id] = engine.task_slots
+        engine.task_slots_given = engine.task_slots
 
     def remove_engine(self, engine_id: int) -> None:
         self._engines.pop(engine_id, None)
         self._free.pop(engine_id, None)
         for group in self._groups.values():
             group.matches.pop(engine_id, None)
+
+    def resize(self, engine_id: int, slots: int) -> None:
+        if engine_id in self._free:
+            self._free[engine_id] += slots - self._engines[engine_id].task_slots_given
+            self._engines[engine_id].task_slots_given = slots
 
     def release(self, engine_id: int) -> None:
         if engine_id in self._free:

@@ -14,6 +14,7 @@ from taskfarm.controller.registry import (
 from taskfarm.controller.scheduler import FIFOScheduler
 from taskfarm.controller.journal import Journal
 from taskfarm.controller.taskcontroller import (
+    DEFAULT_PREFETCH,
     DEFAULT_RETENTION,
     DEFAULT_UNMET_TIMEOUT,
     TaskController,
@@ -81,6 +82,7 @@ def create_controller(
     retention: float | None = DEFAULT_RETENTION,
     heartbeat_period: float | None = DEFAULT_HEARTBEAT_PERIOD,
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+    prefetch: float | None = DEFAULT_PREFETCH,
 ) -> ControllerService:
     """Build a controller for `profile`; it listens once started.
 
@@ -108,6 +110,7 @@ def create_controller(
         unmet_timeout=unmet_timeout,
         journal=task_journal,
         retention=retention,
+        prefetch=prefetch,
     )
     multiengine = MultiEngine(registry, reactor)
     server = ControllerServer(

@@ -6,7 +6,11 @@ from twisted.python import reflect, usage
 
 from taskfarm.controller.registry import DEFAULT_HEARTBEAT_PERIOD, DEFAULT_HEARTBEAT_TIMEOUT
 from taskfarm.controller.scheduler import FIFOScheduler
-from taskfarm.controller.taskcontroller import DEFAULT_RETENTION, DEFAULT_UNMET_TIMEOUT
+from taskfarm.controller.taskcontroller import (
+    DEFAULT_PREFETCH,
+    DEFAULT_RETENTION,
+    DEFAULT_UNMET_TIMEOUT,
+)
 from taskfarm.interfaces import IScheduler
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -34,7 +38,8 @@ class Options(usage.Options):
         ["listen", "l", None, "Where to listen, e.g. tcp:10105:interface=127.0.0.1 (default: loopback, same port as last time)."],
         ["location", None, None, "HOST:PORT that engines and clients should dial (default: the listen address)."],
         ["scheduler", "s", "taskfarm.controller.scheduler.FIFOScheduler", "Dotted name of the scheduler class."],
-        ["task-slots", None, 2, "Tasks sent ahead to each engine at once.", int],
+        ["task-slots", None, 2, "Tasks each engine holds at first (fixed if --prefetch is 0).", int],
+        ["prefetch", None, DEFAULT_PREFETCH, "Seconds of work to keep queued on each engine; its task slots follow its task run times (0: fixed --task-slots).", float],
         ["unmet-timeout", None, DEFAULT_UNMET_TIMEOUT, "Seconds a task may wait while no engine satisfies its depend (0: forever).", float],
         ["max-message-size", None, DEFAULT_MAX_MESSAGE_SIZE, "Largest message accepted, in bytes.", int],
         ["heartbeat-period", None, DEFAULT_HEARTBEAT_PERIOD, "Seconds between pings of each engine (0: no heartbeat).", float],
@@ -59,6 +64,8 @@ class Options(usage.Options):
                     "--listen on all interfaces needs --location HOST:PORT, the "
                     "address engines and clients should dial"
                 )
+        if self["prefetch"] < 0:
+            raise usage.UsageError("--prefetch must be >= 0")
         if self["task-slots"] < 1:
             raise usage.UsageError("--task-slots must be at least 1")
         if self["unmet-timeout"] < 0:
@@ -101,6 +108,7 @@ def makeService(options: Options):
             retention=options["retention"] or None,
             heartbeat_period=options["heartbeat-period"] or None,
             heartbeat_timeout=options["heartbeat-timeout"],
+            prefetch=options["prefetch"] or None,
         )
     except JournalCorrupt as e:
         raise SystemExit("taskcontroller: %s" % e) from None

@@ -33,6 +33,11 @@ from taskfarm.errors import (
 #: How long a task may wait when no engine's properties satisfy its `depend`.
 DEFAULT_UNMET_TIMEOUT = 60.0
 
+#: Seconds of work kept queued on each engine: short tasks travel in big
+#: batches, long ones one at a time, so load stays balanced.
+DEFAULT_PREFETCH = 0.005
+MAX_TASK_SLOTS = 256
+
 #: How long finished tasks are kept (seconds) unless cleared sooner.
 DEFAULT_RETENTION = 24 * 3600.0
 
@@ -69,8 +74,11 @@ class TaskController(RegistryListener):
         unmet_timeout: float | None = DEFAULT_UNMET_TIMEOUT,
         journal=None,
         retention: float | None = DEFAULT_RETENTION,
+        prefetch: float | None = DEFAULT_PREFETCH,
     ) -> None:
         self._registry = registry
+        #: Seconds of work to keep queued on each engine (None: fixed slots).
+        self._prefetch = prefetch
         self._scheduler = scheduler
         self._clock = clock
         self._unmet_timeout = unmet_timeout
@@ -334,6 +342,12 @@ class TaskController(RegistryListener):
         finished: float,
     ) -> None:
         self._scheduler.release(engine_id)
+        if self._prefetch and started is not None:
+            engine = self._registry.engines.get(engine_id)
+            if engine is not None:
+                slots = engine.observe(finished - started, self._prefetch, MAX_TASK_SLOTS)
+                if slots is not None:
+                    self._scheduler.resize(engine_id, slots)
         current = (
             record.state is TaskState.RUNNING
             and record.engine_id == engine_id
