@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from taskfarm.errors import (
     NoEnginesRegistered,
     NotAPendingResult,
     RemoteTaskError,
+    UnknownTask,
     from_wire,
 )
 from taskfarm.profile import MULTIENGINE, TASK, Profile, read_furl_file
@@ -33,6 +33,7 @@ from taskfarm.remote.client import (
 )
 from taskfarm.results import PendingResults, ResultList, join_blocks, partition
 from taskfarm.results import barrier as results_barrier
+from taskfarm.submission import Submitter
 from taskfarm.task import CALL, BaseTask, MapTask, result_from_envelope
 
 __all__ = ["TaskClient", "MultiEngineClient", "resolve_furl"]
@@ -116,51 +117,73 @@ class TaskClient(_Client):
         reconnect_timeout=DEFAULT_RECONNECT_TIMEOUT,
     ):
         super().__init__(furl_or_file, reactor, connect_timeout, tub, reconnect_timeout)
-        self._batch: list[tuple[tuple, defer.Deferred]] = []
+        self._submitter = Submitter(self._connection, self._reactor)
 
     # -- submitting ---------------------------------------------------------------
 
     def run(self, task: BaseTask) -> defer.Deferred:
         """Submit one task; fires with its id.
 
-        Calls made in the same reactor turn travel together in one message.
+        Usually at once: the id comes from a block the controller set aside
+        for this client, and the task leaves with others at the end of the
+        reactor turn.  It is accepted (journaled) when the controller
+        acknowledges that batch: every other call of this client waits for
+        that first, and so does `confirm()`.
         """
         try:
             envelope = _envelope(task)
         except Exception as e:
             return defer.fail(e)
-        d: defer.Deferred = defer.Deferred()
-        self._batch.append((envelope, d))
-        if len(self._batch) == 1:
-            self._reactor.callLater(0, self._send_batch)
-        return d
+        return self._submitter.run(envelope)
 
     def run_many(self, tasks: Iterable[BaseTask]) -> defer.Deferred:
-        """Submit many tasks in one message; fires with their ids, in order."""
+        """Submit many tasks in one message; fires with their ids, in order,
+        once the controller has accepted them."""
         try:
             envelopes = [_envelope(task) for task in tasks]
         except Exception as e:
             return defer.fail(e)
-        return defer.Deferred.fromCoroutine(self._submit(envelopes))
+        return self._submitter.run_many(envelopes)
 
-    def _send_batch(self) -> None:
-        batch, self._batch = self._batch, []
-        d = defer.Deferred.fromCoroutine(self._submit([env for env, _ in batch]))
+    def confirm(self) -> defer.Deferred:
+        """Fires once every task submitted so far is accepted by the
+        controller; fails with the error of a refused submission."""
+        return defer.Deferred.fromCoroutine(self._submitter.confirm())
 
-        def deliver(ids):
-            for (_, waiter), taskid in zip(batch, ids):
-                waiter.callback(taskid)
+    def disconnect(self) -> defer.Deferred:
+        """Wait for submitted tasks to be accepted, then close the connection."""
 
-        def refuse(failure):
-            for _, waiter in batch:
-                waiter.errback(failure)
+        async def close():
+            try:
+                await self._submitter.confirm()
+            finally:
+                self._connection.disconnect()
 
-        d.addCallbacks(deliver, refuse)
+        return defer.Deferred.fromCoroutine(close())
 
-    async def _submit(self, envelopes: list) -> list[int]:
-        # The token makes a resubmission after a lost connection harmless.
-        request = serialization.pack((uuid.uuid4().hex, envelopes))
-        return await self._connection.call("submit", request, retry=True)
+    async def _ask(self, method: str, *args, retry: bool = True, confirm: bool = True):
+        """Call the controller after the tasks queued so far have left (and,
+        with `confirm`, been accepted)."""
+        if confirm:
+            await self._submitter.confirm()
+        else:
+            self._submitter.flush()
+        return await self._connection.call(method, *args, retry=retry)
+
+    async def _ask_about(self, taskids: list[int], method: str, *args):
+        """Ask about tasks without waiting for their acknowledgement: the
+        connection keeps order, so the controller has them already."""
+        self._submitter.check(taskids)
+        was_pending = self._submitter.pending
+        try:
+            return await self._ask(method, *args, confirm=False)
+        except UnknownTask:
+            if not was_pending:
+                raise
+            # A resubmission after a reconnection may come in after us.
+            await self._submitter.confirm()
+            self._submitter.check(taskids)
+            return await self._ask(method, *args, confirm=False)
 
     # -- results ---------------------------------------------------------------------
 
@@ -174,8 +197,8 @@ class TaskClient(_Client):
 
     async def _get_result(self, taskid: int, block: bool):
         _check_id(taskid)
-        (envelope,) = await self._connection.call(
-            "results", serialization.pack([taskid]), bool(block), retry=True
+        (envelope,) = await self._ask_about(
+            [taskid], "results", serialization.pack([taskid]), bool(block)
         )
         if envelope is None:
             return None
@@ -188,8 +211,8 @@ class TaskClient(_Client):
     async def _get_results(self, taskids: list[int], block: bool) -> list:
         for taskid in taskids:
             _check_id(taskid)
-        envelopes = await self._connection.call(
-            "results", serialization.pack(taskids), bool(block), retry=True
+        envelopes = await self._ask_about(
+            taskids, "results", serialization.pack(taskids), bool(block)
         )
         return [None if env is None else _present(env, raising=False) for env in envelopes]
 
@@ -198,7 +221,9 @@ class TaskClient(_Client):
         ids = [taskids] if isinstance(taskids, int) else list(taskids)
         for taskid in ids:
             _check_id(taskid)
-        return self._call("wait", serialization.pack(ids), retry=True)
+        return defer.Deferred.fromCoroutine(
+            self._ask_about(ids, "wait", serialization.pack(ids))
+        )
 
     # -- function tasks -----------------------------------------------------------------
 
@@ -245,21 +270,22 @@ class TaskClient(_Client):
             _check_id(taskid)
         except TypeError as e:
             return defer.fail(e)
-        return self._call("abort", taskid)
+        return defer.Deferred.fromCoroutine(self._ask("abort", taskid, retry=False))
 
     def queue_status(self, verbose: bool = False) -> defer.Deferred:
         """Task counts per state (id lists if `verbose`)."""
-        return self._call("queue_status", bool(verbose), retry=True)
+        return defer.Deferred.fromCoroutine(self._ask("queue_status", bool(verbose)))
 
     def clear(self, taskids=None) -> defer.Deferred:
         """Forget finished tasks (all, or the listed ids); fires with how many."""
         if isinstance(taskids, int):
             taskids = [taskids]
-        return self._call("clear", serialization.pack(None if taskids is None else list(taskids)))
+        request = serialization.pack(None if taskids is None else list(taskids))
+        return defer.Deferred.fromCoroutine(self._ask("clear", request, retry=False))
 
     def spin(self) -> defer.Deferred:
         """Ask the controller for a scheduling pass (rarely needed)."""
-        return self._call("spin", retry=True)
+        return defer.Deferred.fromCoroutine(self._ask("spin"))
 
     def engine_ids(self) -> defer.Deferred:
         """The ids of the registered engines."""

@@ -62,6 +62,8 @@ class _BlockingClient:
         reactor = reactorthread.ensure_running()
         self._async = self.async_class(furl_or_file, reactor, connect_timeout)
         reactorthread.call(self._async.connect)
+        if hasattr(self._async, "confirm"):
+            reactorthread.confirm_at_exit(self._async)
 
     def close(self) -> None:
         """Close this client's connection."""

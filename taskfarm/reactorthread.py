@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import atexit
 import threading
+import weakref
 
 from twisted.internet import threads
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
+#: Clients whose submitted tasks must be confirmed before the reactor stops.
+_confirm_at_exit: weakref.WeakSet = weakref.WeakSet()
+
+#: Seconds the interpreter's exit waits for unacknowledged tasks.
+EXIT_CONFIRM_TIMEOUT = 10.0
+
+
+def confirm_at_exit(client) -> None:
+    """Wait, at interpreter exit, until `client.confirm()` fires (bounded)."""
+    _confirm_at_exit.add(client)
 
 
 def ensure_running():
@@ -58,6 +69,13 @@ def _stop(reactor) -> None:
     thread = _thread
     if thread is None or not thread.is_alive():
         return
+    for client in list(_confirm_at_exit):
+        try:
+            threads.blockingCallFromThread(
+                reactor, lambda c=client: c.confirm().addTimeout(EXIT_CONFIRM_TIMEOUT, reactor)
+            )
+        except Exception:
+            pass
     try:
         reactor.callFromThread(reactor.stop)
     except RuntimeError:

@@ -43,6 +43,9 @@ DEFAULT_RETENTION = 24 * 3600.0
 
 #: How many submission tokens are remembered, and for how long (seconds).
 MAX_TOKENS = 100_000
+
+#: The most task ids one `reserve` call sets aside.
+MAX_RESERVE = 100_000
 TOKEN_LIFETIME = 3600.0
 
 
@@ -127,28 +130,49 @@ class TaskController(RegistryListener):
 
     # -- the client API ---------------------------------------------------------------
 
-    def submit(self, envelopes: Iterable, token: str | None = None) -> list[int]:
+    def reserve(self, count: int) -> int:
+        """Set aside `count` task ids for one client; returns the first.
+
+        A client with reserved ids names them in `submit`, so its `run` can
+        answer at once; ids are never handed out twice, even after a restart.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_RESERVE:
+            raise ValueError("reserve between 1 and %d ids, not %r" % (MAX_RESERVE, count))
+        first = self._next_id
+        self._next_id += count
+        if self._journal is not None:
+            self._journal.next_id_is(self._next_id)
+        return first
+
+    def submit(
+        self, envelopes: Iterable, token: str | None = None, ids: list[int] | None = None
+    ) -> list[int]:
         """Accept a batch of task envelopes; returns their ids, in order.
 
-        The whole batch is checked before any task is queued, so a bad task
+        `ids`, when given, are ids this client reserved, one per task.  The
+        whole batch is checked before any task is queued, so a bad task
         rejects the batch and nothing is half-submitted.  A batch sent again
-        with the same `token` (after a lost connection) gets the same ids
-        and is not queued twice.  With a journal, the tasks are durable once
-        `durable()` fires.
+        with the same `token` (after a lost connection) is not queued twice.
+        With a journal, the tasks are durable once `durable()` fires.
         """
+        envelopes = list(envelopes)
         if token is not None and token in self._tokens:
             first, count = self._tokens[token]
-            return list(range(first, first + count))
-        envelopes = list(envelopes)
+            return list(ids) if first < 0 else list(range(first, first + count))
+        if ids is not None:
+            self._check_reserved(ids, len(envelopes))
         specs = [TaskSpec.from_envelope(envelope) for envelope in envelopes]
         for spec in specs:
             for link in spec.chain():
                 self._check_depend(link.depend)
         now = self._clock.seconds()
         first = self._next_id
-        for spec, envelope in zip(specs, envelopes):
-            taskid = self._next_id
-            self._next_id += 1
+        if ids is None:
+            ids = list(range(first, first + len(specs)))
+            self._next_id += len(specs)
+        for taskid, spec, envelope in zip(ids, specs, envelopes):
+            if taskid in self._tasks:
+                continue  # sent again after a lost connection: already here
             record = TaskRecord(taskid, spec, now)
             self._tasks[taskid] = record
             self._counts[TaskState.QUEUED] += 1
@@ -156,11 +180,22 @@ class TaskController(RegistryListener):
             if self._journal is not None:
                 self._journal.accepted(taskid, serialization.pack(envelope), now, spec.retries)
         if token is not None:
-            self._remember_token(token, first, len(specs), now)
-        if self._journal is not None:
+            self._remember_token(token, first if self._next_id > first else -1, len(specs), now)
+        if self._journal is not None and self._next_id > first:
             self._journal.next_id_is(self._next_id)
         self._kick()
-        return list(range(first, self._next_id))
+        return ids
+
+    def _check_reserved(self, ids: list, count: int) -> None:
+        if not isinstance(ids, list) or len(ids) != count:
+            raise BadRequest("a submission needs one reserved id per task")
+        for taskid in ids:
+            if isinstance(taskid, bool) or not isinstance(taskid, int):
+                raise BadRequest("task ids are ints, not %r" % (taskid,))
+            if not 0 <= taskid < self._next_id:
+                raise BadRequest("task id %d was never reserved" % taskid)
+        if len(set(ids)) != count:
+            raise BadRequest("a submission names the same task id twice")
 
     def durable(self) -> defer.Deferred:
         """Fires once every task accepted so far is in the journal."""
@@ -168,11 +203,19 @@ class TaskController(RegistryListener):
             return defer.succeed(None)
         return self._journal.sync()
 
-    async def submit_durably(self, envelopes: Iterable, token: str | None = None) -> list[int]:
+    async def submit_durably(
+        self, envelopes: Iterable, token: str | None = None, ids: list[int] | None = None
+    ) -> list[int]:
         """`submit`, answering only once the tasks are journaled."""
-        ids = self.submit(envelopes, token)
+        ids = self.submit(envelopes, token, ids)
         await self.durable()
         return ids
+
+    async def reserve_durably(self, count: int) -> int:
+        """`reserve`, answering only once the new id counter is journaled."""
+        first = self.reserve(count)
+        await self.durable()
+        return first
 
     def _remember_token(self, token: str, first: int, count: int, now: float) -> None:
         self._tokens[token] = (first, count)
@@ -375,7 +418,9 @@ class TaskController(RegistryListener):
         if self._journal is not None:
             self._journal.finished(record, record.link)
         if self._retention:
-            self._finished_order.append((record.completed or self._clock.seconds(), record.taskid))
+            # The controller's clock, not `record.completed`: that is stamped
+            # by the engine's own clock, which the sweep cannot compare with.
+            self._finished_order.append((self._clock.seconds(), record.taskid))
         for countdown in self._waiters.pop(record.taskid, ()):
             countdown.one_done()
 

@@ -90,7 +90,11 @@ class RITaskController(RemoteInterface):
         return MESSAGE
 
     def submit(batch=MESSAGE):
-        """A pickled list of task envelopes; answers their ids."""
+        """A pickled ``(token, [envelope, ...], ids or None)``; answers the ids."""
+        return MESSAGE
+
+    def reserve(count=int):
+        """Set aside `count` task ids for this client; answers the first."""
         return MESSAGE
 
     def results(taskids=MESSAGE, block=bool):

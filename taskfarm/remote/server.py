@@ -9,6 +9,8 @@ stop the controller: malformed input becomes `BadRequest`.
 
 from __future__ import annotations
 
+import math
+
 from foolscap.api import DeadReferenceError, Referenceable
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -30,6 +32,10 @@ def _answer(value) -> bytes:
 
 def _refuse(failure) -> bytes:
     error = failure.value
+    if isinstance(error, RecursionError):
+        # Data nested too deeply to check or describe (it unpickles
+        # without recursion, but repr, hash or a recovery chain recurse).
+        error = BadRequest("the request is nested too deeply")
     if not isinstance(error, (TaskfarmError, TypeError, ValueError, KeyError)):
         _log.failure("unexpected error in a remote call", failure)
         error = TaskfarmError(
@@ -80,16 +86,21 @@ class RemoteTaskController(Referenceable):
     def remote_submit(self, batch):
         def submit():
             request = serialization.unpack(batch, schemas.message_limit())
-            if not (isinstance(request, tuple) and len(request) == 2):
-                raise BadRequest("a submission must be (token, [task, ...])")
-            token, envelopes = request
+            if isinstance(request, tuple) and len(request) == 2:
+                request = request + (None,)
+            if not (isinstance(request, tuple) and len(request) == 3):
+                raise BadRequest("a submission must be (token, [task, ...], ids or None)")
+            token, envelopes, ids = request
             if not isinstance(envelopes, list) or not (token is None or isinstance(token, str)):
-                raise BadRequest("a submission must be (token, [task, ...])")
+                raise BadRequest("a submission must be (token, [task, ...], ids or None)")
             return defer.Deferred.fromCoroutine(
-                self._controller.submit_durably(envelopes, token)
+                self._controller.submit_durably(envelopes, token, ids)
             )
 
         return reply(submit)
+
+    def remote_reserve(self, count):
+        return reply(lambda: defer.Deferred.fromCoroutine(self._controller.reserve_durably(count)))
 
     def remote_results(self, taskids, block):
         return reply(lambda: self._controller.results(_unpack_ids(taskids), block))
@@ -154,6 +165,29 @@ class RemoteEngineChannel:
             pass
 
 
+def _well_formed_reply(reply) -> bool:
+    """An engine's reply as the registry and the journal need it: an int
+    seq, a bool ok, result bytes (or a wire error) and float times."""
+    if not (isinstance(reply, tuple) and len(reply) == 5):
+        return False
+    seq, ok, data, started, finished = reply
+    if ok is True:
+        data_ok = isinstance(data, bytes)
+    else:
+        data_ok = isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], str)
+    return (
+        type(seq) is int
+        and type(ok) is bool
+        and data_ok
+        and (started is None or _is_time(started))
+        and _is_time(finished)
+    )
+
+
+def _is_time(value) -> bool:
+    return type(value) is float and math.isfinite(value)
+
+
 @implementer(schemas.RIEngineSession)
 class RemoteEngineSession(Referenceable):
     """Where one registered engine sends its replies."""
@@ -166,10 +200,10 @@ class RemoteEngineSession(Referenceable):
     def remote_replies(self, batch):
         try:
             replies = serialization.unpack(batch, schemas.message_limit())
-            if not isinstance(replies, list) or not all(
-                isinstance(r, tuple) and len(r) == 5 for r in replies
-            ):
-                raise BadRequest("replies must be a list of 5-tuples")
+            if not isinstance(replies, list) or not all(map(_well_formed_reply, replies)):
+                raise BadRequest(
+                    "replies must be a list of (seq, ok, data, started, finished)"
+                )
         except BadRequest as e:
             _log.warn(
                 "engine {engine_id} sent a malformed reply ({error}); dropping it",

@@ -1,0 +1,216 @@
+"""How a client sends tasks: pipelined, batched, confirmed.
+
+`run` should not cost a network round trip.  The controller sets aside a
+block of task ids for the client (a *lease*, `reserve`); while the lease
+lasts, `run` takes the next id, queues the task and answers at once.
+Queued tasks leave together, within `FLUSH_DELAY` or before the client's
+next call, whichever comes first, so the controller always sees a task
+before any question about it.  Each batch is acknowledged once the
+controller has journaled it; `confirm()` waits for that.  A batch that fails
+for good (not merely a lost connection, which is retried) makes the next
+`confirm()` raise, and every later question about its ids raises too.
+"""
+
+from __future__ import annotations
+
+import collections
+import uuid
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from taskfarm import serialization
+
+#: Ids reserved at first, and at most, per `reserve` call.
+FIRST_LEASE = 64
+MAX_LEASE = 8192
+
+#: Queued tasks leave within this many seconds, or once this many are
+#: queued, or at once when the client asks anything else: a loop of `run`
+#: calls then costs one message per batch, and a question never waits.
+FLUSH_DELAY = 0.002
+MAX_BATCH = 1000
+
+#: How many failed task ids are remembered for later questions.
+MAX_REMEMBERED_FAILURES = 100_000
+
+
+class Submitter:
+    """Sends one client's tasks through a `ControllerConnection`."""
+
+    _log = Logger()
+
+    def __init__(self, connection, reactor) -> None:
+        self._connection = connection
+        self._reactor = reactor
+        #: Queued (envelope, id), sent at the end of the turn.
+        self._queue: list[tuple] = []
+        #: Submissions waiting for ids: (envelopes, waiter, whole batch?).
+        self._waiting: collections.deque = collections.deque()
+        self._flush_call = None
+        self._leases: collections.deque = collections.deque()
+        self._lease_size = FIRST_LEASE
+        self._reserving = False
+        self._in_flight: set[defer.Deferred] = set()
+        self._error: BaseException | None = None
+        self._failed: collections.OrderedDict[int, BaseException] = collections.OrderedDict()
+
+    # -- submitting ---------------------------------------------------------------
+
+    def run(self, envelope: tuple) -> defer.Deferred:
+        """Queue one task; fires with its id (at once while a lease lasts)."""
+        if not self._waiting and self._available() >= 1:
+            taskid = self._take(1)[0]
+            self._enqueue((envelope, taskid))
+            self._top_up()
+            return defer.succeed(taskid)
+        waiter: defer.Deferred = defer.Deferred()
+        self._waiting.append(([envelope], waiter, False))
+        self._top_up()
+        return waiter
+
+    def run_many(self, envelopes: list) -> defer.Deferred:
+        """Send a batch now; fires with its ids once it is accepted."""
+        waiter: defer.Deferred = defer.Deferred()
+        if not envelopes:
+            waiter.callback([])
+            return waiter
+        self._waiting.append((list(envelopes), waiter, True))
+        self._serve_waiting()
+        self._top_up()
+        return waiter
+
+    # Ids come from leases only, taken in increasing order, so a client's
+    # task ids grow in the order it submits them.
+
+    def _available(self) -> int:
+        return sum(end - start for start, end in self._leases)
+
+    def _take(self, count: int) -> list[int]:
+        ids: list[int] = []
+        while len(ids) < count:
+            lease = self._leases[0]
+            n = min(count - len(ids), lease[1] - lease[0])
+            ids.extend(range(lease[0], lease[0] + n))
+            lease[0] += n
+            if lease[0] >= lease[1]:
+                self._leases.popleft()
+        return ids
+
+    def _serve_waiting(self) -> None:
+        while self._waiting and self._available() >= len(self._waiting[0][0]):
+            envelopes, waiter, whole_batch = self._waiting.popleft()
+            ids = self._take(len(envelopes))
+            if whole_batch:
+                self.flush()
+                # Its caller hears of a failure; nobody else needs to.
+                self._send(envelopes, ids, remember=False).chainDeferred(waiter)
+            else:
+                self._enqueue((envelopes[0], ids[0]))
+                waiter.callback(ids[0])
+
+    def _top_up(self) -> None:
+        """Reserve more ids when the leases run low or someone waits."""
+        needed = sum(len(envelopes) for envelopes, _, _ in self._waiting)
+        if self._reserving or self._available() - needed >= self._lease_size // 4:
+            return
+        self._reserving = True
+        size = max(self._lease_size, needed)
+        self._lease_size = min(self._lease_size * 2, MAX_LEASE)
+        d = defer.Deferred.fromCoroutine(self._connection.call("reserve", size, retry=True))
+
+        def leased(first: int) -> None:
+            self._reserving = False
+            self._leases.append([first, first + size])
+            self._serve_waiting()
+            self._top_up()
+
+        def refused(failure) -> None:
+            self._reserving = False
+            waiting, self._waiting = self._waiting, collections.deque()
+            for _, waiter, _ in waiting:
+                waiter.errback(failure)
+
+        d.addCallbacks(leased, refused)
+
+    def _enqueue(self, entry: tuple) -> None:
+        self._queue.append(entry)
+        if len(self._queue) >= MAX_BATCH:
+            self.flush()
+        elif self._flush_call is None:
+            self._flush_call = self._reactor.callLater(FLUSH_DELAY, self.flush)
+
+    def flush(self) -> None:
+        """Send every queued task now (before any other call leaves)."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        queue, self._queue = self._queue, []
+        if queue:
+            sent = self._send([entry[0] for entry in queue], [entry[1] for entry in queue])
+            # A failure reaches `confirm` and `check`.
+            sent.addErrback(lambda _: None)
+
+    def _send(self, envelopes: list, ids: list[int], remember: bool = True) -> defer.Deferred:
+        # The token makes a resubmission after a lost connection harmless.
+        request = serialization.pack((uuid.uuid4().hex, envelopes, ids))
+        d = defer.Deferred.fromCoroutine(
+            self._connection.call("submit", request, retry=True)
+        )
+        self._in_flight.add(d)
+        answer: defer.Deferred = defer.Deferred()
+
+        def accepted(got_ids):
+            self._in_flight.discard(d)
+            answer.callback(got_ids)
+
+        def refused(failure):
+            self._in_flight.discard(d)
+            if remember:
+                self._error = self._error or failure.value
+                for taskid in ids:
+                    self._failed[taskid] = failure.value
+                while len(self._failed) > MAX_REMEMBERED_FAILURES:
+                    self._failed.popitem(last=False)
+            answer.errback(failure)
+
+        d.addCallbacks(accepted, refused)
+        return answer
+
+    # -- confirmation ----------------------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        """Whether some task is queued or not yet acknowledged."""
+        return bool(self._queue or self._in_flight)
+
+    async def confirm(self) -> None:
+        """Wait until every task sent so far is accepted; raise (once) the
+        error of a batch that was refused."""
+        self.flush()
+        while self._in_flight:
+            waits = [_observe(d) for d in list(self._in_flight)]
+            await defer.DeferredList(waits, consumeErrors=True)
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def check(self, taskids: list[int]) -> None:
+        """Raise the submission error of any of `taskids` that was refused."""
+        if self._failed:
+            for taskid in taskids:
+                error = self._failed.get(taskid)
+                if error is not None:
+                    raise error
+
+
+def _observe(d: defer.Deferred) -> defer.Deferred:
+    """A fresh Deferred that fires when `d` does (never hand one to two)."""
+    fresh: defer.Deferred = defer.Deferred()
+
+    def relay(result):
+        fresh.callback(None)
+        return result
+
+    d.addBoth(relay)
+    return fresh
