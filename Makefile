@@ -19,8 +19,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The performance comparison (docs/performance.md): about 14 minutes, or
+# `make bench BENCH_ARGS="--quick --reps 1"` for a short check.  Other
+# options: --reps N, --only taskfarm|peers, --update-docs.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python bench/taskfarm_bench.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/pip install --quiet ruff
