@@ -475,6 +475,8 @@ class MultiEngineClient(_Client):
 
     def zip_pull(self, keys, targets=None, block=None) -> defer.Deferred:
         """`pull` of several keys, transposed: one list per key."""
+        if isinstance(keys, str):
+            keys = [keys]
 
         async def go():
             values = await self._engine_call("pull", "pull", targets, (tuple(keys),), _decode_pull)

@@ -12,57 +12,120 @@ import shutil
 import sys
 import tempfile
 
-from twisted.internet import defer, task
+from twisted.internet import defer, error, protocol, task
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    PredicateResult,
+    globalLogBeginner,
+    textFileLogObserver,
+)
 from twisted.python import usage
 
+import taskfarm
+from taskfarm.controller import tap as controller_tap
 from taskfarm.profile import ENGINE, INTERFACES, Profile
 
 
-class _ClusterOptions(usage.Options):
+def _engine_property(options: usage.Options, text: str) -> None:
+    from taskfarm.engine.tap import parse_property
+
+    parse_property(text)  # refuse a bad one now, not in every engine
+    options["engine-properties"].append(text)
+
+
+class _EngineCount:
+    """The ``-n N`` option shared by the commands."""
+
+    def opt_number(self, value: str) -> None:
+        """How many engines."""
+        try:
+            self["number"] = int(value)
+        except ValueError:
+            raise usage.UsageError("-n takes a number of engines, not %r" % (value,)) from None
+
+    opt_n = opt_number
+
+
+class ClusterOptions(_EngineCount, controller_tap.Options):
+    """``taskfarm cluster``: every controller option, plus the engines'."""
+
+    synopsis = "[-n N] [--profile-dir DIR] [--engine-property KEY=VALUE ...] [controller options]"
     optParameters = [
-        ["n", "n", 4, "How many engines.", int],
-        ["profile-dir", "p", None, "The profile folder (default ~/.taskfarm or $TASKFARM_PROFILE)."],
         ["start-timeout", None, 60.0, "Seconds to wait for the controller and engines.", float],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["number"] = 4
+        self["engine-properties"] = []
+
+    def opt_engine_property(self, text: str) -> None:
+        """Give every engine the property KEY=VALUE (repeatable)."""
+        _engine_property(self, text)
+
     def postOptions(self) -> None:
-        if self["n"] < 0:
+        if self["number"] < 0:
             raise usage.UsageError("-n must be >= 0")
-
-
-class ClusterOptions(_ClusterOptions):
-    synopsis = "[-n N] [--profile-dir DIR] [--listen ENDPOINT --location HOST:PORT] [--scheduler NAME]"
-    optParameters = [
-        ["listen", None, None, "Passed to the controller (default: loopback)."],
-        ["location", None, None, "Passed to the controller."],
-        ["scheduler", None, None, "Passed to the controller: dotted scheduler class name."],
-    ]
+        super().postOptions()  # the controller's own checks, before anything starts
 
     def controller_options(self) -> list[str]:
+        """The controller options given, as command-line arguments again."""
         argv = []
-        for name in ("listen", "location", "scheduler"):
+        for name, _, default, *_ in controller_tap.Options.optParameters:
+            if name != "profile-dir" and self[name] != default:
+                argv += ["--" + name, str(self[name])]
+        for name, *_ in controller_tap.Options.optFlags:
             if self[name]:
-                argv += ["--" + name, self[name]]
+                argv.append("--" + name)
+        return argv
+
+    def engine_options(self) -> list[str]:
+        argv = []
+        for text in self["engine-properties"]:
+            argv += ["--property", text]
         return argv
 
 
-class EnginesOptions(usage.Options):
-    synopsis = "-n N --furl-file FILE"
+class EnginesOptions(_EngineCount, usage.Options):
+    synopsis = "-n N --furl-file FILE [--engine-property KEY=VALUE ...]"
     optParameters = [
-        ["n", "n", 1, "How many engines.", int],
         ["furl-file", "f", None, "The controller's engine furl file (copied from its profile)."],
-        ["profile-dir", "p", None, "Profile folder for logs (default ~/.taskfarm)."],
+        ["profile-dir", "p", None, "Profile folder for logs (default ~/.taskfarm or $TASKFARM_PROFILE)."],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["number"] = 1
+        self["engine-properties"] = []
+
+    def opt_engine_property(self, text: str) -> None:
+        """Give every engine the property KEY=VALUE (repeatable)."""
+        _engine_property(self, text)
+
     def postOptions(self) -> None:
-        if self["n"] < 1:
+        if self["number"] < 1:
             raise usage.UsageError("-n must be >= 1")
         if self["furl-file"] is None:
             self["furl-file"] = str(Profile.from_option(self["profile-dir"]).furl_file(ENGINE))
 
+    engine_options = ClusterOptions.engine_options
 
-class DemoOptions(_ClusterOptions):
+
+class DemoOptions(_EngineCount, usage.Options):
     synopsis = "[-n N] [--profile-dir DIR]"
+    optParameters = [
+        ["profile-dir", "p", None, "The profile folder (default: a temporary one, removed afterwards)."],
+        ["start-timeout", None, 60.0, "Seconds to wait for the controller and engines.", float],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["number"] = 4
+
+    def postOptions(self) -> None:
+        if self["number"] < 1:
+            raise usage.UsageError("-n must be >= 1")
 
 
 class Options(usage.Options):
@@ -72,6 +135,11 @@ class Options(usage.Options):
         ["engines", None, EnginesOptions, "Run N engines for a controller elsewhere."],
         ["demo", None, DemoOptions, "Start a cluster, run the quick-start job, stop."],
     ]
+
+    def opt_version(self) -> None:
+        """Print taskfarm's version and exit."""
+        print("taskfarm %s" % taskfarm.__version__)
+        sys.exit(0)
 
     def postOptions(self) -> None:
         if self.subCommand is None:
@@ -90,9 +158,10 @@ async def run_cluster(reactor, options) -> int:
     profile = Profile.from_option(options["profile-dir"])
     cluster = Cluster(
         profile,
-        options["n"],
+        options["number"],
         reactor,
         controller_options=options.controller_options(),
+        engine_options=options.engine_options(),
         start_timeout=options["start-timeout"],
     )
     _stop_on_shutdown(reactor, cluster)
@@ -101,7 +170,10 @@ async def run_cluster(reactor, options) -> int:
     except ClusterError as e:
         print("taskfarm cluster: %s" % e, file=sys.stderr)
         return 1
-    print("taskfarm cluster: controller (pid %d) and %d engines running" % (cluster.controller.pid, options["n"]))
+    print(
+        "taskfarm cluster: controller (pid %d) and %d engines running"
+        % (cluster.controller.pid, options["number"])
+    )
     for interface in INTERFACES:
         print("  %-12s furl file: %s" % (interface, profile.furl_file(interface)))
     print("  logs: %s\nPress Ctrl-C to stop." % profile.log_dir, flush=True)
@@ -117,11 +189,13 @@ async def run_engines(reactor, options) -> int:
     slots = [
         ProcessSlot(
             "engine %d" % i,
-            twisted_argv("taskengine", "--furl-file", options["furl-file"]),
+            twisted_argv(
+                "taskengine", "--furl-file", options["furl-file"], *options.engine_options()
+            ),
             profile.log_dir / ("remote-engine-%d.out" % i),
             reactor,
         )
-        for i in range(options["n"])
+        for i in range(options["number"])
     ]
 
     async def stop():
@@ -141,40 +215,76 @@ async def run_demo(reactor, options) -> int:
     temporary = options["profile-dir"] is None
     root = tempfile.mkdtemp(prefix="taskfarm-demo-") if temporary else options["profile-dir"]
     profile = Profile.from_option(root)
-    cluster = Cluster(profile, options["n"], reactor, start_timeout=options["start-timeout"])
+    cluster = Cluster(profile, options["number"], reactor, start_timeout=options["start-timeout"])
+    job = _Job()
+
+    async def clean_up():
+        job.kill()
+        await cluster.stop()
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
+
     # Ctrl-C or SIGTERM stops the reactor without reaching the `finally`
-    # below: stop the children on the way out too.
-    _stop_on_shutdown(reactor, cluster)
+    # below: clean up on the way out too.
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: defer.Deferred.fromCoroutine(clean_up())
+    )
     try:
-        print("demo: starting a controller and %d engines in %s" % (options["n"], profile.root), flush=True)
+        print(
+            "demo: starting a controller and %d engines in %s" % (options["number"], profile.root),
+            flush=True,
+        )
         await cluster.start()
         print("demo: cluster up; running the quick-start job", flush=True)
-        status = await _run_job(reactor, profile)
+        env = dict(os.environ, TASKFARM_PROFILE=str(profile.root), PYTHONUNBUFFERED="1")
+        status = await job.run(reactor, [sys.executable, "-m", "taskfarm.demo"], env)
     except ClusterError as e:
         print("demo: %s" % e, file=sys.stderr)
         status = 1
     finally:
-        await cluster.stop()
-        print("demo: cluster stopped (%d engine restarts)" % cluster.engine_restarts, flush=True)
-        if temporary:
-            shutil.rmtree(root, ignore_errors=True)
+        restarts = cluster.engine_restarts
+        await clean_up()
+        print("demo: cluster stopped (%d engine restarts)" % restarts, flush=True)
     print("demo: %s" % ("OK" if status == 0 else "FAILED"))
     return status
 
 
-async def _run_job(reactor, profile: Profile) -> int:
-    from twisted.internet import utils
+class _Job(protocol.ProcessProtocol):
+    """A child whose output goes straight to ours; `kill` ends it by PID."""
 
-    env = dict(os.environ, TASKFARM_PROFILE=str(profile.root), PYTHONUNBUFFERED="1")
-    out, err, code = await utils.getProcessOutputAndValue(
-        sys.executable, ["-m", "taskfarm.demo"], env=env
-    )
-    sys.stdout.write(out.decode())
-    sys.stderr.write(err.decode())
-    return code
+    def __init__(self) -> None:
+        self._ended: defer.Deferred = defer.Deferred()
+
+    def run(self, reactor, argv: list[str], env: dict) -> defer.Deferred:
+        reactor.spawnProcess(self, argv[0], argv, env=env)
+        return self._ended
+
+    def outReceived(self, data: bytes) -> None:
+        sys.stdout.write(data.decode(errors="replace"))
+        sys.stdout.flush()
+
+    def errReceived(self, data: bytes) -> None:
+        sys.stderr.write(data.decode(errors="replace"))
+
+    def processEnded(self, reason) -> None:
+        self.transport = None
+        self._ended.callback(getattr(reason.value, "exitCode", 1) or 0)
+
+    def kill(self) -> None:
+        if self.transport is not None:
+            try:
+                self.transport.signalProcess("KILL")
+            except error.ProcessExitedAlready:
+                pass
 
 
 _COMMANDS = {"cluster": run_cluster, "engines": run_engines, "demo": run_demo}
+
+
+def _info_and_up(event) -> PredicateResult:
+    if event.get("log_level", LogLevel.info) >= LogLevel.info:
+        return PredicateResult.maybe
+    return PredicateResult.no
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,6 +297,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     command = _COMMANDS[options.subCommand]
     sub = options.subOptions
+
+    if options.subCommand in ("cluster", "engines"):
+        # The launcher's own news (restarts, clean exits) goes to stdout.
+        globalLogBeginner.beginLoggingTo(
+            [FilteringLogObserver(textFileLogObserver(sys.stdout), [_info_and_up])],
+            redirectStandardIO=False,
+        )
 
     async def run(reactor):
         status = await command(reactor, sub)

@@ -7,6 +7,8 @@ Errors cross the wire as data: a name from this module plus a message (see
 
 from __future__ import annotations
 
+import pickle
+
 
 class TaskfarmError(Exception):
     """Base class of every taskfarm error."""
@@ -203,6 +205,8 @@ class CompositeError(TaskfarmError):
 def _describe(error: BaseException) -> str:
     if isinstance(error, RemoteTaskError):
         return str(error)
+    if isinstance(error, KeyError) and len(error.args) == 1:
+        return "%s: %s" % (type(error).__name__, error.args[0])
     return "%s: %s" % (type(error).__name__, error)
 
 
@@ -214,7 +218,7 @@ def to_wire(error: BaseException) -> tuple:
     if isinstance(error, RemoteTaskError):
         return (
             "RemoteTaskError",
-            (error.ename, error.evalue, error.traceback, error.engine_id),
+            (error.ename, error.evalue, error.traceback, error.engine_id, _pickled(error.exception)),
         )
     if isinstance(error, CompositeError):
         # Each engine's error travels typed, so the far side can raise it.
@@ -228,11 +232,33 @@ def to_wire(error: BaseException) -> tuple:
     return (type(error).__name__, str(error))
 
 
+def _pickled(exception: BaseException | None) -> bytes | None:
+    # The original exception travels when it can; its type and text always do.
+    if exception is None:
+        return None
+    try:
+        return pickle.dumps(exception, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return None
+
+
+def _unpickled(blob: bytes | None) -> BaseException | None:
+    if not isinstance(blob, bytes):
+        return None
+    try:
+        exception = pickle.loads(blob)
+    except Exception:
+        return None
+    return exception if isinstance(exception, BaseException) else None
+
+
 def from_wire(data: tuple) -> BaseException:
     """Rebuild the exception `to_wire` described."""
     name, detail = data
     if name == "RemoteTaskError":
-        return RemoteTaskError(*detail)
+        ename, evalue, traceback, engine_id, *pickled = detail
+        exception = _unpickled(pickled[0]) if pickled else None
+        return RemoteTaskError(ename, evalue, traceback, engine_id, exception)
     if name == "CompositeError":
         if isinstance(detail, str):
             return CompositeError(detail, [])

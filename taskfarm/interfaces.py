@@ -58,6 +58,9 @@ class IEngineChannel(Interface):
     def interrupt(seq):
         """Ask the engine to stop command `seq` if it is running or queued."""
 
+    def set_properties(blob):
+        """Give the engine its pickled properties (kept for re-registration)."""
+
     def ping(on_answer):
         """Check the engine is alive; call `on_answer()` when it answers."""
 

@@ -7,8 +7,8 @@ Layout (folders 0700, secret files 0600)::
       security/engine.furl         lets an engine register
       security/task.furl           the Task interface, for clients
       security/multiengine.furl    the MultiEngine interface, for clients
+      journal.sqlite               the task journal (unless --no-journal)
       log/                         controller and engine logs
-      run/                         pid files of processes the launcher started
 
 The default profile is ``~/.taskfarm``; ``TASKFARM_PROFILE`` overrides it.
 """
@@ -57,10 +57,6 @@ class Profile:
         return self.root / "log"
 
     @property
-    def run_dir(self) -> Path:
-        return self.root / "run"
-
-    @property
     def cert_file(self) -> Path:
         return self.security_dir / "controller.pem"
 
@@ -76,7 +72,7 @@ class Profile:
 
     def ensure(self) -> None:
         """Create the folders, with the security folder closed to others."""
-        for folder in (self.root, self.security_dir, self.log_dir, self.run_dir):
+        for folder in (self.root, self.security_dir, self.log_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         os.chmod(self.security_dir, 0o700)

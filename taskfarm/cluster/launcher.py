@@ -149,7 +149,7 @@ class ProcessSlot:
 
 def twisted_argv(tapname: str, *options: str) -> list[str]:
     """The command line that runs a twistd plugin in the foreground."""
-    return [sys.executable, "-m", "twisted", tapname, *options]
+    return [sys.executable, "-m", "twisted", "--log-format", "text", tapname, *options]
 
 
 class Cluster:

@@ -77,11 +77,16 @@ class MultiEngine:
         if op not in ENGINE_OPERATIONS:
             raise BadRequest("unknown MultiEngine operation %r" % (op,))
         engines = self.resolve(targets)
-        waits = []
+        # Check every target's arguments before sending anything: a refused
+        # call must not have run on some engines already.
+        planned = []
         for engine in engines:
             engine_args = args if per_target is None else per_target.get(engine.engine_id)
             if not isinstance(engine_args, tuple):
                 raise BadRequest("no arguments for engine %d" % engine.engine_id)
+            planned.append((engine, engine_args))
+        waits = []
+        for engine, engine_args in planned:
             d: defer.Deferred = defer.Deferred()
             engine.send(op, engine_args, _answer_into(d, engine.engine_id))
             waits.append(d)
@@ -129,8 +134,9 @@ class MultiEngine:
 
     def _store(self, engine: EngineHandle, properties: dict) -> None:
         engine.update_properties(properties)
-        # The engine keeps a copy so that a re-registration brings it back.
-        engine.send("set_properties", (serialization.pack(properties),), _ignore_reply)
+        # The engine keeps a copy so that a re-registration brings it back;
+        # it travels beside the command stream, not in it.
+        engine.channel.set_properties(serialization.pack(properties))
 
     def queue_status(self, targets) -> list:
         """``[(engine_id, {'pending': op or None, 'queue': [op, ...]})]``."""
@@ -164,6 +170,3 @@ def _answer_into(d: defer.Deferred, engine_id: int):
 
     return on_reply
 
-
-def _ignore_reply(seq, ok, data, started, finished) -> None:
-    pass

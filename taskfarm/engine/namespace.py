@@ -119,7 +119,6 @@ class Namespace:
             "keys": self.keys,
             "get_result": self.get_result,
             "map": self.map,
-            "set_properties": self.set_properties,
         }
 
     def reset(self) -> None:
@@ -150,7 +149,7 @@ class Namespace:
         except BaseException as e:
             return False, to_wire(
                 RemoteTaskError(
-                    type(e).__name__, str(e), _user_traceback(e), self.engine_id
+                    type(e).__name__, str(e), _user_traceback(e), self.engine_id, e
                 )
             )
 
@@ -238,10 +237,10 @@ class Namespace:
         bound.__kwdefaults__ = function.__kwdefaults__
         return bound
 
-    def set_properties(self, blob: bytes) -> bytes:
-        """Replace the engine's properties (sent by the controller)."""
-        self.properties = serialization.unpack(blob)
-        return b""
+    def set_properties(self, properties: dict) -> None:
+        """Replace the engine's properties (the controller's copy is the one
+        that counts; this one is sent again when the engine re-registers)."""
+        self.properties = properties
 
     def _exec(self, code: str) -> None:
         compiled = compile(code, "<engine %d>" % self.engine_id, "exec")

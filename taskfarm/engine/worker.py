@@ -79,6 +79,8 @@ class CommandWorker:
         self._sink: Callable[[list], None] | None = None
         #: (session, seq) of the command running now, or None.
         self._current: tuple[int, int] | None = None
+        #: When the current (or last) command started.
+        self._started: float | None = None
         self._interrupted: set[tuple[int, int]] = set()
         self._cancelled: set[tuple[int, int]] = set()
         self._replies: list = []
@@ -222,7 +224,7 @@ class CommandWorker:
                 error = to_wire(TaskAborted("aborted before it ran"))
                 return (seq, False, error, None, time.time())
             self._current = key
-        started = time.time()
+        started = self._started = time.time()
         timeout = args[4] if op == "task" and len(args) > 4 else None
         if timeout:
             self._reactor.callFromThread(self._arm_timer, key, timeout)
@@ -241,13 +243,12 @@ class CommandWorker:
             # Clear an interrupt that was set but not yet delivered.
             _raise_in_thread(threading.get_ident(), None)
 
-    @staticmethod
-    def _interrupted_reply(seq: int, interrupt: Interrupt) -> tuple:
+    def _interrupted_reply(self, seq: int, interrupt: Interrupt) -> tuple:
         if isinstance(interrupt, _TimeoutInterrupt):
             error = TaskTimeout("the task ran past its timeout and was stopped")
         else:
             error = TaskAborted("the command was interrupted")
-        return (seq, False, to_wire(error), None, time.time())
+        return (seq, False, to_wire(error), self._started, time.time())
 
     def _finish(self, key: tuple[int, int], reply: tuple | None) -> None:
         self.commands_run += 1

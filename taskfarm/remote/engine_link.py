@@ -40,6 +40,11 @@ class _EngineReferenceable(Referenceable):
     def remote_cancel(self, seqs):
         self._worker.cancel(seqs)
 
+    def remote_set_properties(self, properties):
+        props = serialization.unpack(properties)
+        if isinstance(props, dict):
+            self._worker.namespace.set_properties(props)
+
     def remote_ping(self):
         return None
 

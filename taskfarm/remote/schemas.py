@@ -51,6 +51,10 @@ class RIEngine(RemoteInterface):
         """Drop these commands if they are still queued (never the running one)."""
         return None
 
+    def set_properties(properties=MESSAGE):
+        """The engine's properties as the controller now has them."""
+        return None
+
     def ping():
         """Answer at once (a liveness check)."""
         return None

@@ -140,6 +140,9 @@ class RemoteEngineChannel:
     def cancel(self, seqs: list[int]) -> None:
         self._call("cancel", seqs)
 
+    def set_properties(self, blob: bytes) -> None:
+        self._call("set_properties", blob)
+
     def ping(self, on_answer) -> None:
         try:
             d = self._rref.callRemote("ping")

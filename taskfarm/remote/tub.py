@@ -19,6 +19,12 @@ from taskfarm.errors import ProfileError
 from taskfarm.profile import Profile, write_secret
 
 
+#: Seconds of quiet before Foolscap pings a connection, and of silence
+#: before it drops it.
+KEEPALIVE = 10
+DISCONNECT_AFTER = 60
+
+
 def new_tub(cert_data: bytes | None = None) -> Tub:
     """A Tub with taskfarm's options; errors travel as data, never raised."""
     with warnings.catch_warnings():
@@ -26,6 +32,10 @@ def new_tub(cert_data: bytes | None = None) -> Tub:
         warnings.simplefilter("ignore", DeprecationWarning)
         tub = Tub(certData=cert_data)
     tub.setOption("expose-remote-exception-types", False)
+    # Foolscap pings a quiet connection and drops one silent for a minute,
+    # so no call waits forever on a stopped peer.
+    tub.setOption("keepaliveTimeout", KEEPALIVE)
+    tub.setOption("disconnectTimeout", DISCONNECT_AFTER)
     tub.setOption("logLocalFailures", False)
     tub.setOption("logRemoteFailures", False)
     return tub

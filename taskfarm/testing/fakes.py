@@ -21,6 +21,7 @@ class ScriptedChannel:
         self.cancelled: list[int] = []
         self.disconnected = False
         self.pings = 0
+        self.properties_sent: list[bytes] = []
         #: Set False to play a hung engine.
         self.answers_pings = True
         self.engine = None  # the registry handle, set by the test
@@ -33,6 +34,9 @@ class ScriptedChannel:
 
     def cancel(self, seqs: list[int]) -> None:
         self.cancelled.extend(seqs)
+
+    def set_properties(self, blob: bytes) -> None:
+        self.properties_sent.append(blob)
 
     def ping(self, on_answer) -> None:
         self.pings += 1
@@ -80,6 +84,11 @@ class InProcessChannel:
 
     def cancel(self, seqs: list[int]) -> None:
         self._cancelled.update(seqs)
+
+    def set_properties(self, blob: bytes) -> None:
+        from taskfarm import serialization
+
+        self.namespace.set_properties(serialization.unpack(blob))
 
     def ping(self, on_answer) -> None:
         self._clock.callLater(0, on_answer)
