@@ -12,6 +12,7 @@ envelope or None.  The controller reads options and depend, never payload.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -25,6 +26,12 @@ CALL = "call"
 
 _TIME_FORMAT = "%Y/%m/%d %H:%M:%S"
 
+#: The most retries a task may ask for (the journal stores it as a 64-bit int).
+MAX_RETRIES = 2**63 - 1
+
+#: The longest timeout: any larger number cannot be a float number of seconds.
+MAX_TIMEOUT = sys.float_info.max
+
 
 def _check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
@@ -32,11 +39,15 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
-def _check_int(name: str, value: object, minimum: int | None = None) -> int:
+def _check_int(
+    name: str, value: object, minimum: int | None = None, maximum: int | None = None
+) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError("%s must be an int, not %s" % (name, type(value).__name__))
     if minimum is not None and value < minimum:
         raise ValueError("%s must be >= %d, not %d" % (name, minimum, value))
+    if maximum is not None and value > maximum:
+        raise ValueError("%s must be <= %d, not %d" % (name, maximum, value))
     return value
 
 
@@ -90,7 +101,7 @@ class BaseTask:
 
     @retries.setter
     def retries(self, value: int) -> None:
-        self._retries = _check_int("retries", value, minimum=0)
+        self._retries = _check_int("retries", value, minimum=0, maximum=MAX_RETRIES)
 
     @property
     def recovery_task(self) -> "BaseTask | None":
@@ -140,8 +151,11 @@ class BaseTask:
                 raise TypeError(
                     "timeout must be a number of seconds or None, not %r" % (value,)
                 )
-            if value <= 0:
-                raise ValueError("timeout must be positive, not %r" % (value,))
+            # Written so that NaN, infinity and ints too big for a float fail.
+            if not 0 < value <= MAX_TIMEOUT:
+                raise ValueError(
+                    "timeout must be a positive, finite number of seconds, not %r" % (value,)
+                )
             value = float(value)
         self._timeout = value
 
@@ -331,6 +345,10 @@ class MapTask(BaseTask):
             value = {}
         if not isinstance(value, Mapping):
             raise TypeError("kwargs must be a dict, not %s" % type(value).__name__)
+        for name in value:
+            if not isinstance(name, str):
+                # The call on the engine would fail with this anyway.
+                raise TypeError("kwargs keys must be str, not %r" % (name,))
         self._kwargs = dict(value)
 
     def _payload(self) -> tuple[str, bytes]:

@@ -156,11 +156,12 @@ class TaskController(RegistryListener):
         With a journal, the tasks are durable once `durable()` fires.
         """
         envelopes = list(envelopes)
+        # Checked before the token: a resent batch answers with these ids.
+        if ids is not None:
+            self._check_reserved(ids, len(envelopes))
         if token is not None and token in self._tokens:
             first, count = self._tokens[token]
             return list(ids) if first < 0 else list(range(first, first + count))
-        if ids is not None:
-            self._check_reserved(ids, len(envelopes))
         specs = [TaskSpec.from_envelope(envelope) for envelope in envelopes]
         for spec in specs:
             for link in spec.chain():

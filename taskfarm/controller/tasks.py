@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 
 from taskfarm.errors import BadRequest
-from taskfarm.task import CALL, EXEC
+from taskfarm.task import CALL, EXEC, MAX_RETRIES, MAX_TIMEOUT
 
 
 class TaskState(enum.Enum):
@@ -105,14 +105,14 @@ class TaskSpec:
         for name, value in (("retries", retries), ("priority", priority)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise BadRequest("%s must be an int" % name)
-        if retries < 0:
-            raise BadRequest("retries must be >= 0")
+        if not 0 <= retries <= MAX_RETRIES:
+            raise BadRequest("retries must be between 0 and %d" % MAX_RETRIES)
         if timeout is not None and (
             isinstance(timeout, bool)
             or not isinstance(timeout, (int, float))
-            or timeout <= 0
+            or not 0 < timeout <= MAX_TIMEOUT  # NaN and infinity fail too
         ):
-            raise BadRequest("timeout must be a positive number or None")
+            raise BadRequest("timeout must be a positive, finite number or None")
         if depend is not None and not isinstance(depend, bytes):
             raise BadRequest("depend must be pickled bytes or None")
         return cls(

@@ -191,14 +191,15 @@ class ControllerConnection:
                 delay = min(delay * 2, 2.0)
 
     async def _call_once(self, method: str, args: tuple):
+        # Connect first: the controller's limit is learnt at hello.
+        if self._rref is None:
+            await self.connect()
         for arg in args:
             if isinstance(arg, bytes) and len(arg) > self.max_message_size:
                 raise MessageTooLarge(
                     "a %s request of %d bytes exceeds the controller's limit of "
                     "%d bytes" % (method, len(arg), self.max_message_size)
                 )
-        if self._rref is None:
-            await self.connect()
         try:
             answer = await self._rref.callRemote(method, *args)
         except _LOST as e:

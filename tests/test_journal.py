@@ -1,0 +1,386 @@
+"""The controller's journal: what survives a restart, what is forgotten, and
+a corrupted journal refused with a clear message.
+
+`Journal` is tested on its own with the real reactor (its writer thread
+answers through ``callFromThread``); restarts use an in-process controller
+on one profile (`RealCluster`), with engine processes where tasks must run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from taskfarm import serialization
+from taskfarm.controller.journal import Journal, JournalCorrupt
+from taskfarm.controller.registry import EngineRegistry
+from taskfarm.controller.scheduler import FIFOScheduler
+from taskfarm.controller.service import create_controller
+from taskfarm.controller.taskcontroller import TaskController
+from taskfarm.controller.tasks import TaskRecord, TaskSpec
+from taskfarm.errors import TaskAborted, UnknownTask, to_wire
+from taskfarm.profile import Profile
+from taskfarm.task import Task
+from taskfarm.testing import ScriptedChannel
+from taskfarm.testing.cluster import RealCluster
+
+def _temp_dir(testcase, prefix: str) -> Path:
+    """A fresh folder outside the checkout, removed at the test's cleanup."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+
+def _deferred(coroutine_function):
+    """Run an ``async def`` test method as a Deferred (trial waits on it)."""
+
+    def run(self):
+        return defer.Deferred.fromCoroutine(coroutine_function(self))
+
+    run.__name__ = coroutine_function.__name__
+    run.__doc__ = coroutine_function.__doc__
+    return run
+
+
+def _envelope_blob(expression: str = "a = 1", retries: int = 0) -> bytes:
+    return serialization.pack(Task(expression, retries=retries).to_envelope())
+
+
+def _record(taskid: int, blob: bytes, submitted: float) -> TaskRecord:
+    return TaskRecord(taskid, TaskSpec.from_envelope(serialization.unpack(blob)), submitted)
+
+
+class JournalTests(unittest.TestCase):
+    """The journal on its own, with the real reactor."""
+
+    timeout = 60
+
+    def open_journal(self, path: Path | None = None) -> Journal:
+        """An open journal at `path` (a fresh one by default), closed at cleanup."""
+        if path is None:
+            path = _temp_dir(self, "taskfarm-journal-") / "journal.sqlite"
+        journal = Journal(path, reactor)
+        journal.open()
+        self.addCleanup(journal.close)
+        return journal
+
+    def reopen(self, journal: Journal) -> Journal:
+        journal.close()
+        return self.open_journal(journal.path)
+
+    @_deferred
+    async def test_round_trip(self):
+        """Accepted, requeued, finished and cleared tasks and submission
+        tokens read back the same after close and reopen."""
+        journal = self.open_journal()
+        blob = _envelope_blob(retries=2)
+        for taskid in range(4):
+            journal.accepted(taskid, blob, 100.0 + taskid, 2)
+        journal.next_id_is(4)
+        journal.requeued(0, 0, 1, 1)
+        succeeded = _record(1, blob, 101.0)
+        succeeded.start(engine_id=3, seq=7)
+        succeeded.succeed(b"pickled result", 102.0, 103.0)
+        journal.finished(succeeded, succeeded.link)
+        aborted = _record(2, blob, 102.0)
+        aborted.abort(to_wire(TaskAborted("task 2 was aborted")), 104.0)
+        journal.finished(aborted, aborted.link)
+        journal.cleared([3])
+        journal.token("a-token", 0, 4, 100.0)
+        await journal.sync()
+
+        journal = self.reopen(journal)
+        stored = {s.taskid: s for s in journal.tasks()}
+        self.assertEqual(sorted(stored), [0, 1, 2])
+        self.assertEqual(
+            (stored[0].state, stored[0].retries_left, stored[0].attempts, stored[0].envelope),
+            ("queued", 1, 1, blob),
+        )
+        one = stored[1]
+        self.assertEqual(
+            (one.state, one.ok, one.data, one.engine_id, one.started, one.completed, one.submitted),
+            ("succeeded", 1, b"pickled result", 3, 102.0, 103.0, 101.0),
+        )
+        two = stored[2]
+        self.assertEqual((two.state, two.ok, two.completed), ("aborted", 0, 104.0))
+        self.assertEqual(serialization.unpack(two.data), ("TaskAborted", "task 2 was aborted"))
+        self.assertEqual(journal.next_id(), 4)
+        self.assertEqual(journal.tokens(), [("a-token", 0, 4)])
+
+    @_deferred
+    async def test_ids_never_reused(self):
+        """After every task was cleared, the next id still continues from
+        the highest ever handed out, across a reopen."""
+        journal = self.open_journal()
+        blob = _envelope_blob()
+        for taskid in range(5):
+            journal.accepted(taskid, blob, 1.0, 0)
+        journal.next_id_is(5)
+        journal.cleared(list(range(5)))
+        await journal.sync()
+        journal = self.reopen(journal)
+        self.assertEqual(list(journal.tasks()), [])
+        self.assertEqual(journal.next_id(), 5)
+
+    @_deferred
+    async def test_sync_fires_after_commit(self):
+        """Operations are only enqueued in the reactor turn that makes them;
+        sync() fires once they are committed, where another connection to
+        the file sees them."""
+        journal = self.open_journal()
+        blob = _envelope_blob()
+        journal.accepted(0, blob, 1.0, 0)
+        journal.next_id_is(1)
+        self.assertEqual(journal.committed, 0)
+        await journal.sync()
+        self.assertEqual(journal.committed, 2)
+        reader = sqlite3.connect(str(journal.path))
+        self.addCleanup(reader.close)
+        rows = reader.execute("SELECT taskid, state FROM tasks").fetchall()
+        self.assertEqual(rows, [(0, "queued")])
+
+    @_deferred
+    async def test_group_commit(self):
+        """Hundreds of operations enqueued in one reactor turn are written in
+        one transaction."""
+        journal = self.open_journal()
+        commits: list[int] = []
+        commit = journal._commit
+
+        def counting_commit(batches):
+            commits.append(sum(len(operations) for operations, _ in batches))
+            commit(batches)
+
+        journal._commit = counting_commit  # the writer thread looks it up per commit
+        blob = _envelope_blob()
+        for taskid in range(500):
+            journal.accepted(taskid, blob, 1.0, 0)
+        journal.next_id_is(500)
+        await journal.sync()
+        self.assertEqual(commits, [501])
+        self.assertEqual(journal.committed, 501)
+
+    def test_close_writes_pending(self):
+        """close() writes what was enqueued but not yet committed."""
+        journal = self.open_journal()
+        journal.accepted(0, _envelope_blob(), 1.0, 0)
+        journal.next_id_is(1)
+        journal = self.reopen(journal)
+        self.assertEqual([s.taskid for s in journal.tasks()], [0])
+
+
+class CorruptJournalTests(unittest.TestCase):
+    """A journal that cannot be read stops the controller from starting."""
+
+    timeout = 120
+
+    def corrupt_profile(self) -> Profile:
+        """A profile whose journal once held a task and now holds garbage."""
+        profile = Profile(_temp_dir(self, "taskfarm-journal-") / "profile")
+        profile.ensure()
+        journal = Journal(profile.journal_file, reactor)
+        journal.open()
+        journal.accepted(0, _envelope_blob(), 1.0, 0)
+        journal.close()
+        profile.journal_file.write_bytes(b"this is not a journal\n" * 500)
+        return profile
+
+    def test_create_controller_refuses(self):
+        """create_controller raises JournalCorrupt naming the journal file."""
+        profile = self.corrupt_profile()
+        error = self.assertRaises(
+            JournalCorrupt,
+            create_controller,
+            profile,
+            reactor,
+            listen="tcp:0:interface=127.0.0.1",
+        )
+        self.assertIn(str(profile.journal_file), str(error))
+        self.assertIn("cannot be read", str(error))
+
+    def test_twistd_exits_with_the_message(self):
+        """`twistd -n taskcontroller` on that profile exits non-zero at once,
+        printing which journal cannot be read."""
+        profile = self.corrupt_profile()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        finished = subprocess.run(
+            [sys.executable, "-m", "twisted", "taskcontroller", "--profile-dir", str(profile.root)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            cwd=str(profile.root),
+        )
+        output = finished.stdout + finished.stderr
+        self.assertNotEqual(finished.returncode, 0, output)
+        expected = "refusing to start: the journal %s cannot be read" % profile.journal_file
+        self.assertIn(expected, output)
+        self.assertFalse(profile.furl_file("task").exists())
+
+
+class RestartTests(unittest.TestCase):
+    """An in-process controller stopped and started again on one profile."""
+
+    timeout = 120
+
+    def setUp(self):
+        self.root = str(_temp_dir(self, "taskfarm-journal-"))
+
+    async def start(self, n_engines: int = 0, **options) -> RealCluster:
+        """A controller on this test's profile (stopped at cleanup if the
+        test did not stop it)."""
+        cluster = RealCluster(reactor, profile_root=self.root, **options)
+        cluster.stopped = False
+
+        async def stop():
+            if not cluster.stopped:
+                cluster.stopped = True
+                await cluster.stop()
+
+        cluster.stop_once = stop
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(stop()))
+        await cluster.start(n_engines)
+        return cluster
+
+    @_deferred
+    async def test_tasks_and_results_survive_restarts(self):
+        """Tasks accepted with no engine come back queued with the same ids
+        after a restart and run once engines join; their results come back
+        after a further restart; clear() removes them from the journal; and
+        no id is ever handed out again."""
+        first = await self.start()
+        client = first.task_client()
+        ids = await client.run_many([Task("a = %d" % i, pull="a") for i in range(5)])
+        await first.stop_once()
+        self.assertIsNone(first.controller.journal._thread, "the journal was not closed")
+
+        second = await self.start()
+        status = second.controller.tasks.queue_status(verbose=True)
+        self.assertEqual(status["scheduled"], ids)
+        await second.add_engines(1)
+        client = second.task_client()
+        results = await client.get_task_results(ids, block=True)
+        self.assertEqual([r.ns.a for r in results], list(range(5)))
+        later = await client.run(Task("b = 1"))
+        self.assertGreater(later, max(ids))
+        await client.barrier(later)
+        await second.stop_once()
+
+        third = await self.start()
+        client = third.task_client()
+        again = await client.get_task_results(ids)
+        self.assertEqual([r.ns.a for r in again], list(range(5)))
+        self.assertEqual([r.engineid for r in again], [r.engineid for r in results])
+        self.assertEqual([r.completed for r in again], [r.completed for r in results])
+        self.assertEqual(await client.clear(ids[:2]), 2)
+        await third.stop_once()
+        with sqlite3.connect(str(third.profile.journal_file)) as reader:
+            kept = {row[0] for row in reader.execute("SELECT taskid FROM tasks")}
+        reader.close()
+        self.assertEqual(kept & set(ids), set(ids[2:]))
+
+        fourth = await self.start()
+        client = fourth.task_client()
+        for taskid in ids[:2]:
+            with self.assertRaises(UnknownTask):
+                await client.get_task_result(taskid)
+        self.assertEqual((await client.get_task_result(ids[2])).ns.a, 2)
+        self.assertGreater(await client.run(Task("c = 1")), later)
+
+    @_deferred
+    async def test_without_journal_nothing_survives(self):
+        """With journal=False (--no-journal) no journal file is written and a
+        restart starts empty."""
+        first = await self.start(journal=False)
+        client = first.task_client()
+        ids = await client.run_many([Task("a = 1"), Task("a = 2")])
+        await first.stop_once()
+        self.assertFalse(first.profile.journal_file.exists())
+
+        second = await self.start(journal=False)
+        client = second.task_client()
+        self.assertEqual(second.controller.tasks.queue_status()["scheduled"], 0)
+        for taskid in ids:
+            with self.assertRaises(UnknownTask):
+                await client.get_task_result(taskid)
+        await client.run_many([Task("a = 3")])
+        self.assertEqual(second.controller.tasks.queue_status()["scheduled"], 1)
+
+    @_deferred
+    async def test_tokens_survive_restart(self):
+        """A batch sent again with the same token after a restart gets the
+        ids it got before and is not queued twice."""
+        first = await self.start()
+        envelopes = [Task("a = %d" % i).to_envelope() for i in range(3)]
+        ids = await first.controller.tasks.submit_durably(envelopes, token="resent")
+        await first.stop_once()
+
+        second = await self.start()
+        again = await second.controller.tasks.submit_durably(envelopes, token="resent")
+        self.assertEqual(again, ids)
+        self.assertEqual(second.controller.tasks.queue_status(verbose=True)["scheduled"], ids)
+
+
+class InMemoryControllerTests(unittest.TestCase):
+    """Retention and tokens on a TaskController driven by a task.Clock."""
+
+    def controller(self, **options) -> tuple[TaskController, ScriptedChannel]:
+        self.clock = task.Clock()
+        registry = EngineRegistry(self.clock, heartbeat_period=None)
+        controller = TaskController(
+            registry, FIFOScheduler(), self.clock, unmet_timeout=None, **options
+        )
+        controller.start()
+        self.addCleanup(controller.stop)
+        channel = ScriptedChannel()
+        channel.engine = registry.register(channel, {"hostname": "here"})
+        return controller, channel
+
+    def test_retention(self):
+        """With retention=10, a finished task is forgotten (UnknownTask) once
+        the controller's clock is 10 s past its completion, whatever time
+        the engine's own clock stamped on the reply; a task still queued is
+        kept."""
+        controller, channel = self.controller(retention=10.0)
+        self.clock.advance(1000.0)
+        envelopes = [Task("a = %d" % i).to_envelope() for i in range(4)]
+        done, *waiting = controller.submit(envelopes)
+        self.clock.advance(0)
+        seq = channel.pending()[0][0]
+        # A real engine stamps its reply with its own wall clock.
+        now = time.time()
+        channel.reply(seq, True, serialization.dumps({}), started=now - 1.0, finished=now)
+        self.clock.advance(0)
+        self.assertIsNotNone(controller.results([done]).result[0])
+        self.clock.advance(9.0)
+        self.assertIsNotNone(controller.results([done]).result[0])
+        self.clock.advance(2.0)
+        self.assertRaises(UnknownTask, controller.results, [done])
+        self.assertEqual(len(controller.results(waiting).result), 3)
+
+    def test_submission_token(self):
+        """Submitting the same (token, batch) twice gives the same ids and
+        queues the tasks once; another token queues them again."""
+        controller, _ = self.controller(retention=None)
+        envelopes = [Task("a = %d" % i).to_envelope() for i in range(3)]
+        ids = controller.submit(envelopes, token="t-1")
+        self.assertEqual(controller.submit(envelopes, token="t-1"), ids)
+        self.assertEqual(_unfinished(controller), 3)
+        other = controller.submit(envelopes, token="t-2")
+        self.assertEqual(other, [i + 3 for i in ids])
+        self.assertEqual(_unfinished(controller), 6)
+
+
+def _unfinished(controller: TaskController) -> int:
+    status = controller.queue_status()
+    return status["scheduled"] + status["pending"]
