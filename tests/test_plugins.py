@@ -2,6 +2,7 @@
 from argv; no service is started)."""
 
 import os
+import tempfile
 
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
@@ -190,7 +191,7 @@ class EngineOptionsTests(unittest.TestCase):
 
     def test_furl_file_from_profile(self):
         """Without --furl-file the engine furl of the profile is used."""
-        profile = self.mktemp()
+        profile = os.path.join(tempfile.mkdtemp(), "profile")
         options = self.parse("--profile-dir", profile)
         self.assertEqual(
             os.path.abspath(options["furl-file"]),

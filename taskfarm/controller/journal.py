@@ -95,6 +95,7 @@ class Journal:
 
     def open(self) -> None:
         """Open (or create) the journal and check it; `JournalCorrupt` if bad."""
+        connection = None
         try:
             connection = sqlite3.connect(str(self.path), check_same_thread=False)
             check = connection.execute("PRAGMA quick_check").fetchone()[0]
@@ -114,6 +115,8 @@ class Journal:
             elif version[0] != SCHEMA_VERSION:
                 raise sqlite3.DatabaseError("schema version %r" % (version[0],))
         except sqlite3.DatabaseError as e:
+            if connection is not None:
+                connection.close()
             raise JournalCorrupt(
                 "refusing to start: the journal %s cannot be read (%s). Move it "
                 "aside to start with an empty journal; the tasks it holds would "

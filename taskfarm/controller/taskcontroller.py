@@ -161,7 +161,11 @@ class TaskController(RegistryListener):
             self._check_reserved(ids, len(envelopes))
         if token is not None and token in self._tokens:
             first, count = self._tokens[token]
-            return list(ids) if first < 0 else list(range(first, first + count))
+            if first >= 0:
+                return list(range(first, first + count))
+            if ids is None:
+                raise BadRequest("this submission token came with reserved ids; send them again")
+            return list(ids)
         specs = [TaskSpec.from_envelope(envelope) for envelope in envelopes]
         for spec in specs:
             for link in spec.chain():
