@@ -147,9 +147,15 @@ class Options(usage.Options):
 
 
 def _stop_on_shutdown(reactor, cluster) -> None:
-    reactor.addSystemEventTrigger(
-        "before", "shutdown", lambda: defer.Deferred.fromCoroutine(cluster.stop())
-    )
+    async def stop():
+        await cluster.stop()
+        print(
+            "taskfarm cluster: stopped; %d engine restarts, %d controller restarts"
+            % (cluster.engine_restarts, cluster.controller.restarts if cluster.controller else 0),
+            flush=True,
+        )
+
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.Deferred.fromCoroutine(stop()))
 
 
 async def run_cluster(reactor, options) -> int:

@@ -264,8 +264,15 @@ class Cluster:
 
     def _controller_exited(self) -> None:
         self._log.info("the controller exited cleanly; stopping the cluster")
-        if self._reactor.running:
+        # A signal that stopped the controller may be stopping us too: let
+        # that stop go first, and do nothing if it did.
+        self._reactor.callLater(0.5, self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        try:
             self._reactor.stop()
+        except error.ReactorNotRunning:
+            pass
 
     @property
     def engine_restarts(self) -> int:
