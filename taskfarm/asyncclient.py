@@ -211,9 +211,29 @@ class TaskClient(_Client):
     async def _get_results(self, taskids: list[int], block: bool) -> list:
         for taskid in taskids:
             _check_id(taskid)
-        envelopes = await self._ask_about(
-            taskids, "results", serialization.pack(taskids), bool(block)
-        )
+        if block and taskids:
+            await self._ask_about(taskids, "wait", serialization.pack(taskids))
+        # A few first, to learn how big results are; then the rest in
+        # slices of about RESULT_SLICE_BYTES, asked for all at once so the
+        # controller packs one while this side reads another.
+        head, rest = taskids[:RESULT_PROBE], taskids[RESULT_PROBE:]
+        envelopes = await self._ask_about(head, "results", serialization.pack(head), False)
+        if rest:
+            sizes = [len(env[3]) for env in envelopes if env is not None and env[2]]
+            mean = sum(sizes) / len(sizes) if sizes else 0
+            per = max(1, int(RESULT_SLICE_BYTES / max(mean, 1)))
+            slices = [rest[i : i + per] for i in range(0, len(rest), per)]
+            answers = await defer.gatherResults(
+                [
+                    defer.Deferred.fromCoroutine(
+                        self._ask_about(part, "results", serialization.pack(part), False)
+                    )
+                    for part in slices
+                ],
+                consumeErrors=True,
+            )
+            for answer in answers:
+                envelopes.extend(answer)
         return [None if env is None else _present(env, raising=False) for env in envelopes]
 
     def barrier(self, taskids) -> defer.Deferred:
@@ -342,6 +362,11 @@ def _zip_equal(sequences) -> list[tuple]:
             "map's sequences must have equal lengths, not %s" % [len(seq) for seq in lists]
         )
     return list(zip(*lists))
+
+
+#: Results are fetched a few first, then in slices of about this many bytes.
+RESULT_PROBE = 8
+RESULT_SLICE_BYTES = 8 * 1024 * 1024
 
 
 def _present(envelope: tuple, raising: bool = True):
