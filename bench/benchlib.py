@@ -228,6 +228,54 @@ def append_results(path: str, lines) -> None:
             f.write(line.rstrip("\n") + "\n")
 
 
+_current_child = {"proc": None}
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of group `pgid` is alive (zombies do not count:
+    a child we have not reaped yet is already gone)."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                    return True
+            except (OSError, IndexError, ValueError):
+                pass
+    return False
+
+
+def _stop_group(pgid: int) -> None:
+    """SIGTERM the process group we created, SIGKILL what is left after 15 s."""
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            if not _group_alive(pgid):
+                return
+            time.sleep(0.1)
+
+
+def install_term_handler() -> None:
+    """For an orchestrating process: on SIGTERM/SIGINT, stop the child
+    started by `run_child` (its whole session, which we created) before
+    exiting, so that ending us ends everything we started."""
+
+    def handler(signum, frame):
+        proc = _current_child["proc"]
+        if proc is not None and proc.poll() is None:
+            _stop_group(proc.pid)
+        sys.stderr.write("[bench] stopped by signal %d\n" % signum)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
 def run_child(argv: list[str], timeout: float, results_path: str | None, env=None,
               label: str = "", echo=None) -> tuple[int, list[str]]:
     """Run one benchmark child process in its own session, bounded by
@@ -242,6 +290,7 @@ def run_child(argv: list[str], timeout: float, results_path: str | None, env=Non
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             env=env, start_new_session=True)
+    _current_child["proc"] = proc
     lines: list[str] = []
     buf = b""
     timed_out = False
@@ -272,16 +321,7 @@ def run_child(argv: list[str], timeout: float, results_path: str | None, env=Non
                     sys.stderr.write(line + "\n")
     if timed_out:
         sys.stderr.write("[bench] %s: timed out after %.0f s; stopping it\n" % (label, timeout))
-        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                break
-            try:
-                proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        _stop_group(proc.pid)
     try:
         rc = proc.wait(30)
     except subprocess.TimeoutExpired:
@@ -293,6 +333,12 @@ def run_child(argv: list[str], timeout: float, results_path: str | None, env=Non
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    _current_child["proc"] = None
     if timed_out:
         rc = 124
+        line = json.dumps({"bench": "harness", "system": label, "metric": "stage_timeout", "value": timeout,
+                           "unit": "s", "run": 0, "error": "%s stopped after %.0f s" % (label, timeout)})
+        lines.append(line)
+        if results_path:
+            append_results(results_path, [line])
     return rc, lines

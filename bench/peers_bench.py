@@ -339,6 +339,8 @@ def main() -> int:
     ap.add_argument("--fair-tasks", type=int, default=80)
     ap.add_argument("--onebyone-budget", type=float, default=60.0)
     ap.add_argument("--phase-timeout", type=float, default=120)
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for all runs: a run that would not fit is skipped (noted)")
     ap.add_argument("--results", default=os.path.join(benchlib.RESULTS, "peers.jsonl"))
     ap.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--run", type=int, default=1, help=argparse.SUPPRESS)
@@ -346,6 +348,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.child:
         return child(args)
+    benchlib.install_term_handler()
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
@@ -367,14 +370,31 @@ def main() -> int:
     passthrough = ["--n", str(args.n), "--rtt", str(args.rtt), "--big", str(args.big),
                    "--fair-tasks", str(args.fair_tasks), "--onebyone-budget", str(args.onebyone_budget),
                    "--phase-timeout", str(args.phase_timeout)]
+    # rough seconds per run on this 2-core machine, replaced by what the
+    # previous run of the same system took
+    took = {"pool": 15.0, "dask": 60.0, "ipp": 100.0, "ray": 45.0}
+    end = None if args.budget is None else t_all + args.budget
     for run in range(1, args.reps + 1):
         for s in systems:
             if s in skipped:
                 continue
             limit = 180 + 5 * (args.phase_timeout + 10) + 120
+            if end is not None:
+                left = end - time.monotonic()
+                if left < took[s] * 1.2 + 10:
+                    line = json.dumps({"bench": "peers", "system": s, "metric": "skipped", "value": 1,
+                                       "unit": "flag", "run": run + args.run_offset,
+                                       "error": "run skipped: %.0f s of the budget left, a run takes about %.0f s"
+                                       % (left, took[s])})
+                    print(line, flush=True)
+                    benchlib.append_results(args.results, [line])
+                    continue
+                limit = min(limit, left)
             argv = [sys.executable, os.path.abspath(__file__), "--child", s, "--run", str(run + args.run_offset)] + passthrough
             sys.stderr.write("[peers_bench] run %d/%d %s (limit %.0f s)\n" % (run, args.reps, s, limit))
+            t0 = time.monotonic()
             rc, _ = benchlib.run_child(argv, limit, args.results, env=env, label="peers %s run %d" % (s, run))
+            took[s] = time.monotonic() - t0
             if rc != 0:
                 failures += 1
                 line = json.dumps({"bench": "peers", "system": s, "metric": "error", "value": 1, "unit": "flag",

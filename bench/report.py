@@ -276,7 +276,7 @@ def targets(st: Stats) -> tuple[list[str], list[dict]]:
 def problems(records) -> list[str]:
     out = []
     for r in records:
-        if r.get("metric") in ("error", "phase_timeout", "unavailable"):
+        if r.get("metric") in ("error", "phase_timeout", "unavailable", "skipped", "stage_timeout"):
             out.append("- %s %s run %s: %s %s" % (r.get("bench"), r.get("system"), r.get("run"), r.get("metric"),
                                                  r.get("error") or r.get("phase") or ""))
         elif r.get("note"):

@@ -13,7 +13,7 @@
 4. bench/report.py: bench/results/latest.md and latest.json, printed.
 
 Every stage is a child process with a deadline; the run as a whole keeps to
---budget seconds (default 810 s full, 900 s quick): the last stages (queue
+--budget seconds (default 780 s full, 900 s quick): the last stages (queue
 drains first) get what is left, and anything cut short is noted in the
 report.  With --update-docs the table is pasted into docs/performance.md
 between its "latest-results" markers.
@@ -80,13 +80,14 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", choices=["taskfarm", "peers"])
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for the whole run (default 810 full, 900 quick)")
+                    help="seconds for the whole run (default 780 full, 900 quick)")
     ap.add_argument("--queue-total", type=int, default=None)
     ap.add_argument("--update-docs", action="store_true", help="paste the table into docs/performance.md")
     args = ap.parse_args()
+    benchlib.install_term_handler()
 
     t_start = time.monotonic()
-    budget = args.budget or (900.0 if args.quick else 810.0)
+    budget = args.budget or (900.0 if args.quick else 780.0)
     deadline = t_start + budget
     left = lambda: deadline - time.monotonic()  # noqa: E731
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -159,12 +160,16 @@ def main() -> int:
             log("%s skipped (budget)" % label)
             return
         log("%s (limit %.0f s, %.0f s of the budget left)" % (label, limit, left()))
-        rc, _ = benchlib.run_child(argv, limit, None, label=label, echo=sys.stderr)
+        rc, lines = benchlib.run_child(argv, limit, None, label=label, echo=sys.stderr)
+        # the children record their own lines; only a stage timeout is ours
+        benchlib.append_results(results, [x for x in lines if '"bench": "harness"' in x])
         if rc != 0:
             notes.append("%s ended with exit status %d." % (label, rc))
 
     # 2. reps: taskfarm core + journal-off, then the peers, turn about
-    heavy_reserve = 0 if not do_tf else (150 if args.quick else 330)
+    # what memory + the two queue passes need after the reps (1M tasks: about
+    # 40-70 s to submit and 30 s to drain each, on this machine)
+    heavy_reserve = 0 if not do_tf else (120 if args.quick else 300)
     for run in range(1, args.reps + 1):
         if do_tf:
             stage("taskfarm core+nojournal run %d" % run,
@@ -172,25 +177,27 @@ def main() -> int:
                         "--phase-timeout", "90", "--onebyone-budget", "30"] + ["--run-offset", str(run - 1)],
                   max(60, min(700, left() - heavy_reserve)), tf_results)
         if do_peers:
+            # the reps left share what the heavy stages do not need equally
+            reps_left = args.reps - run + 1
+            share = (left() - heavy_reserve - (45 * (reps_left - 1) if do_tf else 0)) / reps_left
+            share = max(60.0, min(900.0, share))
             stage("peers run %d" % run,
                   peers + ["--reps", "1", "--results", peers_results, "--phase-timeout", "90",
-                           "--onebyone-budget", "30", "--run-offset", str(run - 1)],
-                  max(60, min(900, left() - heavy_reserve)), peers_results)
+                           "--onebyone-budget", "30", "--run-offset", str(run - 1),
+                           "--budget", "%.0f" % share],
+                  share + 60, peers_results)
 
     # 3. the long ones, once
     if do_tf:
         stage("taskfarm memory per finished task", tf + ["--reps", "1", "--groups", "memory",
-                                                          "--results", tf_results], min(300, left() - 60), tf_results)
+                                                          "--results", tf_results], min(150, left() - 60), tf_results)
         for i, group in enumerate(("queue", "queue_depend")):
-            share = (left() - 20) / (2 - i)
-            submit_expect = queue_total / 10_000.0 + 10  # ~10k tasks/s submitted, and some margin
-            submit_timeout = max(30.0, min(300.0, submit_expect * 1.8, share - 60))
-            drain = max(20.0, min(600.0, share - submit_expect - 40))
+            # the plain pass is the quicker one (no depend to check)
+            share = (left() - 15) * (0.45 if i == 0 else 1.0)
             stage("taskfarm %s (%d tasks)" % (group, queue_total),
                   tf + ["--reps", "1", "--groups", group, "--results", tf_results,
-                        "--queue-total", str(queue_total), "--queue-submit-timeout", "%.0f" % submit_timeout,
-                        "--queue-drain-timeout", "%.0f" % drain],
-                  share + 30, tf_results)
+                        "--queue-total", str(queue_total), "--queue-budget", "%.0f" % max(30, share - 25)],
+                  share, tf_results)
 
     # 4. the report
     meta["wall_s"] = round(time.monotonic() - t_start, 1)

@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -273,12 +274,16 @@ def _queue_pass(args, emit, wd, cl, tc, meter_roles, with_depend: bool):
 
     prefix = "queue_depend_" if with_depend else "queue_"
     total, batch = args.queue_total, args.queue_batch
+    t_pass = time.monotonic()
+    submit_timeout, drain_timeout = args.queue_submit_timeout, args.queue_drain_timeout
+    if args.queue_budget:
+        submit_timeout = min(submit_timeout, max(20.0, 0.65 * args.queue_budget))
     nbatches = max(1, total // batch)
     pid = cl.controller_pid
     assert tc.engine_ids() == [], "the queue groups start without engines"
     time.sleep(0.5)
     rss0 = benchlib.rss_kib(pid)
-    wd.phase(prefix + "submit", args.queue_submit_timeout)
+    wd.phase(prefix + "submit", submit_timeout)
     # Tasks are built outside the timed call, the function pickled once (as
     # map() does); the timed part is run_many: client encoding, transfer,
     # the controller's submit, and its journal write.
@@ -334,8 +339,10 @@ def _queue_pass(args, emit, wd, cl, tc, meter_roles, with_depend: bool):
         time.sleep(0.2)
     roles = dict(meter_roles, engines=list(cl.engine_pids))
     cpu = CpuMeter(roles).start()
-    wd.phase(prefix + "drain", args.queue_drain_timeout + 30)
-    drain_deadline = time.monotonic() + args.queue_drain_timeout
+    if args.queue_budget:  # the drain gets what is left of the pass's budget
+        drain_timeout = min(drain_timeout, max(10.0, args.queue_budget - (time.monotonic() - t_pass) - 15))
+    wd.phase(prefix + "drain", drain_timeout + 30)
+    drain_deadline = time.monotonic() + drain_timeout
     t0 = time.perf_counter()
     while True:
         status = tc.queue_status()
@@ -420,12 +427,20 @@ def child(args) -> int:
         sys.stderr.write("[taskfarm_bench] phase %s passed its deadline; stopping\n" % name)
         if "cluster" in holder:
             holder["cluster"].emergency_stop()
+            shutil.rmtree(holder["cluster"].root, ignore_errors=True)
 
     wd = Watchdog(expire)
     wd.phase("cluster_start", 150)
     load = benchlib.load1()
     cl = BenchCluster(controller_options, n=engines)
     holder["cluster"] = cl
+
+    def terminated(signum, frame):  # our orchestrator ends us: leave nothing behind
+        cl.emergency_stop()
+        shutil.rmtree(cl.root, ignore_errors=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
     sys.stderr.write("[taskfarm_bench] %s run %d: cluster up in %.1f s (controller pid %d, engines %s)\n"
                      % (args.child, args.run, cl.startup_s, cl.controller_pid, cl.engine_pids))
     status = 0
@@ -477,6 +492,8 @@ def main() -> int:
     ap.add_argument("--queue-batch", type=int, default=10_000)
     ap.add_argument("--queue-submit-timeout", type=float, default=240)
     ap.add_argument("--queue-drain-timeout", type=float, default=300)
+    ap.add_argument("--queue-budget", type=float, default=None,
+                    help="seconds for a whole queue pass: submission gets at most 65%%, the drain the rest")
     ap.add_argument("--no-journal-queue", action="store_true", help="queue groups with --no-journal")
     ap.add_argument("--mem-total", type=int, default=100_000)
     ap.add_argument("--phase-timeout", type=float, default=120)
@@ -491,6 +508,7 @@ def main() -> int:
         if args.child == "queue_depend" and args.queue_depend_total:
             args.queue_total = args.queue_depend_total
         return child(args)
+    benchlib.install_term_handler()
 
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     for g in groups:
@@ -498,7 +516,8 @@ def main() -> int:
             ap.error("unknown group %r (choose from %s)" % (g, ", ".join(GROUPS)))
     passthrough = []
     for name in ("n", "rtt", "big", "fair_tasks", "onebyone_budget", "queue_total", "queue_depend_total",
-                 "queue_batch", "queue_submit_timeout", "queue_drain_timeout", "mem_total", "phase_timeout"):
+                 "queue_batch", "queue_submit_timeout", "queue_drain_timeout", "queue_budget", "mem_total",
+                 "phase_timeout"):
         value = getattr(args, name)
         if value is not None:
             passthrough += ["--" + name.replace("_", "-"), str(value)]
@@ -513,6 +532,8 @@ def main() -> int:
                 continue
             if g.startswith("queue"):
                 limit = args.queue_submit_timeout + args.queue_drain_timeout + 300
+                if args.queue_budget:
+                    limit = args.queue_budget + 150
             elif g == "memory":
                 limit = args.phase_timeout * 3 + 300
             else:
