@@ -644,3 +644,36 @@ class ConnectionTests(_ClusterTestCase):
             TaskClient(("127.0.0.1", 10113), reactor)
         self.assertIn("furl file is the credential", str(caught.exception))
         self.assertIsInstance(caught.exception, ValueError)
+
+
+class OversizedResultTests(_ClusterTestCase):
+    @run
+    async def test_result_over_the_message_limit_fails_the_task(self):
+        """A result bigger than the controller's message limit fails its task
+        with MessageTooLarge instead of leaving it pending; the engine goes on."""
+        from taskfarm.errors import MessageTooLarge
+        from taskfarm.remote import schemas
+
+        limit = schemas.message_limit()
+        self.addCleanup(schemas.set_message_limit, limit)
+        tc = await self.start_cluster(1, max_message_size=200_000)
+        big = await self.result(tc, Task("a = b'x' * 300_000", pull="a"))
+        self.assertIsInstance(big.failure, MessageTooLarge)
+        self.assertIn("exceeds the controller's message limit", str(big.failure))
+        small = await self.result(tc, Task("a = b'x' * 1000", pull="a"))
+        self.assertEqual(small.ns.a, b"x" * 1000)
+
+
+class FitRepliesTests(unittest.TestCase):
+    def test_batches_and_oversized(self):
+        """Replies are grouped under the byte budget; one too big alone becomes
+        a MessageTooLarge failure of its own command, in its place."""
+        from taskfarm.errors import from_wire
+        from taskfarm.remote.engine_link import fit_replies
+
+        replies = [(1, True, b"a" * 10, 0, 1), (2, True, b"b" * 100, 0, 1),
+                   (3, True, b"c" * 40, 0, 1), (4, True, b"d" * 40, 0, 1)]
+        batches = fit_replies(replies, 50)
+        self.assertEqual([[r[0] for r in b] for b in batches], [[1, 2, 3], [4]])
+        self.assertFalse(batches[0][1][1])
+        self.assertEqual(type(from_wire(batches[0][1][2])).__name__, "MessageTooLarge")

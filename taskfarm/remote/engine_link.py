@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from taskfarm import serialization
 from taskfarm.engine.worker import CommandWorker
+from taskfarm.errors import MessageTooLarge, to_wire
 from taskfarm.remote import schemas
 from taskfarm.remote.client import furl_location
 from taskfarm.remote.tub import new_tub
@@ -130,6 +131,10 @@ class EngineLink(service.Service):
                 "the furl for %s is not the engine furl (security/engine.furl)"
                 % furl_location(furl)
             )
+        # Commands may be as big as the controller accepts; replies may not
+        # be bigger (see `_sender`).
+        limit = hello.get("max_message_size") or serialization.DEFAULT_MAX_MESSAGE_SIZE
+        schemas.set_message_limit(limit)
         engine_id, session = await rref.callRemote(
             "register",
             _EngineReferenceable(self._worker),
@@ -140,7 +145,7 @@ class EngineLink(service.Service):
         self.engine_id = engine_id
         self.registrations += 1
         self._rref = rref
-        self._worker.begin_session(engine_id, self._sender(session))
+        self._worker.begin_session(engine_id, self._sender(session, limit))
         rref.notifyOnDisconnect(self._disconnected)
         self._log.info(
             "registered with the controller at {location} as engine {engine_id}",
@@ -150,12 +155,15 @@ class EngineLink(service.Service):
         for callback in self.on_registered:
             callback(engine_id)
 
-    def _sender(self, session) -> Callable[[list], None]:
+    def _sender(self, session, limit: int) -> Callable[[list], None]:
+        room = max(limit - REPLY_OVERHEAD, 1024)
+
         def send(replies: list) -> None:
-            try:
-                session.callRemoteOnly("replies", serialization.pack(replies))
-            except DeadReferenceError:
-                pass
+            for batch in fit_replies(replies, room):
+                try:
+                    session.callRemoteOnly("replies", serialization.pack(batch))
+                except DeadReferenceError:
+                    return
 
         return send
 
@@ -164,6 +172,34 @@ class EngineLink(service.Service):
         self._worker.end_session()
         if self._lost is not None and not self._lost.called:
             self._lost.callback(None)
+
+
+#: Bytes of a reply message that are not result data (ids, times, pickling).
+REPLY_OVERHEAD = 64 * 1024
+
+
+def fit_replies(replies: list, room: int) -> list[list]:
+    """`replies` in batches of at most `room` bytes of data; a result that
+    alone is bigger becomes a `MessageTooLarge` failure of its command, so
+    its task fails instead of waiting forever."""
+    batches: list[list] = [[]]
+    used = 0
+    for reply in replies:
+        seq, ok, data, started, finished = reply
+        size = len(data) if isinstance(data, bytes) else 0
+        if size > room:
+            error = MessageTooLarge(
+                "the result of %d bytes exceeds the controller's message limit of %d "
+                "bytes (--max-message-size)" % (size, room + REPLY_OVERHEAD)
+            )
+            reply = (seq, False, to_wire(error), started, finished)
+            size = 0
+        if used + size > room and batches[-1]:
+            batches.append([])
+            used = 0
+        batches[-1].append(reply)
+        used += size
+    return [batch for batch in batches if batch]
 
 
 def _brief(e: BaseException) -> str:
