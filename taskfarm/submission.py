@@ -20,6 +20,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from taskfarm import serialization
+from taskfarm.errors import ConnectionLost
 
 #: Ids reserved at first, and at most, per `reserve` call.
 FIRST_LEASE = 64
@@ -54,6 +55,7 @@ class Submitter:
         self._in_flight: set[defer.Deferred] = set()
         self._error: BaseException | None = None
         self._failed: collections.OrderedDict[int, BaseException] = collections.OrderedDict()
+        connection.on_new_incarnation.append(self._controller_forgot)
 
     # -- submitting ---------------------------------------------------------------
 
@@ -177,6 +179,19 @@ class Submitter:
         d.addCallbacks(accepted, refused)
         return answer
 
+    def _controller_forgot(self) -> None:
+        """The controller restarted without its journal: ids reserved before
+        mean nothing now, and batches not yet acknowledged are lost."""
+        self._leases.clear()
+        self._queue, queued = [], self._queue
+        lost = ConnectionLost(
+            "the controller restarted without a journal (--no-journal): tasks "
+            "sent to it before are lost"
+        )
+        self._error = self._error or lost
+        for _, taskid in queued:
+            self._failed[taskid] = lost
+
     # -- confirmation ----------------------------------------------------------------
 
     @property
@@ -201,6 +216,8 @@ class Submitter:
             for taskid in taskids:
                 error = self._failed.get(taskid)
                 if error is not None:
+                    if error is self._error:
+                        self._error = None  # told now; `confirm` need not repeat it
                     raise error
 
 

@@ -677,3 +677,34 @@ class FitRepliesTests(unittest.TestCase):
         self.assertEqual([[r[0] for r in b] for b in batches], [[1, 2, 3], [4]])
         self.assertFalse(batches[0][1][1])
         self.assertEqual(type(from_wire(batches[0][1][2])).__name__, "MessageTooLarge")
+
+
+class RestartWithoutJournalTests(_ClusterTestCase):
+    @run
+    async def test_client_hears_that_tasks_are_gone_and_ids_never_collide(self):
+        """After a --no-journal controller restarts, the client's old ids are
+        unknown (UnknownTask), a task sent on a stale lease fails with
+        ConnectionLost instead of taking another client's id, and new tasks
+        get fresh ids and run."""
+        from taskfarm.controller.service import create_controller
+        from taskfarm.errors import ConnectionLost, UnknownTask
+        from taskfarm.remote.client import furl_location
+
+        tc = await self.start_cluster(1, journal=False)
+        old = await tc.run(Task("a = 1", pull="a"))
+        self.assertEqual((await tc.get_task_result(old, block=True)).ns.a, 1)
+        port = int(furl_location(self.cluster.controller.server.furls["task"]).rsplit(":", 1)[1])
+        await self.cluster.controller.stopService()
+        self.cluster.controller = create_controller(
+            self.cluster.profile, reactor, listen="tcp:%d:interface=127.0.0.1" % port,
+            journal=False,
+        )
+        self.cluster.controller.startService()
+        await self.cluster.wait_for_engines(1)
+        stale = await tc.run(Task("b = 2", pull="b"))
+        with self.assertRaises(ConnectionLost):
+            await tc.get_task_result(stale, block=True)
+        with self.assertRaises(UnknownTask):
+            await tc.get_task_result(old)
+        fresh = await tc.run(Task("c = 3", pull="c"))
+        self.assertEqual((await tc.get_task_result(fresh, block=True)).ns.c, 3)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,6 +128,18 @@ class Journal:
             target=self._write_loop, name="taskfarm-journal", daemon=True
         )
         self._thread.start()
+
+    def incarnation(self) -> str:
+        """This journal's identity: the same across controller restarts."""
+        row = self._connection.execute(
+            "SELECT value FROM meta WHERE key='incarnation'"
+        ).fetchone()
+        if row is not None:
+            return row[0]
+        value = uuid.uuid4().hex
+        with self._connection:
+            self._connection.execute("INSERT INTO meta VALUES ('incarnation', ?)", (value,))
+        return value
 
     def next_id(self) -> int:
         """The first task id never handed out."""

@@ -10,6 +10,7 @@ on it is told.
 from __future__ import annotations
 
 import collections
+import uuid
 from collections.abc import Iterable
 from functools import partial
 
@@ -86,6 +87,10 @@ class TaskController(RegistryListener):
         self._clock = clock
         self._unmet_timeout = unmet_timeout
         self._journal = journal
+        #: Who this controller is: the journal's identity, or a new one per
+        #: start without a journal.  Clients that see it change know that
+        #: the tasks they sent before are gone, and their reserved ids too.
+        self.incarnation = journal.incarnation() if journal is not None else uuid.uuid4().hex
         self._retention = retention
         #: (completed time, taskid) in completion order, for the retention sweep.
         self._finished_order: collections.deque = collections.deque()
@@ -176,8 +181,6 @@ class TaskController(RegistryListener):
             ids = list(range(first, first + len(specs)))
             self._next_id += len(specs)
         for taskid, spec, envelope in zip(ids, specs, envelopes):
-            if taskid in self._tasks:
-                continue  # sent again after a lost connection: already here
             record = TaskRecord(taskid, spec, now)
             self._tasks[taskid] = record
             self._counts[TaskState.QUEUED] += 1
@@ -201,6 +204,9 @@ class TaskController(RegistryListener):
                 raise BadRequest("task id %d was never reserved" % taskid)
         if len(set(ids)) != count:
             raise BadRequest("a submission names the same task id twice")
+        taken = [taskid for taskid in ids if taskid in self._tasks]
+        if taken:
+            raise BadRequest("task ids %s are taken already" % taken[:10])
 
     def durable(self) -> defer.Deferred:
         """Fires once every task accepted so far is in the journal."""

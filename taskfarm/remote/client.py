@@ -97,6 +97,10 @@ class ControllerConnection:
         self._waiters: list[defer.Deferred] = []
         #: Whether this connection ever reached the controller.
         self.ever_connected = False
+        #: The controller's identity at the last `hello`; when it changes, it
+        #: restarted without a journal and `on_new_incarnation` callbacks run.
+        self.incarnation: str | None = None
+        self.on_new_incarnation: list = []
         #: The controller's largest accepted message, learnt at `hello`.
         self.max_message_size = serialization.DEFAULT_MAX_MESSAGE_SIZE
 
@@ -155,6 +159,13 @@ class ControllerConnection:
                 % (hello.get("version"), schemas.WIRE_VERSION)
             )
         self.max_message_size = hello.get("max_message_size", self.max_message_size)
+        incarnation = hello.get("incarnation")
+        if self.incarnation is not None and incarnation != self.incarnation:
+            self._log.warn("the controller at {location} restarted without its journal",
+                           location=self.location)
+            for callback in self.on_new_incarnation:
+                callback()
+        self.incarnation = incarnation
         rref.notifyOnDisconnect(self._disconnected, rref)
         self._rref = rref
         self.ever_connected = True
@@ -175,11 +186,20 @@ class ControllerConnection:
             return await self._call_once(method, args)
         deadline = self._reactor.seconds() + self._reconnect_timeout
         delay = 0.1
+        incarnation = self.incarnation
         while True:
             try:
+                if self._rref is None:
+                    await self.connect()
+                if self.incarnation != incarnation:
+                    # What this call refers to died with the old controller.
+                    raise ConnectionLost(
+                        "the controller at %s restarted without a journal during %s; "
+                        "what was sent before is lost" % (self.location, method)
+                    )
                 return await self._call_once(method, args)
             except (ConnectionLost, ControllerUnreachable) as e:
-                if self._reactor.seconds() + delay > deadline:
+                if self.incarnation != incarnation or self._reactor.seconds() + delay > deadline:
                     raise
                 self._log.info(
                     "{method}: {error}; trying again in {delay:.1f} s",

@@ -62,13 +62,15 @@ def _unpack_ids(blob: bytes, allow_none: bool = False):
     return list(ids)
 
 
-def hello_blob(interface: str) -> bytes:
-    """What `hello` answers: which interface this is, and the wire's limits."""
+def hello_blob(interface: str, incarnation: str | None = None) -> bytes:
+    """What `hello` answers: which interface this is, the wire's limits and
+    (for the Task interface) the controller's incarnation."""
     return serialization.pack(
         {
             "interface": interface,
             "version": schemas.WIRE_VERSION,
             "max_message_size": schemas.message_limit(),
+            "incarnation": incarnation,
         }
     )
 
@@ -81,7 +83,7 @@ class RemoteTaskController(Referenceable):
         self._controller = controller
 
     def remote_hello(self):
-        return hello_blob("task")
+        return hello_blob("task", self._controller.incarnation)
 
     def remote_submit(self, batch):
         def submit():
