@@ -528,7 +528,11 @@ class MultiEngineClient(_Client):
         """Stop the target engines (and, if `controller`, the controller after them)."""
 
         async def go():
-            await self._engine_call("kill", "kill", targets, (), lambda _: None)
+            try:
+                await self._engine_call("kill", "kill", targets, (), lambda _: None)
+            except NoEnginesRegistered:
+                if not controller:
+                    raise
             if controller:
                 await self._connection.call("kill_controller")
 

@@ -35,7 +35,12 @@ def _engine_property(options: usage.Options, text: str) -> None:
 
 
 class _EngineCount:
-    """The ``-n N`` option shared by the commands."""
+    """The ``-n N`` and ``--version`` options shared by the commands."""
+
+    def opt_version(self) -> None:
+        """Print taskfarm's version and exit."""
+        print("taskfarm %s" % taskfarm.__version__)
+        sys.exit(0)
 
     def opt_number(self, value: str) -> None:
         """How many engines."""

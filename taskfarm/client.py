@@ -19,7 +19,7 @@ import inspect
 from taskfarm import asyncclient, reactorthread, results
 from taskfarm.errors import *  # noqa: F401,F403  (the errors users catch)
 from taskfarm.errors import NotAPendingResult
-from taskfarm.remote.client import DEFAULT_CONNECT_TIMEOUT
+from taskfarm.remote.client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT
 from taskfarm.task import MapTask, Task, TaskResult
 
 __all__ = [
@@ -55,12 +55,21 @@ def blocking_facade(cls):
 class _BlockingClient:
     async_class: type
 
-    def __init__(self, furl_or_file=None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT):
+    def __init__(
+        self,
+        furl_or_file=None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+    ):
         """Connect now to the controller (the default profile if no furl,
         furl file or profile folder is given); fails within
-        `connect_timeout` seconds if it does not answer."""
+        `connect_timeout` seconds if it does not answer.  After a lost
+        connection, calls that are safe to repeat keep trying for
+        `reconnect_timeout` seconds."""
         reactor = reactorthread.ensure_running()
-        self._async = self.async_class(furl_or_file, reactor, connect_timeout)
+        self._async = self.async_class(
+            furl_or_file, reactor, connect_timeout, reconnect_timeout=reconnect_timeout
+        )
         reactorthread.call(self._async.connect)
         if hasattr(self._async, "confirm"):
             reactorthread.confirm_at_exit(self._async)

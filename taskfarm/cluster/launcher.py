@@ -34,6 +34,7 @@ class _Child(protocol.ProcessProtocol):
     def __init__(self, name: str, log_path: Path) -> None:
         self.name = name
         self.ended: defer.Deferred = defer.Deferred()
+        self.last_pid: int | None = None
         self._log_file = open(log_path, "ab")
 
     def outReceived(self, data: bytes) -> None:
@@ -49,6 +50,10 @@ class _Child(protocol.ProcessProtocol):
     @property
     def pid(self) -> int | None:
         return self.transport.pid if self.transport is not None else None
+
+    def connectionMade(self) -> None:
+        #: The pid, kept after the process ended (for the logs).
+        self.last_pid = self.transport.pid
 
 
 class ProcessSlot:
@@ -95,7 +100,7 @@ class ProcessSlot:
             return
         if isinstance(reason, error.ProcessDone):
             # A clean exit was asked for (MultiEngine kill): stay down.
-            self._log.info("{name} (pid {pid}) exited cleanly", name=self.name, pid=self.child.pid)
+            self._log.info("{name} (pid {pid}) exited cleanly", name=self.name, pid=self.child.last_pid)
             self.stopping = True
             for callback in self.on_clean_exit:
                 callback(self)
@@ -106,7 +111,7 @@ class ProcessSlot:
         self._log.warn(
             "{name} (pid {pid}) ended ({reason}); starting it again in {delay:.1f} s",
             name=self.name,
-            pid=self.child.pid,
+            pid=self.child.last_pid,
             reason=reason,
             delay=self._delay,
         )

@@ -14,6 +14,7 @@ written: after a crash a running task is queued again (at-least-once).
 
 from __future__ import annotations
 
+import os
 import queue
 import sqlite3
 import threading
@@ -97,6 +98,9 @@ class Journal:
     def open(self) -> None:
         """Open (or create) the journal and check it; `JournalCorrupt` if bad."""
         connection = None
+        # Tasks and results are secrets too: owner-only, like the furls.
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(self.path, 0o600)
         try:
             connection = sqlite3.connect(str(self.path), check_same_thread=False)
             check = connection.execute("PRAGMA quick_check").fetchone()[0]
