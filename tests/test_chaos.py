@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from taskfarm.asyncclient import TaskClient
@@ -38,6 +38,8 @@ from taskfarm.errors import ConnectionLost, ControllerUnreachable, TaskAborted
 from taskfarm.profile import ENGINE, TASK, Profile
 from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
+from taskfarm.testing.helpers import async_test as run
+from taskfarm.testing.helpers import children_of, is_alive, sleep, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -137,38 +139,6 @@ done = os.getpid()
 # -- processes, found through /proc ----------------------------------------------------
 
 
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name, or None."""
-    try:
-        text = Path("/proc/%d/stat" % pid).read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def children_of(parent: int) -> dict[int, tuple[str, str]]:
-    """{pid: (start time, command line)} of the live children of `parent`."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fields = _stat(int(entry))
-        if fields is None or fields[0] == "Z" or int(fields[1]) != parent:
-            continue
-        try:
-            cmdline = Path("/proc/%s/cmdline" % entry).read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        found[int(entry)] = (fields[19], cmdline.decode(errors="replace"))
-    return found
-
-
-def is_alive(pid: int, started: str) -> bool:
-    """Whether the process `pid` that started at `started` still runs."""
-    fields = _stat(pid)
-    return fields is not None and fields[19] == started and fields[0] != "Z"
-
-
 def kill_if_alive(pid: int, started: str, signum: int = signal.SIGKILL) -> bool:
     """Signal `pid` only if it is still the process that started at `started`."""
     if not is_alive(pid, started):
@@ -178,35 +148,6 @@ def kill_if_alive(pid: int, started: str, signum: int = signal.SIGKILL) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-async def wait_until(condition, what: str, timeout: float = 60.0, interval: float = 0.05):
-    """Poll `condition` (a function, maybe async) until it is true; its value."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = condition()
-        if isinstance(value, defer.Deferred) or hasattr(value, "__await__"):
-            value = await value
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError("timed out after %g s waiting for %s" % (timeout, what))
-        await sleep(interval)
-
-
-def run(test):
-    """Run an async test method under trial."""
-
-    def method(self):
-        return defer.Deferred.fromCoroutine(test(self))
-
-    method.__name__ = test.__name__
-    method.__doc__ = test.__doc__
-    return method
 
 
 def report(name: str, **numbers) -> None:

@@ -17,12 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor
 from twisted.trial import unittest
 
 from taskfarm.asyncclient import TaskClient
 from taskfarm.profile import INTERFACES, TASK, Profile
 from taskfarm.task import Task
+from taskfarm.testing.helpers import async_test as run
+from taskfarm.testing.helpers import children_of, descendants_of, is_alive, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,64 +67,6 @@ default.close()
 tc.close()
 print("REPORT " + json.dumps(report))
 """
-
-
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name, or None."""
-    try:
-        text = Path("/proc/%d/stat" % pid).read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def children_of(parent: int) -> dict[int, tuple[str, str]]:
-    """{pid: (start time, command line)} of the live children of `parent`."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fields = _stat(int(entry))
-        if fields is None or fields[0] == "Z" or int(fields[1]) != parent:
-            continue
-        try:
-            cmdline = Path("/proc/%s/cmdline" % entry).read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        found[int(entry)] = (fields[19], cmdline.decode(errors="replace"))
-    return found
-
-
-def descendants_of(parent: int) -> dict[int, str]:
-    """{pid: start time} of every live descendant of `parent`."""
-    found: dict[int, str] = {}
-    todo = [parent]
-    while todo:
-        for pid, (started, _) in children_of(todo.pop()).items():
-            if pid not in found:
-                found[pid] = started
-                todo.append(pid)
-    return found
-
-
-def is_alive(pid: int, started: str) -> bool:
-    """Whether the process `pid` that started at `started` still runs."""
-    fields = _stat(pid)
-    return fields is not None and fields[19] == started and fields[0] != "Z"
-
-
-async def wait_until(condition, what: str, timeout: float = 60.0, interval: float = 0.05):
-    """Poll `condition` (a function, maybe async) until it is true; its value."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = condition()
-        if hasattr(value, "__await__") or isinstance(value, defer.Deferred):
-            value = await value
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError("timed out after %g s waiting for %s" % (timeout, what))
-        await task.deferLater(reactor, interval, lambda: None)
 
 
 class _ProcessTestCase(unittest.TestCase):
@@ -197,17 +141,6 @@ class _ProcessTestCase(unittest.TestCase):
 
         await wait_until(up, "taskfarm cluster to start")
         return launcher, profile
-
-
-def run(test):
-    """Run an async test method under trial."""
-
-    def method(self):
-        return defer.Deferred.fromCoroutine(test(self))
-
-    method.__name__ = test.__name__
-    method.__doc__ = test.__doc__
-    return method
 
 
 class ClusterCommandTests(_ProcessTestCase):

@@ -32,24 +32,14 @@ from taskfarm.profile import Profile
 from taskfarm.task import Task
 from taskfarm.testing import ScriptedChannel
 from taskfarm.testing.cluster import RealCluster
+from taskfarm.testing.helpers import async_test as _deferred
+
 
 def _temp_dir(testcase, prefix: str) -> Path:
     """A fresh folder outside the checkout, removed at the test's cleanup."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     testcase.addCleanup(shutil.rmtree, path, True)
     return path
-
-
-
-def _deferred(coroutine_function):
-    """Run an ``async def`` test method as a Deferred (trial waits on it)."""
-
-    def run(self):
-        return defer.Deferred.fromCoroutine(coroutine_function(self))
-
-    run.__name__ = coroutine_function.__name__
-    run.__doc__ = coroutine_function.__doc__
-    return run
 
 
 def _envelope_blob(expression: str = "a = 1", retries: int = 0) -> bytes:

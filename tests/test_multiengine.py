@@ -19,7 +19,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from taskfarm.errors import (
@@ -38,6 +38,8 @@ from taskfarm.properties import FACT_KEYS
 from taskfarm.results import PendingResult, ResultList
 from taskfarm.task import MapTask, Task
 from taskfarm.testing.cluster import RealCluster
+from taskfarm.testing.helpers import async_test as run
+from taskfarm.testing.helpers import wait_until
 
 
 def gated(marker: Path, gate: Path, then: str = "") -> str:
@@ -53,21 +55,6 @@ def gated(marker: Path, gate: Path, then: str = "") -> str:
     ) + then
 
 
-async def wait_until(condition, what: str, timeout: float = 30.0, interval: float = 0.02):
-    """Poll `condition` (a function, maybe async or returning a Deferred)
-    until it is true."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = condition()
-        if isinstance(value, defer.Deferred) or hasattr(value, "__await__"):
-            value = await value
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError("timed out after %g s waiting for %s" % (timeout, what))
-        await task.deferLater(reactor, interval, lambda: None)
-
-
 async def failure_of(d, *error_types):
     """The exception `d` fails with; an AssertionError if it succeeds or
     fails with another type."""
@@ -76,17 +63,6 @@ async def failure_of(d, *error_types):
     except error_types as e:
         return e
     raise AssertionError("expected %s, got the value %r" % (error_types, value))
-
-
-def run(test):
-    """Run an async test method under trial."""
-
-    def method(self):
-        return defer.Deferred.fromCoroutine(test(self))
-
-    method.__name__ = test.__name__
-    method.__doc__ = test.__doc__
-    return method
 
 
 class _ClusterTestCase(unittest.TestCase):

@@ -31,13 +31,14 @@ from taskfarm.remote import schemas
 from taskfarm.remote.tub import new_tub
 from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
+from taskfarm.testing.helpers import async_test as _deferred
+
 
 def _temp_dir(testcase, prefix: str) -> Path:
     """A fresh folder outside the checkout, removed at the test's cleanup."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     testcase.addCleanup(shutil.rmtree, path, True)
     return path
-
 
 
 def _mode(path) -> int:
@@ -47,17 +48,6 @@ def _mode(path) -> int:
 def _swissnum(furl: str) -> str:
     """The secret part of a furl (the tub id is public: it hashes the cert)."""
     return decode_furl(furl)[2]
-
-
-def _deferred(coroutine_function):
-    """Run an ``async def`` test method as a Deferred (trial waits on it)."""
-
-    def run(self):
-        return defer.Deferred.fromCoroutine(coroutine_function(self))
-
-    run.__name__ = coroutine_function.__name__
-    run.__doc__ = coroutine_function.__doc__
-    return run
 
 
 class SecurityTestCase(unittest.TestCase):

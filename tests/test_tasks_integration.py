@@ -14,7 +14,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
 from taskfarm.asyncclient import MultiEngineClient, TaskClient
@@ -35,6 +35,8 @@ from taskfarm.errors import (
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK
 from taskfarm.task import MapTask, Task
 from taskfarm.testing.cluster import RealCluster
+from taskfarm.testing.helpers import async_test as run
+from taskfarm.testing.helpers import wait_until
 
 #: Code for a task that spins (no sleep, so only an interrupt can stop it)
 #: for at most 30 s, after touching the file named `marker`.
@@ -55,20 +57,6 @@ while not os.path.exists(gate) and time.monotonic() - started < 30:
     time.sleep(0.01)
 opened = os.path.exists(gate)
 """
-
-
-async def wait_until(condition, what: str, timeout: float = 30.0, interval: float = 0.02):
-    """Poll `condition` (a function, maybe async) until it is true."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = condition()
-        if isinstance(value, defer.Deferred) or hasattr(value, "__await__"):
-            value = await value
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError("timed out after %g s waiting for %s" % (timeout, what))
-        await task.deferLater(reactor, interval, lambda: None)
 
 
 def total(status: dict) -> int:
@@ -94,17 +82,6 @@ class _ClusterTestCase(unittest.TestCase):
     async def result(self, tc: TaskClient, a_task):
         """Run one task and wait for its result."""
         return await tc.get_task_result(await tc.run(a_task), block=True)
-
-
-def run(test):
-    """Run an async test method under trial."""
-
-    def method(self):
-        return defer.Deferred.fromCoroutine(test(self))
-
-    method.__name__ = test.__name__
-    method.__doc__ = test.__doc__
-    return method
 
 
 class RetryTests(_ClusterTestCase):

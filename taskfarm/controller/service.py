@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.application import service
 from twisted.logger import Logger
 
+from taskfarm.controller.journal import Journal
 from taskfarm.controller.multiengine import MultiEngine
 from taskfarm.controller.registry import (
     DEFAULT_HEARTBEAT_PERIOD,
@@ -12,7 +13,6 @@ from taskfarm.controller.registry import (
     EngineRegistry,
 )
 from taskfarm.controller.scheduler import FIFOScheduler
-from taskfarm.controller.journal import Journal
 from taskfarm.controller.taskcontroller import (
     DEFAULT_PREFETCH,
     DEFAULT_RETENTION,

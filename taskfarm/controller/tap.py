@@ -5,7 +5,6 @@ from __future__ import annotations
 from twisted.python import reflect, usage
 
 from taskfarm.controller.registry import DEFAULT_HEARTBEAT_PERIOD, DEFAULT_HEARTBEAT_TIMEOUT
-from taskfarm.controller.scheduler import FIFOScheduler
 from taskfarm.controller.taskcontroller import (
     DEFAULT_PREFETCH,
     DEFAULT_RETENTION,

@@ -171,6 +171,11 @@ class TaskController(RegistryListener):
             if ids is None:
                 raise BadRequest("this submission token came with reserved ids; send them again")
             return list(ids)
+        if ids is not None:
+            # Not a resend (its token is unknown): ids in use are someone else's.
+            taken = [taskid for taskid in ids if taskid in self._tasks]
+            if taken:
+                raise BadRequest("task ids %s are taken already" % taken[:10])
         specs = [TaskSpec.from_envelope(envelope) for envelope in envelopes]
         for spec in specs:
             for link in spec.chain():
@@ -204,9 +209,6 @@ class TaskController(RegistryListener):
                 raise BadRequest("task id %d was never reserved" % taskid)
         if len(set(ids)) != count:
             raise BadRequest("a submission names the same task id twice")
-        taken = [taskid for taskid in ids if taskid in self._tasks]
-        if taken:
-            raise BadRequest("task ids %s are taken already" % taken[:10])
 
     def durable(self) -> defer.Deferred:
         """Fires once every task accepted so far is in the journal."""

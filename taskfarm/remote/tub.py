@@ -18,7 +18,6 @@ from twisted.internet.endpoints import serverFromString
 from taskfarm.errors import ProfileError
 from taskfarm.profile import Profile, write_secret
 
-
 #: Seconds of quiet before Foolscap pings a connection, and of silence
 #: before it drops it.
 KEEPALIVE = 10

@@ -1,0 +1,88 @@
+"""Small helpers the test suites share: async tests, polling, processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.internet import defer, reactor, task
+
+
+def async_test(test):
+    """Run an ``async def`` test method under trial (it waits on the Deferred)."""
+
+    def method(self):
+        return defer.Deferred.fromCoroutine(test(self))
+
+    method.__name__ = test.__name__
+    method.__doc__ = test.__doc__
+    return method
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    """A Deferred that fires after `seconds` of the reactor's time."""
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+async def wait_until(condition, what: str = "a condition", timeout: float = 60.0,
+                     interval: float = 0.05):
+    """Poll `condition` (a function, maybe async or returning a Deferred)
+    until its value is true; returns that value.  Bounded by `timeout`."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = condition()
+        if isinstance(value, defer.Deferred) or hasattr(value, "__await__"):
+            value = await value
+        if value:
+            return value
+        if reactor.seconds() > deadline:
+            raise AssertionError("timed out after %g s waiting for %s" % (timeout, what))
+        await sleep(interval)
+
+
+# -- processes, found through /proc ------------------------------------------------
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name, or None."""
+    try:
+        text = Path("/proc/%d/stat" % pid).read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def children_of(parent: int) -> dict[int, tuple[str, str]]:
+    """{pid: (start time, command line)} of the live children of `parent`."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = proc_stat(int(entry))
+        if fields is None or fields[0] == "Z" or int(fields[1]) != parent:
+            continue
+        try:
+            cmdline = Path("/proc/%s/cmdline" % entry).read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        found[int(entry)] = (fields[19], cmdline.decode(errors="replace"))
+    return found
+
+
+def descendants_of(parent: int) -> dict[int, str]:
+    """{pid: start time} of every live descendant of `parent`."""
+    found: dict[int, str] = {}
+    todo = [parent]
+    while todo:
+        for pid, (started, _) in children_of(todo.pop()).items():
+            if pid not in found:
+                found[pid] = started
+                todo.append(pid)
+    return found
+
+
+def is_alive(pid: int, started: str) -> bool:
+    """Whether the process `pid` that started at `started` still runs
+    (the start time tells a reused pid apart)."""
+    fields = proc_stat(pid)
+    return fields is not None and fields[19] == started and fields[0] != "Z"
