@@ -372,7 +372,7 @@ def main() -> int:
                    "--phase-timeout", str(args.phase_timeout)]
     # rough seconds per run on this 2-core machine, replaced by what the
     # previous run of the same system took
-    took = {"pool": 15.0, "dask": 60.0, "ipp": 100.0, "ray": 45.0}
+    took = {"pool": 12.0, "dask": 50.0, "ipp": 85.0, "ray": 40.0}
     end = None if args.budget is None else t_all + args.budget
     for run in range(1, args.reps + 1):
         for s in systems:
@@ -381,7 +381,7 @@ def main() -> int:
             limit = 180 + 5 * (args.phase_timeout + 10) + 120
             if end is not None:
                 left = end - time.monotonic()
-                if left < took[s] * 1.2 + 10:
+                if left < took[s] + 5:
                     line = json.dumps({"bench": "peers", "system": s, "metric": "skipped", "value": 1,
                                        "unit": "flag", "run": run + args.run_offset,
                                        "error": "run skipped: %.0f s of the budget left, a run takes about %.0f s"

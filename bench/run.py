@@ -13,7 +13,7 @@
 4. bench/report.py: bench/results/latest.md and latest.json, printed.
 
 Every stage is a child process with a deadline; the run as a whole keeps to
---budget seconds (default 780 s full, 900 s quick): the last stages (queue
+--budget seconds (default 810 s full, 900 s quick): the last stages (queue
 drains first) get what is left, and anything cut short is noted in the
 report.  With --update-docs the table is pasted into docs/performance.md
 between its "latest-results" markers.
@@ -80,14 +80,14 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", choices=["taskfarm", "peers"])
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for the whole run (default 780 full, 900 quick)")
+                    help="seconds for the whole run (default 810 full, 900 quick)")
     ap.add_argument("--queue-total", type=int, default=None)
     ap.add_argument("--update-docs", action="store_true", help="paste the table into docs/performance.md")
     args = ap.parse_args()
     benchlib.install_term_handler()
 
     t_start = time.monotonic()
-    budget = args.budget or (900.0 if args.quick else 780.0)
+    budget = args.budget or (900.0 if args.quick else 810.0)
     deadline = t_start + budget
     left = lambda: deadline - time.monotonic()  # noqa: E731
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -168,13 +168,13 @@ def main() -> int:
 
     # 2. reps: taskfarm core + journal-off, then the peers, turn about
     # what memory + the two queue passes need after the reps (1M tasks: about
-    # 40-70 s to submit and 30 s to drain each, on this machine)
-    heavy_reserve = 0 if not do_tf else (120 if args.quick else 300)
+    # 25-45 s to submit and 30-40 s to drain each, on this machine)
+    heavy_reserve = 0 if not do_tf else (120 if args.quick else 250)
     for run in range(1, args.reps + 1):
         if do_tf:
             stage("taskfarm core+nojournal run %d" % run,
                   tf + ["--reps", "1", "--groups", "core,nojournal", "--results", tf_results,
-                        "--phase-timeout", "90", "--onebyone-budget", "30"] + ["--run-offset", str(run - 1)],
+                        "--phase-timeout", "90", "--onebyone-budget", "15"] + ["--run-offset", str(run - 1)],
                   max(60, min(700, left() - heavy_reserve)), tf_results)
         if do_peers:
             # the reps left share what the heavy stages do not need equally
@@ -183,7 +183,7 @@ def main() -> int:
             share = max(60.0, min(900.0, share))
             stage("peers run %d" % run,
                   peers + ["--reps", "1", "--results", peers_results, "--phase-timeout", "90",
-                           "--onebyone-budget", "30", "--run-offset", str(run - 1),
+                           "--onebyone-budget", "15", "--run-offset", str(run - 1),
                            "--budget", "%.0f" % share],
                   share + 60, peers_results)
 
@@ -193,7 +193,7 @@ def main() -> int:
                                                           "--results", tf_results], min(150, left() - 60), tf_results)
         for i, group in enumerate(("queue", "queue_depend")):
             # the plain pass is the quicker one (no depend to check)
-            share = (left() - 15) * (0.45 if i == 0 else 1.0)
+            share = (left() - 15) * (0.42 if i == 0 else 1.0)
             stage("taskfarm %s (%d tasks)" % (group, queue_total),
                   tf + ["--reps", "1", "--groups", group, "--results", tf_results,
                         "--queue-total", str(queue_total), "--queue-budget", "%.0f" % max(30, share - 25)],
