@@ -273,7 +273,7 @@ class TaskClient(_Client):
                 raise outcome
         return outcomes
 
-    def mapper(self, block: bool = True, **task_options) -> "TaskMapper":
+    def mapper(self, block: bool = True, **task_options) -> TaskMapper:
         """A `TaskMapper` whose `map` uses these task options (and, with
         ``block=False``, fires with task ids instead of results)."""
         return TaskMapper(self, block, task_options)
@@ -361,7 +361,7 @@ def _zip_equal(sequences) -> list[tuple]:
         raise ValueError(
             "map's sequences must have equal lengths, not %s" % [len(seq) for seq in lists]
         )
-    return list(zip(*lists))
+    return list(zip(*lists, strict=True))
 
 
 #: Results are fetched a few first, then in slices of about this many bytes.
@@ -505,7 +505,7 @@ class MultiEngineClient(_Client):
 
         async def go():
             values = await self._engine_call("pull", "pull", targets, (tuple(keys),), _decode_pull)
-            return [list(column) for column in zip(*values)]
+            return [list(column) for column in zip(*values, strict=True)]
 
         return self._answer(go(), block)
 
@@ -548,7 +548,7 @@ class MultiEngineClient(_Client):
         async def go():
             ids = await self._resolve(targets)
             per_target = {}
-            for engine_id, (start, stop) in zip(ids, partition(len(seq), len(ids))):
+            for engine_id, (start, stop) in zip(ids, partition(len(seq), len(ids)), strict=True):
                 block_ = seq[start:stop]
                 if flatten and stop - start == 1:
                     block_ = block_[0]
@@ -578,7 +578,7 @@ class MultiEngineClient(_Client):
             blob = serialization.dumps(function, "the mapped function")
             per_target = {
                 engine_id: (blob, serialization.dumps(arguments[start:stop], "map arguments"))
-                for engine_id, (start, stop) in zip(ids, partition(len(arguments), len(ids)))
+                for engine_id, (start, stop) in zip(ids, partition(len(arguments), len(ids)), strict=True)
             }
             blocks = await self._engine_call(
                 "map", "map", ids, (), lambda data: serialization.loads(data, "map results"), per_target
@@ -587,7 +587,7 @@ class MultiEngineClient(_Client):
 
         return self._answer(go(), block)
 
-    def mapper(self, targets=None, block=None) -> "MultiEngineMapper":
+    def mapper(self, targets=None, block=None) -> MultiEngineMapper:
         """An object whose `map` maps over these targets."""
         return MultiEngineMapper(self, targets, block)
 

@@ -114,7 +114,7 @@ class PendingResult:
         """``get_result(block=True)``."""
         return self.get_result(block=True)
 
-    def add_callback(self, function, *args, **kwargs) -> "PendingResult":
+    def add_callback(self, function, *args, **kwargs) -> PendingResult:
         """Apply ``function(result, *args, **kwargs)`` to the result when it arrives."""
         reactorthread.call(self._pending.add_callback, function, *args, **kwargs)
         return self

@@ -196,10 +196,9 @@ class CompositeError(TaskfarmError):
 
     def raise_exception(self, excid: int = 0) -> None:
         """Raise error number `excid` of the collected errors."""
-        try:
-            raise self.elist[excid][2]
-        except IndexError:
+        if not -len(self.elist) <= excid < len(self.elist):
             raise IndexError("an exception with index %i does not exist" % excid)
+        raise self.elist[excid][2]
 
 
 def _describe(error: BaseException) -> str:

@@ -44,7 +44,7 @@ class Profile:
     root: Path
 
     @classmethod
-    def from_option(cls, path: str | os.PathLike | None) -> "Profile":
+    def from_option(cls, path: str | os.PathLike | None) -> Profile:
         """The profile at `path`, or the default one when `path` is empty."""
         return cls(Path(path).expanduser() if path else default_profile_dir())
 

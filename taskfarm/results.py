@@ -43,7 +43,7 @@ class PendingResult:
     the error, raised), or `default` when it is not ready and not `block`.
     """
 
-    def __init__(self, registry: "PendingResults", result_id: int, deferred: defer.Deferred):
+    def __init__(self, registry: PendingResults, result_id: int, deferred: defer.Deferred):
         self.result_id = result_id
         self._registry = registry
         self._callbacks: list = []
@@ -90,7 +90,7 @@ class PendingResult:
         """``get_result(block=True)``."""
         return self.get_result(block=True)
 
-    def add_callback(self, function, *args, **kwargs) -> "PendingResult":
+    def add_callback(self, function, *args, **kwargs) -> PendingResult:
         """Apply ``function(result, *args, **kwargs)`` to the result when it arrives."""
         if self._outcome is not None:
             raise ValueError("the result has already arrived; call get_result instead")

@@ -63,7 +63,7 @@ class BaseTask:
         clear_before: bool = False,
         clear_after: bool = False,
         retries: int = 0,
-        recovery_task: "BaseTask | None" = None,
+        recovery_task: BaseTask | None = None,
         depend: Callable[[dict], bool] | None = None,
         priority: int = 0,
         timeout: float | None = None,
@@ -104,12 +104,12 @@ class BaseTask:
         self._retries = _check_int("retries", value, minimum=0, maximum=MAX_RETRIES)
 
     @property
-    def recovery_task(self) -> "BaseTask | None":
+    def recovery_task(self) -> BaseTask | None:
         """The task run, under the same id, once retries are spent."""
         return self._recovery_task
 
     @recovery_task.setter
-    def recovery_task(self, value: "BaseTask | None") -> None:
+    def recovery_task(self, value: BaseTask | None) -> None:
         if value is not None and not isinstance(value, BaseTask):
             raise TypeError(
                 "recovery_task must be a Task or MapTask, not %s" % type(value).__name__

@@ -204,7 +204,7 @@ class Cluster:
         self.controller.start()
         client = await self._wait_for_controller()
         try:
-            for i in range(self.n):
+            for _ in range(self.n):
                 self.add_engine(env)
             await self._wait_for_engines(client, self.n)
         finally:

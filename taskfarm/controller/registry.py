@@ -44,7 +44,7 @@ class EngineHandle:
 
     def __init__(
         self,
-        registry: "EngineRegistry",
+        registry: EngineRegistry,
         engine_id: int,
         channel,
         properties: dict,

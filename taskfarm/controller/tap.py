@@ -19,7 +19,7 @@ def load_scheduler(dotted: str):
     try:
         cls = reflect.namedAny(dotted)
     except (reflect.ModuleNotFound, reflect.ObjectNotFound, ValueError, AttributeError) as e:
-        raise usage.UsageError("--scheduler %s cannot be imported: %s" % (dotted, e))
+        raise usage.UsageError("--scheduler %s cannot be imported: %s" % (dotted, e)) from None
     if not isinstance(cls, type) or not IScheduler.implementedBy(cls):
         raise usage.UsageError(
             "--scheduler %s is not a class implementing taskfarm.interfaces.IScheduler"
@@ -57,7 +57,7 @@ class Options(usage.Options):
             try:
                 interface, _ = parse_listen(self["listen"])
             except ValueError as e:
-                raise usage.UsageError(str(e))
+                raise usage.UsageError(str(e)) from None
             if interface in ("0.0.0.0", "::", "") and not self["location"]:
                 raise usage.UsageError(
                     "--listen on all interfaces needs --location HOST:PORT, the "

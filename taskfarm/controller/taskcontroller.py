@@ -185,7 +185,7 @@ class TaskController(RegistryListener):
         if ids is None:
             ids = list(range(first, first + len(specs)))
             self._next_id += len(specs)
-        for taskid, spec, envelope in zip(ids, specs, envelopes):
+        for taskid, spec, envelope in zip(ids, specs, envelopes, strict=True):
             record = TaskRecord(taskid, spec, now)
             self._tasks[taskid] = record
             self._counts[TaskState.QUEUED] += 1

@@ -74,7 +74,7 @@ class TaskSpec:
         priority: int = 0,
         timeout: float | None = None,
         depend: bytes | None = None,
-        recovery: "TaskSpec | None" = None,
+        recovery: TaskSpec | None = None,
     ) -> None:
         self.kind = kind
         self.payload = payload
@@ -87,7 +87,7 @@ class TaskSpec:
         self.recovery = recovery
 
     @classmethod
-    def from_envelope(cls, envelope: object, depth: int = 0) -> "TaskSpec":
+    def from_envelope(cls, envelope: object, depth: int = 0) -> TaskSpec:
         """Check and decode a client's task envelope; `BadRequest` if malformed."""
         if depth > 1000:
             raise BadRequest("recovery chain is deeper than 1000 tasks")
@@ -259,7 +259,7 @@ class TaskRecord:
         self.seq = None
 
     @classmethod
-    def restore(cls, stored, spec: TaskSpec) -> "TaskRecord":
+    def restore(cls, stored, spec: TaskSpec) -> TaskRecord:
         """A record as the journal kept it; one that was not final is queued."""
         record = cls(stored.taskid, spec, stored.submitted)
         for _ in range(stored.link):
