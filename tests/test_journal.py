@@ -69,6 +69,33 @@ class JournalTests(unittest.TestCase):
         return self.open_journal(journal.path)
 
     @_deferred
+    async def test_big_results_live_in_files(self):
+        """An outcome over the file threshold is kept in a file (0600) beside
+        the journal, read back after reopening, and removed when cleared."""
+        from taskfarm.controller.journal import BLOB_FILE_THRESHOLD
+
+        journal = self.open_journal()
+        blob = _envelope_blob()
+        big = b"r" * (BLOB_FILE_THRESHOLD + 1)
+        journal.accepted(0, blob, 100.0, 0)
+        record = _record(0, blob, 100.0)
+        record.start(engine_id=0, seq=0)
+        record.succeed(big, 101.0, 102.0)
+        journal.finished(record, record.link)
+        await journal.sync()
+        path = journal.blob_dir / "0.result"
+        self.assertEqual(path.read_bytes(), big)
+        self.assertEqual(path.stat().st_mode & 0o777, 0o600)
+
+        journal = self.reopen(journal)
+        (stored,) = journal.tasks()
+        self.assertEqual(journal.stored_data(stored), big)
+        journal.cleared([0])
+        await journal.sync()
+        self.assertFalse(path.exists())
+        self.assertEqual(list(journal.tasks()), [])
+
+    @_deferred
     async def test_round_trip(self):
         """Accepted, requeued, finished and cleared tasks and submission
         tokens read back the same after close and reopen."""

@@ -14,6 +14,7 @@ written: after a crash a running task is queued again (at-least-once).
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import sqlite3
@@ -75,6 +76,31 @@ class StoredTask:
 
 _STOP = object()
 
+#: Outcomes bigger than this many bytes are kept in files beside the
+#: journal, not in SQLite (one write each, no WAL copy and checkpoint).
+BLOB_FILE_THRESHOLD = 64 * 1024
+_FILE_MARK = b"\x00taskfarm:in-file"
+_WRITE_FILE = object()
+_REMOVE_FILES = object()
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def _remove_files(paths: list) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
 
 class Journal:
     """Durable record of the controller's tasks, written by one thread."""
@@ -83,6 +109,9 @@ class Journal:
 
     def __init__(self, path: Path, reactor) -> None:
         self.path = Path(path)
+        #: Big outcomes live here, one file per task.
+        self.blob_dir = self.path.with_name(self.path.name + "-results")
+        self._blob_ids: set[int] = set()
         self._reactor = reactor
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -101,6 +130,7 @@ class Journal:
         # Tasks and results are secrets too: owner-only, like the furls.
         os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         os.chmod(self.path, 0o600)
+        self.blob_dir.mkdir(mode=0o700, exist_ok=True)
         try:
             connection = sqlite3.connect(str(self.path), check_same_thread=False)
             check = connection.execute("PRAGMA quick_check").fetchone()[0]
@@ -188,19 +218,39 @@ class Journal:
         )
 
     def finished(self, record, link: int) -> None:
+        data = _blob(record)
+        if data is not None and len(data) > BLOB_FILE_THRESHOLD:
+            path = self._blob_path(record.taskid)
+            self._pending.append((_WRITE_FILE, (path, data)))
+            self._blob_ids.add(record.taskid)
+            data = _FILE_MARK
         self._enqueue(
             "UPDATE tasks SET state=?, link=?, retries_left=?, attempts=?, engine_id=?,"
             " started=?, completed=?, ok=?, data=? WHERE taskid=?",
             (
                 record.state.name.lower(), link, record.retries_left, record.attempts,
                 record.engine_id, record.started, record.completed, int(record.ok),
-                _blob(record), record.taskid,
+                data, record.taskid,
             ),
         )
 
     def cleared(self, taskids: list[int]) -> None:
         for taskid in taskids:
             self._enqueue("DELETE FROM tasks WHERE taskid=?", (taskid,))
+        files = [self._blob_path(t) for t in taskids if t in self._blob_ids]
+        if files:
+            self._blob_ids.difference_update(taskids)
+            self._pending.append((_REMOVE_FILES, files))
+
+    def _blob_path(self, taskid: int) -> Path:
+        return self.blob_dir / ("%d.result" % taskid)
+
+    def stored_data(self, stored: "StoredTask") -> bytes | None:
+        """A stored task's outcome, read from its file when it is big."""
+        if stored.data == _FILE_MARK:
+            self._blob_ids.add(stored.taskid)
+            return self._blob_path(stored.taskid).read_bytes()
+        return stored.data
 
     def token(self, token: str, first_id: int, count: int, now: float) -> None:
         self._enqueue(
@@ -255,18 +305,28 @@ class Journal:
 
     def _commit(self, batches: list) -> None:
         waiters = [w for _, ws in batches for w in ws]
-        count = 0
+        operations = [op for ops, _ in batches for op in ops]
         try:
+            # Big results go to files first: the rows that point at them
+            # commit after, so a row never points at a missing file.
+            for sql, params in operations:
+                if sql is _WRITE_FILE:
+                    _write_file(*params)
             with self._connection:
-                for operations, _ in batches:
-                    for sql, params in operations:
-                        self._connection.execute(sql, params)
-                    count += len(operations)
+                # Runs of one statement go in one executemany: the loop
+                # runs in C, not in Python holding the GIL.
+                for sql, group in itertools.groupby(operations, key=lambda op: op[0]):
+                    if sql is not _WRITE_FILE and sql is not _REMOVE_FILES:
+                        self._connection.executemany(sql, [params for _, params in group])
+            # Files of cleared tasks go once their rows are gone for good.
+            for sql, paths in operations:
+                if sql is _REMOVE_FILES:
+                    _remove_files(paths)
         except Exception as e:
             self._failed = e
             self._reactor.callFromThread(self._report_failure, e, waiters)
             return
-        self.committed += count
+        self.committed += len(operations)
         if waiters:
             self._reactor.callFromThread(_fire, waiters)
 

@@ -465,6 +465,7 @@ class TaskController(RegistryListener):
         finished = []
         for stored in self._journal.tasks():
             spec = TaskSpec.from_envelope(serialization.unpack(stored.envelope))
+            stored.data = self._journal.stored_data(stored)
             if stored.state != "queued" and not stored.ok and stored.data is not None:
                 stored.data = serialization.unpack(stored.data)
             record = TaskRecord.restore(stored, spec)
