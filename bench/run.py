@@ -13,7 +13,7 @@
 4. bench/report.py: bench/results/latest.md and latest.json, printed.
 
 Every stage is a child process with a deadline; the run as a whole keeps to
---budget seconds (default 810 s full, 900 s quick): the last stages (queue
+--budget seconds (default 830 s full, 900 s quick): the last stages (queue
 drains first) get what is left, and anything cut short is noted in the
 report.  With --update-docs the table is pasted into docs/performance.md
 between its "latest-results" markers.
@@ -80,14 +80,14 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", choices=["taskfarm", "peers"])
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for the whole run (default 810 full, 900 quick)")
+                    help="seconds for the whole run (default 830 full, 900 quick)")
     ap.add_argument("--queue-total", type=int, default=None)
     ap.add_argument("--update-docs", action="store_true", help="paste the table into docs/performance.md")
     args = ap.parse_args()
     benchlib.install_term_handler()
 
     t_start = time.monotonic()
-    budget = args.budget or (900.0 if args.quick else 810.0)
+    budget = args.budget or (900.0 if args.quick else 830.0)
     deadline = t_start + budget
     left = lambda: deadline - time.monotonic()  # noqa: E731
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -166,26 +166,33 @@ def main() -> int:
         if rc != 0:
             notes.append("%s ended with exit status %d." % (label, rc))
 
-    # 2. reps: taskfarm core + journal-off, then the peers, turn about
-    # what memory + the two queue passes need after the reps (1M tasks: about
-    # 25-45 s to submit and 30-40 s to drain each, on this machine)
-    heavy_reserve = 0 if not do_tf else (120 if args.quick else 250)
+    # 2. reps: taskfarm core + journal-off, then the peers, turn about.
+    # What memory + the two queue passes need afterwards (1M tasks: about
+    # 25-45 s to submit and 30-40 s to drain each, on this machine).
+    heavy_reserve = 0 if not do_tf else (120 if args.quick else 230)
+    tf_est, peers_est = 25.0, 150.0  # seconds per rep, updated as reps finish
     for run in range(1, args.reps + 1):
+        reps_after = args.reps - run
         if do_tf:
+            t0 = time.monotonic()
             stage("taskfarm core+nojournal run %d" % run,
                   tf + ["--reps", "1", "--groups", "core,nojournal", "--results", tf_results,
                         "--phase-timeout", "90", "--onebyone-budget", "15"] + ["--run-offset", str(run - 1)],
                   max(60, min(700, left() - heavy_reserve)), tf_results)
+            tf_est = time.monotonic() - t0
         if do_peers:
-            # the reps left share what the heavy stages do not need equally
-            reps_left = args.reps - run + 1
-            share = (left() - heavy_reserve - (45 * (reps_left - 1) if do_tf else 0)) / reps_left
+            # this rep gets what is left once the heavy stages and the later
+            # reps (as long as this session's reps took so far) are set aside;
+            # a peer that does not fit is skipped and noted
+            share = left() - heavy_reserve - reps_after * ((tf_est if do_tf else 0) + peers_est)
             share = max(60.0, min(900.0, share))
+            t0 = time.monotonic()
             stage("peers run %d" % run,
                   peers + ["--reps", "1", "--results", peers_results, "--phase-timeout", "90",
                            "--onebyone-budget", "15", "--run-offset", str(run - 1),
                            "--budget", "%.0f" % share],
                   share + 60, peers_results)
+            peers_est = time.monotonic() - t0
 
     # 3. the long ones, once
     if do_tf:
@@ -196,8 +203,8 @@ def main() -> int:
             share = (left() - 15) * (0.42 if i == 0 else 1.0)
             stage("taskfarm %s (%d tasks)" % (group, queue_total),
                   tf + ["--reps", "1", "--groups", group, "--results", tf_results,
-                        "--queue-total", str(queue_total), "--queue-budget", "%.0f" % max(30, share - 25)],
-                  share, tf_results)
+                        "--queue-total", str(queue_total), "--queue-budget", "%.0f" % max(30, share - 15)],
+                  share + 30, tf_results)
 
     # 4. the report
     meta["wall_s"] = round(time.monotonic() - t_start, 1)

@@ -340,7 +340,7 @@ def _queue_pass(args, emit, wd, cl, tc, meter_roles, with_depend: bool):
     roles = dict(meter_roles, engines=list(cl.engine_pids))
     cpu = CpuMeter(roles).start()
     if args.queue_budget:  # the drain gets what is left of the pass's budget
-        drain_timeout = min(drain_timeout, max(10.0, args.queue_budget - (time.monotonic() - t_pass) - 15))
+        drain_timeout = min(drain_timeout, max(10.0, args.queue_budget - (time.monotonic() - t_pass) - 10))
     wd.phase(prefix + "drain", drain_timeout + 30)
     drain_deadline = time.monotonic() + drain_timeout
     t0 = time.perf_counter()
