@@ -19,7 +19,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-# The performance comparison (docs/performance.md): about 14 minutes, or
+# The performance comparison (docs/performance.md): 11-14 minutes, or
 # `make bench BENCH_ARGS="--quick --reps 1"` for a short check.  Other
 # options: --reps N, --only taskfarm|peers, --update-docs.
 BENCH_ARGS ?=
