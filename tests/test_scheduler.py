@@ -119,6 +119,18 @@ class FIFOSchedulerTests(unittest.TestCase):
         self.assertEqual(self.scheduler.schedule(), [])
         self.assertEqual(self.scheduler.ntasks, 1)
 
+    def test_burst_spreads_over_engines_with_different_windows(self):
+        """Engines that learned different slot counts still share a burst
+        evenly: each task goes to the engine with the fewest in flight."""
+        self.scheduler.add_engine(FakeEngine(0, task_slots=256))
+        self.scheduler.add_engine(FakeEngine(1, task_slots=100))
+        self.scheduler.add_engine(FakeEngine(2, task_slots=3))
+        self.add(*[FakeTask(i) for i in range(9)])
+        counts = {}
+        for engine, _ in self.scheduler.schedule():
+            counts[engine.engine_id] = counts.get(engine.engine_id, 0) + 1
+        self.assertEqual(counts, {0: 3, 1: 3, 2: 3})
+
     def test_fifo_order(self):
         """Tasks go out in the order they were queued."""
         self.scheduler.add_engine(FakeEngine(0, task_slots=1))

@@ -741,3 +741,22 @@ class AdaptivePrefetchTests(ControllerTestCase):
         self.turn()
         self.assertEqual(channel.engine.task_slots, 1)
         self.assertEqual(len(channel.pending()), 1)
+
+
+class FinishedOrderTests(ControllerTestCase):
+    """The retention queue does not keep cleared tasks alive."""
+
+    def test_clear_compacts_the_retention_queue(self):
+        """After most finished tasks are cleared, the retention queue holds
+        entries only for the ones still kept."""
+        channel = self.add_engine()
+        ids = self.submit(*[Task("t") for _ in range(3000)])
+        for _ in range(3000):
+            self.turn()
+            for seq, _, _ in channel.pending():
+                channel.reply(seq, True, serialization.dumps({}), 0.0, 1.0)
+            if not channel.pending() and self.controller.queue_status()["scheduled"] == 0:
+                break
+        self.assertEqual(self.controller.queue_status()["succeeded"], 3000)
+        self.controller.clear(ids[:2900])
+        self.assertEqual(len(self.controller._finished_order), 100)

@@ -170,26 +170,27 @@ class FIFOScheduler:
         assignments = []
         if not self.ntasks:
             return assignments
-        # Round robin over engines with room: each pass gives at most one
-        # task to each engine, so a burst spreads evenly.  The engines with
-        # the most free slots go first: a task sent ahead to a busy engine
-        # waits behind its running one while an idle engine stays idle.
-        open_engines = sorted(
-            (eid for eid, free in self._free.items() if free > 0),
-            key=lambda eid: -self._free[eid],
-        )
-        while open_engines and self.ntasks:
-            still_open = []
-            for engine_id in open_engines:
-                engine = self._engines[engine_id]
-                task = self._take_for(engine)
-                if task is None:
-                    continue
-                assignments.append((engine, task))
-                self._free[engine_id] -= 1
-                if self._free[engine_id] > 0:
-                    still_open.append(engine_id)
-            open_engines = still_open
+        # Each task goes to the engine with the fewest tasks in flight that
+        # has a free slot (ties: lowest id).  Engines learn different slot
+        # counts, so "most free slots" would let a big window soak up a
+        # burst; fewest in flight spreads it evenly, and a task sent ahead
+        # never waits behind a busy engine while another sits idle.
+        heap = [
+            (self._engines[eid].task_slots_given - free, eid)
+            for eid, free in self._free.items()
+            if free > 0
+        ]
+        heapq.heapify(heap)
+        while heap and self.ntasks:
+            inflight, engine_id = heapq.heappop(heap)
+            engine = self._engines[engine_id]
+            task = self._take_for(engine)
+            if task is None:
+                continue  # nothing queued suits this engine now
+            assignments.append((engine, task))
+            self._free[engine_id] -= 1
+            if self._free[engine_id] > 0:
+                heapq.heappush(heap, (inflight + 1, engine_id))
         return assignments
 
     def unmet_groups(self) -> list:

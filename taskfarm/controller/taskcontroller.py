@@ -313,9 +313,23 @@ class TaskController(RegistryListener):
                 cleared += 1
                 if self._journal is not None:
                     self._journal.cleared([taskid])
+        self._compact_finished_order()
         if unknown:
             raise UnknownTask("no such task ids: %s" % (unknown[:10],))
         return cleared
+
+    def _compact_finished_order(self) -> None:
+        # Cleared tasks leave their entries in the retention queue; once
+        # most entries are dead, drop them, so memory follows live tasks.
+        order = self._finished_order
+        live = self._counts[TaskState.SUCCEEDED] + self._counts[TaskState.FAILED] + self._counts[
+            TaskState.ABORTED
+        ]
+        if len(order) > 1024 and len(order) > 2 * live:
+            tasks = self._tasks
+            self._finished_order = collections.deque(
+                entry for entry in order if entry[1] in tasks
+            )
 
     def engine_ids(self) -> list[int]:
         """The ids of the registered engines."""
