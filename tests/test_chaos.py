@@ -40,11 +40,10 @@ from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
 from taskfarm.testing.helpers import async_test as run
 from taskfarm.testing.helpers import children_of, is_alive, sleep, wait_until
+from taskfarm.testing.processes import ProcessTestCase, kill_if_alive
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: How to run the `taskfarm` command with this interpreter.
-TASKFARM = [sys.executable, "-c", "from taskfarm.cli import main; main()"]
 
 #: The engine's exit status when it gives up on a command that would not
 #: stop (`taskfarm.engine.worker.EXIT_STUCK`), and how long it waits first.
@@ -139,15 +138,6 @@ done = os.getpid()
 # -- processes, found through /proc ----------------------------------------------------
 
 
-def kill_if_alive(pid: int, started: str, signum: int = signal.SIGKILL) -> bool:
-    """Signal `pid` only if it is still the process that started at `started`."""
-    if not is_alive(pid, started):
-        return False
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def report(name: str, **numbers) -> None:
@@ -173,46 +163,11 @@ def engine_env() -> dict:
 # -- the test cases -----------------------------------------------------------------------
 
 
-class _ChaosTestCase(unittest.TestCase):
-    """A temporary folder, processes ended by PID, and launcher helpers."""
+class _ChaosTestCase(ProcessTestCase):
+    """Launcher helpers on top of `ProcessTestCase`."""
 
     timeout = 600
-
-    def setUp(self):
-        self.root = Path(tempfile.mkdtemp(prefix="taskfarm-chaos-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
-        #: Every launcher child seen: {pid: start time}, ended at cleanup.
-        self.seen_children: dict[int, str] = {}
-
-    def spawn(self, argv: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
-        """Start a process whose output goes to NAME.out; ended at cleanup."""
-        out = open(self.root / (name + ".out"), "wb")
-        self.addCleanup(out.close)
-        if env is None:
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
-            env.pop("TASKFARM_PROFILE", None)
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(self._end(process)))
-        return process
-
-    def output(self, name: str) -> str:
-        return (self.root / (name + ".out")).read_text(errors="replace")
-
-    async def _end(self, process: subprocess.Popen) -> None:
-        # SIGTERM lets a launcher stop its children; SIGKILL whatever is left,
-        # the process first (or it would restart its children), then every
-        # child seen, each by PID.
-        if process.poll() is None:
-            for pid, (started, _) in children_of(process.pid).items():
-                self.seen_children[pid] = started
-            process.send_signal(signal.SIGTERM)
-            try:
-                await wait_until(lambda: process.poll() is not None, "exit", 15, 0.1)
-            except AssertionError:
-                process.kill()
-        process.wait(10)
-        for pid, started in self.seen_children.items():
-            kill_if_alive(pid, started)
+    cwd = str(REPO)
 
     def children(self, launcher: subprocess.Popen, kind: str) -> dict[int, str]:
         """{pid: start time} of the launcher's live children whose command
@@ -225,21 +180,7 @@ class _ChaosTestCase(unittest.TestCase):
         return found
 
     async def start_launcher(self, n: int) -> tuple[subprocess.Popen, Profile]:
-        """`taskfarm cluster -n N --profile-dir D`, up once it says so."""
-        profile = Profile(self.root / "profile")
-        launcher = self.spawn(
-            TASKFARM + ["cluster", "-n", str(n), "--profile-dir", str(profile.root)], "launcher"
-        )
-
-        def up():
-            if launcher.poll() is not None:
-                raise AssertionError(
-                    "taskfarm cluster exited with %s:\n%s"
-                    % (launcher.returncode, self.output("launcher"))
-                )
-            return "Press Ctrl-C to stop." in self.output("launcher")
-
-        await wait_until(up, "taskfarm cluster to start", 120)
+        launcher, profile = await super().start_launcher(n)
         self.assertEqual(len(self.children(launcher, "taskengine")), n)
         self.assertEqual(len(self.children(launcher, "taskcontroller")), 1)
         return launcher, profile

@@ -10,26 +10,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from twisted.internet import reactor
-from twisted.trial import unittest
 
 from taskfarm.asyncclient import TaskClient
-from taskfarm.profile import INTERFACES, TASK, Profile
+from taskfarm.profile import INTERFACES, TASK
 from taskfarm.task import Task
 from taskfarm.testing.helpers import async_test as run
-from taskfarm.testing.helpers import children_of, descendants_of, is_alive, wait_until
+from taskfarm.testing.helpers import descendants_of, is_alive, wait_until
+from taskfarm.testing.processes import TASKFARM, ProcessTestCase
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: How to run the `taskfarm` command with this interpreter.
-TASKFARM = [sys.executable, "-c", "from taskfarm.cli import main; main()"]
 
 #: The original quick-start, with the blocking client, as a script.  argv[1]
 #: is the profile folder; TASKFARM_PROFILE names the same folder, so the
@@ -69,78 +64,8 @@ print("REPORT " + json.dumps(report))
 """
 
 
-class _ProcessTestCase(unittest.TestCase):
-    timeout = 120
-
-    def setUp(self):
-        self.root = Path(tempfile.mkdtemp(prefix="taskfarm-cluster-test-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
-        self._known_children: dict[int, str] = {}
-
-    def env(self, **extra) -> dict:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("TASKFARM_PROFILE", None)
-        env.update(extra)
-        return env
-
-    def spawn(self, argv: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
-        """Start a process whose output goes to a file; ended by PID at cleanup."""
-        out = open(self.root / (name + ".out"), "wb")
-        self.addCleanup(out.close)
-        process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env or self.env()
-        )
-        self.addCleanup(self._end, process)
-        return process
-
-    def output(self, name: str) -> str:
-        return (self.root / (name + ".out")).read_text(errors="replace")
-
-    def remember_children(self, parent: int) -> dict[int, tuple[str, str]]:
-        """The children of `parent` now; each is killed at cleanup if still alive."""
-        children = children_of(parent)
-        for pid, (started, _) in children.items():
-            self._known_children[pid] = started
-        return children
-
-    def _end(self, process: subprocess.Popen) -> None:
-        # Whatever a failed test left running: the process first (or it
-        # would restart its children), then every descendant, by PID.
-        leftovers = dict(self._known_children)
-        if process.poll() is None:
-            leftovers.update(descendants_of(process.pid))
-            process.kill()
-        process.wait(10)
-        for pid, started in leftovers.items():
-            if is_alive(pid, started):
-                os.kill(pid, signal.SIGKILL)
-
-    async def wait_for_exit(self, process: subprocess.Popen, name: str, timeout: float) -> int:
-        try:
-            await wait_until(lambda: process.poll() is not None, name + " to exit", timeout)
-        except AssertionError:
-            raise AssertionError(
-                "%s did not exit within %g s; its output:\n%s" % (name, timeout, self.output(name))
-            ) from None
-        return process.returncode
-
-    async def start_launcher(self, n: int = 2) -> tuple[subprocess.Popen, Profile]:
-        """`taskfarm cluster -n N --profile-dir D`, up once it says so."""
-        profile = Profile(self.root / "profile")
-        launcher = self.spawn(
-            TASKFARM + ["cluster", "-n", str(n), "--profile-dir", str(profile.root)], "launcher"
-        )
-
-        def up():
-            if launcher.poll() is not None:
-                raise AssertionError(
-                    "taskfarm cluster exited with %s:\n%s"
-                    % (launcher.returncode, self.output("launcher"))
-                )
-            return "Press Ctrl-C to stop." in self.output("launcher")
-
-        await wait_until(up, "taskfarm cluster to start")
-        return launcher, profile
+class _ProcessTestCase(ProcessTestCase):
+    cwd = str(REPO)
 
 
 class ClusterCommandTests(_ProcessTestCase):
@@ -234,7 +159,7 @@ class ClusterCommandTests(_ProcessTestCase):
 
         launcher.send_signal(signal.SIGTERM)
         await self.wait_for_exit(launcher, "launcher", 60)
-        alive = [pid for pid, started in self._known_children.items() if is_alive(pid, started)]
+        alive = [pid for pid, started in self.seen_children.items() if is_alive(pid, started)]
         self.assertEqual(alive, [])
 
 
@@ -261,7 +186,7 @@ class DemoCommandTests(_ProcessTestCase):
         )
         cluster = {}
         for pid, started in descendants_of(demo.pid).items():
-            self._known_children[pid] = started
+            self.seen_children[pid] = started
             cmdline = Path("/proc/%d/cmdline" % pid).read_bytes()
             if b"taskcontroller" in cmdline or b"taskengine" in cmdline:
                 cluster[pid] = started
