@@ -245,7 +245,7 @@ class Journal:
     def _blob_path(self, taskid: int) -> Path:
         return self.blob_dir / ("%d.result" % taskid)
 
-    def stored_data(self, stored: "StoredTask") -> bytes | None:
+    def stored_data(self, stored: StoredTask) -> bytes | None:
         """A stored task's outcome, read from its file when it is big."""
         if stored.data == _FILE_MARK:
             self._blob_ids.add(stored.taskid)
