@@ -113,18 +113,25 @@ class RealCluster:
         return self.controller.registry.engines[engine_id].properties["pid"]
 
     async def stop(self) -> None:
-        for client in self._clients:
+        """Close the clients, then end every engine process and stop the
+        controller, whatever failed before (no process outlives a test)."""
+        try:
+            for client in self._clients:
+                try:
+                    await client.disconnect()
+                except Exception:
+                    pass  # a refused submission was the test's business, not ours
+        finally:
             try:
-                await client.disconnect()
-            except Exception:
-                pass  # a refused submission was the test's business, not ours
-        await defer.gatherResults(
-            [defer.Deferred.fromCoroutine(slot.stop(grace=3)) for slot in self.engines]
-        )
-        if self._client_tub is not None:
-            await self._client_tub.stopService()
-        if self.controller is not None:
-            await self.controller.stopService()
+                await defer.gatherResults(
+                    [defer.Deferred.fromCoroutine(slot.stop(grace=3)) for slot in self.engines],
+                    consumeErrors=True,
+                )
+            finally:
+                if self._client_tub is not None:
+                    await self._client_tub.stopService()
+                if self.controller is not None:
+                    await self.controller.stopService()
 
 
 _client_cert: bytes | None = None
