@@ -58,8 +58,6 @@ class EngineHandle:
         self.properties_version = 0
         #: How many tasks may be sent ahead to this engine at once.
         self.task_slots = task_slots
-        #: The slots the scheduler currently counts for this engine.
-        self.task_slots_given = task_slots
         #: Moving average of this engine's task run time, in seconds.
         self.mean_duration: float | None = None
         #: seq -> (op, on_reply) of every unanswered command, oldest first.

@@ -106,6 +106,8 @@ class FIFOScheduler:
         self._groups: dict[bytes | None, DependGroup] = {}
         self._engines: dict[int, object] = {}
         self._free: dict[int, int] = {}
+        #: Slots each engine may hold now (free ones are in `_free`).
+        self._slots: dict[int, int] = {}
         self._arrivals = itertools.count()
         self.ntasks = 0
 
@@ -149,18 +151,19 @@ class FIFOScheduler:
     def add_engine(self, engine) -> None:
         self._engines[engine.engine_id] = engine
         self._free[engine.engine_id] = engine.task_slots
-        engine.task_slots_given = engine.task_slots
+        self._slots[engine.engine_id] = engine.task_slots
 
     def remove_engine(self, engine_id: int) -> None:
         self._engines.pop(engine_id, None)
         self._free.pop(engine_id, None)
+        self._slots.pop(engine_id, None)
         for group in self._groups.values():
             group.matches.pop(engine_id, None)
 
     def resize(self, engine_id: int, slots: int) -> None:
         if engine_id in self._free:
-            self._free[engine_id] += slots - self._engines[engine_id].task_slots_given
-            self._engines[engine_id].task_slots_given = slots
+            self._free[engine_id] += slots - self._slots[engine_id]
+            self._slots[engine_id] = slots
 
     def release(self, engine_id: int) -> None:
         if engine_id in self._free:
@@ -176,7 +179,7 @@ class FIFOScheduler:
         # burst; fewest in flight spreads it evenly, and a task sent ahead
         # never waits behind a busy engine while another sits idle.
         heap = [
-            (self._engines[eid].task_slots_given - free, eid)
+            (self._slots[eid] - free, eid)
             for eid, free in self._free.items()
             if free > 0
         ]

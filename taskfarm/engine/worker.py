@@ -35,9 +35,6 @@ class _TimeoutInterrupt(Interrupt):
 
 _STOP = object()
 
-#: Replies leave in messages of about this many bytes at most.
-REPLY_BATCH_BYTES = 8 * 1024 * 1024
-
 #: Seconds an interrupted command gets to stop before the engine exits.
 DEFAULT_STUCK_GRACE = 5.0
 
@@ -286,17 +283,5 @@ class CommandWorker:
             timer = self._timers.pop((self._session, reply[0]), None)
             if timer is not None and timer.active():
                 timer.cancel()
-        if sink is None:
-            return
-        # Big results leave in messages of about REPLY_BATCH_BYTES, so the
-        # controller can read one while the next is sent.
-        batch, size = [], 0
-        for reply in replies:
-            batch.append(reply)
-            data = reply[2]
-            size += len(data) if isinstance(data, bytes) else 0
-            if size >= REPLY_BATCH_BYTES:
-                sink(batch)
-                batch, size = [], 0
-        if batch:
-            sink(batch)
+        if sink is not None and replies:
+            sink(replies)

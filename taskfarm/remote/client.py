@@ -137,14 +137,14 @@ class ControllerConnection:
         except Exception as e:
             raise ControllerUnreachable(
                 "cannot reach the controller at %s: %s"
-                % (self.location, _describe(e))
+                % (self.location, describe_error(e))
             ) from None
         try:
             hello = serialization.unpack(await rref.callRemote("hello"))
         except Exception as e:
             raise WrongInterface(
                 "the furl for %s does not lead to a taskfarm %s interface (%s)"
-                % (self.location, self.interface, _describe(e))
+                % (self.location, self.interface, describe_error(e))
             ) from None
         if not isinstance(hello, dict) or hello.get("interface") != self.interface:
             got = hello.get("interface") if isinstance(hello, dict) else hello
@@ -226,10 +226,10 @@ class ControllerConnection:
             self._rref = None
             raise ConnectionLost(
                 "lost the connection to the controller at %s during %s: %s"
-                % (self.location, method, _describe(e))
+                % (self.location, method, describe_error(e))
             ) from None
         except Exception as e:
-            text = _describe(e)
+            text = describe_error(e)
             if "too long" in text:
                 raise MessageTooLarge(
                     "the controller refused a %s request as too large: %s"
@@ -251,7 +251,8 @@ class ControllerConnection:
                 broker.transport.loseConnection()
 
 
-def _describe(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
+    """A one-line account of a connection or remote error, without the furl."""
     if isinstance(e, TaskfarmError):
         return str(e)
     value = getattr(e, "value", None)

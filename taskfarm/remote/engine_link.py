@@ -21,7 +21,7 @@ from taskfarm import serialization
 from taskfarm.engine.worker import CommandWorker
 from taskfarm.errors import MessageTooLarge, to_wire
 from taskfarm.remote import schemas
-from taskfarm.remote.client import furl_location
+from taskfarm.remote.client import describe_error, furl_location
 from taskfarm.remote.tub import new_tub
 
 
@@ -115,7 +115,7 @@ class EngineLink(service.Service):
                 self._log.warn(
                     "cannot register with the controller ({error}); retrying in "
                     "{delay:.1f} s",
-                    error=_brief(e),
+                    error=describe_error(e),
                     delay=delay,
                 )
             self._worker.end_session()
@@ -157,9 +157,12 @@ class EngineLink(service.Service):
 
     def _sender(self, session, limit: int) -> Callable[[list], None]:
         room = max(limit - REPLY_OVERHEAD, 1024)
+        # Big results leave in messages of about REPLY_BATCH_BYTES, so the
+        # controller reads one while the next is sent; none exceeds `limit`.
+        batch_bytes = min(room, REPLY_BATCH_BYTES)
 
         def send(replies: list) -> None:
-            for batch in fit_replies(replies, room):
+            for batch in fit_replies(replies, room, batch_bytes):
                 try:
                     session.callRemoteOnly("replies", serialization.pack(batch))
                 except DeadReferenceError:
@@ -177,11 +180,15 @@ class EngineLink(service.Service):
 #: Bytes of a reply message that are not result data (ids, times, pickling).
 REPLY_OVERHEAD = 64 * 1024
 
+#: Replies leave in messages of about this many bytes of results at most.
+REPLY_BATCH_BYTES = 8 * 1024 * 1024
 
-def fit_replies(replies: list, room: int) -> list[list]:
-    """`replies` in batches of at most `room` bytes of data; a result that
-    alone is bigger becomes a `MessageTooLarge` failure of its command, so
-    its task fails instead of waiting forever."""
+
+def fit_replies(replies: list, room: int, batch_bytes: int | None = None) -> list[list]:
+    """`replies` in batches of at most `batch_bytes` (default `room`) bytes
+    of data; a result bigger than `room` alone becomes a `MessageTooLarge`
+    failure of its command, so its task fails instead of waiting forever."""
+    batch_bytes = room if batch_bytes is None else batch_bytes
     batches: list[list] = [[]]
     used = 0
     for reply in replies:
@@ -194,14 +201,10 @@ def fit_replies(replies: list, room: int) -> list[list]:
             )
             reply = (seq, False, to_wire(error), started, finished)
             size = 0
-        if used + size > room and batches[-1]:
+        if used + size > batch_bytes and batches[-1]:
             batches.append([])
             used = 0
         batches[-1].append(reply)
         used += size
     return [batch for batch in batches if batch]
 
-
-def _brief(e: BaseException) -> str:
-    value = getattr(e, "value", None)
-    return "%s" % (value if value is not None else "%s: %s" % (type(e).__name__, e))
