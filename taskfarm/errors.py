@@ -37,6 +37,11 @@ class ConnectionLost(TaskfarmError, ConnectionError):
     """The connection to the controller broke while a call was in flight."""
 
 
+class JournalError(TaskfarmError):
+    """The controller's journal cannot be written (a full disk, say): the
+    submission was refused whole, and none of its tasks will run."""
+
+
 class ProtocolVersionError(TaskfarmError):
     """The two ends of a connection speak different wire versions."""
 

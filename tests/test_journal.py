@@ -77,7 +77,7 @@ class JournalTests(unittest.TestCase):
         journal = self.open_journal()
         blob = _envelope_blob()
         big = b"r" * (BLOB_FILE_THRESHOLD + 1)
-        journal.accepted(0, blob, 100.0, 0)
+        journal.accept_batch([(0, blob, 100.0, 0)])
         record = _record(0, blob, 100.0)
         record.start(engine_id=0, seq=0)
         record.succeed(big, 101.0, 102.0)
@@ -102,7 +102,7 @@ class JournalTests(unittest.TestCase):
         journal = self.open_journal()
         blob = _envelope_blob(retries=2)
         for taskid in range(4):
-            journal.accepted(taskid, blob, 100.0 + taskid, 2)
+            journal.accept_batch([(taskid, blob, 100.0 + taskid, 2)])
         journal.next_id_is(4)
         journal.requeued(0, 0, 1, 1)
         succeeded = _record(1, blob, 101.0)
@@ -113,7 +113,7 @@ class JournalTests(unittest.TestCase):
         aborted.abort(to_wire(TaskAborted("task 2 was aborted")), 104.0)
         journal.finished(aborted, aborted.link)
         journal.cleared([3])
-        journal.token("a-token", 0, 4, 100.0)
+        journal.accept_batch([], ("a-token", 0, 4, "8:0badcafe", 100.0))
         await journal.sync()
 
         journal = self.reopen(journal)
@@ -132,7 +132,7 @@ class JournalTests(unittest.TestCase):
         self.assertEqual((two.state, two.ok, two.completed), ("aborted", 0, 104.0))
         self.assertEqual(serialization.unpack(two.data), ("TaskAborted", "task 2 was aborted"))
         self.assertEqual(journal.next_id(), 4)
-        self.assertEqual(journal.tokens(), [("a-token", 0, 4)])
+        self.assertEqual(journal.tokens(), [("a-token", 0, 4, "8:0badcafe")])
 
     @_deferred
     async def test_ids_never_reused(self):
@@ -141,7 +141,7 @@ class JournalTests(unittest.TestCase):
         journal = self.open_journal()
         blob = _envelope_blob()
         for taskid in range(5):
-            journal.accepted(taskid, blob, 1.0, 0)
+            journal.accept_batch([(taskid, blob, 1.0, 0)])
         journal.next_id_is(5)
         journal.cleared(list(range(5)))
         await journal.sync()
@@ -156,7 +156,7 @@ class JournalTests(unittest.TestCase):
         the file sees them."""
         journal = self.open_journal()
         blob = _envelope_blob()
-        journal.accepted(0, blob, 1.0, 0)
+        journal.accept_batch([(0, blob, 1.0, 0)])
         journal.next_id_is(1)
         self.assertEqual(journal.committed, 0)
         await journal.sync()
@@ -174,14 +174,14 @@ class JournalTests(unittest.TestCase):
         commits: list[int] = []
         commit = journal._commit
 
-        def counting_commit(batches):
-            commits.append(sum(len(operations) for operations, _ in batches))
-            commit(batches)
+        def counting_commit(carried, batches):
+            commits.append(len(carried) + sum(len(operations) for operations, _ in batches))
+            return commit(carried, batches)
 
         journal._commit = counting_commit  # the writer thread looks it up per commit
         blob = _envelope_blob()
         for taskid in range(500):
-            journal.accepted(taskid, blob, 1.0, 0)
+            journal.accept_batch([(taskid, blob, 1.0, 0)])
         journal.next_id_is(500)
         await journal.sync()
         self.assertEqual(commits, [501])
@@ -190,7 +190,7 @@ class JournalTests(unittest.TestCase):
     def test_close_writes_pending(self):
         """close() writes what was enqueued but not yet committed."""
         journal = self.open_journal()
-        journal.accepted(0, _envelope_blob(), 1.0, 0)
+        journal.accept_batch([(0, _envelope_blob(), 1.0, 0)])
         journal.next_id_is(1)
         journal = self.reopen(journal)
         self.assertEqual([s.taskid for s in journal.tasks()], [0])
@@ -207,7 +207,7 @@ class CorruptJournalTests(unittest.TestCase):
         profile.ensure()
         journal = Journal(profile.journal_file, reactor)
         journal.open()
-        journal.accepted(0, _envelope_blob(), 1.0, 0)
+        journal.accept_batch([(0, _envelope_blob(), 1.0, 0)])
         journal.close()
         profile.journal_file.write_bytes(b"this is not a journal\n" * 500)
         return profile

@@ -760,3 +760,227 @@ class FinishedOrderTests(ControllerTestCase):
         self.assertEqual(self.controller.queue_status()["succeeded"], 3000)
         self.controller.clear(ids[:2900])
         self.assertEqual(len(self.controller._finished_order), 100)
+
+
+class HeartbeatTestCase(ControllerTestCase):
+    """A registry with the heartbeat on: period 1 s, timeout 10 s."""
+
+    def setUp(self):
+        super().setUp()
+        self.registry._heartbeat_period = 1.0
+        self.registry._heartbeat_timeout = 10.0
+        self.registry.start()
+
+    def beat(self, seconds: int) -> None:
+        """Let `seconds` pass one second at a time (one beat each)."""
+        for _ in range(seconds):
+            self.clock.advance(1.0)
+
+
+class HeartbeatTests(HeartbeatTestCase):
+    """Silence is measured against the controller's own running time."""
+
+    def test_silent_engine_lost_after_timeout(self):
+        """An engine that answers nothing is lost once it was silent for more
+        than the timeout, and its task fails with EngineLost."""
+        silent = self.add_engine()
+        silent.answers_pings = False
+        (taskid,) = self.submit(Task("work"))
+        self.turn()
+        self.beat(10)
+        self.assertIn(silent.engine.engine_id, self.registry.engines)
+        self.beat(1)
+        self.assertNotIn(silent.engine.engine_id, self.registry.engines)
+        self.assertTrue(silent.disconnected)
+        self.assertIsInstance(self.result(taskid).failure, EngineLost)
+
+    def test_answering_engine_kept(self):
+        """An engine that answers its pings stays, however long its task runs."""
+        alive = self.add_engine()
+        self.submit(Task("long"))
+        self.turn()
+        self.beat(60)
+        self.assertIn(alive.engine.engine_id, self.registry.engines)
+        self.assertEqual(self.codes(alive), ["long"])
+
+    def test_controller_stall_is_not_engine_loss(self):
+        """Case 8: the controller stalls for 12 s (SIGSTOP, a long pass) with
+        a heartbeat timeout of 10 s: on resuming, its healthy engines get a
+        fresh window and their running tasks go on."""
+        engines = [self.add_engine() for _ in range(2)]
+        ids = self.submit(Task("a"), Task("b"))
+        self.turn()
+        self.beat(3)
+        # No beat runs for 12 s; the engines' pings are answered when the
+        # reactor runs again, which is after the late beat itself.
+        for channel in engines:
+            channel.answers_pings = False
+        self.clock.advance(12.0)
+        for channel in engines:
+            channel.answers_pings = True
+            self.registry._heard(channel.engine)
+        self.beat(5)
+        self.assertEqual(sorted(self.registry.engines), [0, 1])
+        self.assertEqual([self.result(t) for t in ids], [None, None])
+        self.answer(engines[0], "a")
+        self.answer(engines[1], "b")
+        self.assertEqual([self.result(t).failure for t in ids], [None, None])
+
+    def test_silence_across_a_stall_counts_once(self):
+        """An engine that is really silent is still lost after a stall: the
+        stall adds one period to its silence, not twelve."""
+        silent = self.add_engine()
+        silent.answers_pings = False
+        self.beat(2)
+        self.clock.advance(12.0)
+        self.assertAlmostEqual(silent.engine.silence, 3.0)
+        self.beat(7)
+        self.assertIn(silent.engine.engine_id, self.registry.engines)
+        self.beat(1)
+        self.assertNotIn(silent.engine.engine_id, self.registry.engines)
+
+
+class ControllerTimeoutTests(HeartbeatTestCase):
+    """Case 16 and case 10: the controller enforces task timeouts itself."""
+
+    def grace(self) -> float:
+        return self.registry.timeout_grace
+
+    def test_rogue_engine_cannot_hold_a_task_past_its_timeout(self):
+        """An engine that answers pings but never replies: a task with
+        timeout=5 fails with TaskTimeout at 5 s plus the grace, the engine's
+        slot stays written off, and the retry runs on a good engine."""
+        rogue = self.add_engine()
+        (taskid,) = self.submit(Task("work", timeout=5, retries=1))
+        self.turn()
+        self.assertEqual(self.codes(rogue), ["work"])
+        good = self.add_engine()
+        self.clock.advance(5 + self.grace() - 0.01)
+        self.assertIsNone(self.result(taskid))
+        self.clock.advance(0.02)
+        self.turn()
+        self.assertIn(rogue.engine.engine_id, self.registry.engines)
+        self.assertEqual(rogue.interrupted, [0])
+        self.assertEqual(self.codes(good), ["work"])
+        self.answer(good, "work", {"ok": 1})
+        r = self.result(taskid)
+        self.assertEqual((r.engineid, r.results), (good.engine.engine_id, {"ok": 1}))
+
+    def test_written_off_slots_get_no_more_work(self):
+        """A rogue engine's tasks fail one after another, each once it had
+        been current for its timeout plus the grace; once every slot is
+        written off the engine gets nothing more, and a late reply frees a
+        slot without touching the finished task."""
+        rogue = self.add_engine()
+        first, second, third = self.submit(*[Task("t%d" % i, timeout=1) for i in range(3)])
+        self.turn()
+        self.assertEqual(self.codes(rogue), ["t0", "t1"])
+        self.clock.advance(1 + self.grace() + 0.01)
+        self.turn()
+        failure = self.result(first).failure
+        self.assertIsInstance(failure, TaskTimeout)
+        self.assertIn("did not answer", str(failure))
+        self.assertIsNone(self.result(second))
+        self.clock.advance(1 + self.grace() + 0.01)
+        self.turn()
+        self.assertIsInstance(self.result(second).failure, TaskTimeout)
+        # Both slots are written off: the third task waits.
+        self.assertEqual(self.codes(rogue), ["t0", "t1"])
+        self.assertEqual(self.controller.queue_status()["scheduled"], 1)
+        rogue.reply(0, True, serialization.dumps({"late": 1}), 0.0, 1.0)
+        self.turn()
+        self.assertIsInstance(self.result(first).failure, TaskTimeout)
+        self.assertEqual(self.codes(rogue), ["t1", "t2"])
+
+    def test_timeout_counts_from_when_the_task_is_current(self):
+        """A task sent ahead behind a long one is not failed for the time it
+        waited in the engine's queue."""
+        engine = self.add_engine()
+        long, short = self.submit(Task("long"), Task("short", timeout=2))
+        self.turn()
+        self.clock.advance(30)
+        self.assertIsNone(self.result(short))
+        self.answer(engine, "long")
+        self.clock.advance(2 + self.grace() - 0.01)
+        self.assertIsNone(self.result(short))
+        self.clock.advance(0.02)
+        self.assertIsInstance(self.result(short).failure, TaskTimeout)
+
+    def test_answer_in_time_cancels_the_deadline(self):
+        """A task answered within its timeout leaves no timer behind."""
+        engine = self.add_engine()
+        (taskid,) = self.submit(Task("quick", timeout=3))
+        self.turn()
+        self.answer(engine, "quick", {"v": 1})
+        self.assertEqual(engine.engine.head, None)
+        self.assertEqual(self.result(taskid).results, {"v": 1})
+        self.clock.advance(100)
+        self.assertEqual(self.result(taskid).results, {"v": 1})
+
+    def test_hung_engine_past_timeout_gives_task_timeout(self):
+        """Case 10: an engine hung in C code (no answer, no pings) while a
+        task with timeout=2 runs: when the heartbeat gives up on it, the task
+        fails with TaskTimeout, not EngineLost; a task without a timeout on
+        a hung engine gets EngineLost."""
+        hung = self.add_engine()
+        hung.answers_pings = False
+        (timed,) = self.submit(Task("regex", timeout=2))
+        self.turn()
+        other = self.add_engine()
+        other.answers_pings = False
+        (plain,) = self.submit(Task("plain"))
+        self.turn()
+        self.assertEqual(self.codes(other), ["plain"])
+        self.beat(11)
+        failure = self.result(timed).failure
+        self.assertIsInstance(failure, TaskTimeout)
+        self.assertIn("timeout of 2 s", str(failure))
+        self.assertIsInstance(self.result(plain).failure, EngineLost)
+
+
+class SubmissionTokenTests(ControllerTestCase):
+    """A replayed token is recognised by its batch's bytes."""
+
+    def test_resend_gets_the_same_ids(self):
+        envelopes = [Task("a").to_envelope()]
+        first = self.controller.submit(envelopes, token="t", digest="10:aa")
+        again = self.controller.submit(envelopes, token="t", digest="10:aa")
+        self.assertEqual(first, again)
+        self.assertEqual(self.controller.queue_status()["scheduled"], 1)
+
+    def test_token_replayed_with_another_batch_is_refused(self):
+        """A token sent again with different tasks is a BadRequest, not a
+        silent answer with the first batch's ids."""
+        self.controller.submit([Task("a").to_envelope()], token="t", digest="10:aa")
+        with self.assertRaises(BadRequest) as caught:
+            self.controller.submit([Task("b").to_envelope()], token="t", digest="10:bb")
+        self.assertIn("already used for another batch", str(caught.exception))
+        self.assertEqual(self.controller.queue_status()["scheduled"], 1)
+
+
+class FinishedTaskMemoryTests(ControllerTestCase):
+    """A finished task keeps its result, not its envelope."""
+
+    def test_finished_tasks_drop_their_payload(self):
+        """Pushed data and the recovery chain of succeeded, failed and
+        aborted tasks are let go; a queued task keeps its own."""
+        engine = self.add_engine()
+        push = {"blob": b"x" * 100_000}
+        done, failed, aborted, queued = self.submit(
+            Task("ok", push=push),
+            Task("bad", push=push, recovery_task=Task("recover")),
+            Task("abort me", push=push),
+            Task("later", push=push),
+        )
+        self.turn()
+        self.answer(engine, "ok")
+        self.fail_with(engine, "bad")
+        self.turn()
+        self.controller.abort(aborted)
+        records = self.controller._tasks
+        self.assertEqual(records[failed].state.value, "scheduled")  # its recovery is queued
+        for taskid in (done, aborted):
+            self.assertEqual(records[taskid].spec.payload, b"")
+            self.assertIsNone(records[taskid].spec.recovery)
+        self.assertGreater(len(records[queued].spec.payload), 100_000)
+        self.assertEqual(self.result(done).failure, None)

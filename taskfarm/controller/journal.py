@@ -26,9 +26,9 @@ from pathlib import Path
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from taskfarm.errors import ProfileError
+from taskfarm.errors import JournalError, ProfileError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
@@ -51,9 +51,13 @@ CREATE TABLE IF NOT EXISTS tokens (
     token TEXT PRIMARY KEY,
     first_id INTEGER NOT NULL,
     count INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    digest TEXT
 );
 """
+
+#: Schema version 1 lacked the digest of each submission's bytes.
+_MIGRATIONS = {1: "ALTER TABLE tokens ADD COLUMN digest TEXT"}
 
 
 class JournalCorrupt(ProfileError):
@@ -75,6 +79,10 @@ class StoredTask:
 
 
 _STOP = object()
+
+#: Seconds between attempts to write operations a failed commit kept.
+RETRY_FIRST_DELAY = 0.5
+RETRY_MAX_DELAY = 10.0
 
 #: Outcomes bigger than this many bytes are kept in files beside the
 #: journal, not in SQLite (one write each, no WAL copy and checkpoint).
@@ -118,7 +126,8 @@ class Journal:
         self._pending: list = []
         self._flush_call = None
         self._sync_waiters: list[defer.Deferred] = []
-        self._failed: BaseException | None = None
+        #: The `JournalError` of the last failed commit, until one succeeds.
+        self.trouble: JournalError | None = None
         #: Operations committed so far (for tests and benchmarks).
         self.committed = 0
 
@@ -147,6 +156,12 @@ class Journal:
                     "INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,)
                 )
                 connection.commit()
+            elif version[0] in _MIGRATIONS:
+                with connection:
+                    connection.execute(_MIGRATIONS[version[0]])
+                    connection.execute(
+                        "UPDATE meta SET value=? WHERE key='schema'", (SCHEMA_VERSION,)
+                    )
             elif version[0] != SCHEMA_VERSION:
                 raise sqlite3.DatabaseError("schema version %r" % (version[0],))
         except sqlite3.DatabaseError as e:
@@ -193,20 +208,38 @@ class Journal:
         for row in cursor:
             yield StoredTask(row)
 
-    def tokens(self) -> list[tuple[str, int, int]]:
-        """Stored submission tokens, oldest first."""
+    def tokens(self) -> list[tuple[str, int, int, str | None]]:
+        """Stored submission tokens (token, first id, count, digest), oldest first."""
         return self._connection.execute(
-            "SELECT token, first_id, count FROM tokens ORDER BY created"
+            "SELECT token, first_id, count, digest FROM tokens ORDER BY created"
         ).fetchall()
 
     # -- writing (reactor thread enqueues) -------------------------------------------
 
-    def accepted(self, taskid: int, envelope: bytes, submitted: float, retries: int) -> None:
-        self._enqueue(
+    def accept_batch(self, rows: list[tuple], token: tuple | None = None) -> defer.Deferred:
+        """Journal one submission: `rows` of (taskid, envelope, submitted,
+        retries), and its `token` row (token, first id, count, digest, now).
+
+        Fires once committed.  If the commit fails, the batch is dropped
+        whole and the Deferred fails with `JournalError`: the caller must
+        refuse it, since nothing of it would survive a restart.
+        """
+        batch = _Batch()
+        insert = (
             "INSERT OR REPLACE INTO tasks (taskid, envelope, submitted, state, link,"
-            " retries_left) VALUES (?, ?, ?, 'queued', 0, ?)",
-            (taskid, envelope, submitted, retries),
+            " retries_left) VALUES (?, ?, ?, 'queued', 0, ?)"
         )
+        self._pending.extend((insert, row, batch) for row in rows)
+        if token is not None:
+            self._pending.append((
+                "INSERT OR REPLACE INTO tokens (token, first_id, count, digest, created)"
+                " VALUES (?, ?, ?, ?, ?)",
+                token,
+                batch,
+            ))
+        self._sync_waiters.append(batch.deferred)
+        self._schedule_flush()
+        return batch.deferred
 
     def next_id_is(self, next_id: int) -> None:
         self._enqueue("INSERT OR REPLACE INTO meta VALUES ('next_id', ?)", (next_id,))
@@ -221,7 +254,7 @@ class Journal:
         data = _blob(record)
         if data is not None and len(data) > BLOB_FILE_THRESHOLD:
             path = self._blob_path(record.taskid)
-            self._pending.append((_WRITE_FILE, (path, data)))
+            self._pending.append((_WRITE_FILE, (path, data), None))
             self._blob_ids.add(record.taskid)
             data = _FILE_MARK
         self._enqueue(
@@ -240,7 +273,7 @@ class Journal:
         files = [self._blob_path(t) for t in taskids if t in self._blob_ids]
         if files:
             self._blob_ids.difference_update(taskids)
-            self._pending.append((_REMOVE_FILES, files))
+            self._pending.append((_REMOVE_FILES, files, None))
 
     def _blob_path(self, taskid: int) -> Path:
         return self.blob_dir / ("%d.result" % taskid)
@@ -252,25 +285,19 @@ class Journal:
             return self._blob_path(stored.taskid).read_bytes()
         return stored.data
 
-    def token(self, token: str, first_id: int, count: int, now: float) -> None:
-        self._enqueue(
-            "INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?)", (token, first_id, count, now)
-        )
-
     def forget_tokens(self, older_than: float) -> None:
         self._enqueue("DELETE FROM tokens WHERE created < ?", (older_than,))
 
     def sync(self) -> defer.Deferred:
-        """Fires once everything enqueued so far is committed."""
-        if self._failed is not None:
-            return defer.fail(self._failed)
+        """Fires once everything enqueued so far is committed; fails with
+        `JournalError` if the commit that carries it fails."""
         d: defer.Deferred = defer.Deferred()
         self._sync_waiters.append(d)
         self._schedule_flush()
         return d
 
     def _enqueue(self, sql: str, params: tuple) -> None:
-        self._pending.append((sql, params))
+        self._pending.append((sql, params, None))
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -286,30 +313,46 @@ class Journal:
     # -- the writer thread --------------------------------------------------------------
 
     def _write_loop(self) -> None:
+        # Operations of a failed commit that must not be lost (outcomes,
+        # requeues, clears, the id counter) are carried into the next one,
+        # ahead of anything newer, so they land in order once space is back.
+        carried: list = []
+        delay = RETRY_FIRST_DELAY
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
+            try:
+                item = self._queue.get(timeout=delay if carried else None)
+            except queue.Empty:
+                item = ([], [])
             batches = [item]
+            stopping = item is _STOP
             # Group commit: take whatever else is already waiting.
-            while True:
+            while not stopping:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if more is _STOP:
-                    self._commit(batches)
-                    return
+                stopping = more is _STOP
                 batches.append(more)
-            self._commit(batches)
+            batches = [b for b in batches if b is not _STOP]
+            carried = self._commit(carried, batches)
+            delay = min(delay * 2, RETRY_MAX_DELAY) if carried else RETRY_FIRST_DELAY
+            if stopping:
+                if carried:
+                    self._reactor.callFromThread(self._log.critical,
+                        "closing with {count} journal operations unwritten: {error}",
+                        count=len(carried), error=self.trouble)
+                return
 
-    def _commit(self, batches: list) -> None:
+    def _commit(self, carried: list, batches: list) -> list:
+        """Commit `carried` then `batches`; returns what must be carried on."""
         waiters = [w for _, ws in batches for w in ws]
-        operations = [op for ops, _ in batches for op in ops]
+        operations = carried + [op for ops, _ in batches for op in ops]
+        if not operations and not waiters:
+            return []
         try:
             # Big results go to files first: the rows that point at them
             # commit after, so a row never points at a missing file.
-            for sql, params in operations:
+            for sql, params, _ in operations:
                 if sql is _WRITE_FILE:
                     _write_file(*params)
             with self._connection:
@@ -317,21 +360,39 @@ class Journal:
                 # runs in C, not in Python holding the GIL.
                 for sql, group in itertools.groupby(operations, key=lambda op: op[0]):
                     if sql is not _WRITE_FILE and sql is not _REMOVE_FILES:
-                        self._connection.executemany(sql, [params for _, params in group])
+                        self._connection.executemany(sql, [params for _, params, _ in group])
             # Files of cleared tasks go once their rows are gone for good.
-            for sql, paths in operations:
+            for sql, paths, _ in operations:
                 if sql is _REMOVE_FILES:
                     _remove_files(paths)
-        except Exception as e:
-            self._failed = e
-            self._reactor.callFromThread(self._report_failure, e, waiters)
-            return
+        except (sqlite3.Error, OSError) as e:
+            error = JournalError(
+                "the journal %s cannot be written: %s: %s" % (self.path, type(e).__name__, e)
+            )
+            # A submission is refused whole; everything else is kept.
+            keep = [op for op in operations if op[2] is None]
+            first = self.trouble is None
+            self.trouble = error
+            self._reactor.callFromThread(self._report_failure, error, waiters, len(keep), first)
+            return keep
         self.committed += len(operations)
+        if self.trouble is not None:
+            self.trouble = None
+            self._reactor.callFromThread(
+                self._log.info, "the journal {path} is written again", path=str(self.path)
+            )
         if waiters:
             self._reactor.callFromThread(_fire, waiters)
+        return []
 
-    def _report_failure(self, error: BaseException, waiters: list) -> None:
-        self._log.critical("the journal {path} cannot be written: {error}", path=str(self.path), error=error)
+    def _report_failure(self, error: JournalError, waiters: list, kept: int, first: bool) -> None:
+        if first:
+            self._log.critical(
+                "{error}; refusing submissions, and keeping {kept} operations in "
+                "memory to write once it can",
+                error=str(error),
+                kept=kept,
+            )
         for waiter in waiters:
             waiter.errback(error)
 
@@ -346,6 +407,15 @@ class Journal:
         self._thread.join(timeout)
         self._thread = None
         self._connection.close()
+
+
+class _Batch:
+    """The operations of one submission: committed together or refused."""
+
+    __slots__ = ("deferred",)
+
+    def __init__(self) -> None:
+        self.deferred: defer.Deferred = defer.Deferred()
 
 
 def _fire(waiters: list) -> None:

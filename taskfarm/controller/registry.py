@@ -18,7 +18,7 @@ from twisted.internet import task
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from taskfarm.errors import EngineLost, InvalidProperty, to_wire
+from taskfarm.errors import EngineLost, InvalidProperty, TaskTimeout, to_wire
 from taskfarm.interfaces import IEngineSink
 
 #: The largest engine id handed out, plus one.
@@ -27,6 +27,11 @@ MAX_ENGINES = 4096
 #: Seconds between pings of each engine, and of silence before it is lost.
 DEFAULT_HEARTBEAT_PERIOD = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 10.0
+
+#: Seconds past a command's time limit that the controller waits for its
+#: engine's own answer (the engine interrupts at the limit and gives up 5 s
+#: later) before it fails the command itself.
+DEFAULT_TIMEOUT_GRACE = 10.0
 
 #: ``on_reply(seq, ok, data, started, finished)``
 ReplyCallback = Callable[[int, bool, object, "float | None", float], None]
@@ -62,8 +67,21 @@ class EngineHandle:
         self.mean_duration: float | None = None
         #: seq -> (op, on_reply) of every unanswered command, oldest first.
         self.inflight: dict[int, tuple[str, ReplyCallback]] = {}
+        #: seq -> (time limit, on_overdue) of the commands that have one.
+        self.time_limits: dict[int, tuple[float, Callable[[int], None]]] = {}
+        #: Commands past their limit and grace: failed by the controller, but
+        #: their slots stay taken until the engine answers or is lost.
+        self.overdue: set[int] = set()
+        #: The command the engine is running as far as the controller can
+        #: tell (the oldest unanswered one not overdue), and since when.
+        self.head: int | None = None
+        self.head_since = 0.0
+        self._head_timer = None
         #: When the engine last answered anything (a reply or a ping).
         self.last_heard = 0.0
+        #: Seconds of the controller's own running time the engine has been
+        #: silent for (a stall of the controller does not count).
+        self.silence = 0.0
         self._outbox: list = []
         self._next_seq = 0
         self._lost = False
@@ -74,16 +92,85 @@ class EngineHandle:
             return EngineState.LOST
         return EngineState.BUSY if self.inflight else EngineState.IDLE
 
-    def send(self, op: str, args: tuple, on_reply: ReplyCallback) -> int:
-        """Queue one command; it leaves at the end of this reactor turn."""
+    def send(
+        self,
+        op: str,
+        args: tuple,
+        on_reply: ReplyCallback,
+        time_limit: float | None = None,
+        on_overdue: Callable[[int], None] | None = None,
+    ) -> int:
+        """Queue one command; it leaves at the end of this reactor turn.
+
+        With `time_limit`, the controller enforces it itself: once the
+        command has been the engine's current one for `time_limit` plus the
+        grace and no answer came, `on_overdue(seq)` is called.  Its reply, if
+        one ever comes, still goes to `on_reply`.
+        """
         if self._lost:
             raise EngineLost("engine %d is gone" % self.engine_id)
         seq = self._next_seq
         self._next_seq += 1
         self.inflight[seq] = (op, on_reply)
+        if time_limit is not None and on_overdue is not None:
+            self.time_limits[seq] = (time_limit, on_overdue)
         self._outbox.append((seq, op, args))
         self._registry._wants_flush(self)
+        self._follow_head()
         return seq
+
+    def _answered(self, seq: int):
+        """Take an answered command off the stream; returns its entry."""
+        entry = self.inflight.pop(seq, None)
+        self.time_limits.pop(seq, None)
+        self.overdue.discard(seq)
+        if seq == self.head:
+            self._follow_head()
+        return entry
+
+    def _follow_head(self) -> None:
+        # Commands run in order, so the oldest unanswered one that is not
+        # written off is running: its time limit counts from when it became
+        # the head here, which is never earlier than it started there.
+        head = next((seq for seq in self.inflight if seq not in self.overdue), None)
+        if head == self.head:
+            return
+        self.head = head
+        clock = self._registry._clock
+        self.head_since = clock.seconds()
+        if self._head_timer is not None and self._head_timer.active():
+            self._head_timer.cancel()
+        self._head_timer = None
+        limit = self.time_limits.get(head) if head is not None else None
+        if limit is not None:
+            delay = limit[0] + self._registry.timeout_grace
+            self._head_timer = clock.callLater(delay, self._head_overdue, head)
+
+    def _head_overdue(self, seq: int) -> None:
+        self._head_timer = None
+        if self._lost or seq not in self.inflight:
+            return
+        _, on_overdue = self.time_limits.pop(seq)
+        self.overdue.add(seq)
+        self._registry._log.warn(
+            "engine {engine_id} did not answer command {seq} within its time "
+            "limit and {grace} s of grace; failing it, and its slot stays taken",
+            engine_id=self.engine_id,
+            seq=seq,
+            grace=self._registry.timeout_grace,
+        )
+        self._follow_head()
+        on_overdue(seq)
+
+    def past_limit(self, seq: int, now: float) -> bool:
+        """Whether command `seq` has run past its time limit by `now`."""
+        limit = self.time_limits.get(seq)
+        return limit is not None and seq == self.head and now - self.head_since > limit[0]
+
+    def _stop_timer(self) -> None:
+        if self._head_timer is not None and self._head_timer.active():
+            self._head_timer.cancel()
+        self._head_timer = None
 
     def interrupt(self, seq: int) -> None:
         """Ask the engine to stop command `seq`; its reply still comes."""
@@ -96,7 +183,7 @@ class EngineHandle:
         now = self._registry._clock.seconds()
         cancelled = [seq for seq in seqs if seq in self.inflight]
         for seq in cancelled:
-            _, callback = self.inflight.pop(seq)
+            _, callback = self._answered(seq)
             callback(seq, False, error, None, now)
         if cancelled and not self._lost:
             self.channel.cancel(cancelled)
@@ -155,8 +242,11 @@ class EngineRegistry:
         task_slots: int = 2,
         heartbeat_period: float | None = DEFAULT_HEARTBEAT_PERIOD,
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        timeout_grace: float = DEFAULT_TIMEOUT_GRACE,
     ) -> None:
         self._clock = clock
+        #: Seconds past a command's time limit before the controller fails it.
+        self.timeout_grace = timeout_grace
         self.task_slots = task_slots
         self.engines: dict[int, EngineHandle] = {}
         self._listeners: list[RegistryListener] = []
@@ -165,6 +255,7 @@ class EngineRegistry:
         self._heartbeat_period = heartbeat_period
         self._heartbeat_timeout = heartbeat_timeout
         self._heartbeat: task.LoopingCall | None = None
+        self._last_beat = 0.0
 
     def add_listener(self, listener: RegistryListener) -> None:
         self._listeners.append(listener)
@@ -208,9 +299,9 @@ class EngineRegistry:
     def replies(self, engine: EngineHandle, replies: list) -> None:
         if self.engines.get(engine.engine_id) is not engine:
             return
-        engine.last_heard = self._clock.seconds()
+        self._heard(engine)
         for seq, ok, data, started, finished in replies:
-            entry = engine.inflight.pop(seq, None)
+            entry = engine._answered(seq)
             if entry is not None:
                 entry[1](seq, ok, data, started, finished)
 
@@ -220,6 +311,7 @@ class EngineRegistry:
             return
         del self.engines[engine_id]
         engine._lost = True
+        engine._stop_timer()
         self._dirty.pop(engine_id, None)
         self._log.warn(
             "engine {engine_id} lost: {reason}", engine_id=engine_id, reason=reason
@@ -230,7 +322,19 @@ class EngineRegistry:
         now = self._clock.seconds()
         pending, engine.inflight = engine.inflight, {}
         for seq, (_, callback) in pending.items():
-            callback(seq, False, error, None, now)
+            if engine.past_limit(seq, now):
+                # It ran past its own limit before the engine went silent:
+                # that is the task's timeout, whatever became of the engine.
+                limit = engine.time_limits[seq][0]
+                timed_out = TaskTimeout(
+                    "the task ran past its timeout of %g s on engine %d, which "
+                    "then stopped answering (%s)" % (limit, engine_id, reason)
+                )
+                callback(seq, False, to_wire(timed_out), engine.head_since, now)
+            else:
+                callback(seq, False, error, None, now)
+        engine.time_limits.clear()
+        engine.overdue.clear()
 
     # -- batching -------------------------------------------------------------------
 
@@ -257,18 +361,27 @@ class EngineRegistry:
     def start(self) -> None:
         """Start the heartbeat: ping every engine, drop the silent ones."""
         if self._heartbeat_period:
+            self._last_beat = self._clock.seconds()
             self._heartbeat = task.LoopingCall(self._beat)
             self._heartbeat.clock = self._clock
             self._heartbeat.start(self._heartbeat_period, now=False)
 
     def _beat(self) -> None:
+        # Silence is counted in the controller's own running time: a beat
+        # that comes late (the controller was paused, or busy) adds at most
+        # one period, so a stall of ours never passes for the engines' loss.
         now = self._clock.seconds()
+        elapsed = min(now - self._last_beat, self._heartbeat_period)
+        since, self._last_beat = self._last_beat, now
         for engine in list(self.engines.values()):
-            silent = now - engine.last_heard
-            if silent > self._heartbeat_timeout:
+            if engine.last_heard >= since:
+                engine.silence = min(now - engine.last_heard, elapsed)
+            else:
+                engine.silence += elapsed
+            if engine.silence > self._heartbeat_timeout:
                 self.engine_lost(
                     engine,
-                    "no answer for %.1f s (hung, stopped or unreachable)" % silent,
+                    "no answer for %.1f s (hung, stopped or unreachable)" % engine.silence,
                 )
                 engine.channel.disconnect()
             else:
@@ -276,6 +389,7 @@ class EngineRegistry:
 
     def _heard(self, engine: EngineHandle) -> None:
         engine.last_heard = self._clock.seconds()
+        engine.silence = 0.0
 
     def stop(self) -> None:
         """Cancel the heartbeat and pending flush; used when the controller stops."""
@@ -284,3 +398,5 @@ class EngineRegistry:
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
+        for engine in self.engines.values():
+            engine._stop_timer()

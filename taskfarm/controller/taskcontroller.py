@@ -16,12 +16,14 @@ from functools import partial
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from taskfarm import serialization
 from taskfarm.controller.registry import EngineRegistry, RegistryListener
 from taskfarm.controller.tasks import TaskRecord, TaskSpec, TaskState
 from taskfarm.errors import (
     BadRequest,
+    JournalError,
     SerializationError,
     TaskAborted,
     TaskAlreadyAborted,
@@ -64,6 +66,12 @@ class _Countdown:
         if self.remaining == 0:
             self.deferred.callback(None)
 
+    def failed(self, error: BaseException) -> None:
+        """A task waited on will never finish (its submission was refused)."""
+        if not self.deferred.called:
+            self.remaining = -1
+            self.deferred.errback(error)
+
 
 class TaskController(RegistryListener):
     """Queues, dispatches and tracks tasks; keeps results until cleared."""
@@ -95,7 +103,9 @@ class TaskController(RegistryListener):
         #: (completed time, taskid) in completion order, for the retention sweep.
         self._finished_order: collections.deque = collections.deque()
         #: Submission token -> the ids it got (resubmission gets them again).
-        self._tokens: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
+        self._tokens: collections.OrderedDict[str, tuple[int, int, str | None]] = (
+            collections.OrderedDict()
+        )
         self._sweep_loop: task.LoopingCall | None = None
         self._tasks: dict[int, TaskRecord] = {}
         self._counts = {state: 0 for state in TaskState}
@@ -150,27 +160,45 @@ class TaskController(RegistryListener):
         return first
 
     def submit(
-        self, envelopes: Iterable, token: str | None = None, ids: list[int] | None = None
+        self,
+        envelopes: Iterable,
+        token: str | None = None,
+        ids: list[int] | None = None,
+        digest: str | None = None,
     ) -> list[int]:
         """Accept a batch of task envelopes; returns their ids, in order.
 
         `ids`, when given, are ids this client reserved, one per task.  The
         whole batch is checked before any task is queued, so a bad task
         rejects the batch and nothing is half-submitted.  A batch sent again
-        with the same `token` (after a lost connection) is not queued twice.
-        With a journal, the tasks are durable once `durable()` fires.
+        with the same `token` (after a lost connection) is not queued twice;
+        `digest` tells a resend from another batch under a replayed token.
+        With a journal, the tasks reach the scheduler only once they are
+        journaled (`submit_durably` waits for that, and reports a refusal).
         """
-        envelopes = list(envelopes)
+        ids, _ = self._submit(list(envelopes), token, ids, digest)
+        return ids
+
+    def _submit(
+        self, envelopes: list, token: str | None, ids: list[int] | None, digest: str | None
+    ) -> tuple[list[int], defer.Deferred]:
+        """`submit`; also returns a Deferred that fires once the batch is
+        journaled and queued, or fails with `JournalError` if it never is."""
         # Checked before the token: a resent batch answers with these ids.
         if ids is not None:
             self._check_reserved(ids, len(envelopes))
         if token is not None and token in self._tokens:
-            first, count = self._tokens[token]
+            first, count, known_digest = self._tokens[token]
+            if digest is not None and known_digest is not None and digest != known_digest:
+                raise BadRequest(
+                    "submission token %s was already used for another batch; "
+                    "every batch needs a token of its own" % token
+                )
             if first >= 0:
-                return list(range(first, first + count))
+                return list(range(first, first + count)), self.durable()
             if ids is None:
                 raise BadRequest("this submission token came with reserved ids; send them again")
-            return list(ids)
+            return list(ids), self.durable()
         if ids is not None:
             # Not a resend (its token is unknown): ids in use are someone else's.
             taken = [taskid for taskid in ids if taskid in self._tasks]
@@ -185,19 +213,57 @@ class TaskController(RegistryListener):
         if ids is None:
             ids = list(range(first, first + len(specs)))
             self._next_id += len(specs)
-        for taskid, spec, envelope in zip(ids, specs, envelopes, strict=True):
+        records = []
+        for taskid, spec in zip(ids, specs, strict=True):
             record = TaskRecord(taskid, spec, now)
             self._tasks[taskid] = record
             self._counts[TaskState.QUEUED] += 1
-            self._scheduler.add_task(record)
-            if self._journal is not None:
-                self._journal.accepted(taskid, serialization.pack(envelope), now, spec.retries)
+            records.append(record)
         if token is not None:
-            self._remember_token(token, first if self._next_id > first else -1, len(specs), now)
-        if self._journal is not None and self._next_id > first:
+            self._remember_token(token, first if self._next_id > first else -1, len(specs), digest)
+        if self._journal is None:
+            self._admit(records)
+            return ids, defer.succeed(None)
+        if self._next_id > first:
+            # Ids are spent whether or not the batch is journaled.
             self._journal.next_id_is(self._next_id)
+        rows = [
+            (record.taskid, serialization.pack(envelope), now, record.spec.retries)
+            for record, envelope in zip(records, envelopes, strict=True)
+        ]
+        token_row = None if token is None else (token, self._tokens[token][0], len(specs), digest, now)
+        admitted = self._journal.accept_batch(rows, token_row)
+        admitted.addCallbacks(
+            lambda _: self._admit(records), partial(self._refuse_batch, records, token)
+        )
+        return ids, admitted
+
+    def _admit(self, records: list[TaskRecord]) -> None:
+        """Give newly accepted (and journaled) tasks to the scheduler."""
+        for record in records:
+            # One may have been aborted while its batch was being journaled.
+            if record.is_queued and self._tasks.get(record.taskid) is record:
+                self._scheduler.add_task(record)
         self._kick()
-        return ids
+
+    def _refuse_batch(self, records: list[TaskRecord], token: str | None, failure):
+        """The batch could not be journaled: it is forgotten whole (none of
+        it ran, since it never reached the scheduler)."""
+        error = failure.value
+        if not isinstance(error, JournalError):
+            error = JournalError("the journal cannot be written: %s" % (error,))
+        for record in records:
+            if self._tasks.get(record.taskid) is record:
+                del self._tasks[record.taskid]
+                self._counts[record.state] -= 1
+            for countdown in self._waiters.pop(record.taskid, ()):
+                countdown.failed(error)
+        if token is not None:
+            self._tokens.pop(token, None)
+        self._log.warn(
+            "refused a batch of {count} tasks: {error}", count=len(records), error=error
+        )
+        return Failure(error)
 
     def _check_reserved(self, ids: list, count: int) -> None:
         if not isinstance(ids, list) or len(ids) != count:
@@ -217,11 +283,16 @@ class TaskController(RegistryListener):
         return self._journal.sync()
 
     async def submit_durably(
-        self, envelopes: Iterable, token: str | None = None, ids: list[int] | None = None
+        self,
+        envelopes: Iterable,
+        token: str | None = None,
+        ids: list[int] | None = None,
+        digest: str | None = None,
     ) -> list[int]:
-        """`submit`, answering only once the tasks are journaled."""
-        ids = self.submit(envelopes, token, ids)
-        await self.durable()
+        """`submit`, answering only once the tasks are journaled; a batch
+        that cannot be journaled is refused whole with `JournalError`."""
+        ids, admitted = self._submit(list(envelopes), token, ids, digest)
+        await admitted
         return ids
 
     async def reserve_durably(self, count: int) -> int:
@@ -230,12 +301,10 @@ class TaskController(RegistryListener):
         await self.durable()
         return first
 
-    def _remember_token(self, token: str, first: int, count: int, now: float) -> None:
-        self._tokens[token] = (first, count)
+    def _remember_token(self, token: str, first: int, count: int, digest: str | None) -> None:
+        self._tokens[token] = (first, count, digest)
         while len(self._tokens) > MAX_TOKENS:
             self._tokens.popitem(last=False)
-        if self._journal is not None:
-            self._journal.token(token, first, count, now)
 
     def results(self, taskids: list[int], block: bool = False) -> defer.Deferred:
         """Result envelopes of `taskids` (None for unfinished ones unless `block`)."""
@@ -398,6 +467,8 @@ class TaskController(RegistryListener):
                 "task",
                 (spec.kind, spec.payload, spec.clear_before, spec.clear_after, spec.timeout),
                 partial(self._task_replied, record, engine.engine_id),
+                time_limit=spec.timeout,
+                on_overdue=partial(self._task_overdue, record, engine.engine_id),
             )
             self._move(record, record.start, engine.engine_id, seq)
 
@@ -418,27 +489,52 @@ class TaskController(RegistryListener):
                 slots = engine.observe(finished - started, self._prefetch, MAX_TASK_SLOTS)
                 if slots is not None:
                     self._scheduler.resize(engine_id, slots)
-        current = (
+        if self._is_current(record, engine_id, seq):
+            if ok:
+                self._move(record, record.succeed, data, started, finished)
+                self._finished(record)
+            else:
+                self._attempt_failed(record, engine_id, data, started, finished)
+        self._kick()
+
+    def _is_current(self, record: TaskRecord, engine_id: int, seq: int) -> bool:
+        # A late answer of an aborted, re-queued or written-off try is stale.
+        return (
             record.state is TaskState.RUNNING
             and record.engine_id == engine_id
             and record.seq == seq
         )
-        if current:
-            if ok:
-                self._move(record, record.succeed, data, started, finished)
-                self._finished(record)
-            elif self._move(record, record.fail_attempt, data, started, finished):
-                self._journal_requeue(record)
-                self._log.info(
-                    "task {taskid} attempt {attempt} failed on engine {engine_id}; "
-                    "queued again",
-                    taskid=record.taskid,
-                    attempt=record.attempts,
-                    engine_id=engine_id,
-                )
-                self._scheduler.add_task(record)
-            else:
-                self._finished(record)
+
+    def _attempt_failed(self, record, engine_id: int, error: tuple, started, finished) -> None:
+        if self._move(record, record.fail_attempt, error, started, finished):
+            self._journal_requeue(record)
+            self._log.info(
+                "task {taskid} attempt {attempt} failed on engine {engine_id}; "
+                "queued again",
+                taskid=record.taskid,
+                attempt=record.attempts,
+                engine_id=engine_id,
+            )
+            self._scheduler.add_task(record)
+        else:
+            self._finished(record)
+
+    def _task_overdue(self, record: TaskRecord, engine_id: int, seq: int) -> None:
+        """The engine has not answered a task long past its timeout: the
+        controller fails the try itself.  The engine's slot stays taken (it
+        is still busy, or lying) until it answers or is lost."""
+        if not self._is_current(record, engine_id, seq):
+            return
+        engine = self._registry.engines.get(engine_id)
+        if engine is not None:
+            engine.interrupt(seq)
+        error = TaskTimeout(
+            "the task ran past its timeout of %g s and engine %d did not answer "
+            "within %g s more; the controller stopped waiting for it"
+            % (record.spec.timeout, engine_id, self._registry.timeout_grace)
+        )
+        now = self._clock.seconds()
+        self._attempt_failed(record, engine_id, to_wire(error), None, now)
         self._kick()
 
     def _finished(self, record: TaskRecord) -> None:
@@ -493,8 +589,8 @@ class TaskController(RegistryListener):
                 finished.append((record.completed or 0.0, record.taskid))
         if self._retention:
             self._finished_order.extend(sorted(finished))
-        for token, first, count in self._journal.tokens():
-            self._tokens[token] = (first, count)
+        for token, first, count, digest in self._journal.tokens():
+            self._tokens[token] = (first, count, digest)
         self._log.info(
             "restored {restored} tasks from {path} ({requeued} queued again); "
             "next task id {next_id}",

@@ -127,12 +127,24 @@ class TaskSpec:
             None if recovery is None else cls.from_envelope(recovery, depth + 1),
         )
 
+    def finished(self) -> TaskSpec:
+        """What a finished task still needs of its spec: only its kind.
+
+        The payload (pushed data, code, function) and the rest of the chain
+        are dropped, so finished tasks cost the controller their results
+        only; the journal keeps the envelope for as long as retention says.
+        """
+        return _FINISHED_SPECS[self.kind]
+
     def chain(self):
         """This spec and its recovery specs, in order."""
         spec: TaskSpec | None = self
         while spec is not None:
             yield spec
             spec = spec.recovery
+
+
+_FINISHED_SPECS = {kind: TaskSpec(kind, b"") for kind in (EXEC, CALL)}
 
 
 class TaskRecord:
@@ -204,6 +216,7 @@ class TaskRecord:
         self._move(TaskState.SUCCEEDED)
         self.ok, self.data = True, data
         self.started, self.completed = started, completed
+        self.spec = self.spec.finished()
 
     def fail_attempt(
         self, error: tuple, started: float | None, completed: float
@@ -246,12 +259,14 @@ class TaskRecord:
         self._move(TaskState.FAILED)
         self.ok, self.data = False, error
         self.started, self.completed = started, completed
+        self.spec = self.spec.finished()
 
     def abort(self, error: tuple, now: float) -> None:
         """queued or running -> aborted."""
         self._move(TaskState.ABORTED)
         self.ok, self.data = False, error
         self.completed = now
+        self.spec = self.spec.finished()
 
     def _requeue(self) -> None:
         self._move(TaskState.QUEUED)
@@ -273,6 +288,7 @@ class TaskRecord:
             record.started, record.completed = stored.started, stored.completed
             record.ok = bool(stored.ok)
             record.data = stored.data
+            record.spec = record.spec.finished()
         return record
 
     def result_envelope(self) -> tuple:

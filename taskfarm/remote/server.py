@@ -10,6 +10,7 @@ stop the controller: malformed input becomes `BadRequest`.
 from __future__ import annotations
 
 import math
+import zlib
 
 from foolscap.api import DeadReferenceError, Referenceable
 from twisted.application.service import Service
@@ -95,8 +96,11 @@ class RemoteTaskController(Referenceable):
             token, envelopes, ids = request
             if not isinstance(envelopes, list) or not (token is None or isinstance(token, str)):
                 raise BadRequest("a submission must be (token, [task, ...], ids or None)")
+            # A resend carries the very same bytes; a replayed token with
+            # other tasks does not.
+            digest = "%d:%08x" % (len(batch), zlib.crc32(batch))
             return defer.Deferred.fromCoroutine(
-                self._controller.submit_durably(envelopes, token, ids)
+                self._controller.submit_durably(envelopes, token, ids, digest)
             )
 
         return reply(submit)
