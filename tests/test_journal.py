@@ -245,8 +245,8 @@ class CorruptJournalTests(unittest.TestCase):
         self.assertFalse(profile.furl_file("task").exists())
 
 
-class RestartTests(unittest.TestCase):
-    """An in-process controller stopped and started again on one profile."""
+class _RestartTestCase(unittest.TestCase):
+    """In-process controllers stopped and started again on one profile."""
 
     timeout = 120
 
@@ -268,6 +268,10 @@ class RestartTests(unittest.TestCase):
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(stop()))
         await cluster.start(n_engines)
         return cluster
+
+
+class RestartTests(_RestartTestCase):
+    """An in-process controller stopped and started again on one profile."""
 
     @_deferred
     async def test_tasks_and_results_survive_restarts(self):
@@ -401,3 +405,94 @@ class InMemoryControllerTests(unittest.TestCase):
 def _unfinished(controller: TaskController) -> int:
     status = controller.queue_status()
     return status["scheduled"] + status["pending"]
+
+
+#: A task that waits (at most 60 s) for the file `gate` to exist, then
+#: returns a result big enough to go to a file beside the journal.
+_GATED = """\
+import os, time
+deadline = time.time() + 60
+while not os.path.exists(gate) and time.time() < deadline:
+    time.sleep(0.02)
+r = n * 200_000 * b"r"
+"""
+
+
+class FullDiskTests(_RestartTestCase):
+    """Case 12: the journal on a small tmpfs that fills up (root only)."""
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("mounting a tmpfs needs root (CI runs as root)")
+        outside = _temp_dir(self, "taskfarm-disk-")
+        self.root = str(outside / "profile")
+        os.mkdir(self.root)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", self.root],
+                       check=True)
+        self.addCleanup(subprocess.run, ["umount", "-l", self.root], check=False)
+        # Logs stay off the small disk: only the journal and furls live there.
+        (outside / "log").mkdir()
+        os.symlink(outside / "log", Path(self.root) / "log")
+        self.gate = outside / "gate"
+        self.filler = Path(self.root) / "filler"
+
+    def fill_disk(self) -> None:
+        fd = os.open(self.filler, os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            for size in (65536, 4096, 512):
+                try:
+                    while True:
+                        os.write(fd, b"\0" * size)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+
+    def free_disk(self) -> None:
+        self.filler.unlink()
+
+    @_deferred
+    async def test_full_disk_refuses_submissions_and_keeps_results(self):
+        """With the disk full, a submission is refused whole with a
+        JournalError naming the cause and none of it runs; results that
+        arrive meanwhile reach the client at once; once space is back they
+        are written, and a restart keeps them."""
+        from taskfarm.errors import JournalError
+        from taskfarm.testing.helpers import wait_until
+
+        first = await self.start(1)
+        client = first.task_client()
+        gated = await client.run_many(
+            [Task(_GATED, push={"gate": str(self.gate), "n": n}, pull="r") for n in range(1, 5)]
+        )
+        self.fill_disk()
+
+        marker = Path(self.root).parent / "ran"
+        refused = [
+            Task("open(marker + str(i), 'w').close()", push={"marker": str(marker),
+                 "i": i, "pad": os.urandom(300_000)})
+            for i in range(4)
+        ]
+        with self.assertRaises(JournalError) as caught:
+            await client.run_many(refused)
+        self.assertIn("full", str(caught.exception))
+        status = first.controller.tasks.queue_status(verbose=True)
+        self.assertEqual(sorted(status["pending"] + status["scheduled"]), gated)
+        self.assertEqual(sum(len(v) for v in status.values()), len(gated))
+
+        self.gate.touch()
+        results = await client.get_task_results(gated, block=True)
+        self.assertEqual([len(r.ns.r) for r in results], [n * 200_000 for n in range(1, 5)])
+        journal = first.controller.journal
+        await wait_until(lambda: journal.trouble is not None, "the journal to notice", 10)
+
+        self.free_disk()
+        await wait_until(lambda: journal.trouble is None, "the journal to recover", 30)
+        later = await client.run(Task("x = 1", pull="x"))
+        self.assertEqual((await client.get_task_result(later, block=True)).ns.x, 1)
+        self.assertEqual([p for p in marker.parent.iterdir() if p.name.startswith("ran")], [])
+        await first.stop_once()
+
+        second = await self.start()
+        again = await second.task_client().get_task_results(gated)
+        self.assertEqual([r.ns.r for r in again], [r.ns.r for r in results])

@@ -10,6 +10,7 @@ from taskfarm.controller.multiengine import MultiEngine
 from taskfarm.controller.registry import (
     DEFAULT_HEARTBEAT_PERIOD,
     DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_TIMEOUT_GRACE,
     EngineRegistry,
 )
 from taskfarm.controller.scheduler import FIFOScheduler
@@ -83,6 +84,7 @@ def create_controller(
     heartbeat_period: float | None = DEFAULT_HEARTBEAT_PERIOD,
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
     prefetch: float | None = DEFAULT_PREFETCH,
+    timeout_grace: float = DEFAULT_TIMEOUT_GRACE,
 ) -> ControllerService:
     """Build a controller for `profile`; it listens once started.
 
@@ -96,6 +98,7 @@ def create_controller(
         task_slots=task_slots,
         heartbeat_period=heartbeat_period,
         heartbeat_timeout=heartbeat_timeout,
+        timeout_grace=timeout_grace,
     )
     scheduler = scheduler_class()
     task_journal = None

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from twisted.python import reflect, usage
 
-from taskfarm.controller.registry import DEFAULT_HEARTBEAT_PERIOD, DEFAULT_HEARTBEAT_TIMEOUT
+from taskfarm.controller.registry import (
+    DEFAULT_HEARTBEAT_PERIOD,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_TIMEOUT_GRACE,
+)
 from taskfarm.controller.taskcontroller import (
     DEFAULT_PREFETCH,
     DEFAULT_RETENTION,
@@ -43,6 +47,7 @@ class Options(usage.Options):
         ["max-message-size", None, DEFAULT_MAX_MESSAGE_SIZE, "Largest message accepted, in bytes.", int],
         ["heartbeat-period", None, DEFAULT_HEARTBEAT_PERIOD, "Seconds between pings of each engine (0: no heartbeat).", float],
         ["heartbeat-timeout", None, DEFAULT_HEARTBEAT_TIMEOUT, "Seconds of silence after which an engine counts as lost.", float],
+        ["timeout-grace", None, DEFAULT_TIMEOUT_GRACE, "Seconds past a task's timeout that the controller waits for its engine's answer before failing it itself.", float],
         ["retention", None, DEFAULT_RETENTION, "Seconds finished tasks are kept unless cleared (0: until cleared).", float],
     ]
     optFlags = [
@@ -73,6 +78,8 @@ class Options(usage.Options):
             raise usage.UsageError("--heartbeat-period must be >= 0")
         if self["heartbeat-period"] and self["heartbeat-timeout"] <= self["heartbeat-period"]:
             raise usage.UsageError("--heartbeat-timeout must be longer than --heartbeat-period")
+        if self["timeout-grace"] <= 0:
+            raise usage.UsageError("--timeout-grace must be > 0")
         if self["retention"] < 0:
             raise usage.UsageError("--retention must be >= 0")
         if self["max-message-size"] < 1024:
@@ -108,6 +115,7 @@ def makeService(options: Options):
             heartbeat_period=options["heartbeat-period"] or None,
             heartbeat_timeout=options["heartbeat-timeout"],
             prefetch=options["prefetch"] or None,
+            timeout_grace=options["timeout-grace"],
         )
     except JournalCorrupt as e:
         raise SystemExit("taskcontroller: %s" % e) from None
