@@ -34,7 +34,7 @@ from twisted.trial import unittest
 
 from taskfarm.asyncclient import TaskClient
 from taskfarm.controller.registry import RegistryListener
-from taskfarm.errors import ConnectionLost, ControllerUnreachable, TaskAborted
+from taskfarm.errors import ConnectionLost, ControllerUnreachable, TaskAborted, TaskTimeout
 from taskfarm.profile import ENGINE, TASK, Profile
 from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
@@ -179,8 +179,8 @@ class _ChaosTestCase(ProcessTestCase):
                 found[pid] = started
         return found
 
-    async def start_launcher(self, n: int) -> tuple[subprocess.Popen, Profile]:
-        launcher, profile = await super().start_launcher(n)
+    async def start_launcher(self, n: int, options: list[str] = ()) -> tuple[subprocess.Popen, Profile]:
+        launcher, profile = await super().start_launcher(n, options=options)
         self.assertEqual(len(self.children(launcher, "taskengine")), n)
         self.assertEqual(len(self.children(launcher, "taskcontroller")), 1)
         return launcher, profile
@@ -749,3 +749,124 @@ class NetworkPartitionTests(_ChaosTestCase):
             unmet_timeout=1.0,
             lost=0,
         )
+
+
+#: An "engine" that holds only the engine furl: it registers, answers
+#: pings, and never answers a command.  argv: the engine furl file.
+ROGUE_ENGINE = r"""
+import sys
+from foolscap.api import Referenceable
+from twisted.internet import reactor
+from zope.interface import implementer
+from taskfarm import serialization
+from taskfarm.remote import schemas
+from taskfarm.remote.tub import new_tub
+
+@implementer(schemas.RIEngine)
+class Rogue(Referenceable):
+    def remote_commands(self, batch): print("swallowed a batch", flush=True)
+    def remote_interrupt(self, seq): print("ignored interrupt", seq, flush=True)
+    def remote_cancel(self, seqs): pass
+    def remote_set_properties(self, properties): pass
+    def remote_ping(self): return None
+
+async def main():
+    tub = new_tub()
+    tub.startService()
+    registrar = await tub.getReference(open(sys.argv[1]).read().strip())
+    props = serialization.pack({"hostname": "rogue", "pid": 0})
+    engine_id, session = await registrar.callRemote("register", Rogue(), props, None)
+    print("registered as", engine_id, flush=True)
+
+from twisted.internet import defer
+reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(main()))
+reactor.callLater(120, reactor.stop)
+reactor.run()
+"""
+
+
+class ControllerPromiseTests(_ChaosTestCase):
+    """The controller's own part of the promise: its pauses are not engine
+    loss, and task timeouts hold even when the engine cannot or will not
+    answer."""
+
+    timeout = 120
+
+    @run
+    async def test_paused_controller_keeps_its_engines(self):
+        """Case 8: the controller is SIGSTOPped for 4 s with a heartbeat
+        timeout of 1.5 s while two tasks run; once continued, no engine is
+        declared lost and both tasks succeed."""
+        launcher, profile = await self.start_launcher(
+            2, ["--heartbeat-period", "0.2", "--heartbeat-timeout", "1.5"]
+        )
+        ((controller, started),) = self.children(launcher, "taskcontroller").items()
+        self.addCleanup(kill_if_alive, controller, started, signal.SIGCONT)
+        tc = self.task_client(profile)
+        ids = [await tc.run(Task("import time\ntime.sleep(3)\nx = id", pull="x")) for _ in range(2)]
+        await wait_until(
+            lambda: tc.queue_status().addCallback(lambda s: s["pending"] == 2), "both to start", 30
+        )
+        os.kill(controller, signal.SIGSTOP)
+        await sleep(4.0)
+        os.kill(controller, signal.SIGCONT)
+        resumed = reactor.seconds()
+        results = await tc.get_task_results(ids, block=True)
+        self.assertEqual([r.failure for r in results], [None, None])
+        self.assertEqual(sorted(r.ns.x for r in results), [0, 1])
+        self.assertEqual(await tc.engine_ids(), [0, 1])
+        self.assertNotIn("lost", (profile.log_dir / "controller.log").read_text())
+        report("controller-pause", paused_seconds=4.0, heartbeat_timeout=1.5,
+               results_after_resume_seconds=round(reactor.seconds() - resumed, 2), lost=0)
+        await self.stop_launcher(launcher)
+
+    @run
+    async def test_rogue_engine_cannot_hold_tasks_past_their_timeout(self):
+        """Case 16: a process holding only the engine furl registers, answers
+        pings and never replies.  A task with timeout=1 sent to it fails with
+        TaskTimeout once the timeout and the grace (1 s) are over, and the
+        controller asked it to stop the task."""
+        cluster = RealCluster(reactor, profile_root=str(self.root / "profile"), timeout_grace=1.0)
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(cluster.stop()))
+        await cluster.start(0)
+        script = self.root / "rogue.py"
+        script.write_text(ROGUE_ENGINE)
+        self.spawn(
+            [sys.executable, str(script), str(cluster.profile.furl_file(ENGINE))],
+            "rogue",
+            env=self.env(PYTHONPATH=os.pathsep.join(sys.path)),
+        )
+        await cluster.wait_for_engines(1)
+        tc = cluster.task_client()
+        sent = reactor.seconds()
+        taskid = await tc.run(Task("x = 1", pull="x", timeout=1))
+        tr = await tc.get_task_result(taskid, block=True)
+        took = reactor.seconds() - sent
+        self.assertIsInstance(tr.failure, TaskTimeout)
+        self.assertIn("did not answer", str(tr.failure))
+        self.assertGreaterEqual(took, 2.0 - 0.1)
+        self.assertLess(took, 2.0 + 5.0)
+        await wait_until(lambda: "ignored interrupt" in self.output("rogue"), "the interrupt", 10)
+        report("rogue-engine", timeout=1, grace=1, failed_after_seconds=round(took, 2))
+
+    @run
+    async def test_engine_stuck_in_c_gives_task_timeout(self):
+        """Case 10 (the controller's part): a task stuck in a regular
+        expression that holds the GIL, with timeout=1; its engine cannot
+        answer anything, and the heartbeat (1.5 s) gives up on it: the task
+        fails with TaskTimeout, not EngineLost."""
+        cluster = RealCluster(
+            reactor, profile_root=str(self.root / "profile"),
+            heartbeat_period=0.2, heartbeat_timeout=1.5,
+        )
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(cluster.stop()))
+        await cluster.start(1)
+        tc = cluster.task_client()
+        sent = reactor.seconds()
+        taskid = await tc.run(Task("import re\nre.match('(a+)+b', 'a' * 40)", timeout=1))
+        tr = await tc.get_task_result(taskid, block=True)
+        took = reactor.seconds() - sent
+        self.assertIsInstance(tr.failure, TaskTimeout)
+        self.assertIn("stopped answering", str(tr.failure))
+        self.assertLess(took, 1.5 + 5.0)
+        report("stuck-in-c", timeout=1, heartbeat_timeout=1.5, failed_after_seconds=round(took, 2))

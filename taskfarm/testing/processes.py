@@ -96,11 +96,14 @@ class ProcessTestCase(unittest.TestCase):
             ) from None
         return process.returncode
 
-    async def start_launcher(self, n: int = 2, timeout: float = 120) -> tuple[subprocess.Popen, Profile]:
-        """`taskfarm cluster -n N --profile-dir D`, up once it says so."""
+    async def start_launcher(
+        self, n: int = 2, timeout: float = 120, options: list[str] = ()
+    ) -> tuple[subprocess.Popen, Profile]:
+        """`taskfarm cluster -n N --profile-dir D [options]`, up once it says so."""
         profile = Profile(self.root / "profile")
         launcher = self.spawn(
-            TASKFARM + ["cluster", "-n", str(n), "--profile-dir", str(profile.root)], "launcher"
+            TASKFARM + ["cluster", "-n", str(n), "--profile-dir", str(profile.root), *options],
+            "launcher",
         )
 
         def up():
