@@ -7,6 +7,7 @@ from twisted.logger import Logger
 
 from taskfarm.controller.journal import Journal
 from taskfarm.controller.multiengine import MultiEngine
+from taskfarm.controller.predicates import DEFAULT_DEPEND_TIMEOUT, PredicatePool
 from taskfarm.controller.registry import (
     DEFAULT_HEARTBEAT_PERIOD,
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -38,6 +39,7 @@ class ControllerService(service.MultiService):
         multiengine: MultiEngine,
         server,
         journal=None,
+        evaluator=None,
     ) -> None:
         super().__init__()
         self.profile = profile
@@ -47,11 +49,15 @@ class ControllerService(service.MultiService):
         self.multiengine = multiengine
         #: The task journal, or None when running purely in memory.
         self.journal = journal
+        #: Where depend predicates run (`PredicatePool`), or None.
+        self.evaluator = evaluator
         #: The Foolscap side (`taskfarm.remote.server.ControllerServer`).
         self.server = server
         server.setServiceParent(self)
 
     def startService(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.start()
         self.registry.start()
         self.tasks.start()
         super().startService()
@@ -65,6 +71,8 @@ class ControllerService(service.MultiService):
         self.tasks.stop()
         self.registry.stop()
         await super().stopService()
+        if self.evaluator is not None:
+            await self.evaluator.stop()
         if self.journal is not None:
             self.journal.close()
 
@@ -83,11 +91,13 @@ def create_controller(
     heartbeat_period: float | None = DEFAULT_HEARTBEAT_PERIOD,
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
     prefetch: float | None = DEFAULT_PREFETCH,
+    depend_timeout: float = DEFAULT_DEPEND_TIMEOUT,
 ) -> ControllerService:
     """Build a controller for `profile`; it listens once started.
 
     With `journal`, tasks are kept in the profile's journal and restored at
-    start; `JournalCorrupt` is raised here if it cannot be read.
+    start; `JournalCorrupt` is raised here if it cannot be read.  `depend`
+    predicates run in child processes, `depend_timeout` seconds per call.
     """
     from taskfarm.remote.server import ControllerServer
 
@@ -97,7 +107,8 @@ def create_controller(
         heartbeat_period=heartbeat_period,
         heartbeat_timeout=heartbeat_timeout,
     )
-    scheduler = scheduler_class()
+    evaluator = PredicatePool(reactor, timeout=depend_timeout)
+    scheduler = scheduler_class(evaluator=evaluator)
     task_journal = None
     if journal:
         profile.ensure()
@@ -123,5 +134,5 @@ def create_controller(
         max_message_size=max_message_size,
     )
     return ControllerService(
-        profile, registry, scheduler, tasks, multiengine, server, task_journal
+        profile, registry, scheduler, tasks, multiengine, server, task_journal, evaluator
     )
