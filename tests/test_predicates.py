@@ -66,10 +66,13 @@ def _predicates() -> dict:
 P = _predicates()
 
 
-def _blocks_saying_pid(marker: Path) -> bytes:
-    """A predicate that writes its process id to `marker`, then blocks."""
+def _blocks_saying_pid(marker: Path, once: bool = False) -> bytes:
+    """A predicate that writes its process id to `marker`, then blocks (if
+    `once`: only when `marker` did not exist yet; else it says True)."""
 
     def blocks(properties):
+        if once and marker.exists():
+            return True
         marker.with_suffix(".tmp").write_text(str(os.getpid()))
         marker.with_suffix(".tmp").rename(marker)
         time.sleep(60)
@@ -203,10 +206,21 @@ class PredicatePoolTests(PoolTestCase):
             os.kill(pid, signal.SIGKILL)
         await wait_until(lambda: not self.evaluator.pids(), "the pool to see its children die", 10)
         self.assertEqual(await self.verdict(P["big"], {"RAM": 16}), Verdict(True))
-        marker = Path(tempfile.mkdtemp(prefix="taskfarm-depend-")) / "pid"
-        blocked = self.evaluator.evaluate(_blocks_saying_pid(marker), {})
-        await wait_until(lambda: marker.exists() and marker.read_text(), "the predicate to start", 10)
+        folder = Path(tempfile.mkdtemp(prefix="taskfarm-depend-"))
+        # Killed once while evaluating: the request gets another process.
+        marker = folder / "once"
+        verdict = self.evaluator.evaluate(_blocks_saying_pid(marker, once=True), {})
+        await wait_until(marker.exists, "the predicate to start", 10)
         os.kill(int(marker.read_text()), signal.SIGKILL)
+        self.assertEqual(await verdict, Verdict(True))
+        # Killed twice: it counts as False, and says why.
+        marker = folder / "always"
+        blocked = self.evaluator.evaluate(_blocks_saying_pid(marker), {})
+        for _ in range(2):
+            await wait_until(marker.exists, "the predicate to start", 10)
+            pid = int(marker.read_text())
+            marker.unlink()
+            os.kill(pid, signal.SIGKILL)
         self.assertEqual(await blocked, Verdict(False, "killed its evaluating process (signal 9)"))
         self.assertEqual(await self.verdict(P["big"], {"RAM": 1}), Verdict(False))
 

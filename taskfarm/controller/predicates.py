@@ -64,13 +64,15 @@ class Verdict(NamedTuple):
 
 
 class _Request:
-    __slots__ = ("reqid", "key", "blob", "deferred")
+    __slots__ = ("reqid", "key", "blob", "deferred", "deaths")
 
     def __init__(self, reqid: int, key: bytes, blob: bytes) -> None:
         self.reqid = reqid
         self.key = key
         self.blob = blob
         self.deferred: defer.Deferred = defer.Deferred()
+        #: Processes that died while evaluating it.
+        self.deaths = 0
 
 
 class _Child(protocol.ProcessProtocol):
@@ -313,15 +315,29 @@ class PredicatePool:
                 child, "exited (%s) before it was ready%s" % (how, ": " + tail[-1] if tail else "")
             )
         elif child.inflight:
-            self._give_up(child, Verdict(False, "killed its evaluating process (%s)" % how))
+            # Killed from outside (the OOM killer, a user) looks the same as
+            # a predicate that kills its process: the request gets a second
+            # process before it is blamed.
+            head = child.inflight[0]
+            head.deaths += 1
+            if head.deaths < 2:
+                self._log.warn(
+                    "depend evaluator {number} died ({how}); trying its request again",
+                    number=child.number,
+                    how=how,
+                )
+                self._give_up(child, None)
+            else:
+                self._give_up(child, Verdict(False, "killed its evaluating process (%s)" % how))
         else:
             self._log.warn("depend evaluator {number} exited ({how})", number=child.number, how=how)
             self._retire(child)
 
-    def _give_up(self, child: _Child, verdict: Verdict) -> None:
-        """The request being evaluated gets `verdict`; the process is
-        replaced and the requests behind are sent again."""
-        culprit = child.inflight.popleft() if child.inflight else None
+    def _give_up(self, child: _Child, verdict: Verdict | None) -> None:
+        """The request being evaluated gets `verdict` (None: it is sent
+        again too); the process is replaced and the requests behind are
+        sent again."""
+        culprit = child.inflight.popleft() if child.inflight and verdict is not None else None
         self._retire(child)
         # The ones queued behind go first next time, in their order.
         self._queue.extendleft(reversed(child.inflight))
