@@ -34,6 +34,7 @@ PEER_NAMES = {
 WORKLOADS = [
     ("(a) bulk no-op throughput, 10,000 tasks", [
         ("bulk_map_tasks_s", "map"),
+        ("bulk_depend_map_tasks_s", "map, every task with one shared depend"),
         ("bulk_batch_tasks_s", "run_many + barrier + get_task_results"),
     ]),
     ("(b) one by one, 10,000 tasks (one submit call each)", [

@@ -13,7 +13,7 @@ gone afterwards.  Metrics are printed as JSON lines (bench, system, metric,
 value, unit, run, extras) and appended to bench/results/taskfarm.jsonl.
 
 Groups and workloads (letters as in docs/performance.md):
-  core       (a) bulk: tc.map(noop, range(N)); batch: run_many + barrier +
+  core       (a) bulk: tc.map(noop, range(N)), again with a shared `depend`; batch: run_many + barrier +
              get_task_results; (b) one by one: tc.run(MapTask) x N, barrier;
              (c) round trip: run + get_task_result(block=True); (d) 100 x 1 MiB
              results; (e) fairness: 80 x sleep(0.1) on 4 engines
@@ -169,6 +169,15 @@ def run_core(args, emit, wd, cl, tc, meter_roles):
     extra = cpu.per_task(n)
     assert len(res) == n and res[-1] == n - 1 and res[n // 2] == n // 2
     emit("bulk_map_tasks_s", n / dt, "tasks/s", n=n, wall_s=round(dt, 3), **extra)
+
+    # (a) bulk with depend: the same map, every task carrying one shared
+    # depend predicate (evaluated in the controller's evaluator processes)
+    wd.phase("bulk_depend_map", args.phase_timeout)
+    cpu = CpuMeter(meter_roles).start()
+    dt, res = timed(lambda: tc.map(noop, range(n), depend=always))
+    extra = cpu.per_task(n)
+    assert len(res) == n and res[-1] == n - 1 and res[n // 2] == n // 2
+    emit("bulk_depend_map_tasks_s", n / dt, "tasks/s", n=n, wall_s=round(dt, 3), **extra)
 
     # (a) bulk, batch: run_many + barrier + get_task_results
     wd.phase("bulk_batch", args.phase_timeout)

@@ -94,6 +94,11 @@ class TaskTimeout(TaskfarmError):
     """A task ran too long, or waited too long for an engine that suits it."""
 
 
+class DependError(TaskfarmError):
+    """A task's `depend` function cannot be loaded (unpickled) at all, so no
+    engine can ever be asked; the message names the cause."""
+
+
 class EngineLost(TaskfarmError):
     """The engine running a command disconnected or died before answering."""
 

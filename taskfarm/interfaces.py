@@ -45,8 +45,40 @@ class IScheduler(Interface):
     def unmet_groups():
         """Depend groups with queued tasks that no known engine accepts.
 
+        A group counts only once every engine's verdict is known and False.
         Returns ``[(key, [task, ...])]``; empty when no engine is known.
         """
+
+    def broken_groups():
+        """Depend groups whose predicate can never be loaded.
+
+        Returns ``[(key, reason, [task, ...])]``; the controller fails those
+        tasks with `DependError` (and removes them).
+        """
+
+    def watch(callback):
+        """Call ``callback()`` whenever `schedule` or `broken_groups` may give
+        more than before (depend verdicts arrived)."""
+
+
+class IPredicateEvaluator(Interface):
+    """Evaluates `depend` predicates away from the controller's reactor.
+
+    A verdict is a `taskfarm.controller.predicates.Verdict`: whether the
+    predicate accepted the properties, why not when it failed (raised,
+    timed out, killed its process) and whether it could be loaded at all.
+    """
+
+    def evaluate(key, properties):
+        """A Deferred firing with the `Verdict` of the pickled predicate `key`
+        on the `properties` dict.  It never fires synchronously and never
+        fails; every call ends within the evaluator's timeout."""
+
+    def start():
+        """Get ready to evaluate (start processes)."""
+
+    def stop():
+        """Stop; a Deferred that fires soon.  Calls in flight get a False verdict."""
 
 
 class IEngineChannel(Interface):

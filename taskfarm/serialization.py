@@ -4,8 +4,9 @@ Two kinds of bytes travel:
 
 * **user values** (pushed data, pulled results, functions, `depend`
   predicates): `dumps` / `loads`, with cloudpickle, so closures and lambdas
-  work.  The controller never unpickles these, except `depend` predicates,
-  which it must run.
+  work.  The controller never unpickles these: `depend` predicates are
+  unpickled and run in its evaluator processes
+  (`taskfarm.controller.predicates`).
 * **envelopes** (batches of tasks, results, commands): `pack` / `unpack`,
   plain pickle restricted to built-in data types, so a peer that sends a
   malformed or hostile envelope gets `BadRequest`, never code execution.

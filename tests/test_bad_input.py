@@ -14,9 +14,10 @@ Two layers are checked:
   controller keeps serving.
 
 A note on what is *not* restricted: a task's ``depend`` predicate is user
-code that the controller must run, so the controller unpickles it freely;
-holding the task furl therefore means running code on the controller (as on
-the engines).  Everything else a peer sends is plain data read by the
+code that must run, so the controller's depend evaluator processes unpickle
+it freely (the controller itself keeps it as bytes); holding the task furl
+therefore means running code on the controller's machine (as on the
+engines).  Everything else a peer sends is plain data read by the
 restricted unpickler, which these tests attack.
 """
 
@@ -54,7 +55,7 @@ from taskfarm.remote import schemas
 from taskfarm.remote.multiengine import RemoteMultiEngine
 from taskfarm.remote.server import RemoteEngineSession, RemoteTaskController
 from taskfarm.task import CALL, EXEC, MapTask, Task, result_from_envelope
-from taskfarm.testing import ScriptedChannel
+from taskfarm.testing import InProcessEvaluator, ScriptedChannel
 
 #: Modest example counts keep the file fast; set TASKFARM_FUZZ_SCALE=50 for a
 #: long hunt.
@@ -476,8 +477,14 @@ class EntryPointTestCase(unittest.TestCase):
         schemas.set_message_limit(serialization.DEFAULT_MAX_MESSAGE_SIZE)
         self.clock = task.Clock()
         self.registry = EngineRegistry(self.clock, heartbeat_period=None)
+        evaluator = InProcessEvaluator(self.clock)
+        evaluator.start()
         self.controller = TaskController(
-            self.registry, FIFOScheduler(), self.clock, unmet_timeout=None, retention=None
+            self.registry,
+            FIFOScheduler(evaluator=evaluator),
+            self.clock,
+            unmet_timeout=None,
+            retention=None,
         )
         self.controller.start()
         self.addCleanup(self.controller.stop)

@@ -115,6 +115,10 @@ class ControllerOptionsTests(unittest.TestCase):
         self.assertIn("--task-slots", self.refused("--task-slots", "0"))
         self.assertIn("--unmet-timeout", self.refused("--unmet-timeout", "-1"))
         self.assertIn("--max-message-size", self.refused("--max-message-size", "10"))
+        self.assertIn("--depend-timeout", self.refused("--depend-timeout", "0"))
+        self.assertIn("--depend-timeout", self.refused("--depend-timeout", "inf"))
+        self.assertEqual(self.parse()["depend-timeout"], 5.0)
+        self.assertEqual(self.parse("--depend-timeout", "0.5")["depend-timeout"], 0.5)
 
     def test_numbers_parsed(self):
         """Numeric options are converted from their text."""

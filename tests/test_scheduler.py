@@ -1,10 +1,13 @@
-"""Unit tests of the schedulers, with small fake task records and engine handles."""
+"""Unit tests of the schedulers, with small fake task records and engine
+handles, and depend predicates run by an `InProcessEvaluator` on a Clock."""
 
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from taskfarm.controller.scheduler import FIFOScheduler, PriorityScheduler
 from taskfarm.interfaces import IScheduler
+from taskfarm.testing import InProcessEvaluator
 
 
 class FakeSpec:
@@ -55,25 +58,18 @@ class FakeEngine:
         self.properties_version += 1
 
 
-class Predicates:
-    """A `load_predicate` for the scheduler: depend keys name predicates here,
-    and every call of a predicate is counted."""
+def named(**predicates):
+    """An evaluator whose depend keys name these predicates (b"big" -> big)."""
+    clock = Clock()
+    evaluator = InProcessEvaluator(clock, load=lambda key: predicates[key.decode()])
+    evaluator.start()
+    return evaluator, clock
 
-    def __init__(self, **predicates):
-        self.predicates = predicates
-        self.calls = {name: 0 for name in predicates}
-        self.loads = 0
 
-    def load(self, key):
-        self.loads += 1
-        name = key.decode()
-        predicate = self.predicates[name]
-
-        def counted(properties):
-            self.calls[name] += 1
-            return predicate(properties)
-
-        return counted
+def settle(scheduler, clock):
+    """Ask every verdict the scheduler lacks, and let the answers arrive."""
+    scheduler.unmet_groups()
+    clock.advance(0)
 
 
 def _ids(assignments):
@@ -100,12 +96,21 @@ class FIFOSchedulerTests(unittest.TestCase):
     """First in, first out, spread round robin over engines."""
 
     def setUp(self):
-        self.predicates = Predicates(
+        self.evaluator, self.clock = named(
             big=lambda p: p.get("RAM", 0) >= 8,
             gpu=lambda p: p["gpu"],
             broken=lambda p: 1 / 0,
+            exits=lambda p: exit(3),
         )
-        self.scheduler = FIFOScheduler(load_predicate=self.predicates.load)
+        self.scheduler = FIFOScheduler(evaluator=self.evaluator)
+        self.kicks = 0
+        self.scheduler.watch(self.kicked)
+
+    def kicked(self):
+        self.kicks += 1
+
+    def settle(self):
+        settle(self.scheduler, self.clock)
 
     def add(self, *tasks):
         for t in tasks:
@@ -217,12 +222,14 @@ class FIFOSchedulerTests(unittest.TestCase):
         self.scheduler.add_engine(FakeEngine(0, properties={"RAM": 2}))
         self.scheduler.add_engine(FakeEngine(1, properties={"RAM": 16}))
         self.add(FakeTask(0, depend=b"big"), FakeTask(1, depend=b"big"))
+        self.settle()
         self.assertEqual(_ids(self.scheduler.schedule()), [(1, 0)])
 
     def test_depend_keeps_fifo_across_groups(self):
         """Across depend groups the oldest task an engine accepts goes first."""
         self.scheduler.add_engine(FakeEngine(0, task_slots=4, properties={"RAM": 16}))
         self.add(FakeTask(0, depend=b"big"), FakeTask(1), FakeTask(2, depend=b"big"), FakeTask(3))
+        self.settle()
         self.assertEqual([t for _, t in _ids(self.scheduler.schedule())], [0, 1, 2, 3])
 
     def test_blocked_depend_does_not_block_others(self):
@@ -233,11 +240,115 @@ class FIFOSchedulerTests(unittest.TestCase):
         self.assertEqual(self.scheduler.ntasks, 1)
 
     def test_depend_that_raises_counts_as_false(self):
-        """A depend predicate that raises never matches, and does not break scheduling."""
-        self.scheduler.add_engine(FakeEngine(0, task_slots=2))
-        self.add(FakeTask(0, depend=b"broken"), FakeTask(1, depend=b"gpu"), FakeTask(2))
+        """A depend predicate that raises (SystemExit too) never matches, does
+        not break scheduling, and the reason is kept per engine."""
+        self.scheduler.add_engine(FakeEngine(0, task_slots=3))
+        self.add(
+            FakeTask(0, depend=b"broken"),
+            FakeTask(1, depend=b"gpu"),
+            FakeTask(2, depend=b"exits"),
+            FakeTask(3),
+        )
+        self.settle()
         # "gpu" raises KeyError on these properties, "broken" ZeroDivisionError.
-        self.assertEqual(_ids(self.scheduler.schedule()), [(0, 2)])
+        self.assertEqual(_ids(self.scheduler.schedule()), [(0, 3)])
+        self.assertEqual(self.scheduler.depend_verdicts(b"exits"), {0: (False, "raised SystemExit: 3")})
+        self.assertEqual(
+            self.scheduler.depend_verdicts(b"broken"),
+            {0: (False, "raised ZeroDivisionError: division by zero")},
+        )
+        self.assertEqual(len(self.scheduler.unmet_groups()), 3)
+
+    def test_unknown_verdict_is_not_yet(self):
+        """Before its verdict arrives a group is neither served nor unmet; the
+        verdict's arrival calls the watch callback, and the next pass serves it."""
+        self.scheduler.add_engine(FakeEngine(0, task_slots=2, properties={"RAM": 16}))
+        self.add(FakeTask(0, depend=b"big"), FakeTask(1, depend=b"gpu"))
+        self.assertEqual(self.scheduler.schedule(), [])
+        self.assertEqual(self.scheduler.unmet_groups(), [])
+        self.assertEqual(self.scheduler.depend_verdicts(b"big"), {0: (None, None)})
+        self.assertEqual(self.kicks, 0)
+        self.clock.advance(0)
+        self.assertEqual(self.kicks, 2)
+        self.assertEqual(_ids(self.scheduler.schedule()), [(0, 0)])
+        self.assertEqual([key for key, _ in self.scheduler.unmet_groups()], [b"gpu"])
+
+    def test_one_request_per_engine_version(self):
+        """Passes made while a verdict is on its way do not ask again."""
+        self.scheduler.add_engine(FakeEngine(0, task_slots=1))
+        self.add(FakeTask(0, depend=b"big"))
+        for _ in range(5):
+            self.scheduler.schedule()
+            self.scheduler.unmet_groups()
+        self.clock.advance(0)
+        self.assertEqual(self.evaluator.calls[b"big"], 1)
+
+    def test_unmet_needs_every_verdict(self):
+        """A group is unmet only once every engine's verdict is known and False."""
+        self.scheduler.add_engine(FakeEngine(0, properties={"RAM": 1}))
+        self.add(FakeTask(0, depend=b"big"))
+        self.settle()
+        self.assertEqual(len(self.scheduler.unmet_groups()), 1)
+        self.scheduler.add_engine(FakeEngine(1, properties={"RAM": 2}))
+        self.assertEqual(self.scheduler.unmet_groups(), [])
+        self.clock.advance(0)
+        self.assertEqual(len(self.scheduler.unmet_groups()), 1)
+
+    def test_unloadable_depend_is_broken(self):
+        """A predicate that cannot be loaded is listed by broken_groups with
+        its reason, never served, never unmet; other groups are untouched,
+        and a later task with that depend is broken at once."""
+        self.scheduler.add_engine(FakeEngine(0, task_slots=2, properties={"RAM": 16}))
+        t0, t1, t2 = self.add(FakeTask(0, depend=b"missing"), FakeTask(1, depend=b"big"), FakeTask(2, depend=b"missing"))
+        self.settle()
+        self.assertEqual(
+            self.scheduler.broken_groups(),
+            [(b"missing", "cannot load: KeyError: 'missing'", [t0, t2])],
+        )
+        self.assertEqual(self.scheduler.unmet_groups(), [])
+        self.assertEqual(_ids(self.scheduler.schedule()), [(0, 1)])
+        for t in (t0, t2):
+            t.queued = False
+            self.scheduler.remove_task(t)
+        self.assertEqual(self.scheduler.broken_groups(), [])
+        (t3,) = self.add(FakeTask(3, depend=b"missing"))
+        self.assertEqual(self.scheduler.broken_groups(), [(b"missing", "cannot load: KeyError: 'missing'", [t3])])
+        self.assertEqual(self.evaluator.loads[b"missing"], 1)
+
+    def test_without_evaluator_depend_is_broken(self):
+        """A scheduler without an evaluator runs no predicate: such tasks are broken."""
+        scheduler = FIFOScheduler()
+        scheduler.add_engine(FakeEngine(0))
+        t0, t1 = FakeTask(0, depend=b"big"), FakeTask(1)
+        scheduler.add_task(t0)
+        scheduler.add_task(t1)
+        self.assertEqual(scheduler.broken_groups(), [(b"big", "this scheduler has no depend evaluator", [t0])])
+        self.assertEqual(_ids(scheduler.schedule()), [(0, 1)])
+
+    def test_late_verdict_for_a_replaced_engine_is_dropped(self):
+        """An engine id reused by a new engine does not inherit the old
+        engine's verdict, even one that arrives after the change."""
+        self.scheduler.add_engine(FakeEngine(0, properties={"RAM": 16}))
+        self.add(FakeTask(0, depend=b"big"))
+        self.assertEqual(self.scheduler.schedule(), [])
+        self.scheduler.remove_engine(0)
+        self.scheduler.add_engine(FakeEngine(0, properties={"RAM": 1}))
+        self.clock.advance(0)  # the old engine's True arrives now
+        self.assertEqual(self.scheduler.schedule(), [])
+        self.clock.advance(0)
+        self.assertEqual(self.scheduler.schedule(), [])
+        self.assertEqual(len(self.scheduler.unmet_groups()), 1)
+
+    def test_verdicts_outlive_their_group(self):
+        """A depend whose tasks all left keeps its verdicts for the next batch."""
+        self.scheduler.add_engine(FakeEngine(0, task_slots=1, properties={"RAM": 16}))
+        self.add(FakeTask(0, depend=b"big"))
+        self.settle()
+        _start(self.scheduler.schedule())
+        self.scheduler.release(0)
+        self.add(FakeTask(1, depend=b"big"))
+        self.assertEqual(_ids(self.scheduler.schedule()), [(0, 1)])
+        self.assertEqual(self.evaluator.calls[b"big"], 1)
 
     def test_depend_cached_per_properties_version(self):
         """A predicate runs once per engine and properties version, however many tasks it has."""
@@ -246,39 +357,45 @@ class FIFOSchedulerTests(unittest.TestCase):
         self.add(*[FakeTask(i, depend=b"big") for i in range(50)])
         for _ in range(5):
             self.assertEqual(self.scheduler.schedule(), [])
+            self.clock.advance(0)
         self.assertEqual(self.scheduler.unmet_groups()[0][0], b"big")
-        self.assertEqual(self.predicates.calls["big"], 1)
-        self.assertEqual(self.predicates.loads, 1)
+        self.assertEqual(self.evaluator.calls[b"big"], 1)
+        self.assertEqual(self.evaluator.loads[b"big"], 1)
 
     def test_depend_reevaluated_after_properties_change(self):
         """When an engine's properties_version changes the predicate runs again."""
         engine = FakeEngine(0, task_slots=1, properties={"RAM": 1})
         self.scheduler.add_engine(engine)
         self.add(FakeTask(0, depend=b"big"))
+        self.settle()
         self.assertEqual(self.scheduler.schedule(), [])
         engine.set_properties({"RAM": 32})
+        self.settle()
         self.assertEqual(_ids(self.scheduler.schedule()), [(0, 0)])
-        self.assertEqual(self.predicates.calls["big"], 2)
+        self.assertEqual(self.evaluator.calls[b"big"], 2)
 
     def test_raising_depend_reevaluated_after_properties_change(self):
         """A predicate that raised is tried again once the properties change."""
         engine = FakeEngine(0, task_slots=1, properties={})
         self.scheduler.add_engine(engine)
         self.add(FakeTask(0, depend=b"gpu"))
+        self.settle()
         self.assertEqual(self.scheduler.schedule(), [])
         self.assertEqual(self.scheduler.schedule(), [])
-        self.assertEqual(self.predicates.calls["gpu"], 1)
+        self.assertEqual(self.evaluator.calls[b"gpu"], 1)
         engine.set_properties({"gpu": True})
+        self.settle()
         self.assertEqual(_ids(self.scheduler.schedule()), [(0, 0)])
 
     def test_predicate_gets_a_copy(self):
         """A predicate that changes the properties it is given cannot change the engine's."""
-        predicates = Predicates(meddle=lambda p: p.update(RAM=0) or True)
-        scheduler = FIFOScheduler(load_predicate=predicates.load)
+        evaluator, clock = named(meddle=lambda p: p.update(RAM=0) or True)
+        scheduler = FIFOScheduler(evaluator=evaluator)
         engine = FakeEngine(0, properties={"RAM": 64})
         scheduler.add_engine(engine)
         scheduler.add_task(FakeTask(0, depend=b"meddle"))
-        scheduler.schedule()
+        settle(scheduler, clock)
+        self.assertEqual(len(scheduler.schedule()), 1)
         self.assertEqual(engine.properties, {"RAM": 64})
 
     def test_unmet_groups(self):
@@ -290,12 +407,14 @@ class FIFOSchedulerTests(unittest.TestCase):
             FakeTask(2, depend=b"gpu"),
             FakeTask(3),
         )
+        self.settle()
         self.assertEqual(self.scheduler.unmet_groups(), [(b"gpu", [t0, t2])])
 
     def test_unmet_groups_skips_removed_tasks(self):
         """A removed task is not listed as unmet; a group emptied by removal vanishes."""
         self.scheduler.add_engine(FakeEngine(0))
         t0, t1 = self.add(FakeTask(0, depend=b"gpu"), FakeTask(1, depend=b"gpu"))
+        self.settle()
         t0.queued = False
         self.scheduler.remove_task(t0)
         self.assertEqual(self.scheduler.unmet_groups(), [(b"gpu", [t1])])
@@ -312,8 +431,10 @@ class FIFOSchedulerTests(unittest.TestCase):
         """A group stops being unmet when an engine that accepts it arrives."""
         self.scheduler.add_engine(FakeEngine(0, properties={"RAM": 1}))
         self.add(FakeTask(0, depend=b"big"))
+        self.settle()
         self.assertEqual(len(self.scheduler.unmet_groups()), 1)
         self.scheduler.add_engine(FakeEngine(1, properties={"RAM": 9}))
+        self.settle()
         self.assertEqual(self.scheduler.unmet_groups(), [])
         self.assertEqual(_ids(self.scheduler.schedule()), [(1, 0)])
 
@@ -341,20 +462,22 @@ class SchedulingCostTests(unittest.TestCase):
 
     def test_depend_predicate_runs_once_for_many_tasks(self):
         """100,000 tasks sharing one depend cost one predicate call per engine version."""
-        predicates = Predicates(ok=lambda p: True)
-        scheduler = FIFOScheduler(load_predicate=predicates.load)
+        evaluator, clock = named(ok=lambda p: True)
+        scheduler = FIFOScheduler(evaluator=evaluator)
         for i in range(self.N):
             scheduler.add_task(FakeTask(i, depend=b"ok"))
         engines = [FakeEngine(eid, task_slots=2) for eid in range(4)]
         for engine in engines:
             scheduler.add_engine(engine)
+        self.assertEqual(scheduler.schedule(), [])
+        clock.advance(0)
         assignments = _start(scheduler.schedule())
         self.assertEqual(len(assignments), 8)
         for engine in engines:
             scheduler.release(engine.engine_id)
         _start(scheduler.schedule())
-        self.assertEqual(predicates.calls["ok"], 4)
-        self.assertEqual(predicates.loads, 1)
+        self.assertEqual(evaluator.calls[b"ok"], 4)
+        self.assertEqual(evaluator.loads[b"ok"], 1)
 
     def test_aborted_tasks_skipped_lazily(self):
         """Removed tasks cost O(1) each; the next schedule skips their entries once, then never again."""
@@ -382,8 +505,8 @@ class PrioritySchedulerTests(unittest.TestCase):
     """Highest priority first, FIFO among equals."""
 
     def setUp(self):
-        self.predicates = Predicates(big=lambda p: p.get("RAM", 0) >= 8)
-        self.scheduler = PriorityScheduler(load_predicate=self.predicates.load)
+        self.evaluator, self.clock = named(big=lambda p: p.get("RAM", 0) >= 8)
+        self.scheduler = PriorityScheduler(evaluator=self.evaluator)
 
     def test_priority_order(self):
         """Higher priority runs first; equal priorities keep arrival order."""
@@ -399,6 +522,7 @@ class PrioritySchedulerTests(unittest.TestCase):
         self.scheduler.add_task(FakeTask(0, priority=1))
         self.scheduler.add_task(FakeTask(1, depend=b"big", priority=3))
         self.scheduler.add_task(FakeTask(2, priority=2))
+        settle(self.scheduler, self.clock)
         self.assertEqual([t for _, t in _ids(self.scheduler.schedule())], [1, 2, 0])
 
     def test_one_at_a_time(self):
@@ -429,4 +553,5 @@ class PrioritySchedulerTests(unittest.TestCase):
         low, high = FakeTask(0, depend=b"big", priority=0), FakeTask(1, depend=b"big", priority=4)
         self.scheduler.add_task(low)
         self.scheduler.add_task(high)
+        settle(self.scheduler, self.clock)
         self.assertEqual(self.scheduler.unmet_groups(), [(b"big", [high, low])])

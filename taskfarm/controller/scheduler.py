@@ -2,9 +2,14 @@
 
 Queued tasks are grouped by their `depend` predicate (tasks without one form
 the ``None`` group).  Each group keeps its own queue.  Whether a group's
-predicate accepts an engine is computed once per engine properties version
-and cached, so scheduling costs O(groups) per decision, never O(tasks).
-Without `depend` there is one group and each task costs O(1).
+predicate accepts an engine is asked of an `IPredicateEvaluator` (child
+processes: the predicate is user code and never runs here) once per engine
+properties version and cached, so scheduling costs O(groups) per decision,
+never O(tasks).  Without `depend` there is one group and each task costs O(1).
+
+Decisions stay synchronous: a verdict not known yet is asked for and counts
+as "not yet" (the group is neither served nor unmet); when verdicts arrive
+the scheduler calls its `watch` callback, and the controller runs a pass.
 
 To write another policy, subclass `FIFOScheduler` and override
 `new_queue` (and, for a different order, `order_key`); see
@@ -15,14 +20,17 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from taskfarm import serialization
+from taskfarm.controller.predicates import Verdict
 from taskfarm.interfaces import IScheduler
+
+#: Depend keys whose verdicts are kept after their last task left.
+MAX_REMEMBERED = 1024
 
 
 class FifoQueue:
@@ -74,19 +82,32 @@ class HeapQueue(FifoQueue):
         return [task for _, _, task in sorted(self._items) if task.is_queued]
 
 
+class Verdicts:
+    """What is known of one predicate: a verdict per engine, the requests in
+    flight, and why it cannot be loaded (if so)."""
+
+    __slots__ = ("matches", "pending", "broken", "warned")
+
+    def __init__(self) -> None:
+        #: engine_id -> (properties_version, accepted, reason)
+        self.matches: dict[int, tuple[int, bool, str | None]] = {}
+        #: engine_id -> properties_version asked for
+        self.pending: dict[int, int] = {}
+        #: Why the predicate cannot be loaded; None while it can.
+        self.broken: str | None = None
+        self.warned = False
+
+
 class DependGroup:
     """Queued tasks that share one `depend` predicate (or none)."""
 
-    __slots__ = ("key", "predicate", "queue", "size", "matches", "failed_once")
+    __slots__ = ("key", "queue", "size", "verdicts")
 
-    def __init__(self, key: bytes | None, predicate: Callable | None, queue) -> None:
+    def __init__(self, key: bytes | None, queue, verdicts: Verdicts) -> None:
         self.key = key
-        self.predicate = predicate
         self.queue = queue
         self.size = 0
-        #: engine_id -> (properties_version, accepted)
-        self.matches: dict[int, tuple[int, bool]] = {}
-        self.failed_once = False
+        self.verdicts = verdicts
 
 
 @implementer(IScheduler)
@@ -94,21 +115,27 @@ class FIFOScheduler:
     """Runs tasks in the order they were queued, on any engine that accepts them.
 
     Engines are served round robin, one slot at a time, so a burst of tasks
-    spreads evenly.  A `depend` predicate that raises counts as False.
+    spreads evenly.  `depend` predicates are evaluated by `evaluator` (an
+    `IPredicateEvaluator`); one that fails (raises, times out, cannot be
+    loaded) counts as False.  Without an evaluator, tasks with a depend
+    cannot be placed and are listed by `broken_groups`.
     """
 
     _log = Logger()
 
-    def __init__(self, load_predicate: Callable[[bytes], Callable] | None = None):
-        self._load_predicate = load_predicate or (
-            lambda blob: serialization.loads(blob, "the depend function")
-        )
+    def __init__(self, evaluator=None):
+        self._evaluator = evaluator
         self._groups: dict[bytes | None, DependGroup] = {}
+        #: Verdicts of keys without queued tasks now, newest last.
+        self._remembered: OrderedDict[bytes, Verdicts] = OrderedDict()
+        #: Keys of live groups whose predicate cannot be loaded.
+        self._broken: set[bytes] = set()
         self._engines: dict[int, object] = {}
         self._free: dict[int, int] = {}
         #: Slots each engine may hold now (free ones are in `_free`).
         self._slots: dict[int, int] = {}
         self._arrivals = itertools.count()
+        self._changed: Callable[[], None] = lambda: None
         self.ntasks = 0
 
     # -- the policy hooks -------------------------------------------------------
@@ -131,8 +158,12 @@ class FIFOScheduler:
         key = task.spec.depend
         group = self._groups.get(key)
         if group is None:
-            predicate = None if key is None else self._load_predicate(key)
-            group = self._groups[key] = DependGroup(key, predicate, self.new_queue())
+            verdicts = self._remembered.pop(key, None) or Verdicts()
+            group = self._groups[key] = DependGroup(key, self.new_queue(), verdicts)
+            if key is not None and self._evaluator is None:
+                verdicts.broken = "this scheduler has no depend evaluator"
+            if verdicts.broken is not None:
+                self._broken.add(key)
         group.queue.push(self.order_key(task, next(self._arrivals)), task)
         group.size += 1
         self.ntasks += 1
@@ -157,8 +188,13 @@ class FIFOScheduler:
         self._engines.pop(engine_id, None)
         self._free.pop(engine_id, None)
         self._slots.pop(engine_id, None)
+        # Ids are reused by new engines, whose versions start again.
         for group in self._groups.values():
-            group.matches.pop(engine_id, None)
+            group.verdicts.matches.pop(engine_id, None)
+            group.verdicts.pending.pop(engine_id, None)
+        for verdicts in self._remembered.values():
+            verdicts.matches.pop(engine_id, None)
+            verdicts.pending.pop(engine_id, None)
 
     def resize(self, engine_id: int, slots: int) -> None:
         if engine_id in self._free:
@@ -201,11 +237,46 @@ class FIFOScheduler:
             return []
         unmet = []
         for group in self._groups.values():
-            if group.key is None or not group.size:
+            if group.key is None or not group.size or group.verdicts.broken is not None:
                 continue
-            if not any(self._accepts(group, e) for e in self._engines.values()):
+            # Unmet only when every engine's verdict is known and False; an
+            # unknown one (asked for now) may still say yes.
+            # (Every engine is asked, not only up to the first unknown.)
+            verdicts = [self._accepts(group, e) for e in self._engines.values()]
+            if not any(v is not False for v in verdicts):
                 unmet.append((group.key, group.queue.live_tasks()))
         return unmet
+
+    def broken_groups(self) -> list:
+        broken = []
+        for key in self._broken:
+            group = self._groups[key]
+            broken.append((key, group.verdicts.broken, group.queue.live_tasks()))
+        return broken
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        self._changed = callback
+
+    def depend_verdicts(self, key: bytes) -> dict[int, tuple[bool | None, str | None]]:
+        """What is known of predicate `key` per engine now:
+        ``{engine_id: (accepted or None if not known yet, reason)}``.
+
+        The reason says why a failed predicate counts as False ("raised
+        SystemExit: 3", "timed out after 5 s", "cannot load: ...").
+        """
+        group = self._groups.get(key)
+        verdicts = group.verdicts if group is not None else self._remembered.get(key)
+        out: dict[int, tuple[bool | None, str | None]] = {}
+        for engine_id, engine in self._engines.items():
+            if verdicts is not None and verdicts.broken is not None:
+                out[engine_id] = (False, verdicts.broken)
+                continue
+            cached = None if verdicts is None else verdicts.matches.get(engine_id)
+            if cached is not None and cached[0] == engine.properties_version:
+                out[engine_id] = (cached[1], cached[2])
+            else:
+                out[engine_id] = (None, None)
+        return out
 
     # -- inside ---------------------------------------------------------------------
 
@@ -213,7 +284,7 @@ class FIFOScheduler:
         best = None
         for group in self._groups.values():
             if not group.size or not self._accepts(group, engine):
-                continue
+                continue  # False, or not known yet
             head = group.queue.peek()
             if head is not None and (best is None or head[0] < best[0][0]):
                 best = (head, group)
@@ -227,28 +298,59 @@ class FIFOScheduler:
         self._forget_if_empty(group)
         return task
 
-    def _accepts(self, group: DependGroup, engine) -> bool:
-        if group.predicate is None:
+    def _accepts(self, group: DependGroup, engine) -> bool | None:
+        """True or False once known; None while the verdict is asked for."""
+        if group.key is None:
             return True
-        cached = group.matches.get(engine.engine_id)
-        if cached is not None and cached[0] == engine.properties_version:
+        verdicts = group.verdicts
+        cached = verdicts.matches.get(engine.engine_id)
+        version = engine.properties_version
+        if cached is not None and cached[0] == version:
             return cached[1]
-        try:
-            accepted = bool(group.predicate(dict(engine.properties)))
-        except Exception as e:
-            accepted = False
-            if not group.failed_once:
-                group.failed_once = True
+        if verdicts.broken is not None:
+            return False
+        if verdicts.pending.get(engine.engine_id) != version:
+            verdicts.pending[engine.engine_id] = version
+            d = self._evaluator.evaluate(group.key, dict(engine.properties))
+            d.addCallback(self._verdict_arrived, group.key, verdicts, engine, version)
+        return None
+
+    def _verdict_arrived(
+        self, verdict: Verdict, key: bytes, verdicts: Verdicts, engine, version: int
+    ) -> None:
+        engine_id = engine.engine_id
+        if verdicts.pending.get(engine_id) == version:
+            del verdicts.pending[engine_id]
+        if self._engines.get(engine_id) is not engine:
+            return  # gone, or its id now names another engine
+        if not verdict.loadable:
+            if verdicts.broken is None:
+                verdicts.broken = verdict.reason
                 self._log.warn(
-                    "a depend function raised {error!r}; it counts as False",
-                    error=e,
+                    "a depend function cannot be loaded: {reason}", reason=verdict.reason
                 )
-        group.matches[engine.engine_id] = (engine.properties_version, accepted)
-        return accepted
+            if key in self._groups:
+                self._broken.add(key)
+        else:
+            verdicts.matches[engine_id] = (version, verdict.accepted, verdict.reason)
+            if verdict.reason is not None and not verdicts.warned:
+                verdicts.warned = True
+                self._log.warn(
+                    "a depend function counts as False on engine {engine_id}: {reason}",
+                    engine_id=engine_id,
+                    reason=verdict.reason,
+                )
+        self._changed()
 
     def _forget_if_empty(self, group: DependGroup) -> None:
         if group.size == 0 and group.key is not None:
             self._groups.pop(group.key, None)
+            self._broken.discard(group.key)
+            # Keep its verdicts a while: the next batch with this depend
+            # need not ask again.
+            self._remembered[group.key] = group.verdicts
+            while len(self._remembered) > MAX_REMEMBERED:
+                self._remembered.popitem(last=False)
 
 
 class PriorityScheduler(FIFOScheduler):

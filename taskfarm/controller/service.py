@@ -7,6 +7,7 @@ from twisted.logger import Logger
 
 from taskfarm.controller.journal import Journal
 from taskfarm.controller.multiengine import MultiEngine
+from taskfarm.controller.predicates import DEFAULT_DEPEND_TIMEOUT, PredicatePool
 from taskfarm.controller.registry import (
     DEFAULT_HEARTBEAT_PERIOD,
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -39,6 +40,7 @@ class ControllerService(service.MultiService):
         multiengine: MultiEngine,
         server,
         journal=None,
+        evaluator=None,
     ) -> None:
         super().__init__()
         self.profile = profile
@@ -48,11 +50,15 @@ class ControllerService(service.MultiService):
         self.multiengine = multiengine
         #: The task journal, or None when running purely in memory.
         self.journal = journal
+        #: Where depend predicates run (`PredicatePool`), or None.
+        self.evaluator = evaluator
         #: The Foolscap side (`taskfarm.remote.server.ControllerServer`).
         self.server = server
         server.setServiceParent(self)
 
     def startService(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.start()
         self.registry.start()
         self.tasks.start()
         super().startService()
@@ -66,6 +72,8 @@ class ControllerService(service.MultiService):
         self.tasks.stop()
         self.registry.stop()
         await super().stopService()
+        if self.evaluator is not None:
+            await self.evaluator.stop()
         if self.journal is not None:
             self.journal.close()
 
@@ -85,11 +93,13 @@ def create_controller(
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
     prefetch: float | None = DEFAULT_PREFETCH,
     timeout_grace: float = DEFAULT_TIMEOUT_GRACE,
+    depend_timeout: float = DEFAULT_DEPEND_TIMEOUT,
 ) -> ControllerService:
     """Build a controller for `profile`; it listens once started.
 
     With `journal`, tasks are kept in the profile's journal and restored at
-    start; `JournalCorrupt` is raised here if it cannot be read.
+    start; `JournalCorrupt` is raised here if it cannot be read.  `depend`
+    predicates run in child processes, `depend_timeout` seconds per call.
     """
     from taskfarm.remote.server import ControllerServer
 
@@ -100,7 +110,8 @@ def create_controller(
         heartbeat_timeout=heartbeat_timeout,
         timeout_grace=timeout_grace,
     )
-    scheduler = scheduler_class()
+    evaluator = PredicatePool(reactor, timeout=depend_timeout)
+    scheduler = scheduler_class(evaluator=evaluator)
     task_journal = None
     if journal:
         profile.ensure()
@@ -126,5 +137,5 @@ def create_controller(
         max_message_size=max_message_size,
     )
     return ControllerService(
-        profile, registry, scheduler, tasks, multiengine, server, task_journal
+        profile, registry, scheduler, tasks, multiengine, server, task_journal, evaluator
     )

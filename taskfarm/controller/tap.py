@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from twisted.python import reflect, usage
 
+from taskfarm.controller.predicates import DEFAULT_DEPEND_TIMEOUT
 from taskfarm.controller.registry import (
     DEFAULT_HEARTBEAT_PERIOD,
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -44,6 +45,7 @@ class Options(usage.Options):
         ["task-slots", None, 2, "Tasks each engine holds at first (fixed if --prefetch is 0).", int],
         ["prefetch", None, DEFAULT_PREFETCH, "Seconds of work to keep queued on each engine; its task slots follow its task run times (0: fixed --task-slots).", float],
         ["unmet-timeout", None, DEFAULT_UNMET_TIMEOUT, "Seconds a task may wait while no engine satisfies its depend (0: forever).", float],
+        ["depend-timeout", None, DEFAULT_DEPEND_TIMEOUT, "Seconds one call of a depend function may take; past it, it counts as False.", float],
         ["max-message-size", None, DEFAULT_MAX_MESSAGE_SIZE, "Largest message accepted, in bytes.", int],
         ["heartbeat-period", None, DEFAULT_HEARTBEAT_PERIOD, "Seconds between pings of each engine (0: no heartbeat).", float],
         ["heartbeat-timeout", None, DEFAULT_HEARTBEAT_TIMEOUT, "Seconds of silence after which an engine counts as lost.", float],
@@ -74,6 +76,8 @@ class Options(usage.Options):
             raise usage.UsageError("--task-slots must be at least 1")
         if self["unmet-timeout"] < 0:
             raise usage.UsageError("--unmet-timeout must be >= 0")
+        if not 0 < self["depend-timeout"] < float("inf"):
+            raise usage.UsageError("--depend-timeout must be a positive number of seconds")
         if self["heartbeat-period"] < 0:
             raise usage.UsageError("--heartbeat-period must be >= 0")
         if self["heartbeat-period"] and self["heartbeat-timeout"] <= self["heartbeat-period"]:
@@ -116,6 +120,7 @@ def makeService(options: Options):
             heartbeat_timeout=options["heartbeat-timeout"],
             prefetch=options["prefetch"] or None,
             timeout_grace=options["timeout-grace"],
+            depend_timeout=options["depend-timeout"],
         )
     except JournalCorrupt as e:
         raise SystemExit("taskcontroller: %s" % e) from None

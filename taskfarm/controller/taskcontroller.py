@@ -23,8 +23,8 @@ from taskfarm.controller.registry import EngineRegistry, RegistryListener
 from taskfarm.controller.tasks import TaskRecord, TaskSpec, TaskState
 from taskfarm.errors import (
     BadRequest,
+    DependError,
     JournalError,
-    SerializationError,
     TaskAborted,
     TaskAlreadyAborted,
     TaskAlreadyCompleted,
@@ -111,11 +111,12 @@ class TaskController(RegistryListener):
         self._counts = {state: 0 for state in TaskState}
         self._next_id = 0
         self._waiters: dict[int, list[_Countdown]] = {}
-        self._known_depends: set[bytes] = set()
         self._dispatch_call = None
         self._unmet_since: dict[bytes, float] = {}
         self._unmet_loop: task.LoopingCall | None = None
         registry.add_listener(self)
+        # Depend verdicts arrive from the evaluator: they may place tasks.
+        scheduler.watch(self._kick)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -204,10 +205,9 @@ class TaskController(RegistryListener):
             taken = [taskid for taskid in ids if taskid in self._tasks]
             if taken:
                 raise BadRequest("task ids %s are taken already" % taken[:10])
+        # A depend is user code: it stays bytes here, and is only loaded in
+        # the scheduler's evaluator processes (DependError if it cannot be).
         specs = [TaskSpec.from_envelope(envelope) for envelope in envelopes]
-        for spec in specs:
-            for link in spec.chain():
-                self._check_depend(link.depend)
         now = self._clock.seconds()
         first = self._next_id
         if ids is None:
@@ -433,19 +433,6 @@ class TaskController(RegistryListener):
             records.append(record)
         return records
 
-    def _check_depend(self, depend: bytes | None) -> None:
-        if depend is None or depend in self._known_depends:
-            return
-        try:
-            predicate = serialization.loads(depend, "the depend function")
-        except SerializationError as e:
-            raise BadRequest(str(e)) from None
-        if not callable(predicate):
-            raise BadRequest("depend is not callable")
-        if len(self._known_depends) > 4096:
-            self._known_depends.clear()
-        self._known_depends.add(depend)
-
     def _move(self, record: TaskRecord, transition, *args):
         before = record.state
         outcome = transition(*args)
@@ -461,6 +448,7 @@ class TaskController(RegistryListener):
         if self._dispatch_call is not None and self._dispatch_call.active():
             self._dispatch_call.cancel()
         self._dispatch_call = None
+        self._fail_broken_depends()
         for engine, record in self._scheduler.schedule():
             spec = record.spec
             seq = engine.send(
@@ -471,6 +459,19 @@ class TaskController(RegistryListener):
                 on_overdue=partial(self._task_overdue, record, engine.engine_id),
             )
             self._move(record, record.start, engine.engine_id, seq)
+
+    def _fail_broken_depends(self) -> None:
+        """Tasks whose depend can never be loaded fail with `DependError`."""
+        broken = self._scheduler.broken_groups()
+        if not broken:
+            return
+        now = self._clock.seconds()
+        for _, reason, records in broken:
+            for record in records:
+                error = to_wire(DependError("depend function of task %d: %s" % (record.taskid, reason)))
+                self._scheduler.remove_task(record)
+                self._move(record, record.fail, error, None, now)
+                self._finished(record)
 
     def _task_replied(
         self,

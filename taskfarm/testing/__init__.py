@@ -3,8 +3,9 @@
 * `ScriptedChannel` is an `IEngineChannel` that records what the controller
   sends and lets a test answer each command by hand (with a `task.Clock`).
 * `InProcessChannel` runs commands at once on an in-process `Namespace`.
+* `InProcessEvaluator` runs `depend` predicates in this process (tests only).
 * `RealCluster` runs a real controller (real Tub on 127.0.0.1) in the test's
   reactor and real engine processes, and stops every one of them.
 """
 
-from taskfarm.testing.fakes import InProcessChannel, ScriptedChannel  # noqa: F401
+from taskfarm.testing.fakes import InProcessChannel, InProcessEvaluator, ScriptedChannel  # noqa: F401

@@ -1,14 +1,19 @@
-"""In-process engine channels for testing controller logic without sockets."""
+"""In-process fakes for testing controller logic without sockets or processes:
+engine channels and a depend-predicate evaluator."""
 
 from __future__ import annotations
 
+import pickle
 import time
 
+from twisted.internet import defer
 from zope.interface import implementer
 
+from taskfarm.controller.depend_child import describe
+from taskfarm.controller.predicates import Verdict
 from taskfarm.engine.namespace import Namespace
 from taskfarm.errors import TaskAborted, to_wire
-from taskfarm.interfaces import IEngineChannel
+from taskfarm.interfaces import IEngineChannel, IPredicateEvaluator
 
 
 @implementer(IEngineChannel)
@@ -95,3 +100,61 @@ class InProcessChannel:
 
     def disconnect(self) -> None:
         self._clock.callLater(0, self.engine._registry.engine_lost, self.engine, "disconnected")
+
+
+@implementer(IPredicateEvaluator)
+class InProcessEvaluator:
+    """Runs `depend` predicates in this process: for tests on a `task.Clock` only.
+
+    It answers like `taskfarm.controller.predicates.PredicatePool` (the
+    same verdicts and reasons, on the clock's next turn, never at once),
+    without processes, so it has no timeout.  `load` turns a key into the
+    predicate (default: unpickle it); `calls` and `loads` count per key.
+    """
+
+    def __init__(self, clock, load=None) -> None:
+        self._clock = clock
+        self._load = load or pickle.loads
+        self.running = False
+        #: key -> how often its predicate ran / was loaded.
+        self.calls: dict[bytes, int] = {}
+        self.loads: dict[bytes, int] = {}
+        #: key -> (predicate, None) or (None, why it cannot be loaded).
+        self._loaded: dict[bytes, tuple] = {}
+
+    def start(self) -> None:
+        self.running = True
+
+    def stop(self) -> defer.Deferred:
+        self.running = False
+        return defer.succeed(None)
+
+    def evaluate(self, key: bytes, properties: dict) -> defer.Deferred:
+        if self.running:
+            verdict = self._verdict(key, dict(properties))
+        else:
+            verdict = Verdict(False, "the depend evaluator is not running")
+        d: defer.Deferred = defer.Deferred()
+        self._clock.callLater(0, d.callback, verdict)
+        return d
+
+    def _verdict(self, key: bytes, properties: dict) -> Verdict:
+        if key not in self._loaded:
+            self.loads[key] = self.loads.get(key, 0) + 1
+            try:
+                predicate = self._load(key)
+            except BaseException as e:
+                self._loaded[key] = (None, "cannot load: " + describe(e))
+            else:
+                self._loaded[key] = (predicate, None) if callable(predicate) else (
+                    None,
+                    "cannot load: the depend is a %s, not a function" % type(predicate).__name__,
+                )
+        predicate, why = self._loaded[key]
+        if predicate is None:
+            return Verdict(False, why, False)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        try:
+            return Verdict(bool(predicate(properties)))
+        except BaseException as e:
+            return Verdict(False, "raised " + describe(e))
