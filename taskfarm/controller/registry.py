@@ -2,8 +2,9 @@
 
 Every command for an engine (a task, or a MultiEngine call) gets the next
 sequence number of that engine and runs there in that order.  Commands sent
-during one reactor turn leave together, in one message per engine; replies
-come back in batches too.  When an engine is lost, each of its unanswered
+during one reactor turn leave together, in as few messages per engine as the
+message limit allows; a command that alone exceeds it is answered with
+`MessageTooLarge` instead of being sent.  Replies come back in batches too.  When an engine is lost, each of its unanswered
 commands is answered with `EngineLost`, so no caller waits forever.
 """
 
@@ -18,7 +19,8 @@ from twisted.internet import task
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from taskfarm.errors import EngineLost, InvalidProperty, to_wire
+from taskfarm import serialization
+from taskfarm.errors import EngineLost, InvalidProperty, MessageTooLarge, to_wire
 from taskfarm.interfaces import IEngineSink
 
 #: The largest engine id handed out, plus one.
@@ -27,6 +29,10 @@ MAX_ENGINES = 4096
 #: Seconds between pings of each engine, and of silence before it is lost.
 DEFAULT_HEARTBEAT_PERIOD = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 10.0
+
+#: Bytes of a `commands` message beyond its commands' own pickles (the
+#: list around them, pickle framing), kept free under the limit.
+COMMANDS_OVERHEAD = 512
 
 #: ``on_reply(seq, ok, data, started, finished)``
 ReplyCallback = Callable[[int, bool, object, "float | None", float], None]
@@ -124,7 +130,48 @@ class EngineHandle:
     def _flush(self) -> None:
         if self._outbox and not self._lost:
             batch, self._outbox = self._outbox, []
-            self.channel.send(batch)
+            for message in self._fit(batch):
+                self.channel.send(message)
+
+    def _fit(self, commands: list) -> list[list]:
+        """`commands` in messages under the limit: each command's own pickle
+        is measured (a list pickles to at most the sum of its items plus
+        `COMMANDS_OVERHEAD`).  One too big alone is not sent: it is answered
+        with `MessageTooLarge` on a later turn, so its caller hears of it."""
+        room = self._registry.max_message_size - COMMANDS_OVERHEAD
+        messages: list[list] = [[]]
+        used = 0
+        for command in commands:
+            size = len(serialization.pack(command))
+            if size > room:
+                self._refuse(command, size)
+                continue
+            if used + size > room and messages[-1]:
+                messages.append([])
+                used = 0
+            messages[-1].append(command)
+            used += size
+        return [message for message in messages if message]
+
+    def _refuse(self, command: tuple, size: int) -> None:
+        seq, op, _ = command
+        entry = self.inflight.pop(seq, None)
+        if entry is None:
+            return
+        limit = self._registry.max_message_size
+        self._registry._log.warn(
+            "a {op} command of {size} bytes for engine {engine_id} exceeds the "
+            "message limit of {limit} bytes; failing it",
+            op=op, size=size, engine_id=self.engine_id, limit=limit,
+        )
+        error = to_wire(
+            MessageTooLarge(
+                "the %s command of %d bytes exceeds the controller's message limit of "
+                "%d bytes (--max-message-size)" % (op, size, limit)
+            )
+        )
+        clock = self._registry._clock
+        clock.callLater(0, entry[1], seq, False, error, None, clock.seconds())
 
     def __repr__(self) -> str:
         return "<engine %d %s>" % (self.engine_id, self.state.value)
@@ -155,9 +202,13 @@ class EngineRegistry:
         task_slots: int = 2,
         heartbeat_period: float | None = DEFAULT_HEARTBEAT_PERIOD,
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self._clock = clock
         self.task_slots = task_slots
+        #: The largest message an engine accepts (it learns the controller's
+        #: limit at hello); every `commands` message is built under it.
+        self.max_message_size = max_message_size
         self.engines: dict[int, EngineHandle] = {}
         self._listeners: list[RegistryListener] = []
         self._dirty: dict[int, EngineHandle] = {}

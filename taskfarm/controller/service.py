@@ -96,6 +96,7 @@ def create_controller(
         task_slots=task_slots,
         heartbeat_period=heartbeat_period,
         heartbeat_timeout=heartbeat_timeout,
+        max_message_size=max_message_size,
     )
     scheduler = scheduler_class()
     task_journal = None

@@ -424,6 +424,10 @@ class TaskController(RegistryListener):
             and record.seq == seq
         )
         if current:
+            if not ok and started is None and data[0] == "MessageTooLarge":
+                # Never sent (see `EngineHandle._fit`): it would be as large
+                # again, so retries cannot help; a recovery task still may.
+                record.retries_left = 0
             if ok:
                 self._move(record, record.succeed, data, started, finished)
                 self._finished(record)
