@@ -13,9 +13,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from taskfarm import serialization
 from taskfarm.errors import (
+    BadRequest,
     CompositeError,
     FurlError,
     NoEnginesRegistered,
@@ -33,7 +35,7 @@ from taskfarm.remote.client import (
 )
 from taskfarm.results import PendingResults, ResultList, join_blocks, partition
 from taskfarm.results import barrier as results_barrier
-from taskfarm.submission import Submitter
+from taskfarm.submission import Submitter, pack_envelope
 from taskfarm.task import CALL, BaseTask, MapTask, result_from_envelope
 
 __all__ = ["TaskClient", "MultiEngineClient", "resolve_furl"]
@@ -107,6 +109,7 @@ class TaskClient(_Client):
     """The load-balanced Task interface, as Deferreds."""
 
     interface = TASK
+    _log = Logger()
 
     def __init__(
         self,
@@ -128,7 +131,9 @@ class TaskClient(_Client):
         for this client, and the task leaves with others at the end of the
         reactor turn.  It is accepted (journaled) when the controller
         acknowledges that batch: every other call of this client waits for
-        that first, and so does `confirm()`.
+        that first, and so does `confirm()`.  A task that cannot be sent (it
+        does not pickle, or alone exceeds the controller's message limit)
+        fails here, with a typed error, and takes no other task with it.
         """
         try:
             envelope = _envelope(task)
@@ -137,8 +142,9 @@ class TaskClient(_Client):
         return self._submitter.run(envelope)
 
     def run_many(self, tasks: Iterable[BaseTask]) -> defer.Deferred:
-        """Submit many tasks in one message; fires with their ids, in order,
-        once the controller has accepted them."""
+        """Submit many tasks at once; fires with their ids, in order, once
+        the controller has accepted them.  They travel in as few messages
+        as the controller's message limit allows."""
         try:
             envelopes = [_envelope(task) for task in tasks]
         except Exception as e:
@@ -212,38 +218,58 @@ class TaskClient(_Client):
         for taskid in taskids:
             _check_id(taskid)
         if block and taskids:
-            await self._ask_about(taskids, "wait", serialization.pack(taskids))
+            await self._wait(taskids)
         # A few first, to learn how big results are; then the rest in
-        # slices of about RESULT_SLICE_BYTES, asked for all at once so the
+        # slices of about `_slice_bytes`, asked for all at once so the
         # controller packs one while this side reads another.
         head, rest = taskids[:RESULT_PROBE], taskids[RESULT_PROBE:]
-        envelopes = await self._ask_about(head, "results", serialization.pack(head), False)
+        envelopes = await self._fetch(head)
         if rest:
             sizes = [len(env[3]) for env in envelopes if env is not None and env[2]]
             mean = sum(sizes) / len(sizes) if sizes else 0
-            per = max(1, int(RESULT_SLICE_BYTES / max(mean, 1)))
+            per = max(1, int(self._slice_bytes() / max(mean, 1)))
+            per = min(per, self._ids_per_request())
             slices = [rest[i : i + per] for i in range(0, len(rest), per)]
-            answers = await defer.gatherResults(
-                [
-                    defer.Deferred.fromCoroutine(
-                        self._ask_about(part, "results", serialization.pack(part), False)
-                    )
-                    for part in slices
-                ],
-                consumeErrors=True,
-            )
-            for answer in answers:
+            for answer in await _gather(self._fetch(part) for part in slices):
                 envelopes.extend(answer)
         return [None if env is None else _present(env, raising=False) for env in envelopes]
+
+    async def _fetch(self, taskids: list[int]) -> list:
+        """Result envelopes of `taskids`: the controller answers as many as
+        fit in one message (one at least), so ask again for the rest."""
+        envelopes: list = []
+        while len(envelopes) < len(taskids):
+            part = taskids[len(envelopes) :]
+            answer = await self._ask_about(part, "results", serialization.pack(part), False)
+            if not answer:
+                raise BadRequest("the controller answered no result for %d ids" % len(part))
+            envelopes.extend(answer)
+        return envelopes
+
+    def _slice_bytes(self) -> int:
+        # Half the limit: results vary, and an answer cut short costs a call.
+        return min(RESULT_SLICE_BYTES, self._connection.max_message_size // 2)
+
+    def _ids_per_request(self) -> int:
+        """How many task ids one request may list under the message limit."""
+        return max(1, (self._connection.max_message_size - 512) // BYTES_PER_ID)
+
+    def _id_slices(self, taskids: list[int]) -> list[list[int]]:
+        per = self._ids_per_request()
+        return [taskids[i : i + per] for i in range(0, len(taskids), per)] or [[]]
+
+    async def _wait(self, taskids: list[int]) -> None:
+        await _gather(
+            self._ask_about(part, "wait", serialization.pack(part))
+            for part in self._id_slices(taskids)
+        )
 
     def barrier(self, taskids) -> defer.Deferred:
         """Fires (with None) once every task in `taskids` (an id or a list) is done."""
         ids = [taskids] if isinstance(taskids, int) else list(taskids)
         for taskid in ids:
             _check_id(taskid)
-        return defer.Deferred.fromCoroutine(
-            self._ask_about(ids, "wait", serialization.pack(ids))
-        )
+        return defer.Deferred.fromCoroutine(self._wait(ids))
 
     # -- function tasks -----------------------------------------------------------------
 
@@ -264,10 +290,11 @@ class TaskClient(_Client):
         tasks = map_tasks(function, arguments, task_options)
         ids = await self.run_many(tasks)
         try:
-            await self.barrier(ids)
-            outcomes = await self.get_task_results(ids)
+            await self._wait(ids)
+            outcomes = await self._get_results(ids, False)
         finally:
-            await self.clear(ids)
+            # Results in hand are never thrown away for a clear that fails.
+            await self._clear_fetched(ids)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -302,6 +329,24 @@ class TaskClient(_Client):
             taskids = [taskids]
         request = serialization.pack(None if taskids is None else list(taskids))
         return defer.Deferred.fromCoroutine(self._ask("clear", request, retry=False))
+
+    async def _clear_fetched(self, taskids: list[int]) -> None:
+        """`map`'s clean-up: clear `taskids`, across reconnections (clearing
+        again is harmless: ids cleared already are skipped); a clear that
+        fails for good is logged, and the tasks expire with --retention."""
+        for part in self._id_slices(taskids):
+            try:
+                await self._ask("clear", serialization.pack(part), retry=True)
+            except UnknownTask:
+                pass  # an earlier try cleared them; its answer was lost
+            except Exception as e:
+                self._log.warn(
+                    "map could not clear its {count} tasks ({error}); they stay "
+                    "on the controller until their retention expires",
+                    count=len(taskids),
+                    error=e,
+                )
+                return
 
     def spin(self) -> defer.Deferred:
         """Ask the controller for a scheduling pass (rarely needed)."""
@@ -364,9 +409,23 @@ def _zip_equal(sequences) -> list[tuple]:
     return list(zip(*lists, strict=True))
 
 
-#: Results are fetched a few first, then in slices of about this many bytes.
+#: Results are fetched a few first, then in slices of about this many bytes
+#: (or half the controller's message limit, if smaller).
 RESULT_PROBE = 8
 RESULT_SLICE_BYTES = 8 * 1024 * 1024
+
+#: An upper bound on the bytes one task id takes in a pickled id list.
+BYTES_PER_ID = 10
+
+
+async def _gather(coroutines) -> list:
+    """Run coroutines side by side; raise the first one's error itself."""
+    try:
+        return await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(c) for c in coroutines], consumeErrors=True
+        )
+    except defer.FirstError as e:
+        e.subFailure.raiseException()
 
 
 def _present(envelope: tuple, raising: bool = True):
@@ -381,12 +440,12 @@ def _present(envelope: tuple, raising: bool = True):
     return result.value
 
 
-def _envelope(task: BaseTask) -> tuple:
+def _envelope(task: BaseTask) -> bytes:
     if not isinstance(task, BaseTask):
         raise TypeError(
             "run takes a Task or MapTask, not %s" % type(task).__name__
         )
-    return task.to_envelope()
+    return pack_envelope(task.to_envelope())
 
 
 def _check_id(taskid) -> None:

@@ -9,6 +9,11 @@ before any question about it.  Each batch is acknowledged once the
 controller has journaled it; `confirm()` waits for that.  A batch that fails
 for good (not merely a lost connection, which is retried) makes the next
 `confirm()` raise, and every later question about its ids raises too.
+
+Tasks arrive here packed (`pack_envelope`), so each one's size is known:
+batches are built under the controller's message limit, and a task that
+alone exceeds it is refused at its own `run` with `MessageTooLarge`, before
+it takes an id, leaving the tasks beside it alone.
 """
 
 from __future__ import annotations
@@ -20,11 +25,21 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from taskfarm import serialization
-from taskfarm.errors import ConnectionLost
+from taskfarm.errors import ConnectionLost, MessageTooLarge, SerializationError
+from taskfarm.task import MAX_RECOVERY_CHAIN
 
 #: Ids reserved at first, and at most, per `reserve` call.
 FIRST_LEASE = 64
 MAX_LEASE = 8192
+
+#: The most ids asked for in one `reserve` call (the controller allows up
+#: to 100,000); a bigger `run_many` takes several leases.
+MAX_RESERVE = 65_536
+
+#: Bytes of a submission beyond its packed tasks: the token and the list
+#: around them (`SUBMIT_OVERHEAD`), and per task its id and framing.
+SUBMIT_OVERHEAD = 512
+PER_TASK_OVERHEAD = 24
 
 #: Queued tasks leave within this many seconds, or once this many are
 #: queued, or at once when the client asks anything else: a loop of `run`
@@ -46,6 +61,7 @@ class Submitter:
         self._reactor = reactor
         #: Queued (envelope, id), sent at the end of the turn.
         self._queue: list[tuple] = []
+        self._queued_bytes = 0
         #: Submissions waiting for ids: (envelopes, waiter, whole batch?).
         self._waiting: collections.deque = collections.deque()
         self._flush_call = None
@@ -59,9 +75,13 @@ class Submitter:
 
     # -- submitting ---------------------------------------------------------------
 
-    def run(self, envelope: tuple) -> defer.Deferred:
-        """Queue one task; fires with its id (at once while a lease lasts)."""
+    def run(self, envelope: bytes) -> defer.Deferred:
+        """Queue one packed task; fires with its id (at once while a lease
+        lasts), or fails with `MessageTooLarge` if it can never be sent."""
         if not self._waiting and self._available() >= 1:
+            error = self._too_large([envelope])
+            if error is not None:
+                return defer.fail(error)
             taskid = self._take(1)[0]
             self._enqueue((envelope, taskid))
             self._top_up()
@@ -71,8 +91,12 @@ class Submitter:
         self._top_up()
         return waiter
 
-    def run_many(self, envelopes: list) -> defer.Deferred:
-        """Send a batch now; fires with its ids once it is accepted."""
+    def run_many(self, envelopes: list[bytes]) -> defer.Deferred:
+        """Send packed tasks now; fires with their ids once all are accepted.
+
+        They leave in as many messages as the limit needs.  If one task
+        alone exceeds it, none is sent and this fails with `MessageTooLarge`.
+        """
         waiter: defer.Deferred = defer.Deferred()
         if not envelopes:
             waiter.callback([])
@@ -81,6 +105,24 @@ class Submitter:
         self._serve_waiting()
         self._top_up()
         return waiter
+
+    def _room(self) -> int:
+        """Bytes of packed tasks one submission may carry."""
+        return self._connection.max_message_size - SUBMIT_OVERHEAD
+
+    def _too_large(self, envelopes: list[bytes]) -> MessageTooLarge | None:
+        """The error for the first task too big for any submission, if any.
+        Only asked once ids are leased, so the limit is the controller's."""
+        room = self._room()
+        for index, envelope in enumerate(envelopes):
+            if len(envelope) + PER_TASK_OVERHEAD > room:
+                which = "a task" if len(envelopes) == 1 else "task %d of the batch" % index
+                return MessageTooLarge(
+                    "a submit request for %s of %d bytes exceeds the controller's "
+                    "limit of %d bytes (--max-message-size); nothing was sent"
+                    % (which, len(envelope), self._connection.max_message_size)
+                )
+        return None
 
     # Ids come from leases only, taken in increasing order, so a client's
     # task ids grow in the order it submits them.
@@ -102,14 +144,30 @@ class Submitter:
     def _serve_waiting(self) -> None:
         while self._waiting and self._available() >= len(self._waiting[0][0]):
             envelopes, waiter, whole_batch = self._waiting.popleft()
+            error = self._too_large(envelopes)
+            if error is not None:
+                waiter.errback(error)
+                continue
             ids = self._take(len(envelopes))
             if whole_batch:
                 self.flush()
                 # Its caller hears of a failure; nobody else needs to.
-                self._send(envelopes, ids, remember=False).chainDeferred(waiter)
+                self._send_all(envelopes, ids).chainDeferred(waiter)
             else:
                 self._enqueue((envelopes[0], ids[0]))
                 waiter.callback(ids[0])
+
+    def _send_all(self, envelopes: list[bytes], ids: list[int]) -> defer.Deferred:
+        """Send a `run_many` batch in messages that fit; fires with all ids."""
+        parts = []
+        start = 0
+        for end in _cuts([len(e) + PER_TASK_OVERHEAD for e in envelopes], self._room()):
+            parts.append(self._send(envelopes[start:end], ids[start:end], remember=False))
+            start = end
+        d = defer.gatherResults(parts, consumeErrors=True)
+        d.addCallbacks(lambda answers: [i for answer in answers for i in answer],
+                       lambda failure: failure.value.subFailure)
+        return d
 
     def _top_up(self) -> None:
         """Reserve more ids when the leases run low or someone waits."""
@@ -117,7 +175,8 @@ class Submitter:
         if self._reserving or self._available() - needed >= self._lease_size // 4:
             return
         self._reserving = True
-        size = max(self._lease_size, needed)
+        # Several leases serve a batch bigger than one reserve call allows.
+        size = min(max(self._lease_size, needed - self._available()), MAX_RESERVE)
         self._lease_size = min(self._lease_size * 2, MAX_LEASE)
         d = defer.Deferred.fromCoroutine(self._connection.call("reserve", size, retry=True))
 
@@ -136,7 +195,11 @@ class Submitter:
         d.addCallbacks(leased, refused)
 
     def _enqueue(self, entry: tuple) -> None:
+        size = len(entry[0]) + PER_TASK_OVERHEAD
+        if self._queue and self._queued_bytes + size > self._room():
+            self.flush()  # this one would not fit in the same message
         self._queue.append(entry)
+        self._queued_bytes += size
         if len(self._queue) >= MAX_BATCH:
             self.flush()
         elif self._flush_call is None:
@@ -148,17 +211,16 @@ class Submitter:
             self._flush_call.cancel()
         self._flush_call = None
         queue, self._queue = self._queue, []
+        self._queued_bytes = 0
         if queue:
             sent = self._send([entry[0] for entry in queue], [entry[1] for entry in queue])
             # A failure reaches `confirm` and `check`.
             sent.addErrback(lambda _: None)
 
-    def _send(self, envelopes: list, ids: list[int], remember: bool = True) -> defer.Deferred:
-        # The token makes a resubmission after a lost connection harmless.
-        request = serialization.pack((uuid.uuid4().hex, envelopes, ids))
-        d = defer.Deferred.fromCoroutine(
-            self._connection.call("submit", request, retry=True)
-        )
+    def _send(self, envelopes: list[bytes], ids: list[int], remember: bool = True) -> defer.Deferred:
+        """Submit one message; whatever fails in it (here or on the
+        controller) fails exactly its tasks, never silently."""
+        d = defer.Deferred.fromCoroutine(self._submit(envelopes, ids))
         self._in_flight.add(d)
         answer: defer.Deferred = defer.Deferred()
 
@@ -179,11 +241,17 @@ class Submitter:
         d.addCallbacks(accepted, refused)
         return answer
 
+    async def _submit(self, envelopes: list[bytes], ids: list[int]) -> list[int]:
+        # The token makes a resubmission after a lost connection harmless.
+        request = serialization.pack((uuid.uuid4().hex, envelopes, ids))
+        return await self._connection.call("submit", request, retry=True)
+
     def _controller_forgot(self) -> None:
         """The controller restarted without its journal: ids reserved before
         mean nothing now, and batches not yet acknowledged are lost."""
         self._leases.clear()
         self._queue, queued = [], self._queue
+        self._queued_bytes = 0
         lost = ConnectionLost(
             "the controller restarted without a journal (--no-journal): tasks "
             "sent to it before are lost"
@@ -219,6 +287,36 @@ class Submitter:
                     if error is self._error:
                         self._error = None  # told now; `confirm` need not repeat it
                     raise error
+
+
+def pack_envelope(envelope: tuple) -> bytes:
+    """A task envelope as the bytes a submission carries; `SerializationError`
+    if pickle cannot carry it (too deeply nested, say)."""
+    try:
+        return serialization.pack(envelope)
+    except RecursionError:
+        raise SerializationError(
+            "the task is nested too deeply to pickle (a recovery chain of %d "
+            "tasks at most is allowed)" % MAX_RECOVERY_CHAIN
+        ) from None
+    except Exception as e:
+        raise SerializationError(
+            "cannot pack the task: %s: %s" % (type(e).__name__, e)
+        ) from None
+
+
+def _cuts(sizes: list[int], room: int) -> list[int]:
+    """End indexes of consecutive runs of `sizes` that each sum to at most
+    `room` (a run holds one item at least)."""
+    cuts = []
+    used = 0
+    for index, size in enumerate(sizes):
+        if used and used + size > room:
+            cuts.append(index)
+            used = 0
+        used += size
+    cuts.append(len(sizes))
+    return cuts
 
 
 def _observe(d: defer.Deferred) -> defer.Deferred:

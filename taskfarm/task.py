@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
 from taskfarm import serialization
-from taskfarm.errors import RecoveryLoopError, TaskfarmError
+from taskfarm.errors import BadRequest, RecoveryLoopError, TaskfarmError
 
 #: Envelope kinds.
 EXEC = "exec"
@@ -31,6 +31,12 @@ MAX_RETRIES = 2**63 - 1
 
 #: The longest timeout: any larger number cannot be a float number of seconds.
 MAX_TIMEOUT = sys.float_info.max
+
+#: The most tasks in one recovery chain (the task itself included).  The
+#: envelope nests one level per task, and pickle recurses per level, so a
+#: chain much longer (about 1,000) cannot be sent at all; the controller
+#: refuses longer chains too.
+MAX_RECOVERY_CHAIN = 100
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -168,7 +174,8 @@ class BaseTask:
         """Encode this task and its recovery chain for the wire.
 
         Raises `RecoveryLoopError` when the chain comes back to a task in it,
-        and `SerializationError` when a value cannot be pickled.
+        `BadRequest` when it is longer than `MAX_RECOVERY_CHAIN` tasks, and
+        `SerializationError` when a value cannot be pickled.
         """
         chain: list[BaseTask] = []
         seen: set[int] = set()
@@ -181,6 +188,11 @@ class BaseTask:
                 )
             seen.add(id(task))
             chain.append(task)
+            if len(chain) > MAX_RECOVERY_CHAIN:
+                raise BadRequest(
+                    "the recovery_task chain of %r is longer than %d tasks "
+                    "(MAX_RECOVERY_CHAIN)" % (self, MAX_RECOVERY_CHAIN)
+                )
             task = task.recovery_task
         envelope = None
         for task in reversed(chain):

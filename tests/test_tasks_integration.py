@@ -648,9 +648,9 @@ class FitRepliesTests(unittest.TestCase):
         from taskfarm.errors import from_wire
         from taskfarm.remote.engine_link import fit_replies
 
-        replies = [(1, True, b"a" * 10, 0, 1), (2, True, b"b" * 100, 0, 1),
-                   (3, True, b"c" * 40, 0, 1), (4, True, b"d" * 40, 0, 1)]
-        batches = fit_replies(replies, 50)
+        replies = [(1, True, b"a" * 100, 0.0, 1.0), (2, True, b"b" * 2000, 0.0, 1.0),
+                   (3, True, b"c" * 400, 0.0, 1.0), (4, True, b"d" * 400, 0.0, 1.0)]
+        batches = fit_replies(replies, 1000)
         self.assertEqual([[r[0] for r in b] for b in batches], [[1, 2, 3], [4]])
         self.assertFalse(batches[0][1][1])
         self.assertEqual(type(from_wire(batches[0][1][2])).__name__, "MessageTooLarge")

@@ -2,8 +2,9 @@
 
 Every command for an engine (a task, or a MultiEngine call) gets the next
 sequence number of that engine and runs there in that order.  Commands sent
-during one reactor turn leave together, in one message per engine; replies
-come back in batches too.  When an engine is lost, each of its unanswered
+during one reactor turn leave together, in as few messages per engine as the
+message limit allows; a command that alone exceeds it is answered with
+`MessageTooLarge` instead of being sent.  Replies come back in batches too.  When an engine is lost, each of its unanswered
 commands is answered with `EngineLost`, so no caller waits forever.
 """
 
@@ -18,7 +19,8 @@ from twisted.internet import task
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from taskfarm.errors import EngineLost, InvalidProperty, TaskTimeout, to_wire
+from taskfarm import serialization
+from taskfarm.errors import EngineLost, InvalidProperty, MessageTooLarge, TaskTimeout, to_wire
 from taskfarm.interfaces import IEngineSink
 
 #: The largest engine id handed out, plus one.
@@ -32,6 +34,9 @@ DEFAULT_HEARTBEAT_TIMEOUT = 10.0
 #: engine's own answer (the engine interrupts at the limit and gives up 5 s
 #: later) before it fails the command itself.
 DEFAULT_TIMEOUT_GRACE = 10.0
+#: Bytes of a `commands` message beyond its commands' own pickles (the
+#: list around them, pickle framing), kept free under the limit.
+COMMANDS_OVERHEAD = 512
 
 #: ``on_reply(seq, ok, data, started, finished)``
 ReplyCallback = Callable[[int, bool, object, "float | None", float], None]
@@ -211,10 +216,77 @@ class EngineHandle:
     def _flush(self) -> None:
         if self._outbox and not self._lost:
             batch, self._outbox = self._outbox, []
-            self.channel.send(batch)
+            for message in self._fit(batch):
+                self.channel.send(message)
+
+    def _fit(self, commands: list) -> list[list]:
+        """`commands` in messages under the limit: each command's pickle is
+        bounded from above (a list pickles to at most the sum of its items
+        plus `COMMANDS_OVERHEAD`).  One too big alone is not sent: it is answered
+        with `MessageTooLarge` on a later turn, so its caller hears of it."""
+        room = self._registry.max_message_size - COMMANDS_OVERHEAD
+        messages: list[list] = [[]]
+        used = 0
+        for command in commands:
+            size = pickled_size_bound(command)
+            if size > room:
+                self._refuse(command, size)
+                continue
+            if used + size > room and messages[-1]:
+                messages.append([])
+                used = 0
+            messages[-1].append(command)
+            used += size
+        return [message for message in messages if message]
+
+    def _refuse(self, command: tuple, size: int) -> None:
+        seq, op, _ = command
+        entry = self._answered(seq)
+        if entry is None:
+            return
+        limit = self._registry.max_message_size
+        self._registry._log.warn(
+            "a {op} command of {size} bytes for engine {engine_id} exceeds the "
+            "message limit of {limit} bytes; failing it",
+            op=op, size=size, engine_id=self.engine_id, limit=limit,
+        )
+        error = to_wire(
+            MessageTooLarge(
+                "the %s command of %d bytes exceeds the controller's message limit of "
+                "%d bytes (--max-message-size)" % (op, size, limit)
+            )
+        )
+        clock = self._registry._clock
+        clock.callLater(0, entry[1], seq, False, error, None, clock.seconds())
 
     def __repr__(self) -> str:
         return "<engine %d %s>" % (self.engine_id, self.state.value)
+
+
+def pickled_size_bound(value) -> int:
+    """An upper bound of ``len(serialization.pack(value))`` for the plain
+    data commands are made of, without pickling it (which would copy every
+    payload once more on the hot path)."""
+    size = _size_bound(value)
+    # Protocol header and STOP, and a FRAME opcode for each 64 KiB frame.
+    return size + 16 + 9 * (size // 65536 + 1)
+
+
+def _size_bound(value) -> int:
+    kind = type(value)
+    if kind is bytes:
+        return len(value) + 10  # opcode, 8-byte length, MEMOIZE
+    if kind is str:
+        return 4 * len(value) + 10  # UTF-8 takes at most 4 bytes a character
+    if kind is tuple or kind is list:
+        return 8 + 2 * (len(value) // 1000) + sum(map(_size_bound, value))
+    if value is None or kind is bool:
+        return 1
+    if kind is float:
+        return 9
+    if kind is int and -(2**31) <= value < 2**31:
+        return 5
+    return len(serialization.pack(value))
 
 
 class RegistryListener:
@@ -243,11 +315,15 @@ class EngineRegistry:
         heartbeat_period: float | None = DEFAULT_HEARTBEAT_PERIOD,
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         timeout_grace: float = DEFAULT_TIMEOUT_GRACE,
+        max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self._clock = clock
         #: Seconds past a command's time limit before the controller fails it.
         self.timeout_grace = timeout_grace
         self.task_slots = task_slots
+        #: The largest message an engine accepts (it learns the controller's
+        #: limit at hello); every `commands` message is built under it.
+        self.max_message_size = max_message_size
         self.engines: dict[int, EngineHandle] = {}
         self._listeners: list[RegistryListener] = []
         self._dirty: dict[int, EngineHandle] = {}

@@ -109,6 +109,7 @@ def create_controller(
         heartbeat_period=heartbeat_period,
         heartbeat_timeout=heartbeat_timeout,
         timeout_grace=timeout_grace,
+        max_message_size=max_message_size,
     )
     evaluator = PredicatePool(reactor, timeout=depend_timeout)
     scheduler = scheduler_class(evaluator=evaluator)

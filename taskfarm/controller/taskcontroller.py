@@ -491,6 +491,10 @@ class TaskController(RegistryListener):
                 if slots is not None:
                     self._scheduler.resize(engine_id, slots)
         if self._is_current(record, engine_id, seq):
+            if not ok and started is None and data[0] == "MessageTooLarge":
+                # Never sent (see `EngineHandle._fit`): it would be as large
+                # again, so retries cannot help; a recovery task still may.
+                record.retries_left = 0
             if ok:
                 self._move(record, record.succeed, data, started, finished)
                 self._finished(record)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 
 from taskfarm.errors import BadRequest
-from taskfarm.task import CALL, EXEC, MAX_RETRIES, MAX_TIMEOUT
+from taskfarm.task import CALL, EXEC, MAX_RECOVERY_CHAIN, MAX_RETRIES, MAX_TIMEOUT
 
 
 class TaskState(enum.Enum):
@@ -89,8 +89,11 @@ class TaskSpec:
     @classmethod
     def from_envelope(cls, envelope: object, depth: int = 0) -> TaskSpec:
         """Check and decode a client's task envelope; `BadRequest` if malformed."""
-        if depth > 1000:
-            raise BadRequest("recovery chain is deeper than 1000 tasks")
+        if depth >= MAX_RECOVERY_CHAIN:
+            raise BadRequest(
+                "the recovery chain is longer than %d tasks (MAX_RECOVERY_CHAIN)"
+                % MAX_RECOVERY_CHAIN
+            )
         try:
             kind, payload, options, depend, recovery = envelope  # type: ignore[misc]
             clear_before, clear_after, retries, priority, timeout = options

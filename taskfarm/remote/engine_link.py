@@ -156,8 +156,9 @@ class EngineLink(service.Service):
             callback(engine_id)
 
     def _sender(self, session, limit: int) -> Callable[[list], None]:
-        room = max(limit - REPLY_OVERHEAD, 1024)
-        # Big results leave in messages of about REPLY_BATCH_BYTES, so the
+        # The controller's limit is at least 1024 bytes (--max-message-size).
+        room = max(limit - REPLY_OVERHEAD, 512)
+        # Big replies leave in messages of about REPLY_BATCH_BYTES, so the
         # controller reads one while the next is sent; none exceeds `limit`.
         batch_bytes = min(room, REPLY_BATCH_BYTES)
 
@@ -177,30 +178,30 @@ class EngineLink(service.Service):
             self._lost.callback(None)
 
 
-#: Bytes of a reply message that are not result data (ids, times, pickling).
-REPLY_OVERHEAD = 64 * 1024
+#: Bytes of a replies message beyond its replies' own pickles (the list
+#: around them, pickle framing), kept free under the limit.
+REPLY_OVERHEAD = 512
 
-#: Replies leave in messages of about this many bytes of results at most.
+#: Replies leave in messages of about this many bytes at most.
 REPLY_BATCH_BYTES = 8 * 1024 * 1024
+
+#: How much of an oversized failure's message and traceback is kept.
+FAILURE_EXCERPT = 2000
 
 
 def fit_replies(replies: list, room: int, batch_bytes: int | None = None) -> list[list]:
-    """`replies` in batches of at most `batch_bytes` (default `room`) bytes
-    of data; a result bigger than `room` alone becomes a `MessageTooLarge`
+    """`replies` in batches of at most `batch_bytes` (default `room`) bytes,
+    each reply measured by its own pickle, failures as much as results.  A
+    reply bigger than `room` alone is replaced by a `MessageTooLarge`
     failure of its command, so its task fails instead of waiting forever."""
     batch_bytes = room if batch_bytes is None else batch_bytes
     batches: list[list] = [[]]
     used = 0
     for reply in replies:
-        seq, ok, data, started, finished = reply
-        size = len(data) if isinstance(data, bytes) else 0
+        size = len(serialization.pack(reply))
         if size > room:
-            error = MessageTooLarge(
-                "the result of %d bytes exceeds the controller's message limit of %d "
-                "bytes (--max-message-size)" % (size, room + REPLY_OVERHEAD)
-            )
-            reply = (seq, False, to_wire(error), started, finished)
-            size = 0
+            reply = _too_large(reply, size, room)
+            size = len(serialization.pack(reply))
         if used + size > batch_bytes and batches[-1]:
             batches.append([])
             used = 0
@@ -208,3 +209,43 @@ def fit_replies(replies: list, room: int, batch_bytes: int | None = None) -> lis
         used += size
     return [batch for batch in batches if batch]
 
+
+def _too_large(reply: tuple, size: int, room: int) -> tuple:
+    """A `MessageTooLarge` failure in place of `reply`; a failure keeps its
+    exception's type name and the start of its message and traceback."""
+    seq, ok, data, started, finished = reply
+    limit = room + REPLY_OVERHEAD
+    if ok:
+        text = (
+            "the result of %d bytes exceeds the controller's message limit of %d "
+            "bytes (--max-message-size)" % (size, limit)
+        )
+    else:
+        ename, evalue, traceback = _failure_parts(data)
+        # At most 4 bytes a character: the excerpts stay well inside `room`.
+        keep = max(0, min(FAILURE_EXCERPT, (room - 400) // 8))
+        text = (
+            "the failure of %d bytes exceeds the controller's message limit of %d "
+            "bytes (--max-message-size); it was %s: %s"
+            % (size, limit, ename, _clip(evalue, keep))
+        )
+        if traceback and keep:
+            text += "\nend of the remote traceback:\n" + traceback[-keep:]
+    return (seq, False, to_wire(MessageTooLarge(text)), started, finished)
+
+
+def _failure_parts(data) -> tuple[str, str, str]:
+    """(type name, message, traceback) of a wire error."""
+    try:
+        name, detail = data
+        if name == "RemoteTaskError":
+            return str(detail[0]), str(detail[1]), str(detail[2] or "")
+        return str(name), str(detail), ""
+    except (TypeError, ValueError, IndexError):
+        return "an error", "", ""
+
+
+def _clip(text: str, keep: int) -> str:
+    if len(text) <= keep:
+        return text
+    return "%s... (%d characters in all)" % (text[:keep], len(text))

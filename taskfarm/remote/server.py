@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from taskfarm import serialization
-from taskfarm.errors import BadRequest, TaskfarmError, to_wire
+from taskfarm.errors import BadRequest, MessageTooLarge, TaskfarmError, to_wire
 from taskfarm.interfaces import IEngineChannel
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK
 from taskfarm.remote import schemas
@@ -99,6 +99,11 @@ class RemoteTaskController(Referenceable):
             # A resend carries the very same bytes; a replayed token with
             # other tasks does not.
             digest = "%d:%08x" % (len(batch), zlib.crc32(batch))
+            # Clients send each task packed on its own (so they know its size).
+            envelopes = [
+                serialization.unpack(envelope) if isinstance(envelope, bytes) else envelope
+                for envelope in envelopes
+            ]
             return defer.Deferred.fromCoroutine(
                 self._controller.submit_durably(envelopes, token, ids, digest)
             )
@@ -109,7 +114,12 @@ class RemoteTaskController(Referenceable):
         return reply(lambda: defer.Deferred.fromCoroutine(self._controller.reserve_durably(count)))
 
     def remote_results(self, taskids, block):
-        return reply(lambda: self._controller.results(_unpack_ids(taskids), block))
+        def results():
+            d = self._controller.results(_unpack_ids(taskids), block)
+            d.addCallback(fit_results, schemas.message_limit())
+            return d
+
+        return reply(results)
 
     def remote_wait(self, taskids):
         return reply(lambda: self._controller.wait(_unpack_ids(taskids)))
@@ -128,6 +138,48 @@ class RemoteTaskController(Referenceable):
 
     def remote_engine_ids(self):
         return reply(self._controller.engine_ids)
+
+
+#: Bytes of a `results` answer beyond its result envelopes.
+RESULTS_OVERHEAD = 512
+
+
+def fit_results(envelopes: list, limit: int) -> list:
+    """The longest prefix of `envelopes` (at least one) whose answer stays
+    under `limit`; the client asks again for the rest.  A result that alone
+    exceeds it (possible only if the limit shrank since it was stored) is
+    answered as a `MessageTooLarge` failure of that task."""
+    room = limit - RESULTS_OVERHEAD
+    fitted: list = []
+    used = 0
+    for envelope in envelopes:
+        size = _envelope_size(envelope)
+        if size > room and not fitted:
+            fitted.append(_too_large(envelope, size, limit))
+            break
+        if used + size > room:
+            break
+        fitted.append(envelope)
+        used += size
+    return fitted
+
+
+def _envelope_size(envelope) -> int:
+    if envelope is None:
+        return 1
+    data = envelope[3]
+    if isinstance(data, bytes):
+        # Ints, floats and the kind around the data: well under 128 bytes.
+        return len(data) + 128
+    return len(serialization.pack(envelope))
+
+
+def _too_large(envelope: tuple, size: int, limit: int) -> tuple:
+    error = MessageTooLarge(
+        "the result of task %d (%d bytes) exceeds the controller's message limit "
+        "of %d bytes (--max-message-size)" % (envelope[0], size, limit)
+    )
+    return envelope[:2] + (False, to_wire(error)) + envelope[4:]
 
 
 @implementer(IEngineChannel)

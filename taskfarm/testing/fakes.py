@@ -22,6 +22,8 @@ class ScriptedChannel:
 
     def __init__(self) -> None:
         self.sent: list[tuple] = []
+        #: Each `commands` message as sent (a list of commands).
+        self.messages: list[list] = []
         self.interrupted: list[int] = []
         self.cancelled: list[int] = []
         self.disconnected = False
@@ -32,6 +34,7 @@ class ScriptedChannel:
         self.engine = None  # the registry handle, set by the test
 
     def send(self, commands: list) -> None:
+        self.messages.append(list(commands))
         self.sent.extend(commands)
 
     def interrupt(self, seq: int) -> None:
