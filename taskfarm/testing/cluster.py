@@ -11,6 +11,7 @@ from twisted.internet import defer, task
 
 from taskfarm.asyncclient import MultiEngineClient, TaskClient
 from taskfarm.cluster.launcher import ProcessSlot, twisted_argv
+from taskfarm.controller.registry import DEFAULT_HEARTBEAT_PERIOD, DEFAULT_HEARTBEAT_TIMEOUT
 from taskfarm.controller.service import create_controller
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK, Profile
 
@@ -19,6 +20,8 @@ _CERT_CACHE: bytes | None = None
 
 class RealCluster:
     """A controller (in this process) and engine processes, for one test.
+
+    The controller takes the profile's lock as any controller does.
 
     Use ``await cluster.start(n)`` in a test and ``await cluster.stop()`` in
     its cleanup; every engine process is ended by PID and waited for.
@@ -29,6 +32,13 @@ class RealCluster:
         root = profile_root or tempfile.mkdtemp(prefix="taskfarm-test-")
         self.profile = Profile(Path(root))
         self._controller_options = controller_options
+        #: As `taskfarm cluster` does: engines silent for the controller's
+        #: heartbeat timeout are SIGKILLed by their slot (None: never).
+        self.liveness_timeout = (
+            controller_options.get("heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT)
+            if controller_options.get("heartbeat_period", DEFAULT_HEARTBEAT_PERIOD)
+            else None
+        )
         self.controller = None
         self.engines: list[ProcessSlot] = []
         self._client_tub = None
@@ -65,6 +75,7 @@ class RealCluster:
                 self.profile.log_dir / ("engine-%d.out" % len(self.engines)),
                 self.reactor,
                 env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(sys.path)),
+                liveness_timeout=self.liveness_timeout,
             )
             slot.stopping = True  # tests decide about restarts themselves
             slot.start()
