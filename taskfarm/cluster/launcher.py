@@ -23,8 +23,8 @@ from twisted.logger import Logger
 
 from taskfarm import exitcodes
 from taskfarm.cluster import child as child_side
-from taskfarm.errors import TaskfarmError
 from taskfarm.controller.registry import DEFAULT_HEARTBEAT_TIMEOUT
+from taskfarm.errors import TaskfarmError
 from taskfarm.profile import ENGINE, TASK, Profile, in_use_error, profile_holder
 
 #: Seconds to wait for the controller, and for the engines, to come up.

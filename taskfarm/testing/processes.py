@@ -96,20 +96,24 @@ class ProcessTestCase(unittest.TestCase):
             ) from None
         return process.returncode
 
-    async def start_launcher(self, n: int = 2, timeout: float = 120) -> tuple[subprocess.Popen, Profile]:
-        """`taskfarm cluster -n N --profile-dir D`, up once it says so."""
+    async def start_launcher(
+        self, n: int = 2, timeout: float = 120, options: tuple[str, ...] = (), name: str = "launcher"
+    ) -> tuple[subprocess.Popen, Profile]:
+        """`taskfarm cluster -n N --profile-dir D [options]`, up once it says
+        so; its output goes to NAME.out."""
         profile = Profile(self.root / "profile")
         launcher = self.spawn(
-            TASKFARM + ["cluster", "-n", str(n), "--profile-dir", str(profile.root)], "launcher"
+            TASKFARM + ["cluster", "-n", str(n), "--profile-dir", str(profile.root), *options],
+            name,
         )
 
         def up():
             if launcher.poll() is not None:
                 raise AssertionError(
                     "taskfarm cluster exited with %s:\n%s"
-                    % (launcher.returncode, self.output("launcher"))
+                    % (launcher.returncode, self.output(name))
                 )
-            return "Press Ctrl-C to stop." in self.output("launcher")
+            return "Press Ctrl-C to stop." in self.output(name)
 
         await wait_until(up, "taskfarm cluster to start", timeout)
         return launcher, profile
