@@ -194,6 +194,37 @@ class ExitProtocolTests(_LauncherTestCase):
         alive = [pid for pid, started in self.seen_children.items() if is_alive(pid, started)]
         self.assertEqual(alive, [])
 
+    @run
+    async def test_controller_that_refuses_to_start_stops_the_launcher(self):
+        """A controller exiting with EXIT_REFUSED (here: its journal turned
+        to garbage, then the controller killed -9) is not restarted in a
+        loop: the launcher stops its engines and exits 1 with the
+        controller's message; at start, `taskfarm cluster` fails the same
+        way at once."""
+        launcher, profile = await self.start_launcher(1)
+        (controller,) = self.children(launcher, "taskcontroller")
+        engines = self.children(launcher, "taskengine")
+        profile.journal_file.write_bytes(b"this is not a journal\n" * 500)
+        for suffix in ("-wal", "-shm"):  # or SQLite would find its pages there
+            Path(str(profile.journal_file) + suffix).unlink(missing_ok=True)
+        os.kill(controller, signal.SIGKILL)
+        code = await self.wait_for_exit(launcher, "launcher", 20)
+        out = self.output("launcher")
+        self.assertEqual(code, 1, out)
+        self.assertIn("the controller refused to start: taskcontroller:", out)
+        self.assertIn(str(profile.journal_file), out)
+        self.assertEqual(out.count("controller (pid"), 3, out)  # first, dead, refused
+        self.assertFalse(any(is_alive(pid, started) for pid, started in engines.items()))
+
+        again = self.spawn(
+            TASKFARM + ["cluster", "-n", "1", "--profile-dir", str(profile.root)], "again"
+        )
+        code = await self.wait_for_exit(again, "again", 30)
+        out = self.output("again")
+        self.assertEqual(code, 1, out)
+        self.assertIn("the controller refused to start: taskcontroller:", out)
+        self.assertNotIn("starting it again", out)
+
 
 class OneControllerPerProfileTests(_LauncherTestCase):
     @run

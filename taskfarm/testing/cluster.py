@@ -11,7 +11,6 @@ from twisted.internet import defer, task
 
 from taskfarm.asyncclient import MultiEngineClient, TaskClient
 from taskfarm.cluster.launcher import ProcessSlot, twisted_argv
-from taskfarm.controller.registry import DEFAULT_HEARTBEAT_PERIOD, DEFAULT_HEARTBEAT_TIMEOUT
 from taskfarm.controller.service import create_controller
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK, Profile
 
@@ -32,13 +31,10 @@ class RealCluster:
         root = profile_root or tempfile.mkdtemp(prefix="taskfarm-test-")
         self.profile = Profile(Path(root))
         self._controller_options = controller_options
-        #: As `taskfarm cluster` does: engines silent for the controller's
-        #: heartbeat timeout are SIGKILLed by their slot (None: never).
-        self.liveness_timeout = (
-            controller_options.get("heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT)
-            if controller_options.get("heartbeat_period", DEFAULT_HEARTBEAT_PERIOD)
-            else None
-        )
+        #: Seconds without a liveness tick after which an engine's slot
+        #: SIGKILLs it, as `taskfarm cluster` does; None (the default here):
+        #: never, so that tests see what the controller alone does.
+        self.liveness_timeout: float | None = None
         self.controller = None
         self.engines: list[ProcessSlot] = []
         self._client_tub = None
