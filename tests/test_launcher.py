@@ -179,8 +179,9 @@ class ExitProtocolTests(_LauncherTestCase):
         self.assertIn(
             "(pid %d) stopped as a MultiEngine kill asked" % victim, self.output("launcher")
         )
-        # Longer than any back-off it could have had so far: still one engine.
-        await sleep(3)
+        # Longer than any back-off it could have had (2 s after one quick
+        # death): still one engine.
+        await sleep(2.5)
         self.assertEqual(len(self.children(launcher, "taskengine")), 1)
         self.assertEqual(restarts(), 2)
         await self.registered(tc, 1)

@@ -42,7 +42,11 @@ def follow_launcher(reactor, environ=None) -> bool:
     """Tie this process to the launcher named in `environ` (default: the
     process's environment); False when no launcher started it."""
     environ = os.environ if environ is None else environ
-    launcher = environ.get(LAUNCHER_PID, "")
+    # Taken out, so that programs our tasks run do not take our launcher
+    # for theirs (a taskengine started by a task would exit at once).
+    launcher = environ.pop(LAUNCHER_PID, "")
+    fd = environ.pop(LIVENESS_FD, "")
+    period = float(environ.pop(LIVENESS_PERIOD, "") or 1.0)
     if not launcher.isdigit():
         return False
     try:
@@ -50,9 +54,7 @@ def follow_launcher(reactor, environ=None) -> bool:
     except OSError:
         pass  # already a group (or session) leader
     _die_with(int(launcher))
-    fd = environ.get(LIVENESS_FD, "")
     if fd.isdigit():
-        period = float(environ.get(LIVENESS_PERIOD) or 1.0)
         _start_ticking(reactor, int(fd), period)
     return True
 
