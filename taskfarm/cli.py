@@ -24,6 +24,7 @@ from twisted.python import usage
 
 import taskfarm
 from taskfarm.controller import tap as controller_tap
+from taskfarm.controller.registry import DEFAULT_HEARTBEAT_TIMEOUT
 from taskfarm.profile import ENGINE, INTERFACES, Profile
 
 
@@ -97,6 +98,7 @@ class EnginesOptions(_EngineCount, usage.Options):
     optParameters = [
         ["furl-file", "f", None, "The controller's engine furl file (copied from its profile)."],
         ["profile-dir", "p", None, "Profile folder for logs (default ~/.taskfarm or $TASKFARM_PROFILE)."],
+        ["heartbeat-timeout", None, DEFAULT_HEARTBEAT_TIMEOUT, "Seconds an engine may be hung (no liveness tick) before it is killed and replaced (0: never); use the controller's value.", float],
     ]
 
     def __init__(self) -> None:
@@ -111,6 +113,8 @@ class EnginesOptions(_EngineCount, usage.Options):
     def postOptions(self) -> None:
         if self["number"] < 1:
             raise usage.UsageError("-n must be >= 1")
+        if self["heartbeat-timeout"] < 0:
+            raise usage.UsageError("--heartbeat-timeout must be >= 0")
         if self["furl-file"] is None:
             self["furl-file"] = str(Profile.from_option(self["profile-dir"]).furl_file(ENGINE))
 
@@ -174,6 +178,9 @@ async def run_cluster(reactor, options) -> int:
         controller_options=options.controller_options(),
         engine_options=options.engine_options(),
         start_timeout=options["start-timeout"],
+        # Engines hung for as long as the controller's heartbeat allows are
+        # killed and replaced; no heartbeat, no such kills.
+        engine_timeout=options["heartbeat-timeout"] if options["heartbeat-period"] else None,
     )
     _stop_on_shutdown(reactor, cluster)
     try:
@@ -188,8 +195,12 @@ async def run_cluster(reactor, options) -> int:
     for interface in INTERFACES:
         print("  %-12s furl file: %s" % (interface, profile.furl_file(interface)))
     print("  logs: %s\nPress Ctrl-C to stop." % profile.log_dir, flush=True)
-    await defer.Deferred()  # until a signal stops the reactor
-    return 0
+    # Until a signal stops the reactor, or the controller ends the cluster.
+    status = await cluster.finished
+    if cluster.refused is not None:
+        print("taskfarm cluster: the controller refused to start: %s" % cluster.refused,
+              file=sys.stderr, flush=True)
+    return status
 
 
 async def run_engines(reactor, options) -> int:
@@ -205,6 +216,7 @@ async def run_engines(reactor, options) -> int:
             ),
             profile.log_dir / ("remote-engine-%d.out" % i),
             reactor,
+            liveness_timeout=options["heartbeat-timeout"] or None,
         )
         for i in range(options["number"])
     ]

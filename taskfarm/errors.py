@@ -21,6 +21,10 @@ class ProfileError(TaskfarmError):
     """A profile folder or furl file is missing, unreadable or malformed."""
 
 
+class ProfileInUse(ProfileError):
+    """Another controller holds this profile (and its journal and furls)."""
+
+
 class FurlError(TaskfarmError, ValueError):
     """A furl (or the thing given instead of one) cannot be used to connect."""
 

@@ -8,6 +8,8 @@ Layout (folders 0700, secret files 0600)::
       security/task.furl           the Task interface, for clients
       security/multiengine.furl    the MultiEngine interface, for clients
       journal.sqlite               the task journal (unless --no-journal)
+      controller.lock              held by the one controller using the
+                                   profile; holds its pid
       log/                         controller and engine logs
 
 The default profile is ``~/.taskfarm``; ``TASKFARM_PROFILE`` overrides it.
@@ -15,12 +17,13 @@ The default profile is ``~/.taskfarm``; ``TASKFARM_PROFILE`` overrides it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from taskfarm.errors import ProfileError
+from taskfarm.errors import ProfileError, ProfileInUse
 
 #: Interface names, each with its own furl file.
 ENGINE = "engine"
@@ -64,6 +67,10 @@ class Profile:
     def journal_file(self) -> Path:
         return self.root / "journal.sqlite"
 
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "controller.lock"
+
     def furl_file(self, interface: str) -> Path:
         """The furl file of one of `INTERFACES`."""
         if interface not in INTERFACES:
@@ -76,6 +83,77 @@ class Profile:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         os.chmod(self.security_dir, 0o700)
+
+
+class ProfileLock:
+    """The exclusive hold of one controller on a profile (`lock_profile`).
+
+    The lock is an ``flock`` on ``controller.lock``: the kernel lets it go
+    when the holder's process ends, however it ends (kill -9 included).
+    """
+
+    def __init__(self, profile: Profile, fd: int) -> None:
+        self.profile = profile
+        self._fd: int | None = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Let the profile go (also done by the end of the process)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the only descriptor drops the flock
+
+
+def lock_profile(profile: Profile) -> ProfileLock:
+    """Take `profile` for one controller, or raise `ProfileInUse` naming the
+    profile and the pid of the controller that holds it."""
+    profile.ensure()
+    path = profile.lock_file
+    # Not inherited by processes this one starts (O_CLOEXEC, Python's default).
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise in_use_error(profile, int(holder) if holder.isdigit() else -1) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return ProfileLock(profile, fd)
+
+
+def in_use_error(profile: Profile, holder: int) -> ProfileInUse:
+    """The error for `profile` held by the controller with pid `holder`
+    (-1: not known yet)."""
+    return ProfileInUse(
+        "profile %s is in use by another controller (pid %s); stop that one, "
+        "or give this one another --profile-dir"
+        % (profile.root, holder if holder > 0 else "unknown")
+    )
+
+
+def profile_holder(profile: Profile) -> int | None:
+    """The pid of the controller holding `profile` now, or None when none does."""
+    try:
+        fd = os.open(profile.lock_file, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        return None
+    finally:
+        os.close(fd)
 
 
 def write_secret(path: Path, data: bytes | str) -> None:

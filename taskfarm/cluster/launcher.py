@@ -2,9 +2,13 @@
 
 `Cluster` starts the controller, waits until it answers, starts N engines,
 waits until all have registered, and then watches its children: one that
-dies is started again after a back-off that doubles with each quick death.
-`stop()` sends SIGTERM to every child (by PID) and SIGKILL to any still
-alive after a grace period, so nothing is left behind.
+dies is started again after a back-off that doubles with each quick death,
+unless its exit status says otherwise (`taskfarm.exitcodes`).  An engine
+whose liveness ticks stop (hung) is SIGKILLed with its process group and so
+started again.  `stop()` sends SIGTERM to every child (by PID) and SIGKILL
+to its process group if it is still alive after a grace period, so nothing
+is left behind, not even processes that tasks forked.  Children die with
+the launcher (`taskfarm.cluster.child`).
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ from pathlib import Path
 from twisted.internet import defer, error, protocol, task
 from twisted.logger import Logger
 
+from taskfarm import exitcodes
+from taskfarm.cluster import child as child_side
+from taskfarm.controller.registry import DEFAULT_HEARTBEAT_TIMEOUT
 from taskfarm.errors import TaskfarmError
-from taskfarm.profile import ENGINE, TASK, Profile
+from taskfarm.profile import ENGINE, TASK, Profile, in_use_error, profile_holder
 
 #: Seconds to wait for the controller, and for the engines, to come up.
 DEFAULT_START_TIMEOUT = 60.0
@@ -28,36 +35,152 @@ class ClusterError(TaskfarmError):
     """The cluster could not be started."""
 
 
-class _Child(protocol.ProcessProtocol):
-    """One child process; `ended` fires with its exit status."""
+#: The child's file descriptor for liveness ticks (see `taskfarm.cluster.child`).
+_LIVENESS_FD = 3
 
-    def __init__(self, name: str, log_path: Path) -> None:
+#: The last bytes of a child's output kept in memory, to quote its last words.
+_TAIL_BYTES = 4096
+
+#: Seconds the launcher keeps reading a child's pipes after it exited
+#: before it closes them (processes it forked may hold them for good).
+_PIPE_GRACE = 1.0
+
+
+class _Child(protocol.ProcessProtocol):
+    """One child process; `ended` fires with its exit reason when it exits.
+
+    `ended` follows the process itself (``processExited``), never its pipes,
+    which processes it forked may keep open.  On exit whatever is left of
+    its process group is SIGKILLed, and its pipes are closed shortly after.
+    With `liveness_timeout`, the child ticks on a pipe of its own and is
+    SIGKILLed (with its group) when no tick came for that long.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        name: str,
+        log_path: Path,
+        reactor,
+        liveness_timeout: float | None = None,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+    ) -> None:
         self.name = name
         self.ended: defer.Deferred = defer.Deferred()
         self.last_pid: int | None = None
+        #: Set when the launcher killed the child for not ticking.
+        self.silenced = False
+        self._reactor = reactor
         self._log_file = open(log_path, "ab")
+        self._tail = bytearray()
+        self._liveness_timeout = liveness_timeout
+        self._start_timeout = start_timeout
+        self._watchdog = None
+        self._close_pipes = None
 
-    def outReceived(self, data: bytes) -> None:
-        self._log_file.write(data)
-        self._log_file.flush()
+    def connectionMade(self) -> None:
+        #: The pid, kept after the process ended (for the logs).
+        self.last_pid = self.transport.pid
+        # Its own process group, from this side too: whichever of us comes
+        # first (it also does so itself at start; after its exec we may not).
+        try:
+            os.setpgid(self.last_pid, self.last_pid)
+        except OSError:
+            pass
+        if self._liveness_timeout is not None:
+            # Until the first tick the process is starting (imports, ...).
+            self._watchdog = self._reactor.callLater(self._start_timeout, self._silent)
 
-    errReceived = outReceived
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == _LIVENESS_FD:
+            if self._watchdog is not None and self._watchdog.active():
+                self._watchdog.reset(self._liveness_timeout)
+            return
+        self._tail += data
+        del self._tail[:-_TAIL_BYTES]
+        if not self._log_file.closed:
+            self._log_file.write(data)
+            self._log_file.flush()
+
+    def last_words(self) -> str:
+        """The last non-empty line the child wrote."""
+        lines = [x for x in self._tail.decode(errors="replace").splitlines() if x.strip()]
+        return lines[-1].strip() if lines else ""
+
+    def _silent(self) -> None:
+        self._watchdog = None
+        self.silenced = True
+        self._log.warn(
+            "{name} (pid {pid}) sent no liveness tick for {timeout:.1f} s (hung: C code "
+            "holding the GIL, or stopped); killing its process group",
+            name=self.name,
+            pid=self.last_pid,
+            timeout=self._liveness_timeout,
+        )
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the child and its process group."""
+        self.signal_group(signal.SIGKILL)
+        if self.transport is not None:
+            try:
+                self.transport.signalProcess("KILL")
+            except error.ProcessExitedAlready:
+                pass
+
+    def signal_group(self, signum: int) -> None:
+        """Send `signum` to the child's process group, if there is one."""
+        if self.last_pid is None:
+            return
+        try:
+            os.killpg(self.last_pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass  # no such group (it never made one, or it is all gone)
+
+    def processExited(self, reason) -> None:
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
+        # Processes its tasks forked end with it: now, while the group id
+        # cannot yet name anyone else's group.
+        self.signal_group(signal.SIGKILL)
+        self._close_pipes = self._reactor.callLater(_PIPE_GRACE, self._close_all_pipes)
+        self.ended.callback(reason.value)
+
+    def _close_all_pipes(self) -> None:
+        self._close_pipes = None
+        transport = self.transport
+        if transport is not None:
+            for fd in list(getattr(transport, "pipes", {})):
+                transport.closeChildFD(fd)
 
     def processEnded(self, reason) -> None:
+        if self._close_pipes is not None and self._close_pipes.active():
+            self._close_pipes.cancel()
+        self._close_pipes = None
         self._log_file.close()
-        self.ended.callback(reason.value)
 
     @property
     def pid(self) -> int | None:
         return self.transport.pid if self.transport is not None else None
 
-    def connectionMade(self) -> None:
-        #: The pid, kept after the process ended (for the logs).
-        self.last_pid = self.transport.pid
+
+def exit_status(reason) -> int | None:
+    """The exit status in a process's exit `reason`; None for a signal."""
+    return getattr(reason, "exitCode", None)
 
 
 class ProcessSlot:
-    """Keeps one kind of child running: starts it, restarts it when it dies."""
+    """Keeps one kind of child running: starts it, restarts it when it dies.
+
+    The exit protocol (`taskfarm.exitcodes`) decides: `EXIT_KILLED` stays
+    down (`on_killed` callbacks), `EXIT_REFUSED` stays down (`on_refused`
+    callbacks, with the child's last words); any other exit, 0 and signals
+    included, is started again after a back-off that doubles with each
+    quick death.  With `liveness_timeout`, a child that stops ticking for
+    that long is SIGKILLed (its process group with it) and so restarted.
+    """
 
     _log = Logger()
 
@@ -69,6 +192,7 @@ class ProcessSlot:
         reactor,
         env: dict | None = None,
         backoff: tuple[float, float] = (0.5, 30.0),
+        liveness_timeout: float | None = None,
     ) -> None:
         self.name = name
         self._argv = argv
@@ -77,33 +201,62 @@ class ProcessSlot:
         self._env = env
         self._first_delay, self._max_delay = backoff
         self._delay = self._first_delay
+        self._liveness_timeout = liveness_timeout
         self._restart_call = None
         self.child: _Child | None = None
         self.restarts = 0
         self.stopping = False
-        #: Called with this slot when its child exits with status 0.
-        self.on_clean_exit: list = []
+        #: Called with this slot when its child exits with `EXIT_KILLED`.
+        self.on_killed: list = []
+        #: Called with this slot and the child's last words when it exits
+        #: with `EXIT_REFUSED`.
+        self.on_refused: list = []
+        #: Times the child was killed for sending no liveness tick.
+        self.hung_kills = 0
 
     def start(self) -> None:
-        self.child = _Child(self.name, self._log_path)
+        self.child = _Child(self.name, self._log_path, self._reactor, self._liveness_timeout)
+        env = dict(self._env if self._env is not None else os.environ)
+        env[child_side.LAUNCHER_PID] = str(os.getpid())
+        env.pop(child_side.LIVENESS_FD, None)
+        child_fds = {0: "w", 1: "r", 2: "r"}
+        if self._liveness_timeout is not None:
+            child_fds[_LIVENESS_FD] = "r"
+            env[child_side.LIVENESS_FD] = str(_LIVENESS_FD)
+            env[child_side.LIVENESS_PERIOD] = repr(min(1.0, self._liveness_timeout / 4))
         self._reactor.spawnProcess(
-            self.child,
-            self._argv[0],
-            self._argv,
-            env=self._env if self._env is not None else os.environ.copy(),
+            self.child, self._argv[0], self._argv, env=env, childFDs=child_fds
         )
         started = self._reactor.seconds()
-        self.child.ended.addCallback(self._ended, started)
+        self.child.ended.addCallback(self._ended, self.child, started)
 
-    def _ended(self, reason, started: float) -> None:
+    def _ended(self, reason, ended: _Child, started: float) -> None:
+        if ended.silenced:
+            self.hung_kills += 1
         if self.stopping:
             return
-        if isinstance(reason, error.ProcessDone):
-            # A clean exit was asked for (MultiEngine kill): stay down.
-            self._log.info("{name} (pid {pid}) exited cleanly", name=self.name, pid=self.child.last_pid)
+        status = exit_status(reason)
+        if status == exitcodes.EXIT_KILLED:
+            self._log.info(
+                "{name} (pid {pid}) stopped as a MultiEngine kill asked; it stays down",
+                name=self.name,
+                pid=ended.last_pid,
+            )
             self.stopping = True
-            for callback in self.on_clean_exit:
+            for callback in self.on_killed:
                 callback(self)
+            return
+        if status == exitcodes.EXIT_REFUSED:
+            words = ended.last_words()
+            self._log.error(
+                "{name} (pid {pid}) refused to start: {words}",
+                name=self.name,
+                pid=ended.last_pid,
+                words=words,
+            )
+            self.stopping = True
+            for callback in self.on_refused:
+                callback(self, words)
             return
         lived = self._reactor.seconds() - started
         # A child that lived a while gets a fresh back-off.
@@ -111,7 +264,7 @@ class ProcessSlot:
         self._log.warn(
             "{name} (pid {pid}) ended ({reason}); starting it again in {delay:.1f} s",
             name=self.name,
-            pid=self.child.last_pid,
+            pid=ended.last_pid,
             reason=reason,
             delay=self._delay,
         )
@@ -136,7 +289,8 @@ class ProcessSlot:
                 pass
 
     async def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after `grace` seconds; waits for the end."""
+        """SIGTERM, then SIGKILL (to its process group) after `grace`
+        seconds; waits for the process to exit, not for its pipes."""
         self.stopping = True
         if self._restart_call is not None and self._restart_call.active():
             self._restart_call.cancel()
@@ -144,7 +298,7 @@ class ProcessSlot:
         if child is None or child.ended.called:
             return
         self.signal(signal.SIGTERM)
-        kill = self._reactor.callLater(grace, self.signal, signal.SIGKILL)
+        kill = self._reactor.callLater(grace, child.kill)
         waiter: defer.Deferred = defer.Deferred()
         child.ended.addBoth(lambda r: waiter.callback(None) or r)
         await waiter
@@ -158,7 +312,15 @@ def twisted_argv(tapname: str, *options: str) -> list[str]:
 
 
 class Cluster:
-    """A controller and `n` engines on this machine, in one profile."""
+    """A controller and `n` engines on this machine, in one profile.
+
+    Engines are watched by liveness ticks: one silent for `engine_timeout`
+    seconds (the controller's heartbeat timeout) is SIGKILLed and started
+    again; None turns that off.  `finished` fires with the exit status the
+    launcher should end with, once the cluster cannot go on by itself: 0
+    after the controller stopped for a MultiEngine ``kill(controller=True)``,
+    1 after a restarted controller refused to start (its message logged).
+    """
 
     _log = Logger()
 
@@ -170,6 +332,7 @@ class Cluster:
         controller_options: list[str] | None = None,
         engine_options: list[str] | None = None,
         start_timeout: float = DEFAULT_START_TIMEOUT,
+        engine_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
     ) -> None:
         if n < 0:
             raise ValueError("the number of engines must be >= 0")
@@ -179,12 +342,20 @@ class Cluster:
         self._controller_options = controller_options or []
         self._engine_options = engine_options or []
         self._start_timeout = start_timeout
+        self._engine_timeout = engine_timeout
         self.controller: ProcessSlot | None = None
         self.engines: list[ProcessSlot] = []
+        self.finished: defer.Deferred = defer.Deferred()
+        #: The controller's last words if it refused to start.
+        self.refused: str | None = None
 
     async def start(self) -> None:
         """Start everything; fires once all engines have registered."""
         self.profile.ensure()
+        holder = profile_holder(self.profile)
+        if holder is not None:
+            # Say so at once: its furl files would lead us to the other one.
+            raise ClusterError(str(in_use_error(self.profile, holder)))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.controller = ProcessSlot(
             "controller",
@@ -198,9 +369,9 @@ class Cluster:
             self._reactor,
             env,
         )
-        # A controller that exits cleanly was asked to (kill(controller=True)):
-        # the whole cluster goes with it.
-        self.controller.on_clean_exit.append(lambda _: self._controller_exited())
+        # kill(controller=True): the whole cluster goes with it.
+        self.controller.on_killed.append(lambda _: self._controller_exited())
+        self.controller.on_refused.append(self._controller_refused)
         self.controller.start()
         client = await self._wait_for_controller()
         try:
@@ -224,10 +395,20 @@ class Cluster:
             self.profile.log_dir / ("engine-%d.out" % index),
             self._reactor,
             env or dict(os.environ, PYTHONUNBUFFERED="1"),
+            liveness_timeout=self._engine_timeout,
         )
         slot.start()
         self.engines.append(slot)
         return slot
+
+    def _ours(self) -> bool:
+        # The lock file names the controller holding the profile: until it
+        # names ours, the furl files may still be another controller's.
+        try:
+            holder = self.profile.lock_file.read_text().strip()
+        except OSError:
+            return False
+        return holder == str(self.controller.pid)
 
     async def _wait_for_controller(self):
         from taskfarm.asyncclient import TaskClient
@@ -237,11 +418,13 @@ class Cluster:
         last_error: Exception | None = None
         while self._reactor.seconds() < deadline:
             if self.controller.child.ended.called:
+                if self.refused is not None:
+                    raise ClusterError("the controller refused to start: %s" % self.refused)
                 raise ClusterError(
                     "the controller exited at start; see %s"
                     % (self.profile.log_dir / "controller.out")
                 )
-            if furl_file.exists():
+            if furl_file.exists() and self._ours():
                 client = TaskClient(
                     furl_file, self._reactor, connect_timeout=2.0, reconnect_timeout=2.0
                 )
@@ -268,16 +451,15 @@ class Cluster:
         )
 
     def _controller_exited(self) -> None:
-        self._log.info("the controller exited cleanly; stopping the cluster")
-        # A signal that stopped the controller may be stopping us too: let
-        # that stop go first, and do nothing if it did.
-        self._reactor.callLater(0.5, self._stop_reactor)
+        self._log.info("the controller stopped as a MultiEngine kill asked; stopping the cluster")
+        if not self.finished.called:
+            self.finished.callback(0)
 
-    def _stop_reactor(self) -> None:
-        try:
-            self._reactor.stop()
-        except error.ReactorNotRunning:
-            pass
+    def _controller_refused(self, slot: ProcessSlot, words: str) -> None:
+        self.refused = words
+        # At start, `_wait_for_controller` reports it; later, we stop.
+        if self.controller is not None and not self.finished.called:
+            self.finished.callback(1)
 
     @property
     def engine_restarts(self) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from taskfarm import serialization
+from taskfarm import exitcodes, serialization
 from taskfarm.controller.registry import EngineHandle, EngineRegistry
 from taskfarm.errors import (
     BadRequest,
@@ -159,9 +159,12 @@ class MultiEngine:
             engine.cancel(queued, error)
 
     def kill_controller(self, delay: float = 1.0) -> None:
-        """Stop the controller process shortly (after this call answered)."""
+        """Stop the controller process shortly (after this call answered),
+        with `EXIT_KILLED` so that its launcher stops the cluster."""
         self._log.warn("a client asked the controller to stop")
-        self._reactor.callLater(delay, self._reactor.stop)
+        self._reactor.callLater(
+            delay, exitcodes.stop_reactor_and_exit, self._reactor, exitcodes.EXIT_KILLED
+        )
 
 
 def _answer_into(d: defer.Deferred, engine_id: int):

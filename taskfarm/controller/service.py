@@ -21,7 +21,7 @@ from taskfarm.controller.taskcontroller import (
     DEFAULT_UNMET_TIMEOUT,
     TaskController,
 )
-from taskfarm.profile import ENGINE, MULTIENGINE, TASK, Profile
+from taskfarm.profile import ENGINE, MULTIENGINE, TASK, Profile, lock_profile
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
 
 
@@ -52,6 +52,8 @@ class ControllerService(service.MultiService):
         self.journal = journal
         #: Where depend predicates run (`PredicatePool`), or None.
         self.evaluator = evaluator
+        #: This controller's hold on its profile (`ProfileLock`), or None.
+        self.lock = None
         #: The Foolscap side (`taskfarm.remote.server.ControllerServer`).
         self.server = server
         server.setServiceParent(self)
@@ -76,9 +78,29 @@ class ControllerService(service.MultiService):
             await self.evaluator.stop()
         if self.journal is not None:
             self.journal.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
-def create_controller(
+def create_controller(profile: Profile, reactor, **options) -> ControllerService:
+    """Build a controller for `profile` (options: see `build_controller`).
+
+    The controller holds `profile` alone until it stops: `ProfileInUse`
+    (naming the holder's pid) is raised here when another controller holds
+    it, with or without a journal, since the furl files are shared too.
+    """
+    # Taken before anything of the profile, the journal first, is opened.
+    lock = lock_profile(profile)
+    try:
+        controller = build_controller(profile, reactor, **options)
+    except BaseException:
+        lock.release()
+        raise
+    controller.lock = lock
+    return controller
+
+
+def build_controller(
     profile: Profile,
     reactor,
     listen: str | None = None,
@@ -95,7 +117,8 @@ def create_controller(
     timeout_grace: float = DEFAULT_TIMEOUT_GRACE,
     depend_timeout: float = DEFAULT_DEPEND_TIMEOUT,
 ) -> ControllerService:
-    """Build a controller for `profile`; it listens once started.
+    """Build a controller for `profile`; it listens once started.  Use
+    `create_controller`, which first takes the profile's lock.
 
     With `journal`, tasks are kept in the profile's journal and restored at
     start; `JournalCorrupt` is raised here if it cannot be read.  `depend`

@@ -96,10 +96,14 @@ def makeService(options: Options):
     from twisted.logger import globalLogPublisher, textFileLogObserver
     from twisted.python.logfile import LogFile
 
+    from taskfarm.cluster.child import follow_launcher
     from taskfarm.controller.journal import JournalCorrupt
     from taskfarm.controller.service import create_controller
+    from taskfarm.errors import ProfileInUse
+    from taskfarm.exitcodes import refuse_to_start
     from taskfarm.profile import Profile
 
+    follow_launcher(reactor)
     profile = Profile.from_option(options["profile-dir"])
     profile.ensure()
     logfile = LogFile("controller.log", str(profile.log_dir), rotateLength=10_000_000)
@@ -122,5 +126,6 @@ def makeService(options: Options):
             timeout_grace=options["timeout-grace"],
             depend_timeout=options["depend-timeout"],
         )
-    except JournalCorrupt as e:
-        raise SystemExit("taskcontroller: %s" % e) from None
+    except (JournalCorrupt, ProfileInUse) as e:
+        # Starting again would not help: say why, with EXIT_REFUSED.
+        raise refuse_to_start("taskcontroller: %s" % e) from None

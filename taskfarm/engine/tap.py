@@ -55,6 +55,8 @@ def makeService(options: Options):
 
     from twisted.internet import reactor
 
+    from taskfarm.cluster.child import follow_launcher
     from taskfarm.engine.service import create_engine
 
+    follow_launcher(reactor)
     return create_engine(Path(options["furl-file"]), options["properties"], reactor)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from twisted.logger import Logger
 
+from taskfarm import exitcodes
 from taskfarm.engine.namespace import Interrupt, Namespace
 from taskfarm.errors import TaskAborted, TaskTimeout, to_wire
 
@@ -39,8 +40,9 @@ _STOP = object()
 DEFAULT_STUCK_GRACE = 5.0
 
 #: The exit status of an engine that gave up on a command that would not
-#: stop; `taskfarm cluster` starts a fresh engine in its place.
-EXIT_STUCK = 75
+#: stop; `taskfarm cluster` starts a fresh engine in its place (see
+#: `taskfarm.exitcodes`).
+EXIT_STUCK = exitcodes.EXIT_STUCK
 
 
 def _exit_for_restart() -> None:
@@ -229,8 +231,15 @@ class CommandWorker:
         if timeout:
             self._reactor.callFromThread(self._arm_timer, key, timeout)
         if op == "kill":
-            # Answer first, then stop this process's reactor.
-            self._reactor.callFromThread(self._reactor.callLater, 0.2, self._reactor.stop)
+            # Answer first, then stop this process with the status that
+            # tells a launcher to leave it down.
+            self._reactor.callFromThread(
+                self._reactor.callLater,
+                0.2,
+                exitcodes.stop_reactor_and_exit,
+                self._reactor,
+                exitcodes.EXIT_KILLED,
+            )
             return (seq, True, b"", started, time.time())
         ok, data = self.namespace.run(op, args)
         return (seq, ok, data, started, time.time())

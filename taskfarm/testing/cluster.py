@@ -20,6 +20,8 @@ _CERT_CACHE: bytes | None = None
 class RealCluster:
     """A controller (in this process) and engine processes, for one test.
 
+    The controller takes the profile's lock as any controller does.
+
     Use ``await cluster.start(n)`` in a test and ``await cluster.stop()`` in
     its cleanup; every engine process is ended by PID and waited for.
     """
@@ -29,6 +31,10 @@ class RealCluster:
         root = profile_root or tempfile.mkdtemp(prefix="taskfarm-test-")
         self.profile = Profile(Path(root))
         self._controller_options = controller_options
+        #: Seconds without a liveness tick after which an engine's slot
+        #: SIGKILLs it, as `taskfarm cluster` does; None (the default here):
+        #: never, so that tests see what the controller alone does.
+        self.liveness_timeout: float | None = None
         self.controller = None
         self.engines: list[ProcessSlot] = []
         self._client_tub = None
@@ -65,6 +71,7 @@ class RealCluster:
                 self.profile.log_dir / ("engine-%d.out" % len(self.engines)),
                 self.reactor,
                 env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(sys.path)),
+                liveness_timeout=self.liveness_timeout,
             )
             slot.stopping = True  # tests decide about restarts themselves
             slot.start()

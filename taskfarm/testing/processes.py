@@ -97,22 +97,23 @@ class ProcessTestCase(unittest.TestCase):
         return process.returncode
 
     async def start_launcher(
-        self, n: int = 2, timeout: float = 120, options: list[str] = ()
+        self, n: int = 2, timeout: float = 120, options: tuple[str, ...] = (), name: str = "launcher"
     ) -> tuple[subprocess.Popen, Profile]:
-        """`taskfarm cluster -n N --profile-dir D [options]`, up once it says so."""
+        """`taskfarm cluster -n N --profile-dir D [options]`, up once it says
+        so; its output goes to NAME.out."""
         profile = Profile(self.root / "profile")
         launcher = self.spawn(
             TASKFARM + ["cluster", "-n", str(n), "--profile-dir", str(profile.root), *options],
-            "launcher",
+            name,
         )
 
         def up():
             if launcher.poll() is not None:
                 raise AssertionError(
                     "taskfarm cluster exited with %s:\n%s"
-                    % (launcher.returncode, self.output("launcher"))
+                    % (launcher.returncode, self.output(name))
                 )
-            return "Press Ctrl-C to stop." in self.output("launcher")
+            return "Press Ctrl-C to stop." in self.output(name)
 
         await wait_until(up, "taskfarm cluster to start", timeout)
         return launcher, profile
