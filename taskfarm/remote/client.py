@@ -32,7 +32,7 @@ from taskfarm.errors import (
     from_wire,
 )
 from taskfarm.profile import INTERFACES
-from taskfarm.remote import schemas
+from taskfarm.remote import schemas, sweeper
 from taskfarm.remote.tub import new_tub
 
 #: Seconds a connection attempt may take before `ControllerUnreachable`.
@@ -236,6 +236,7 @@ class ControllerConnection:
                     % (method, text)
                 ) from None
             raise BadRequest("the controller refused %s: %s" % (method, text)) from None
+        sweeper.received(answer)
         ok, value = serialization.unpack(answer)
         if not ok:
             raise from_wire(value)

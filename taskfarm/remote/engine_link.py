@@ -20,7 +20,7 @@ from zope.interface import implementer
 from taskfarm import serialization
 from taskfarm.engine.worker import CommandWorker
 from taskfarm.errors import MessageTooLarge, to_wire
-from taskfarm.remote import schemas
+from taskfarm.remote import schemas, sweeper
 from taskfarm.remote.client import describe_error, furl_location
 from taskfarm.remote.tub import new_tub
 
@@ -33,6 +33,7 @@ class _EngineReferenceable(Referenceable):
         self._worker = worker
 
     def remote_commands(self, batch):
+        sweeper.received(batch)
         self._worker.receive(serialization.unpack(batch))
 
     def remote_interrupt(self, seq):
@@ -82,11 +83,13 @@ class EngineLink(service.Service):
         self._stopping = False
         self._tub = new_tub()
         self._tub.startService()
+        sweeper.process_sweeper().start()
         self._loop = defer.Deferred.fromCoroutine(self._keep_registered())
 
     async def stopService(self) -> None:
         self._stopping = True
         super().stopService()
+        sweeper.process_sweeper().stop()
         if self._lost is not None and not self._lost.called:
             self._lost.callback(None)
         self._worker.end_session()

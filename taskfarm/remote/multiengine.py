@@ -7,7 +7,7 @@ from zope.interface import implementer
 
 from taskfarm import serialization
 from taskfarm.errors import BadRequest
-from taskfarm.remote import schemas
+from taskfarm.remote import schemas, sweeper
 from taskfarm.remote.server import hello_blob, reply
 
 
@@ -40,7 +40,7 @@ class RemoteMultiEngine(Referenceable):
                 raise BadRequest("malformed engine call")
             return self._multiengine.call(op, targets, args, per_target)
 
-        return reply(call)
+        return sweeper.once_answered(reply(call), request)
 
     def remote_properties(self, request):
         def call():

@@ -22,7 +22,7 @@ from taskfarm import serialization
 from taskfarm.errors import BadRequest, MessageTooLarge, TaskfarmError, to_wire
 from taskfarm.interfaces import IEngineChannel
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK
-from taskfarm.remote import schemas
+from taskfarm.remote import schemas, sweeper
 
 _log = Logger()
 
@@ -108,7 +108,7 @@ class RemoteTaskController(Referenceable):
                 self._controller.submit_durably(envelopes, token, ids, digest)
             )
 
-        return reply(submit)
+        return sweeper.once_answered(reply(submit), batch)
 
     def remote_reserve(self, count):
         return reply(lambda: defer.Deferred.fromCoroutine(self._controller.reserve_durably(count)))
@@ -259,6 +259,7 @@ class RemoteEngineSession(Referenceable):
         self._channel = channel
 
     def remote_replies(self, batch):
+        sweeper.received(batch)
         try:
             replies = serialization.unpack(batch, schemas.message_limit())
             if not isinstance(replies, list) or not all(map(_well_formed_reply, replies)):
@@ -340,6 +341,7 @@ class ControllerServer(Service):
         }
         for interface, ref in referenceables.items():
             self.furls[interface] = tubs.register(self.tub, self._profile, interface, ref)
+        sweeper.process_sweeper().start()
 
     def _multiengine(self):
         from taskfarm.remote.multiengine import RemoteMultiEngine
@@ -348,5 +350,6 @@ class ControllerServer(Service):
 
     async def stopService(self) -> None:
         super().stopService()
+        sweeper.process_sweeper().stop()
         if self.tub is not None:
             await self.tub.stopService()
