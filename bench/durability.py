@@ -36,12 +36,15 @@ One JSON line per run: ``lost`` (no id, or unfinished after the barrier),
 more tasks in the controller than were submitted), ``wrong`` (a failure,
 or the right task with a wrong value), failures by type, kills done,
 elapsed seconds, the longest single client call while submitting
-(``client_stall_max_s``) and processes left after the launcher stopped.
-A last line sums the runs.  Exit status 0 when nothing was lost,
-duplicated or wrong in any run and every run had all its kills; 1 when
-something was lost, duplicated or wrong (or a run got stuck); 2 when a run
-could not be measured (the cluster did not start, or the work ended before
-all the kills).
+(``client_stall_max_s``), ``submit_errors`` and ``call_errors`` (a
+`run`/`run_many`, `barrier` or `get_task_results` that raised; the last
+two are made again, up to 5 times, as a user would) and processes left
+after the launcher stopped.  A last line sums the runs.  Exit status 0
+when every run had all its kills and nothing was lost, duplicated or
+wrong, and no client call raised; 1 when something was lost, duplicated
+or wrong, a client call raised, or a run got stuck; 2 when a run could
+not be measured (the cluster did not start, or the work ended before all
+the kills).
 
 Every wait is bounded; at the end the launcher gets SIGTERM and whatever
 it started and is still alive gets SIGKILL, by PID.  The temporary profile
@@ -74,6 +77,8 @@ KINDS = (
     "task_unused_recovery",
 )
 BLOCK = 50
+#: How many times the client makes a failed barrier or fetch again.
+CALL_ATTEMPTS = 5
 
 
 def value_of(n: int) -> int:
@@ -222,9 +227,37 @@ def client_main(profile: str, count: int, cost: float, deadline_s: float) -> int
         os._exit(3)
 
     threading.Thread(target=watchdog, daemon=True).start()
-    tc.barrier(known)
-    waited = time.time()
-    answers = tc.get_task_results(known)
+    # A call that fails (it should not: both are safe to repeat, and the
+    # client reconnects by itself) is recorded, then made again, as a user
+    # would; a bounded number of times.
+    call_errors: list = []
+
+    def again(name, call):
+        for attempt in range(CALL_ATTEMPTS):
+            t0 = time.time()
+            try:
+                return call()
+            except Exception as e:
+                call_errors.append(
+                    {
+                        "call": name,
+                        "error": "%s: %s" % (type(e).__name__, str(e)[:300]),
+                        "call_began_s": round(t0 - started, 2),
+                        "failed_after_s": round(time.time() - t0, 2),
+                    }
+                )
+                if attempt == CALL_ATTEMPTS - 1:
+                    raise
+        return None
+
+    report["call_errors"] = call_errors
+    try:
+        again("barrier", lambda: tc.barrier(known))
+        waited = time.time()
+        answers = again("get_task_results", lambda: tc.get_task_results(known))
+    except Exception:
+        say({"stuck": True, "gave_up": "after %d attempts" % CALL_ATTEMPTS})
+        raise
     fetched = time.time()
     results = dict(zip(known, answers, strict=True))
 
@@ -569,7 +602,12 @@ class Run:
 
 def bad(result: dict) -> bool:
     return bool(
-        result.get("stuck") or result.get("lost") or result.get("duplicated") or result.get("wrong")
+        result.get("stuck")
+        or result.get("lost")
+        or result.get("duplicated")
+        or result.get("wrong")
+        or result.get("call_errors")
+        or result.get("submit_errors")
     )
 
 
@@ -636,6 +674,8 @@ def main() -> int:
         "duplicated": sum(r.get("duplicated", 0) for r in results),
         "wrong": sum(r.get("wrong", 0) for r in results),
         "stuck_runs": sum(1 for r in results if r.get("stuck")),
+        "client_call_errors": sum(len(r.get("call_errors", [])) for r in results),
+        "submit_errors": sum(sum(r.get("submit_errors", {}).values()) for r in results),
         "errors": [r["error"] for r in results if "error" in r],
         "elapsed_s": [r.get("elapsed_s") for r in results],
         "client_stall_max_s": [r.get("client_stall_max_s") for r in results],

@@ -25,6 +25,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from taskfarm import serialization
+from taskfarm.batching import split_by_size
 from taskfarm.errors import ConnectionLost, MessageTooLarge, SerializationError
 from taskfarm.task import MAX_RECOVERY_CHAIN
 
@@ -159,11 +160,11 @@ class Submitter:
 
     def _send_all(self, envelopes: list[bytes], ids: list[int]) -> defer.Deferred:
         """Send a `run_many` batch in messages that fit; fires with all ids."""
-        parts = []
-        start = 0
-        for end in _cuts([len(e) + PER_TASK_OVERHEAD for e in envelopes], self._room()):
-            parts.append(self._send(envelopes[start:end], ids[start:end], remember=False))
-            start = end
+        sizes = [len(e) + PER_TASK_OVERHEAD for e in envelopes]
+        parts = [
+            self._send([e for e, _ in run], [i for _, i in run], remember=False)
+            for run in split_by_size(list(zip(envelopes, ids, strict=True)), sizes, self._room())
+        ]
         d = defer.gatherResults(parts, consumeErrors=True)
         d.addCallbacks(lambda answers: [i for answer in answers for i in answer],
                        lambda failure: failure.value.subFailure)
@@ -303,20 +304,6 @@ def pack_envelope(envelope: tuple) -> bytes:
         raise SerializationError(
             "cannot pack the task: %s: %s" % (type(e).__name__, e)
         ) from None
-
-
-def _cuts(sizes: list[int], room: int) -> list[int]:
-    """End indexes of consecutive runs of `sizes` that each sum to at most
-    `room` (a run holds one item at least)."""
-    cuts = []
-    used = 0
-    for index, size in enumerate(sizes):
-        if used and used + size > room:
-            cuts.append(index)
-            used = 0
-        used += size
-    cuts.append(len(sizes))
-    return cuts
 
 
 def _observe(d: defer.Deferred) -> defer.Deferred:

@@ -641,12 +641,12 @@ class CommandSizeBoundTests(unittest.TestCase):
         )
     )
     def test_bound_is_never_below_the_pickle(self, value):
-        from taskfarm.controller.registry import pickled_size_bound
+        from taskfarm.batching import pickled_size_bound
 
         self.assertGreaterEqual(pickled_size_bound(value), len(serialization.pack(value)))
 
     def test_big_payloads(self):
-        from taskfarm.controller.registry import pickled_size_bound
+        from taskfarm.batching import pickled_size_bound
 
         for size in (0, 65535, 65536, 1 << 20, 3 << 20):
             command = (7, "task", ("exec", b"p" * size, False, True, None))

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from taskfarm import serialization
+from taskfarm.batching import pickled_size, split_by_size
 from taskfarm.errors import EngineLost, InvalidProperty, MessageTooLarge, TaskTimeout, to_wire
 from taskfarm.interfaces import IEngineSink
 
@@ -221,23 +222,19 @@ class EngineHandle:
 
     def _fit(self, commands: list) -> list[list]:
         """`commands` in messages under the limit: each command's pickle is
-        bounded from above (a list pickles to at most the sum of its items
-        plus `COMMANDS_OVERHEAD`).  One too big alone is not sent: it is answered
+        bounded from above, and measured exactly near the limit (a list
+        pickles to at most the sum of its items plus `COMMANDS_OVERHEAD`).  One too big alone is not sent: it is answered
         with `MessageTooLarge` on a later turn, so its caller hears of it."""
         room = self._registry.max_message_size - COMMANDS_OVERHEAD
-        messages: list[list] = [[]]
-        used = 0
+        sent, sizes = [], []
         for command in commands:
-            size = pickled_size_bound(command)
+            size = pickled_size(command, room)
             if size > room:
                 self._refuse(command, size)
-                continue
-            if used + size > room and messages[-1]:
-                messages.append([])
-                used = 0
-            messages[-1].append(command)
-            used += size
-        return [message for message in messages if message]
+            else:
+                sent.append(command)
+                sizes.append(size)
+        return split_by_size(sent, sizes, room)
 
     def _refuse(self, command: tuple, size: int) -> None:
         seq, op, _ = command
@@ -261,32 +258,6 @@ class EngineHandle:
 
     def __repr__(self) -> str:
         return "<engine %d %s>" % (self.engine_id, self.state.value)
-
-
-def pickled_size_bound(value) -> int:
-    """An upper bound of ``len(serialization.pack(value))`` for the plain
-    data commands are made of, without pickling it (which would copy every
-    payload once more on the hot path)."""
-    size = _size_bound(value)
-    # Protocol header and STOP, and a FRAME opcode for each 64 KiB frame.
-    return size + 16 + 9 * (size // 65536 + 1)
-
-
-def _size_bound(value) -> int:
-    kind = type(value)
-    if kind is bytes:
-        return len(value) + 10  # opcode, 8-byte length, MEMOIZE
-    if kind is str:
-        return 4 * len(value) + 10  # UTF-8 takes at most 4 bytes a character
-    if kind is tuple or kind is list:
-        return 8 + 2 * (len(value) // 1000) + sum(map(_size_bound, value))
-    if value is None or kind is bool:
-        return 1
-    if kind is float:
-        return 9
-    if kind is int and -(2**31) <= value < 2**31:
-        return 5
-    return len(serialization.pack(value))
 
 
 class RegistryListener:

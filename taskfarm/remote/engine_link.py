@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from taskfarm import serialization
+from taskfarm.batching import pickled_size, split_by_size
 from taskfarm.engine.worker import CommandWorker
 from taskfarm.errors import MessageTooLarge, to_wire
 from taskfarm.remote import schemas, sweeper
@@ -194,23 +195,19 @@ FAILURE_EXCERPT = 2000
 
 def fit_replies(replies: list, room: int, batch_bytes: int | None = None) -> list[list]:
     """`replies` in batches of at most `batch_bytes` (default `room`) bytes,
-    each reply measured by its own pickle, failures as much as results.  A
+    each reply measured by a bound of its pickle, failures as much as results.  A
     reply bigger than `room` alone is replaced by a `MessageTooLarge`
     failure of its command, so its task fails instead of waiting forever."""
-    batch_bytes = room if batch_bytes is None else batch_bytes
-    batches: list[list] = [[]]
-    used = 0
+    fitted, sizes = [], []
     for reply in replies:
-        size = len(serialization.pack(reply))
+        # Mostly a bound, not a pickle: a big result is not copied again.
+        size = pickled_size(reply, room)
         if size > room:
             reply = _too_large(reply, size, room)
             size = len(serialization.pack(reply))
-        if used + size > batch_bytes and batches[-1]:
-            batches.append([])
-            used = 0
-        batches[-1].append(reply)
-        used += size
-    return [batch for batch in batches if batch]
+        fitted.append(reply)
+        sizes.append(size)
+    return split_by_size(fitted, sizes, room if batch_bytes is None else batch_bytes)
 
 
 def _too_large(reply: tuple, size: int, room: int) -> tuple:
