@@ -34,14 +34,10 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import task
 from twisted.trial import unittest
 
 from taskfarm import serialization
 from taskfarm.controller.multiengine import ENGINE_OPERATIONS, PROPERTY_ACTIONS, MultiEngine
-from taskfarm.controller.registry import EngineRegistry
-from taskfarm.controller.scheduler import FIFOScheduler
-from taskfarm.controller.taskcontroller import TaskController
 from taskfarm.controller.tasks import TaskSpec
 from taskfarm.errors import (
     BadRequest,
@@ -55,7 +51,8 @@ from taskfarm.remote import schemas
 from taskfarm.remote.multiengine import RemoteMultiEngine
 from taskfarm.remote.server import RemoteEngineSession, RemoteTaskController
 from taskfarm.task import CALL, EXEC, MapTask, Task, result_from_envelope
-from taskfarm.testing import InProcessEvaluator, ScriptedChannel
+from taskfarm.testing import ScriptedChannel
+from taskfarm.testing.helpers import clock_controller
 
 #: Modest example counts keep the file fast; set TASKFARM_FUZZ_SCALE=50 for a
 #: long hunt.
@@ -472,23 +469,7 @@ class EntryPointTestCase(unittest.TestCase):
     """A real controller on a task.Clock, its Referenceables called directly."""
 
     def setUp(self):
-        limit = schemas.message_limit()
-        self.addCleanup(schemas.set_message_limit, limit)
-        schemas.set_message_limit(serialization.DEFAULT_MAX_MESSAGE_SIZE)
-        self.clock = task.Clock()
-        self.registry = EngineRegistry(self.clock, heartbeat_period=None)
-        evaluator = InProcessEvaluator(self.clock)
-        evaluator.start()
-        self.controller = TaskController(
-            self.registry,
-            FIFOScheduler(evaluator=evaluator),
-            self.clock,
-            unmet_timeout=None,
-            retention=None,
-        )
-        self.controller.start()
-        self.addCleanup(self.controller.stop)
-        self.addCleanup(self.registry.stop)
+        self.clock, self.registry, self.controller = clock_controller(self, evaluator=True)
         self.multiengine = MultiEngine(self.registry, self.clock)
         self.task_remote = RemoteTaskController(self.controller)
         self.multiengine_remote = RemoteMultiEngine(self.multiengine)

@@ -39,7 +39,7 @@ from taskfarm.profile import ENGINE, TASK, Profile
 from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
 from taskfarm.testing.helpers import async_test as run
-from taskfarm.testing.helpers import children_of, is_alive, sleep, wait_until
+from taskfarm.testing.helpers import is_alive, sleep, wait_until
 from taskfarm.testing.processes import ProcessTestCase, kill_if_alive
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,16 +168,6 @@ class _ChaosTestCase(ProcessTestCase):
 
     timeout = 600
     cwd = str(REPO)
-
-    def children(self, launcher: subprocess.Popen, kind: str) -> dict[int, str]:
-        """{pid: start time} of the launcher's live children whose command
-        line names `kind` (``taskengine`` or ``taskcontroller``)."""
-        found = {}
-        for pid, (started, cmdline) in children_of(launcher.pid).items():
-            self.seen_children[pid] = started
-            if kind in cmdline:
-                found[pid] = started
-        return found
 
     async def start_launcher(self, n: int, options: list[str] = ()) -> tuple[subprocess.Popen, Profile]:
         launcher, profile = await super().start_launcher(n, options=options)

@@ -40,7 +40,7 @@ from taskfarm.profile import MULTIENGINE, TASK, Profile
 from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
 from taskfarm.testing.helpers import async_test as run
-from taskfarm.testing.helpers import children_of, is_alive, proc_stat, sleep, wait_until
+from taskfarm.testing.helpers import is_alive, proc_stat, sleep, wait_until
 from taskfarm.testing.processes import TASKFARM, ProcessTestCase
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,16 +71,6 @@ def report(name: str, **numbers) -> None:
 class _LauncherTestCase(ProcessTestCase):
     timeout = 120
     cwd = str(REPO)
-
-    def children(self, launcher: subprocess.Popen, kind: str) -> dict[int, str]:
-        """{pid: start time} of the launcher's live children whose command
-        line names `kind` (``taskengine`` or ``taskcontroller``)."""
-        found = {}
-        for pid, (started, cmdline) in children_of(launcher.pid).items():
-            self.seen_children[pid] = started
-            if kind in cmdline:
-                found[pid] = started
-        return found
 
     def _tub(self):
         from taskfarm.remote.tub import new_tub

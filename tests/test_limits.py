@@ -48,6 +48,7 @@ from taskfarm.task import MAX_RECOVERY_CHAIN, Task, result_from_envelope
 from taskfarm.testing import ScriptedChannel
 from taskfarm.testing.cluster import RealCluster
 from taskfarm.testing.helpers import async_test as run
+from taskfarm.testing.helpers import clock_controller
 
 MB = 1_000_000
 
@@ -296,17 +297,7 @@ class SubmitterTests(unittest.TestCase):
     """A `Submitter` against a real in-memory `TaskController`."""
 
     def setUp(self):
-        limit = schemas.message_limit()
-        self.addCleanup(schemas.set_message_limit, limit)
-        schemas.set_message_limit(serialization.DEFAULT_MAX_MESSAGE_SIZE)
-        self.clock = task.Clock()
-        self.registry = EngineRegistry(self.clock, heartbeat_period=None)
-        self.controller = TaskController(
-            self.registry, FIFOScheduler(), self.clock, unmet_timeout=None, retention=None
-        )
-        self.controller.start()
-        self.addCleanup(self.controller.stop)
-        self.addCleanup(self.registry.stop)
+        self.clock, self.registry, self.controller = clock_controller(self)
 
     def submitter(self, limit: int = serialization.DEFAULT_MAX_MESSAGE_SIZE):
         self.connection = _InProcessConnection(RemoteTaskController(self.controller), limit)

@@ -86,3 +86,34 @@ def is_alive(pid: int, started: str) -> bool:
     (the start time tells a reused pid apart)."""
     fields = proc_stat(pid)
     return fields is not None and fields[19] == started and fields[0] != "Z"
+
+
+def clock_controller(testcase, evaluator: bool = False):
+    """A real `TaskController` with its registry on a fresh `task.Clock`,
+    no timers of its own, and the wire's message limit at its default
+    (restored at cleanup).  With `evaluator`, depend predicates run in an
+    `InProcessEvaluator` on that clock.  Returns (clock, registry, controller)."""
+    from taskfarm import serialization
+    from taskfarm.controller.registry import EngineRegistry
+    from taskfarm.controller.scheduler import FIFOScheduler
+    from taskfarm.controller.taskcontroller import TaskController
+    from taskfarm.remote import schemas
+    from taskfarm.testing.fakes import InProcessEvaluator
+
+    limit = schemas.message_limit()
+    testcase.addCleanup(schemas.set_message_limit, limit)
+    schemas.set_message_limit(serialization.DEFAULT_MAX_MESSAGE_SIZE)
+    clock = task.Clock()
+    registry = EngineRegistry(clock, heartbeat_period=None)
+    scheduler_evaluator = None
+    if evaluator:
+        scheduler_evaluator = InProcessEvaluator(clock)
+        scheduler_evaluator.start()
+    controller = TaskController(
+        registry, FIFOScheduler(evaluator=scheduler_evaluator), clock,
+        unmet_timeout=None, retention=None,
+    )
+    controller.start()
+    testcase.addCleanup(controller.stop)
+    testcase.addCleanup(registry.stop)
+    return clock, registry, controller

@@ -71,6 +71,16 @@ class ProcessTestCase(unittest.TestCase):
             self.seen_children[pid] = started
         return children
 
+    def children(self, launcher: subprocess.Popen, kind: str) -> dict[int, str]:
+        """{pid: start time} of the launcher's live children whose command
+        line names `kind` (``taskengine`` or ``taskcontroller``)."""
+        found = {}
+        for pid, (started, cmdline) in children_of(launcher.pid).items():
+            self.seen_children[pid] = started
+            if kind in cmdline:
+                found[pid] = started
+        return found
+
     async def _end(self, process: subprocess.Popen) -> None:
         # SIGTERM lets a launcher stop its children; then SIGKILL whatever is
         # left: the process first (or it would restart them), then every
