@@ -12,10 +12,11 @@ the controller (the launcher's child named ``taskcontroller``, by PID,
 checked against its /proc start time) `--kills` times.  The launcher starts
 it again on the same profile and port, with its back-off (doubling after
 each quick death, up to 30 s), and the journal gives back the tasks.  Each
-kill waits until the new controller answers, has been up `--spacing`
-seconds, has finished a task since it came back, and the run has reached
-its share of the work, so the kills spread over the whole run: submission,
-running and the barrier.
+first kill comes once a twentieth of the tasks are in, while the client
+still submits; each later one waits until the new controller answers, has
+been up `--spacing` seconds, has finished a task since it came back, and
+the run has reached its share of the work, so the kills spread over the
+whole run.  With the launcher's back-off, 12 kills take about 5 minutes.
 
 The tasks, by number n (kind = n % 6), each return ``(n, value)`` so that a
 result given to the wrong task shows:
@@ -494,12 +495,18 @@ class Run:
             )
             known = 0 if status is None else sum(status.values())
             share = args.tasks * len(kills) / (args.kills + 1)
-            ready = (
-                status is not None
-                and time.time() - came_back >= args.spacing
-                and (known >= args.tasks * 0.05 if not kills else done > done_at_back)
-                and done >= share
-            )
+            # The first kill lands while the client submits (a twentieth of
+            # the tasks in); each later one once the new controller has been
+            # up `spacing` seconds, finished a task, and the run its share.
+            if not kills:
+                ready = status is not None and known >= args.tasks * 0.05
+            else:
+                ready = (
+                    status is not None
+                    and time.time() - came_back >= args.spacing
+                    and done > done_at_back
+                    and done >= share
+                )
             if not ready:
                 time.sleep(0.05)
                 continue
@@ -612,6 +619,8 @@ def bad(result: dict) -> bool:
 
 
 def main() -> int:
+    # The taskfarm of this checkout, here and (PYTHONPATH) in every child.
+    sys.path.insert(0, REPO)
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         profile, count, cost, deadline = (
             sys.argv[2],
@@ -643,6 +652,8 @@ def main() -> int:
     if args.runs < 1 or args.tasks < 1 or args.kills < 0:
         ap.error("--runs and --tasks must be >= 1, --kills >= 0")
 
+    # SIGTERM (or Ctrl-C) ends the run in hand through its clean-up.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     results = []
     for number in range(1, args.runs + 1):
         run = Run(args, number)
@@ -650,11 +661,17 @@ def main() -> int:
             result = run.execute()
         except Exception as e:
             result = {"run": number, "error": "%s: %s" % (type(e).__name__, e)}
+        except KeyboardInterrupt:
+            result = {"run": number, "error": "interrupted"}
         finally:
             try:
                 cleaned = run.cleanup()
             except Exception as e:
                 cleaned = {"cleanup_error": repr(e)}
+        if result.get("error") == "interrupted":
+            shutil.rmtree(run.root, ignore_errors=True)
+            print(json.dumps(dict(result, **cleaned)), flush=True)
+            return 130
         result.update(cleaned)
         failed = bad(result) or "error" in result or result.get("kills_done", 0) < args.kills
         if failed or args.keep:
