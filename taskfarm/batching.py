@@ -38,19 +38,29 @@ def pickled_size_bound(value) -> int:
 
 def _size_bound(value) -> int:
     kind = type(value)
+    if kind is tuple or kind is list:
+        # Leaves inline: this runs for every command and reply sent.
+        size = 8 + 2 * (len(value) // 1000)
+        for item in value:
+            item_kind = type(item)
+            if item_kind is bytes:
+                size += len(item) + 10  # opcode, 8-byte length, MEMOIZE
+            elif item is None or item_kind is bool:
+                size += 1
+            elif item_kind is float or (item_kind is int and -(2**31) <= item < 2**31):
+                size += 9
+            else:
+                size += _size_bound(item)
+        return size
     if kind is bytes:
-        return len(value) + 10  # opcode, 8-byte length, MEMOIZE
+        return len(value) + 10
     if kind is str:
         # isascii() is O(1) in CPython; others are encoded to be exact.
         return (len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))) + 10
-    if kind is tuple or kind is list:
-        return 8 + 2 * (len(value) // 1000) + sum(map(_size_bound, value))
     if value is None or kind is bool:
         return 1
-    if kind is float:
+    if kind is float or (kind is int and -(2**31) <= value < 2**31):
         return 9
-    if kind is int and -(2**31) <= value < 2**31:
-        return 5
     return len(serialization.pack(value))
 
 

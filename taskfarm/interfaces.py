@@ -84,8 +84,9 @@ class IPredicateEvaluator(Interface):
 class IEngineChannel(Interface):
     """The controller's end of the link to one engine."""
 
-    def send(commands):
-        """Send a list of ``(seq, op, args)`` commands, in order."""
+    def send(commands, packed=None):
+        """Send a list of ``(seq, op, args)`` commands, in order; `packed`,
+        when given, is that list already packed (`serialization.pack`)."""
 
     def interrupt(seq):
         """Ask the engine to stop command `seq` if it is running or queued."""

@@ -79,7 +79,8 @@ class EngineHandle:
         #: their slots stay taken until the engine answers or is lost.
         self.overdue: set[int] = set()
         #: The command the engine is running as far as the controller can
-        #: tell (the oldest unanswered one not overdue), and since when.
+        #: tell (the oldest unanswered one not overdue), and, if it has a
+        #: time limit, since when.
         self.head: int | None = None
         self.head_since = 0.0
         self._head_timer = None
@@ -122,7 +123,8 @@ class EngineHandle:
             self.time_limits[seq] = (time_limit, on_overdue)
         self._outbox.append((seq, op, args))
         self._registry._wants_flush(self)
-        self._follow_head()
+        if self.head is None:
+            self._follow_head()  # the stream was idle: this one runs first
         return seq
 
     def _answered(self, seq: int):
@@ -138,17 +140,23 @@ class EngineHandle:
         # Commands run in order, so the oldest unanswered one that is not
         # written off is running: its time limit counts from when it became
         # the head here, which is never earlier than it started there.
-        head = next((seq for seq in self.inflight if seq not in self.overdue), None)
+        # (This runs once per reply: the common case, nothing overdue and
+        # no time limits, costs a dict lookup or two.)
+        if self.overdue:
+            head = next((seq for seq in self.inflight if seq not in self.overdue), None)
+        else:
+            head = next(iter(self.inflight), None)
         if head == self.head:
             return
         self.head = head
-        clock = self._registry._clock
-        self.head_since = clock.seconds()
-        if self._head_timer is not None and self._head_timer.active():
-            self._head_timer.cancel()
-        self._head_timer = None
-        limit = self.time_limits.get(head) if head is not None else None
+        if self._head_timer is not None:
+            if self._head_timer.active():
+                self._head_timer.cancel()
+            self._head_timer = None
+        limit = self.time_limits.get(head) if self.time_limits else None
         if limit is not None:
+            clock = self._registry._clock
+            self.head_since = clock.seconds()
             delay = limit[0] + self._registry.timeout_grace
             self._head_timer = clock.callLater(delay, self._head_overdue, head)
 
@@ -217,6 +225,11 @@ class EngineHandle:
     def _flush(self) -> None:
         if self._outbox and not self._lost:
             batch, self._outbox = self._outbox, []
+            # Packed once: usually it fits, and that is the message.
+            packed = serialization.pack(batch)
+            if len(packed) <= self._registry.max_message_size:
+                self.channel.send(batch, packed)
+                return
             for message in self._fit(batch):
                 self.channel.send(message)
 

@@ -460,12 +460,13 @@ class TaskController(RegistryListener):
         self._fail_broken_depends()
         for engine, record in self._scheduler.schedule():
             spec = record.spec
+            timeout = spec.timeout
             seq = engine.send(
                 "task",
-                (spec.kind, spec.payload, spec.clear_before, spec.clear_after, spec.timeout),
+                (spec.kind, spec.payload, spec.clear_before, spec.clear_after, timeout),
                 partial(self._task_replied, record, engine.engine_id),
-                time_limit=spec.timeout,
-                on_overdue=partial(self._task_overdue, record, engine.engine_id),
+                timeout,
+                None if timeout is None else partial(self._task_overdue, record, engine.engine_id),
             )
             self._move(record, record.start, engine.engine_id, seq)
 

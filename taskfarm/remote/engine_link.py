@@ -167,9 +167,15 @@ class EngineLink(service.Service):
         batch_bytes = min(room, REPLY_BATCH_BYTES)
 
         def send(replies: list) -> None:
-            for batch in fit_replies(replies, room, batch_bytes):
+            # Packed once: usually they fit in one message, which this is.
+            packed = serialization.pack(replies)
+            if len(packed) <= batch_bytes:
+                messages = [packed]
+            else:
+                messages = map(serialization.pack, fit_replies(replies, room, batch_bytes))
+            for message in messages:
                 try:
-                    session.callRemoteOnly("replies", serialization.pack(batch))
+                    session.callRemoteOnly("replies", message)
                 except DeadReferenceError:
                     return
 

@@ -191,8 +191,8 @@ class RemoteEngineChannel:
     def __init__(self, rref) -> None:
         self._rref = rref
 
-    def send(self, commands: list) -> None:
-        self._call("commands", serialization.pack(commands))
+    def send(self, commands: list, packed: bytes | None = None) -> None:
+        self._call("commands", serialization.pack(commands) if packed is None else packed)
 
     def interrupt(self, seq: int) -> None:
         self._call("interrupt", seq)

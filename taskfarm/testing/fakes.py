@@ -33,7 +33,7 @@ class ScriptedChannel:
         self.answers_pings = True
         self.engine = None  # the registry handle, set by the test
 
-    def send(self, commands: list) -> None:
+    def send(self, commands: list, packed: bytes | None = None) -> None:
         self.messages.append(list(commands))
         self.sent.extend(commands)
 
@@ -76,7 +76,7 @@ class InProcessChannel:
         self.engine = None
         self._cancelled: set[int] = set()
 
-    def send(self, commands: list) -> None:
+    def send(self, commands: list, packed: bytes | None = None) -> None:
         replies = []
         for seq, op, args in commands:
             if seq in self._cancelled:
