@@ -319,6 +319,35 @@ class RestartTests(_RestartTestCase):
         self.assertGreater(await client.run(Task("c = 1")), later)
 
     @_deferred
+    async def test_long_wait_rides_out_a_restart(self):
+        """A barrier that has waited longer than the client's reconnect
+        timeout when the controller restarts still returns once the restarted
+        controller has the answer: the reconnect window opens at the break,
+        not when the call began (found by bench/durability.py)."""
+        from taskfarm.asyncclient import TaskClient
+        from taskfarm.profile import TASK
+        from taskfarm.remote.tub import new_tub
+        from taskfarm.testing.helpers import sleep
+
+        first = await self.start(1)
+        port = first.controller.server.location.rsplit(":", 1)[1]
+        tub = new_tub()
+        tub.startService()
+        self.addCleanup(tub.stopService)
+        client = TaskClient(first.profile.furl_file(TASK), reactor, tub=tub, reconnect_timeout=2.0)
+        self.addCleanup(client.disconnect)
+        # Its engine goes with the first controller: the retry runs on the next.
+        taskid = await client.run(Task("import time\ntime.sleep(4)\na = 1", pull="a", retries=1))
+        waiting = client.barrier(taskid)
+        await sleep(3.0)
+        self.assertFalse(waiting.called)
+        await first.stop_once()
+        second = await self.start(1, listen="tcp:%s:interface=127.0.0.1" % port)
+        await waiting
+        self.assertEqual((await client.get_task_result(taskid)).ns.a, 1)
+        await second.stop_once()
+
+    @_deferred
     async def test_without_journal_nothing_survives(self):
         """With journal=False (--no-journal) no journal file is written and a
         restart starts empty."""

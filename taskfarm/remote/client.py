@@ -179,18 +179,22 @@ class ControllerConnection:
 
         With `retry` (for calls that are safe to repeat), a broken link is
         mended: the call reconnects, with back-off, and is made again, for
-        up to the reconnect timeout.
+        up to the reconnect timeout after the link broke.  The window opens
+        at each break, not when the call began, so a `wait` that has been
+        waiting for an hour still rides out a controller restart.
         """
         if not retry or not self.ever_connected:
             # A controller never reached fails fast: that is a set-up error.
             return await self._call_once(method, args)
-        deadline = self._reactor.seconds() + self._reconnect_timeout
+        deadline = None
         delay = 0.1
         incarnation = self.incarnation
         while True:
             try:
                 if self._rref is None:
                     await self.connect()
+                    # Mended: a later break gets a window of its own.
+                    deadline, delay = None, 0.1
                 if self.incarnation != incarnation:
                     # What this call refers to died with the old controller.
                     raise ConnectionLost(
@@ -199,7 +203,10 @@ class ControllerConnection:
                     )
                 return await self._call_once(method, args)
             except (ConnectionLost, ControllerUnreachable) as e:
-                if self.incarnation != incarnation or self._reactor.seconds() + delay > deadline:
+                now = self._reactor.seconds()
+                if deadline is None:
+                    deadline = now + self._reconnect_timeout
+                if self.incarnation != incarnation or now + delay > deadline:
                     raise
                 self._log.info(
                     "{method}: {error}; trying again in {delay:.1f} s",

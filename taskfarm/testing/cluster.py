@@ -49,8 +49,8 @@ class RealCluster:
 
             write_secret(self.profile.cert_file, _CERT_CACHE)
         self.controller = create_controller(
-            self.profile, self.reactor, listen="tcp:0:interface=127.0.0.1",
-            **self._controller_options,
+            self.profile, self.reactor,
+            **{"listen": "tcp:0:interface=127.0.0.1", **self._controller_options},
         )
         self.controller.startService()
         _CERT_CACHE = self.profile.cert_file.read_bytes()
