@@ -22,6 +22,10 @@ from taskfarm.task import CALL, EXEC, MAX_RECOVERY_CHAIN, MAX_RETRIES, MAX_TIMEO
 
 
 class TaskState(enum.Enum):
+    # Members are singletons compared by identity; the C hash of object
+    # spares the controller a Python call per state lookup (several per task).
+    __hash__ = object.__hash__
+
     QUEUED = "scheduled"
     RUNNING = "pending"
     SUCCEEDED = "succeeded"
