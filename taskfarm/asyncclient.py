@@ -440,7 +440,7 @@ def _present(envelope: tuple, raising: bool = True):
     return result.value
 
 
-def _envelope(task: BaseTask) -> bytes:
+def _envelope(task: BaseTask):
     if not isinstance(task, BaseTask):
         raise TypeError(
             "run takes a Task or MapTask, not %s" % type(task).__name__

@@ -10,10 +10,11 @@ controller has journaled it; `confirm()` waits for that.  A batch that fails
 for good (not merely a lost connection, which is retried) makes the next
 `confirm()` raise, and every later question about its ids raises too.
 
-Tasks arrive here packed (`pack_envelope`), so each one's size is known:
+Tasks arrive here sized (`pack_envelope`), so each one's size is known:
 batches are built under the controller's message limit, and a task that
 alone exceeds it is refused at its own `run` with `MessageTooLarge`, before
-it takes an id, leaving the tasks beside it alone.
+it takes an id, leaving the tasks beside it alone.  A batch is pickled as
+one message, so a function that its map tasks share travels once.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from taskfarm import serialization
-from taskfarm.batching import split_by_size
+from taskfarm.batching import pickled_size, pickled_size_bound, split_by_size
 from taskfarm.errors import ConnectionLost, MessageTooLarge, SerializationError
 from taskfarm.task import MAX_RECOVERY_CHAIN
 
@@ -76,7 +77,7 @@ class Submitter:
 
     # -- submitting ---------------------------------------------------------------
 
-    def run(self, envelope: bytes) -> defer.Deferred:
+    def run(self, envelope: PackedTask) -> defer.Deferred:
         """Queue one packed task; fires with its id (at once while a lease
         lasts), or fails with `MessageTooLarge` if it can never be sent."""
         if not self._waiting and self._available() >= 1:
@@ -92,7 +93,7 @@ class Submitter:
         self._top_up()
         return waiter
 
-    def run_many(self, envelopes: list[bytes]) -> defer.Deferred:
+    def run_many(self, envelopes: list[PackedTask]) -> defer.Deferred:
         """Send packed tasks now; fires with their ids once all are accepted.
 
         They leave in as many messages as the limit needs.  If one task
@@ -111,17 +112,18 @@ class Submitter:
         """Bytes of packed tasks one submission may carry."""
         return self._connection.max_message_size - SUBMIT_OVERHEAD
 
-    def _too_large(self, envelopes: list[bytes]) -> MessageTooLarge | None:
+    def _too_large(self, envelopes: list[PackedTask]) -> MessageTooLarge | None:
         """The error for the first task too big for any submission, if any.
         Only asked once ids are leased, so the limit is the controller's."""
-        room = self._room()
-        for index, envelope in enumerate(envelopes):
-            if len(envelope) + PER_TASK_OVERHEAD > room:
+        room = self._room() - PER_TASK_OVERHEAD
+        for index, task in enumerate(envelopes):
+            # The bound first; the exact size only near the limit.
+            if len(task) > room and pickled_size(task.envelope, room) > room:
                 which = "a task" if len(envelopes) == 1 else "task %d of the batch" % index
                 return MessageTooLarge(
                     "a submit request for %s of %d bytes exceeds the controller's "
                     "limit of %d bytes (--max-message-size); nothing was sent"
-                    % (which, len(envelope), self._connection.max_message_size)
+                    % (which, len(serialization.pack(task.envelope)), self._connection.max_message_size)
                 )
         return None
 
@@ -158,7 +160,7 @@ class Submitter:
                 self._enqueue((envelopes[0], ids[0]))
                 waiter.callback(ids[0])
 
-    def _send_all(self, envelopes: list[bytes], ids: list[int]) -> defer.Deferred:
+    def _send_all(self, envelopes: list[PackedTask], ids: list[int]) -> defer.Deferred:
         """Send a `run_many` batch in messages that fit; fires with all ids."""
         sizes = [len(e) + PER_TASK_OVERHEAD for e in envelopes]
         parts = [
@@ -218,7 +220,7 @@ class Submitter:
             # A failure reaches `confirm` and `check`.
             sent.addErrback(lambda _: None)
 
-    def _send(self, envelopes: list[bytes], ids: list[int], remember: bool = True) -> defer.Deferred:
+    def _send(self, envelopes: list[PackedTask], ids: list[int], remember: bool = True) -> defer.Deferred:
         """Submit one message; whatever fails in it (here or on the
         controller) fails exactly its tasks, never silently."""
         d = defer.Deferred.fromCoroutine(self._submit(envelopes, ids))
@@ -242,8 +244,9 @@ class Submitter:
         d.addCallbacks(accepted, refused)
         return answer
 
-    async def _submit(self, envelopes: list[bytes], ids: list[int]) -> list[int]:
+    async def _submit(self, envelopes: list[PackedTask], ids: list[int]) -> list[int]:
         # The token makes a resubmission after a lost connection harmless.
+        envelopes = [task.envelope for task in envelopes]
         request = serialization.pack((uuid.uuid4().hex, envelopes, ids))
         return await self._connection.call("submit", request, retry=True)
 
@@ -290,11 +293,25 @@ class Submitter:
                     raise error
 
 
-def pack_envelope(envelope: tuple) -> bytes:
-    """A task envelope as the bytes a submission carries; `SerializationError`
-    if pickle cannot carry it (too deeply nested, say)."""
+class PackedTask:
+    """A task envelope checked for sending, with a bound of its packed
+    size as its `len` (what batching needs, without pickling it here)."""
+
+    __slots__ = ("envelope", "size")
+
+    def __init__(self, envelope: tuple, size: int) -> None:
+        self.envelope = envelope
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def pack_envelope(envelope: tuple) -> PackedTask:
+    """A task envelope ready for a submission; `SerializationError` if
+    pickle could not carry it (too deeply nested, say)."""
     try:
-        return serialization.pack(envelope)
+        return PackedTask(envelope, pickled_size_bound(envelope))
     except RecursionError:
         raise SerializationError(
             "the task is nested too deeply to pickle (a recovery chain of %d "

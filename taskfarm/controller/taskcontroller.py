@@ -181,17 +181,10 @@ class TaskController(RegistryListener):
         return ids
 
     def _submit(
-        self,
-        envelopes: list,
-        token: str | None,
-        ids: list[int] | None,
-        digest: str | None,
-        packed: list | None = None,
+        self, envelopes: list, token: str | None, ids: list[int] | None, digest: str | None
     ) -> tuple[list[int], defer.Deferred]:
         """`submit`; also returns a Deferred that fires once the batch is
-        journaled and queued, or fails with `JournalError` if it never is.
-        `packed` holds the envelopes' bytes as received (None where not),
-        which the journal keeps rather than packing them again."""
+        journaled and queued, or fails with `JournalError` if it never is."""
         # Checked before the token: a resent batch answers with these ids.
         if ids is not None:
             self._check_reserved(ids, len(envelopes))
@@ -234,10 +227,9 @@ class TaskController(RegistryListener):
         if self._next_id > first:
             # Ids are spent whether or not the batch is journaled.
             self._journal.next_id_is(self._next_id)
-        packed = packed or [None] * len(envelopes)
         rows = [
-            (record.taskid, blob or serialization.pack(envelope), now, record.spec.retries)
-            for record, envelope, blob in zip(records, envelopes, packed, strict=True)
+            (record.taskid, serialization.pack(envelope), now, record.spec.retries)
+            for record, envelope in zip(records, envelopes, strict=True)
         ]
         token_row = None if token is None else (token, self._tokens[token][0], len(specs), digest, now)
         admitted = self._journal.accept_batch(rows, token_row)
@@ -296,11 +288,10 @@ class TaskController(RegistryListener):
         token: str | None = None,
         ids: list[int] | None = None,
         digest: str | None = None,
-        packed: list | None = None,
     ) -> list[int]:
         """`submit`, answering only once the tasks are journaled; a batch
         that cannot be journaled is refused whole with `JournalError`."""
-        ids, admitted = self._submit(list(envelopes), token, ids, digest, packed)
+        ids, admitted = self._submit(list(envelopes), token, ids, digest)
         await admitted
         return ids
 

@@ -99,15 +99,8 @@ class RemoteTaskController(Referenceable):
             # A resend carries the very same bytes; a replayed token with
             # other tasks does not.
             digest = "%d:%08x" % (len(batch), zlib.crc32(batch))
-            # Clients send each task packed on its own (so they know its
-            # size); those bytes are what the journal keeps, as they are.
-            packed = [e if isinstance(e, bytes) else None for e in envelopes]
-            envelopes = [
-                serialization.unpack(envelope) if isinstance(envelope, bytes) else envelope
-                for envelope in envelopes
-            ]
             return defer.Deferred.fromCoroutine(
-                self._controller.submit_durably(envelopes, token, ids, digest, packed)
+                self._controller.submit_durably(envelopes, token, ids, digest)
             )
 
         return sweeper.once_answered(reply(submit), batch)
