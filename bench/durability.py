@@ -68,6 +68,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)  # this checkout's taskfarm, for us and our children
+
+from taskfarm.testing.helpers import children_of, is_alive  # noqa: E402
+from taskfarm.testing.processes import kill_if_alive  # noqa: E402
 
 KINDS = (
     "task",
@@ -332,52 +336,6 @@ def client_main(profile: str, count: int, cost: float, deadline_s: float) -> int
     return 0
 
 
-# -- processes, through /proc ------------------------------------------------------
-
-
-def proc_stat(pid: int):
-    """(state, ppid, start time) of `pid`, or None if it is gone."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[0], int(fields[1]), fields[19]
-
-
-def is_alive(pid: int, started: str) -> bool:
-    stat = proc_stat(pid)
-    return stat is not None and stat[2] == started and stat[0] not in ("Z", "X")
-
-
-def children(parent: int) -> dict:
-    """{pid: (start time, command line)} of the live children of `parent`."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        stat = proc_stat(int(entry))
-        if stat is None or stat[0] in ("Z", "X") or stat[1] != parent:
-            continue
-        try:
-            with open("/proc/%s/cmdline" % entry, "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        found[int(entry)] = (stat[2], cmdline)
-    return found
-
-
-def kill_if_alive(pid: int, started: str, signum: int = signal.SIGKILL) -> bool:
-    if not is_alive(pid, started):
-        return False
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 class Run:
     """One soak run: a cluster, a client, the kills, the clean-up."""
 
@@ -411,12 +369,12 @@ class Run:
     def scan(self) -> dict:
         """The launcher's children now ({pid: (start, cmdline)}); every
         descendant is remembered for the clean-up."""
-        found = children(self.launcher.pid)
+        found = children_of(self.launcher.pid)
         todo = list(found)
         for pid, (started, _) in found.items():
             self.seen[pid] = started
         while todo:
-            for pid, (started, _) in children(todo.pop()).items():
+            for pid, (started, _) in children_of(todo.pop()).items():
                 if pid not in self.seen:
                     self.seen[pid] = started
                     todo.append(pid)
@@ -620,7 +578,6 @@ def bad(result: dict) -> bool:
 
 def main() -> int:
     # The taskfarm of this checkout, here and (PYTHONPATH) in every child.
-    sys.path.insert(0, REPO)
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         profile, count, cost, deadline = (
             sys.argv[2],
