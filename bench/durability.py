@@ -577,7 +577,6 @@ def bad(result: dict) -> bool:
 
 
 def main() -> int:
-    # The taskfarm of this checkout, here and (PYTHONPATH) in every child.
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         profile, count, cost, deadline = (
             sys.argv[2],
