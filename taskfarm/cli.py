@@ -158,6 +158,8 @@ class Options(usage.Options):
 def _stop_on_shutdown(reactor, cluster) -> None:
     async def stop():
         await cluster.stop()
+        if cluster.controller is None:
+            return  # refused before starting anything: nothing to report
         print(
             "taskfarm cluster: stopped; %d engine restarts, %d controller restarts"
             % (cluster.engine_restarts, cluster.controller.restarts if cluster.controller else 0),
