@@ -177,7 +177,8 @@ class TaskController(RegistryListener):
         With a journal, the tasks reach the scheduler only once they are
         journaled (`submit_durably` waits for that, and reports a refusal).
         """
-        ids, _ = self._submit(list(envelopes), token, ids, digest)
+        ids, admitted = self._submit(list(envelopes), token, ids, digest)
+        admitted.addErrback(lambda _: None)  # a refusal is logged; nobody waits here
         return ids
 
     def _submit(
