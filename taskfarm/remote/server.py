@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from taskfarm import serialization
+from taskfarm.batching import pickled_size
 from taskfarm.errors import BadRequest, MessageTooLarge, TaskfarmError, to_wire
 from taskfarm.interfaces import IEngineChannel
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK
@@ -148,7 +149,7 @@ def fit_results(envelopes: list, limit: int) -> list:
     fitted: list = []
     used = 0
     for envelope in envelopes:
-        size = _envelope_size(envelope)
+        size = pickled_size(envelope, room)  # the same sizing as every batch
         if size > room and not fitted:
             fitted.append(_too_large(envelope, size, limit))
             break
@@ -157,16 +158,6 @@ def fit_results(envelopes: list, limit: int) -> list:
         fitted.append(envelope)
         used += size
     return fitted
-
-
-def _envelope_size(envelope) -> int:
-    if envelope is None:
-        return 1
-    data = envelope[3]
-    if isinstance(data, bytes):
-        # Ints, floats and the kind around the data: well under 128 bytes.
-        return len(data) + 128
-    return len(serialization.pack(envelope))
 
 
 def _too_large(envelope: tuple, size: int, limit: int) -> tuple:
