@@ -16,6 +16,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from taskfarm import serialization
+from taskfarm.connection import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_RECONNECT_TIMEOUT,
+    ControllerConnection,
+)
 from taskfarm.errors import (
     BadRequest,
     CompositeError,
@@ -28,11 +33,6 @@ from taskfarm.errors import (
 )
 from taskfarm.profile import MULTIENGINE, TASK, Profile, read_furl_file
 from taskfarm.properties import checked_properties
-from taskfarm.remote.client import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_RECONNECT_TIMEOUT,
-    ControllerConnection,
-)
 from taskfarm.results import PendingResults, ResultList, join_blocks, partition
 from taskfarm.results import barrier as results_barrier
 from taskfarm.submission import Submitter, pack_envelope

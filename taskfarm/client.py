@@ -17,9 +17,9 @@ import functools
 import inspect
 
 from taskfarm import asyncclient, reactorthread, results
+from taskfarm.connection import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT
 from taskfarm.errors import *  # noqa: F401,F403  (the errors users catch)
 from taskfarm.errors import NotAPendingResult
-from taskfarm.remote.client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT
 from taskfarm.task import MapTask, Task, TaskResult
 
 __all__ = [

@@ -2,7 +2,10 @@
 
 The controller's logic talks to engines through `IEngineChannel` and to its
 scheduler through `IScheduler`; both have a Foolscap implementation
-(`taskfarm.remote`) and an in-process one (`taskfarm.testing`).
+(`taskfarm.remote`) and an in-process one (`taskfarm.testing`).  An engine
+reaches its controller through `IControllerLink` and a client through
+`IControllerDialer`; the retry and back-off policy over them lives with
+their callers (`taskfarm.engine.link`, `taskfarm.connection`).
 """
 
 from __future__ import annotations
@@ -113,3 +116,85 @@ class IEngineSink(Interface):
 
     def engine_lost(engine, reason):
         """The link of the engine with this handle broke."""
+
+
+class IEngineCommands(Interface):
+    """Where an engine's transport delivers what the controller sends."""
+
+    def receive(commands):
+        """A list of ``(seq, op, args)`` commands, to run in order."""
+
+    def interrupt(seq):
+        """Stop command `seq` if it is queued or running."""
+
+    def cancel(seqs):
+        """Drop these commands if they are still queued."""
+
+    def set_properties(properties):
+        """The engine's properties (a dict) as the controller now has them."""
+
+
+class IEngineSession(Interface):
+    """One registration of an engine with its controller."""
+
+    engine_id = Attribute("The id the controller gave this engine.")
+    max_message_size = Attribute("The controller's message limit, learnt at hello.")
+    location = Attribute("Where the controller is (host:port), safe to print.")
+
+    def send_replies(packed):
+        """Send one packed list of ``(seq, ok, data, started, finished)``
+        replies; returns False when the link is already gone."""
+
+    def notify_on_disconnect(callback):
+        """Call ``callback()`` once when this session's link breaks."""
+
+
+class IControllerLink(Interface):
+    """An engine's transport to its controller: connect, hello, register.
+
+    Holds no policy: the caller (`taskfarm.engine.link.EngineLink`) retries
+    and backs off.  The Foolscap one is `taskfarm.remote.engine`.
+    """
+
+    def start():
+        """Get ready to connect (start the Tub)."""
+
+    def stop():
+        """Close every connection; a Deferred."""
+
+    def register(furl, commands, properties, requested_id):
+        """Connect to the engine furl, check its hello, register.
+
+        `commands` provides `IEngineCommands`; `properties` is a dict.
+        A Deferred firing with an `IEngineSession`, or failing with
+        `WrongInterface` (not the engine furl), `ControllerUnreachable`
+        or the transport's error.
+        """
+
+
+class IControllerReference(Interface):
+    """A client's live reference to one controller interface."""
+
+    location = Attribute("Where the controller is (host:port), safe to print.")
+
+    def hello():
+        """A Deferred firing with the interface's hello dict (unchecked)."""
+
+    def call(method, *args):
+        """Call `method`: a Deferred firing with its value, or failing with
+        `ConnectionLost` (the link broke), `MessageTooLarge`, `BadRequest`
+        or the controller's own typed error."""
+
+    def notify_on_disconnect(callback):
+        """Call ``callback()`` once when the link breaks."""
+
+    def disconnect():
+        """Close the link."""
+
+
+class IControllerDialer(Interface):
+    """How a client reaches a controller (Foolscap: `taskfarm.remote.client`)."""
+
+    def connect(furl, timeout):
+        """A Deferred firing with an `IControllerReference` for `furl`, or
+        failing with `ControllerUnreachable` within `timeout` seconds."""

@@ -47,7 +47,6 @@ from taskfarm.errors import (
     TaskfarmError,
     from_wire,
 )
-from taskfarm.remote import schemas
 from taskfarm.remote.multiengine import RemoteMultiEngine
 from taskfarm.remote.server import RemoteEngineSession, RemoteTaskController
 from taskfarm.task import CALL, EXEC, MapTask, Task, result_from_envelope
@@ -633,12 +632,11 @@ class TaskEntryPointTests(EntryPointTestCase):
 
     def test_too_large(self):
         """A message over the size limit is refused with MessageTooLarge."""
-        schemas.set_message_limit(1024)
+        small = RemoteTaskController(self.controller, max_message_size=1024)
         blob = serialization.pack((None, [_envelope(payload=b"x" * 2000)]))
-        error = self.refused(self.task_remote.remote_submit(blob))
+        error = self.refused(small.remote_submit(blob))
         self.assertIsInstance(error, MessageTooLarge)
         self.assertIn("1024", str(error))
-        schemas.set_message_limit(serialization.DEFAULT_MAX_MESSAGE_SIZE)
         self.submit_valid()
 
     def test_huge_retries(self):

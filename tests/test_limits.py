@@ -30,6 +30,7 @@ from taskfarm.controller.registry import EngineRegistry
 from taskfarm.controller.scheduler import FIFOScheduler
 from taskfarm.controller.service import create_controller
 from taskfarm.controller.taskcontroller import TaskController
+from taskfarm.engine.link import REPLY_OVERHEAD, fit_replies
 from taskfarm.errors import (
     BadRequest,
     ConnectionLost,
@@ -39,9 +40,7 @@ from taskfarm.errors import (
     from_wire,
     to_wire,
 )
-from taskfarm.remote import schemas
 from taskfarm.remote.client import furl_location
-from taskfarm.remote.engine_link import REPLY_OVERHEAD, fit_replies
 from taskfarm.remote.server import RemoteTaskController, fit_results
 from taskfarm.submission import Submitter, pack_envelope
 from taskfarm.task import MAX_RECOVERY_CHAIN, Task, result_from_envelope
@@ -300,7 +299,8 @@ class SubmitterTests(unittest.TestCase):
         self.clock, self.registry, self.controller = clock_controller(self)
 
     def submitter(self, limit: int = serialization.DEFAULT_MAX_MESSAGE_SIZE):
-        self.connection = _InProcessConnection(RemoteTaskController(self.controller), limit)
+        remote = RemoteTaskController(self.controller, max_message_size=limit)
+        self.connection = _InProcessConnection(remote, limit)
         return Submitter(self.connection, self.clock)
 
     def settle(self):
@@ -330,7 +330,6 @@ class SubmitterTests(unittest.TestCase):
         """run_many and a loop of run calls both split into submissions
         that fit the limit, and every task arrives once."""
         limit = 20_000
-        schemas.set_message_limit(limit)
         submitter = self.submitter(limit)
         blob = pack_envelope(Task("a = 1", push={"x": b"p" * 1000}).to_envelope())
         many = submitter.run_many([blob] * 100)
@@ -349,7 +348,6 @@ class SubmitterTests(unittest.TestCase):
         MessageTooLarge and takes no id; run_many with one such task sends
         nothing; the tasks around them are accepted."""
         limit = 20_000
-        schemas.set_message_limit(limit)
         submitter = self.submitter(limit)
         small = pack_envelope(Task("a = 1").to_envelope())
         big = pack_envelope(Task("a = 1", push={"x": b"p" * limit}).to_envelope())
@@ -435,8 +433,6 @@ class _LimitClusterTestCase(unittest.TestCase):
     timeout = 120
 
     async def start_cluster(self, n: int = 1, **options):
-        limit = schemas.message_limit()
-        self.addCleanup(schemas.set_message_limit, limit)
         root = tempfile.mkdtemp(prefix="taskfarm-limits-")
         self.addCleanup(shutil.rmtree, root, True)
         self.cluster = RealCluster(reactor, profile_root=root, **options)

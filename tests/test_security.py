@@ -27,7 +27,6 @@ from taskfarm.cluster.launcher import ProcessSlot, twisted_argv
 from taskfarm.controller.service import create_controller
 from taskfarm.errors import MessageTooLarge, RemoteTaskError, WrongInterface
 from taskfarm.profile import ENGINE, INTERFACES, MULTIENGINE, TASK, Profile
-from taskfarm.remote import schemas
 from taskfarm.remote.tub import new_tub
 from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
@@ -52,10 +51,6 @@ def _swissnum(furl: str) -> str:
 
 class SecurityTestCase(unittest.TestCase):
     timeout = 120
-
-    def setUp(self):
-        # The message limit is process-wide; put it back for other tests.
-        self.addCleanup(schemas.set_message_limit, schemas.message_limit())
 
     def controller(self, profile: Profile, **options):
         """A started controller on `profile`, stopped at cleanup."""

@@ -629,10 +629,7 @@ class OversizedResultTests(_ClusterTestCase):
         """A result bigger than the controller's message limit fails its task
         with MessageTooLarge instead of leaving it pending; the engine goes on."""
         from taskfarm.errors import MessageTooLarge
-        from taskfarm.remote import schemas
 
-        limit = schemas.message_limit()
-        self.addCleanup(schemas.set_message_limit, limit)
         tc = await self.start_cluster(1, max_message_size=200_000)
         big = await self.result(tc, Task("a = b'x' * 300_000", pull="a"))
         self.assertIsInstance(big.failure, MessageTooLarge)
@@ -645,8 +642,8 @@ class FitRepliesTests(unittest.TestCase):
     def test_batches_and_oversized(self):
         """Replies are grouped under the byte budget; one too big alone becomes
         a MessageTooLarge failure of its own command, in its place."""
+        from taskfarm.engine.link import fit_replies
         from taskfarm.errors import from_wire
-        from taskfarm.remote.engine_link import fit_replies
 
         replies = [(1, True, b"a" * 100, 0.0, 1.0), (2, True, b"b" * 2000, 0.0, 1.0),
                    (3, True, b"c" * 400, 0.0, 1.0), (4, True, b"d" * 400, 0.0, 1.0)]

@@ -22,6 +22,7 @@ from taskfarm.controller.taskcontroller import (
     TaskController,
 )
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK, Profile, lock_profile
+from taskfarm.remote.server import ControllerServer
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
 
 
@@ -124,8 +125,6 @@ def build_controller(
     start; `JournalCorrupt` is raised here if it cannot be read.  `depend`
     predicates run in child processes, `depend_timeout` seconds per call.
     """
-    from taskfarm.remote.server import ControllerServer
-
     registry = EngineRegistry(
         reactor,
         task_slots=task_slots,

@@ -9,9 +9,11 @@ from pathlib import Path
 
 from twisted.application import service
 
+from taskfarm.engine.link import EngineLink
 from taskfarm.engine.namespace import Namespace, install_output_capture
 from taskfarm.engine.worker import CommandWorker
 from taskfarm.profile import read_furl_file
+from taskfarm.remote.engine import FoolscapControllerLink
 
 
 def machine_facts() -> dict:
@@ -50,10 +52,11 @@ class EngineService(service.MultiService):
 
 def create_engine(furl_file: Path, properties: dict, reactor) -> EngineService:
     """Build an engine that registers through the furl in `furl_file`."""
-    from taskfarm.remote.engine_link import EngineLink
-
     props = machine_facts()
     props.update(properties)
     worker = CommandWorker(Namespace(properties=props), reactor)
-    link = EngineLink(lambda: read_furl_file(furl_file), worker, reactor)
+    link = EngineLink(
+        lambda: read_furl_file(furl_file), worker, reactor,
+        transport=FoolscapControllerLink(reactor),
+    )
     return EngineService(worker, link)

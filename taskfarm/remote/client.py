@@ -1,11 +1,14 @@
-"""A client's link to one controller interface.
+"""A client's Foolscap transport to one controller interface.
 
-`ControllerConnection` connects lazily (or at `connect()`), checks that the
-furl names the interface the client expects, and turns every failure into a
-typed error: `ControllerUnreachable` when nothing answers in time,
-`ConnectionLost` when the link breaks mid-call, and the controller's own
+`FoolscapDialer` connects to a furl and gives an `IControllerReference`
+that says hello, calls, and turns every Foolscap failure into a typed
+error: `ControllerUnreachable` when nothing answers in time,
+`ConnectionLost` when the link breaks mid-call, `MessageTooLarge` or
+`BadRequest` when the controller refuses a call, and the controller's own
 errors (sent back as data) re-raised as their `taskfarm.errors` classes.
-Furls are secrets: errors show only their location, never the whole furl.
+No retries here: `taskfarm.connection.ControllerConnection` holds that
+policy.  Furls are secrets: errors show only their location, never the
+whole furl.
 """
 
 from __future__ import annotations
@@ -14,10 +17,9 @@ import warnings
 
 from foolscap.api import DeadReferenceError
 from foolscap.furl import decode_furl
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet import error as internet_error
-from twisted.logger import Logger
-from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from taskfarm import serialization
 from taskfarm.errors import (
@@ -26,21 +28,12 @@ from taskfarm.errors import (
     ControllerUnreachable,
     FurlError,
     MessageTooLarge,
-    ProtocolVersionError,
     TaskfarmError,
-    WrongInterface,
     from_wire,
 )
-from taskfarm.profile import INTERFACES
-from taskfarm.remote import schemas, sweeper
+from taskfarm.interfaces import IControllerDialer, IControllerReference
+from taskfarm.remote import sweeper
 from taskfarm.remote.tub import new_tub
-
-#: Seconds a connection attempt may take before `ControllerUnreachable`.
-DEFAULT_CONNECT_TIMEOUT = 10.0
-
-#: Seconds an idempotent call keeps reconnecting after the link broke
-#: (a controller restart, say) before it gives up.
-DEFAULT_RECONNECT_TIMEOUT = 120.0
 
 _shared_tub = None
 
@@ -70,167 +63,53 @@ _LOST = (
 )
 
 
-class ControllerConnection:
-    """Calls methods of one controller interface; making one does no I/O."""
+@implementer(IControllerDialer)
+class FoolscapDialer:
+    """Connects through `tub` (default: this process's shared client Tub)."""
 
-    _log = Logger()
-
-    def __init__(
-        self,
-        furl: str,
-        interface: str,
-        reactor,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        tub=None,
-        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
-    ) -> None:
-        if interface not in INTERFACES:
-            raise ValueError("unknown interface %r" % (interface,))
-        self.furl = furl
-        self.location = furl_location(furl)
-        self.interface = interface
+    def __init__(self, reactor, tub=None) -> None:
         self._reactor = reactor
-        self._connect_timeout = connect_timeout
-        self._reconnect_timeout = reconnect_timeout
         self._tub = tub
-        self._rref = None
-        self._waiters: list[defer.Deferred] = []
-        #: Whether this connection ever reached the controller.
-        self.ever_connected = False
-        #: The controller's identity at the last `hello`; when it changes, it
-        #: restarted without a journal and `on_new_incarnation` callbacks run.
-        self.incarnation: str | None = None
-        self.on_new_incarnation: list = []
-        #: The controller's largest accepted message, learnt at `hello`.
-        self.max_message_size = serialization.DEFAULT_MAX_MESSAGE_SIZE
 
-    def connect(self) -> defer.Deferred:
-        """Connect (once); fires when the interface answered `hello`."""
-        if self._rref is not None:
-            return defer.succeed(None)
-        # A fresh Deferred per waiter: never hand one Deferred to two.
-        waiter: defer.Deferred = defer.Deferred()
-        self._waiters.append(waiter)
-        if len(self._waiters) == 1:
-            defer.Deferred.fromCoroutine(self._connect()).addBoth(self._connected)
-        return waiter
+    def connect(self, furl: str, timeout: float) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._connect(furl, timeout))
 
-    def _connected(self, result) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(None)
-
-    async def _connect(self) -> None:
+    async def _connect(self, furl: str, timeout: float) -> FoolscapControllerReference:
+        location = furl_location(furl)
         tub = self._tub or shared_client_tub()
-        d = tub.getReference(self.furl)
-        d.addTimeout(self._connect_timeout, self._reactor)
+        d = tub.getReference(furl)
+        d.addTimeout(timeout, self._reactor)
         try:
             rref = await d
         except defer.TimeoutError:
             raise ControllerUnreachable(
-                "no answer from the controller at %s within %g s"
-                % (self.location, self._connect_timeout)
+                "no answer from the controller at %s within %g s" % (location, timeout)
             ) from None
         except Exception as e:
             raise ControllerUnreachable(
-                "cannot reach the controller at %s: %s"
-                % (self.location, describe_error(e))
+                "cannot reach the controller at %s: %s" % (location, describe_error(e))
             ) from None
-        try:
-            hello = serialization.unpack(await rref.callRemote("hello"))
-        except Exception as e:
-            raise WrongInterface(
-                "the furl for %s does not lead to a taskfarm %s interface (%s)"
-                % (self.location, self.interface, describe_error(e))
-            ) from None
-        if not isinstance(hello, dict) or hello.get("interface") != self.interface:
-            got = hello.get("interface") if isinstance(hello, dict) else hello
-            raise WrongInterface(
-                "this furl is for the controller's %r interface, but a %s client "
-                "needs the %s furl (security/%s.furl in the profile)"
-                % (got, self.interface, self.interface, self.interface)
-            )
-        if hello.get("version") != schemas.WIRE_VERSION:
-            raise ProtocolVersionError(
-                "the controller speaks wire version %r, this client %d"
-                % (hello.get("version"), schemas.WIRE_VERSION)
-            )
-        self.max_message_size = hello.get("max_message_size", self.max_message_size)
-        incarnation = hello.get("incarnation")
-        if self.incarnation is not None and incarnation != self.incarnation:
-            self._log.warn("the controller at {location} restarted without its journal",
-                           location=self.location)
-            for callback in self.on_new_incarnation:
-                callback()
-        self.incarnation = incarnation
-        rref.notifyOnDisconnect(self._disconnected, rref)
+        return FoolscapControllerReference(rref, location)
+
+
+@implementer(IControllerReference)
+class FoolscapControllerReference:
+    """One live reference to a controller interface."""
+
+    def __init__(self, rref, location: str) -> None:
         self._rref = rref
-        self.ever_connected = True
+        self.location = location
 
-    def _disconnected(self, rref) -> None:
-        if self._rref is rref:
-            self._rref = None
+    def hello(self) -> defer.Deferred:
+        return self._rref.callRemote("hello").addCallback(serialization.unpack)
 
-    async def call(self, method: str, *args, retry: bool = False):
-        """Call `method`; returns its value or raises its typed error.
+    def call(self, method: str, *args) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._call(method, args))
 
-        With `retry` (for calls that are safe to repeat), a broken link is
-        mended: the call reconnects, with back-off, and is made again, for
-        up to the reconnect timeout after the link broke.  The window opens
-        at each break, not when the call began, so a `wait` that has been
-        waiting for an hour still rides out a controller restart.
-        """
-        if not retry or not self.ever_connected:
-            # A controller never reached fails fast: that is a set-up error.
-            return await self._call_once(method, args)
-        deadline = None
-        delay = 0.1
-        incarnation = self.incarnation
-        while True:
-            try:
-                if self._rref is None:
-                    await self.connect()
-                    # Mended: a later break gets a window of its own.
-                    deadline, delay = None, 0.1
-                if self.incarnation != incarnation:
-                    # What this call refers to died with the old controller.
-                    raise ConnectionLost(
-                        "the controller at %s restarted without a journal during %s; "
-                        "what was sent before is lost" % (self.location, method)
-                    )
-                return await self._call_once(method, args)
-            except (ConnectionLost, ControllerUnreachable) as e:
-                now = self._reactor.seconds()
-                if deadline is None:
-                    deadline = now + self._reconnect_timeout
-                if self.incarnation != incarnation or now + delay > deadline:
-                    raise
-                self._log.info(
-                    "{method}: {error}; trying again in {delay:.1f} s",
-                    method=method,
-                    error=e,
-                    delay=delay,
-                )
-                await task.deferLater(self._reactor, delay, lambda: None)
-                delay = min(delay * 2, 2.0)
-
-    async def _call_once(self, method: str, args: tuple):
-        # Connect first: the controller's limit is learnt at hello.
-        if self._rref is None:
-            await self.connect()
-        for arg in args:
-            if isinstance(arg, bytes) and len(arg) > self.max_message_size:
-                raise MessageTooLarge(
-                    "a %s request of %d bytes exceeds the controller's limit of "
-                    "%d bytes" % (method, len(arg), self.max_message_size)
-                )
+    async def _call(self, method: str, args: tuple):
         try:
             answer = await self._rref.callRemote(method, *args)
         except _LOST as e:
-            self._rref = None
             raise ConnectionLost(
                 "lost the connection to the controller at %s during %s: %s"
                 % (self.location, method, describe_error(e))
@@ -239,8 +118,7 @@ class ControllerConnection:
             text = describe_error(e)
             if "too long" in text:
                 raise MessageTooLarge(
-                    "the controller refused a %s request as too large: %s"
-                    % (method, text)
+                    "the controller refused a %s request as too large: %s" % (method, text)
                 ) from None
             raise BadRequest("the controller refused %s: %s" % (method, text)) from None
         sweeper.received(answer)
@@ -249,14 +127,14 @@ class ControllerConnection:
             raise from_wire(value)
         return value
 
+    def notify_on_disconnect(self, callback) -> None:
+        self._rref.notifyOnDisconnect(callback)
+
     def disconnect(self) -> None:
-        """Close this interface's reference (the shared Tub stays)."""
-        rref, self._rref = self._rref, None
-        if rref is not None:
-            tracker = getattr(rref, "tracker", None)
-            broker = getattr(tracker, "broker", None)
-            if broker is not None and broker.transport is not None:
-                broker.transport.loseConnection()
+        tracker = getattr(self._rref, "tracker", None)
+        broker = getattr(tracker, "broker", None)
+        if broker is not None and broker.transport is not None:
+            broker.transport.loseConnection()
 
 
 def describe_error(e: BaseException) -> str:

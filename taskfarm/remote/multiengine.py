@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from foolscap.api import Referenceable
 from zope.interface import implementer
 
 from taskfarm import serialization
 from taskfarm.errors import BadRequest
 from taskfarm.remote import schemas, sweeper
-from taskfarm.remote.server import hello_blob, reply
-
-
-def _unpack(blob: bytes):
-    return serialization.unpack(blob, schemas.message_limit())
+from taskfarm.remote.answers import hello_blob, reply
+from taskfarm.remote.schemas import BoundedReferenceable
 
 
 def _tuple_of(value, n: int, what: str) -> tuple:
@@ -22,18 +18,24 @@ def _tuple_of(value, n: int, what: str) -> tuple:
 
 
 @implementer(schemas.RIMultiEngine)
-class RemoteMultiEngine(Referenceable):
+class RemoteMultiEngine(BoundedReferenceable):
     """The MultiEngine interface, served to clients holding its furl."""
 
-    def __init__(self, multiengine) -> None:
+    def __init__(
+        self, multiengine, max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE
+    ) -> None:
+        super().__init__(max_message_size)
         self._multiengine = multiengine
 
     def remote_hello(self):
-        return hello_blob("multiengine")
+        return hello_blob("multiengine", max_message_size=self.max_message_size)
+
+    def _unpack(self, blob: bytes):
+        return serialization.unpack(blob, self.max_message_size)
 
     def remote_engine_call(self, request):
         def call():
-            op, targets, args, per_target = _tuple_of(_unpack(request), 4, "a request")
+            op, targets, args, per_target = _tuple_of(self._unpack(request), 4, "a request")
             if not isinstance(args, tuple) or not (
                 per_target is None or isinstance(per_target, dict)
             ):
@@ -44,7 +46,7 @@ class RemoteMultiEngine(Referenceable):
 
     def remote_properties(self, request):
         def call():
-            action, targets, argument = _tuple_of(_unpack(request), 3, "a request")
+            action, targets, argument = _tuple_of(self._unpack(request), 3, "a request")
             return self._multiengine.properties(action, targets, argument)
 
         return reply(call)
@@ -53,10 +55,10 @@ class RemoteMultiEngine(Referenceable):
         return reply(self._multiengine.engine_ids)
 
     def remote_queue_status(self, targets):
-        return reply(lambda: self._multiengine.queue_status(_unpack(targets)))
+        return reply(lambda: self._multiengine.queue_status(self._unpack(targets)))
 
     def remote_clear_queue(self, targets):
-        return reply(lambda: self._multiengine.clear_queue(_unpack(targets)))
+        return reply(lambda: self._multiengine.clear_queue(self._unpack(targets)))
 
     def remote_kill_controller(self):
         return reply(self._multiengine.kill_controller)

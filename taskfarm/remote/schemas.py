@@ -2,36 +2,86 @@
 
 Payloads travel as single byte strings (batches pickled by
 `taskfarm.serialization`): Foolscap's cost is per token, not per byte.
-Every byte-string argument is bounded by `MESSAGE`, whose limit the
-controller sets from its configuration (`set_message_limit`), so an
-oversized message is refused while its header is read, before it is held
-in memory.
+Every byte-string argument and answer is declared as `MESSAGE`.  The
+limit is not a process-wide setting: each Referenceable has its own
+(`BoundedReferenceable`), and Foolscap reads a call's argument constraints
+from the receiving Referenceable's `getInterface()`.  So a controller and an
+engine in one process keep their own limits, and an oversized message is
+still refused while its header is read (Foolscap's token check), before it
+is held in memory.  Calls we make and answers we receive are checked
+against the declared interfaces, bounded at the default limit; the peer
+enforces its own.
 """
 
 from __future__ import annotations
 
-from foolscap.api import RemoteInterface
+import copy
+
+from foolscap.api import Referenceable, RemoteInterface
 from foolscap.constraint import ByteStringConstraint
+from foolscap.remoteinterface import RemoteInterfaceClass, getRemoteInterface
 from foolscap.schema import ChoiceOf, ListOf, TupleOf
-from foolscap.tokens import STRING
 
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
 
 #: The wire version; a peer with another one is refused at `hello`.
 WIRE_VERSION = 1
 
+#: A message: one byte string.  Its bound here is the default; a
+#: Referenceable's own limit replaces it (`bounded`).  Never mutated.
 MESSAGE = ByteStringConstraint(maxLength=DEFAULT_MAX_MESSAGE_SIZE)
 
-
-def set_message_limit(limit: int) -> None:
-    """Bound every byte-string argument this process receives to `limit`."""
-    MESSAGE.maxLength = limit
-    MESSAGE.taster[STRING] = limit
+_bounded: dict[tuple[str, int], RemoteInterfaceClass] = {}
 
 
-def message_limit() -> int:
-    """The limit `set_message_limit` set."""
-    return MESSAGE.maxLength
+def bounded(interface: RemoteInterfaceClass, limit: int) -> RemoteInterfaceClass:
+    """`interface` with every `MESSAGE` argument and answer bounded by `limit`.
+
+    The copy is made once per (interface, limit).  It is registered with
+    Foolscap under a name of its own (Foolscap insists on unique names),
+    but that name never crosses the wire: `BoundedReferenceable` announces
+    the declared interface's name.
+    """
+    key = (interface.__remote_name__, limit)
+    clone = _bounded.get(key)
+    if clone is None:
+        message = ByteStringConstraint(maxLength=limit)
+
+        def bound(constraint):
+            return message if constraint is MESSAGE else constraint
+
+        attrs: dict = {"__remote_name__": "%s;max-message-size=%d" % key}
+        for name in interface.names():
+            schema = copy.copy(interface[name])
+            schema.argConstraints = {
+                arg: bound(c) for arg, c in schema.argConstraints.items()
+            }
+            schema.responseConstraint = bound(schema.responseConstraint)
+            attrs[name] = schema
+        clone = RemoteInterfaceClass(interface.__name__, (RemoteInterface,), attrs)
+        _bounded[key] = clone
+    return clone
+
+
+class BoundedReferenceable(Referenceable):
+    """A Referenceable whose `MESSAGE` arguments (and answers) are bounded
+    by its own `max_message_size`, checked by Foolscap token by token."""
+
+    _bounded_interface = None
+
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        self.max_message_size = max_message_size
+
+    def getInterface(self):
+        # Foolscap's CallUnslicer asks the target for the schema of each
+        # inbound call: this is where the limit becomes per-object.
+        if self._bounded_interface is None:
+            self._bounded_interface = bounded(getRemoteInterface(self), self.max_message_size)
+        return self._bounded_interface
+
+    def getInterfaceName(self):
+        # What a peer sees: the declared (versioned) name, never the copy's.
+        return getRemoteInterface(self).__remote_name__
 
 
 class RIEngine(RemoteInterface):

@@ -1,10 +1,10 @@
 """The controller's Referenceables: thin adapters from Foolscap to services.
 
 Each remote method unpacks its arguments, calls the service, and answers a
-reply envelope: ``(True, value)`` or ``(False, wire_error)``.  Errors are
-data, so a client awaits them like any value (see foolscap-notes: raised
-remote exceptions break ``await``).  Nothing a client or engine sends can
-stop the controller: malformed input becomes `BadRequest`.
+reply envelope (`taskfarm.remote.answers`).  Nothing a client or engine
+sends can stop the controller: malformed input becomes `BadRequest`.  Each
+Referenceable carries the controller's message limit (`max_message_size`,
+see `schemas.BoundedReferenceable`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import zlib
 
-from foolscap.api import DeadReferenceError, Referenceable
+from foolscap.api import DeadReferenceError
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -20,41 +20,20 @@ from zope.interface import implementer
 
 from taskfarm import serialization
 from taskfarm.batching import pickled_size
-from taskfarm.errors import BadRequest, MessageTooLarge, TaskfarmError, to_wire
+from taskfarm.errors import BadRequest, MessageTooLarge, to_wire
 from taskfarm.interfaces import IEngineChannel
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK
 from taskfarm.remote import schemas, sweeper
+from taskfarm.remote import tub as tubs
+from taskfarm.remote.answers import hello_blob, reply
+from taskfarm.remote.multiengine import RemoteMultiEngine
+from taskfarm.remote.schemas import BoundedReferenceable
 
 _log = Logger()
 
 
-def _answer(value) -> bytes:
-    return serialization.pack((True, value))
-
-
-def _refuse(failure) -> bytes:
-    error = failure.value
-    if isinstance(error, RecursionError):
-        # Data nested too deeply to check or describe (it unpickles
-        # without recursion, but repr, hash or a recovery chain recurse).
-        error = BadRequest("the request is nested too deeply")
-    if not isinstance(error, (TaskfarmError, TypeError, ValueError, KeyError)):
-        _log.failure("unexpected error in a remote call", failure)
-        error = TaskfarmError(
-            "internal controller error: %s: %s" % (type(error).__name__, error)
-        )
-    return serialization.pack((False, to_wire(error)))
-
-
-def reply(function, *args) -> defer.Deferred:
-    """Run `function(*args)` (value or Deferred) and answer an envelope."""
-    d = defer.maybeDeferred(function, *args)
-    d.addCallbacks(_answer, _refuse)
-    return d
-
-
-def _unpack_ids(blob: bytes, allow_none: bool = False):
-    ids = serialization.unpack(blob, schemas.message_limit())
+def _unpack_ids(blob: bytes, limit: int, allow_none: bool = False):
+    ids = serialization.unpack(blob, limit)
     if ids is None and allow_none:
         return None
     if not isinstance(ids, (list, tuple)) or not all(
@@ -64,32 +43,24 @@ def _unpack_ids(blob: bytes, allow_none: bool = False):
     return list(ids)
 
 
-def hello_blob(interface: str, incarnation: str | None = None) -> bytes:
-    """What `hello` answers: which interface this is, the wire's limits and
-    (for the Task interface) the controller's incarnation."""
-    return serialization.pack(
-        {
-            "interface": interface,
-            "version": schemas.WIRE_VERSION,
-            "max_message_size": schemas.message_limit(),
-            "incarnation": incarnation,
-        }
-    )
-
-
 @implementer(schemas.RITaskController)
-class RemoteTaskController(Referenceable):
+class RemoteTaskController(BoundedReferenceable):
     """The Task interface, served to clients holding the task furl."""
 
-    def __init__(self, controller) -> None:
+    def __init__(
+        self, controller, max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE
+    ) -> None:
+        super().__init__(max_message_size)
         self._controller = controller
 
     def remote_hello(self):
-        return hello_blob("task", self._controller.incarnation)
+        return hello_blob(
+            "task", self._controller.incarnation, max_message_size=self.max_message_size
+        )
 
     def remote_submit(self, batch):
         def submit():
-            request = serialization.unpack(batch, schemas.message_limit())
+            request = serialization.unpack(batch, self.max_message_size)
             if isinstance(request, tuple) and len(request) == 2:
                 request = request + (None,)
             if not (isinstance(request, tuple) and len(request) == 3):
@@ -111,14 +82,14 @@ class RemoteTaskController(Referenceable):
 
     def remote_results(self, taskids, block):
         def results():
-            d = self._controller.results(_unpack_ids(taskids), block)
-            d.addCallback(fit_results, schemas.message_limit())
+            d = self._controller.results(_unpack_ids(taskids, self.max_message_size), block)
+            d.addCallback(fit_results, self.max_message_size)
             return d
 
         return reply(results)
 
     def remote_wait(self, taskids):
-        return reply(lambda: self._controller.wait(_unpack_ids(taskids)))
+        return reply(lambda: self._controller.wait(_unpack_ids(taskids, self.max_message_size)))
 
     def remote_abort(self, taskid):
         return reply(self._controller.abort, taskid)
@@ -127,7 +98,9 @@ class RemoteTaskController(Referenceable):
         return reply(self._controller.queue_status, verbose)
 
     def remote_clear(self, taskids):
-        return reply(lambda: self._controller.clear(_unpack_ids(taskids, True)))
+        return reply(
+            lambda: self._controller.clear(_unpack_ids(taskids, self.max_message_size, True))
+        )
 
     def remote_spin(self):
         return reply(self._controller.spin)
@@ -236,10 +209,17 @@ def _is_time(value) -> bool:
 
 
 @implementer(schemas.RIEngineSession)
-class RemoteEngineSession(Referenceable):
+class RemoteEngineSession(BoundedReferenceable):
     """Where one registered engine sends its replies."""
 
-    def __init__(self, registry, handle, channel: RemoteEngineChannel) -> None:
+    def __init__(
+        self,
+        registry,
+        handle,
+        channel: RemoteEngineChannel,
+        max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        super().__init__(max_message_size)
         self._registry = registry
         self._handle = handle
         self._channel = channel
@@ -247,7 +227,7 @@ class RemoteEngineSession(Referenceable):
     def remote_replies(self, batch):
         sweeper.received(batch)
         try:
-            replies = serialization.unpack(batch, schemas.message_limit())
+            replies = serialization.unpack(batch, self.max_message_size)
             if not isinstance(replies, list) or not all(map(_well_formed_reply, replies)):
                 raise BadRequest(
                     "replies must be a list of (seq, ok, data, started, finished)"
@@ -265,23 +245,27 @@ class RemoteEngineSession(Referenceable):
 
 
 @implementer(schemas.RIEngineRegistrar)
-class RemoteEngineRegistrar(Referenceable):
+class RemoteEngineRegistrar(BoundedReferenceable):
     """The engine furl's object: registration, and nothing more."""
 
-    def __init__(self, registry) -> None:
+    def __init__(
+        self, registry, max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE
+    ) -> None:
+        super().__init__(max_message_size)
         self._registry = registry
 
     def remote_hello(self):
-        return hello_blob("engine")
+        return hello_blob("engine", max_message_size=self.max_message_size)
 
     def remote_register(self, engine, properties, requested_id):
-        props = serialization.unpack(properties, schemas.message_limit())
+        props = serialization.unpack(properties, self.max_message_size)
         channel = RemoteEngineChannel(engine)
         handle = self._registry.register(channel, props, requested_id)
         engine.notifyOnDisconnect(
             self._registry.engine_lost, handle, "its connection closed"
         )
-        return handle.engine_id, RemoteEngineSession(self._registry, handle, channel)
+        session = RemoteEngineSession(self._registry, handle, channel, self.max_message_size)
+        return handle.engine_id, session
 
 
 class ControllerServer(Service):
@@ -309,10 +293,7 @@ class ControllerServer(Service):
         self.furls: dict[str, str] = {}
 
     def startService(self) -> None:
-        from taskfarm.remote import tub as tubs
-
         super().startService()
-        schemas.set_message_limit(self._max_message_size)
         self._profile.ensure()
         self.tub = tubs.new_tub(tubs.load_or_create_cert(self._profile))
         listen = self._listen or tubs.default_listen(self._profile)
@@ -320,19 +301,15 @@ class ControllerServer(Service):
             self.tub, listen, self._location, self._reactor
         )
         self.tub.startService()
+        limit = self._max_message_size
         referenceables = {
-            ENGINE: RemoteEngineRegistrar(self._registry),
-            TASK: RemoteTaskController(self._services[TASK]),
-            MULTIENGINE: self._multiengine(),
+            ENGINE: RemoteEngineRegistrar(self._registry, limit),
+            TASK: RemoteTaskController(self._services[TASK], limit),
+            MULTIENGINE: RemoteMultiEngine(self._services[MULTIENGINE], limit),
         }
         for interface, ref in referenceables.items():
             self.furls[interface] = tubs.register(self.tub, self._profile, interface, ref)
         sweeper.process_sweeper().start()
-
-    def _multiengine(self):
-        from taskfarm.remote.multiengine import RemoteMultiEngine
-
-        return RemoteMultiEngine(self._services[MULTIENGINE])
 
     async def stopService(self) -> None:
         super().stopService()

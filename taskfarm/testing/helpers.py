@@ -90,19 +90,13 @@ def is_alive(pid: int, started: str) -> bool:
 
 def clock_controller(testcase, evaluator: bool = False):
     """A real `TaskController` with its registry on a fresh `task.Clock`,
-    no timers of its own, and the wire's message limit at its default
-    (restored at cleanup).  With `evaluator`, depend predicates run in an
+    no timers of its own.  With `evaluator`, depend predicates run in an
     `InProcessEvaluator` on that clock.  Returns (clock, registry, controller)."""
-    from taskfarm import serialization
     from taskfarm.controller.registry import EngineRegistry
     from taskfarm.controller.scheduler import FIFOScheduler
     from taskfarm.controller.taskcontroller import TaskController
-    from taskfarm.remote import schemas
     from taskfarm.testing.fakes import InProcessEvaluator
 
-    limit = schemas.message_limit()
-    testcase.addCleanup(schemas.set_message_limit, limit)
-    schemas.set_message_limit(serialization.DEFAULT_MAX_MESSAGE_SIZE)
     clock = task.Clock()
     registry = EngineRegistry(clock, heartbeat_period=None)
     scheduler_evaluator = None

@@ -2,54 +2,81 @@
 
 `EngineLink` is a Twisted service.  It reads the engine furl (again on each
 attempt, since a restarted controller may have a new one), registers with
-the engine's properties (the namespace keeps the latest), and feeds commands to the `CommandWorker`.  When
-the link breaks it ends the worker's session and tries again with back-off,
-asking for the same engine id.
+the engine's properties (the namespace keeps the latest), and feeds
+commands to the `CommandWorker`.  When the link breaks it ends the worker's
+session and tries again with back-off (`taskfarm.backoff`), asking for the
+same engine id.  Its lifecycle is one explicit state table (`LinkState`).
+
+The transport is an `IControllerLink` (Foolscap: `taskfarm.remote.engine`);
+the policy (retries, back-off, batching replies under the limit) is here.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 
-from foolscap.api import DeadReferenceError, Referenceable
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from taskfarm import serialization
+from taskfarm.backoff import Backoff
 from taskfarm.batching import pickled_size, split_by_size
 from taskfarm.engine.worker import CommandWorker
 from taskfarm.errors import MessageTooLarge, to_wire
-from taskfarm.remote import schemas, sweeper
-from taskfarm.remote.client import describe_error, furl_location
-from taskfarm.remote.tub import new_tub
+from taskfarm.interfaces import IControllerLink, IEngineCommands, IEngineSession
+from taskfarm.remote.client import describe_error
+from taskfarm.remote.engine import FoolscapControllerLink
+
+#: Seconds before the first retry and the most between two (doubling).
+RETRY_DELAYS = (0.2, 5.0)
 
 
-@implementer(schemas.RIEngine)
-class _EngineReferenceable(Referenceable):
-    """What the controller calls on this engine."""
+class LinkState(enum.Enum):
+    """Where an `EngineLink` is in its life."""
+
+    STOPPED = "stopped"
+    #: An attempt to connect and register is under way.
+    CONNECTING = "connecting"
+    #: Registered: commands come in, replies go out.
+    REGISTERED = "registered"
+    #: The attempt failed or the link broke: backing off before the next.
+    WAITING = "waiting"
+    #: `stopService` was called; nothing new starts.
+    STOPPING = "stopping"
+
+
+_TRANSITIONS: dict[LinkState, frozenset[LinkState]] = {
+    LinkState.STOPPED: frozenset({LinkState.CONNECTING}),
+    LinkState.CONNECTING: frozenset(
+        {LinkState.REGISTERED, LinkState.WAITING, LinkState.STOPPING}
+    ),
+    LinkState.REGISTERED: frozenset({LinkState.WAITING, LinkState.STOPPING}),
+    LinkState.WAITING: frozenset({LinkState.CONNECTING, LinkState.STOPPING}),
+    LinkState.STOPPING: frozenset({LinkState.STOPPED}),
+}
+
+
+@implementer(IEngineCommands)
+class WorkerCommands:
+    """What the controller sends, delivered to a `CommandWorker`."""
 
     def __init__(self, worker: CommandWorker) -> None:
         self._worker = worker
 
-    def remote_commands(self, batch):
-        sweeper.received(batch)
-        self._worker.receive(serialization.unpack(batch))
+    def receive(self, commands) -> None:
+        self._worker.receive(commands)
 
-    def remote_interrupt(self, seq):
+    def interrupt(self, seq) -> None:
         self._worker.interrupt(seq)
 
-    def remote_cancel(self, seqs):
+    def cancel(self, seqs) -> None:
         self._worker.cancel(seqs)
 
-    def remote_set_properties(self, properties):
-        props = serialization.unpack(properties)
-        if isinstance(props, dict):
-            self._worker.namespace.set_properties(props)
-
-    def remote_ping(self):
-        return None
+    def set_properties(self, properties: dict) -> None:
+        self._worker.namespace.set_properties(properties)
 
 
 class EngineLink(service.Service):
@@ -62,37 +89,44 @@ class EngineLink(service.Service):
         read_furl: Callable[[], str],
         worker: CommandWorker,
         reactor,
-        retry_delays: tuple[float, float] = (0.2, 5.0),
+        retry_delays: tuple[float, float] = RETRY_DELAYS,
+        transport: IControllerLink | None = None,
     ) -> None:
         self._read_furl = read_furl
         self._worker = worker
         self._reactor = reactor
-        self._first_delay, self._max_delay = retry_delays
-        self._tub = None
+        self._backoff = Backoff(*retry_delays)
+        self._transport = transport if transport is not None else FoolscapControllerLink(reactor)
         self._loop: defer.Deferred | None = None
-        self._rref = None
         self._lost: defer.Deferred | None = None
-        self._stopping = False
+        #: Where the link is (`LinkState`).
+        self.state = LinkState.STOPPED
         self.engine_id: int | None = None
         #: How many times this engine has registered (1 + reconnections).
         self.registrations = 0
         #: Fires each time the engine registers, with its id (for tests).
         self.on_registered: list[Callable[[int], None]] = []
+        #: Called with (old, new) at each change of `state` (for tests).
+        self.on_state: list[Callable[[LinkState, LinkState], None]] = []
+
+    def _enter(self, new: LinkState) -> None:
+        old = self.state
+        if new not in _TRANSITIONS[old]:
+            raise RuntimeError("engine link: no transition from %s to %s" % (old, new))
+        self.state = new
+        for callback in self.on_state:
+            callback(old, new)
 
     def startService(self) -> None:
         super().startService()
-        self._stopping = False
-        self._tub = new_tub()
-        self._tub.startService()
-        sweeper.process_sweeper().start()
+        self._transport.start()
         self._loop = defer.Deferred.fromCoroutine(self._keep_registered())
 
     async def stopService(self) -> None:
-        self._stopping = True
+        if self.state is not LinkState.STOPPED:
+            self._enter(LinkState.STOPPING)
         super().stopService()
-        sweeper.process_sweeper().stop()
-        if self._lost is not None and not self._lost.called:
-            self._lost.callback(None)
+        self._fire_lost()
         self._worker.end_session()
         if self._loop is not None:
             self._loop.cancel()
@@ -100,66 +134,60 @@ class EngineLink(service.Service):
                 await self._loop
             except defer.CancelledError:
                 pass
-        await self._tub.stopService()
+        await self._transport.stop()
+        if self.state is LinkState.STOPPING:
+            self._enter(LinkState.STOPPED)
 
     async def _keep_registered(self) -> None:
-        delay = self._first_delay
-        while not self._stopping:
+        while self.state is not LinkState.STOPPING:
+            self._enter(LinkState.CONNECTING)
             try:
                 await self._register_once()
-                delay = self._first_delay
-                self._lost = defer.Deferred()
-                await self._lost
-                if self._stopping:
-                    return
-                self._log.warn("lost the controller; reconnecting")
             except defer.CancelledError:
                 return
             except Exception as e:
+                if self.state is LinkState.STOPPING:
+                    return
                 self._log.warn(
                     "cannot register with the controller ({error}); retrying in "
                     "{delay:.1f} s",
                     error=describe_error(e),
-                    delay=delay,
+                    delay=self._backoff.peek(),
                 )
+            else:
+                self._backoff.reset()
+                self._lost = defer.Deferred()
+                await self._lost
+                if self.state is LinkState.STOPPING:
+                    return
+                self._log.warn("lost the controller; reconnecting")
             self._worker.end_session()
-            await task.deferLater(self._reactor, delay, lambda: None)
-            delay = min(delay * 2, self._max_delay)
+            self._enter(LinkState.WAITING)
+            await self._backoff.wait(self._reactor)
 
     async def _register_once(self) -> None:
-        furl = self._read_furl()
-        rref = await self._tub.getReference(furl).addTimeout(10, self._reactor)
-        hello = serialization.unpack(await rref.callRemote("hello"))
-        if not isinstance(hello, dict) or hello.get("interface") != "engine":
-            raise ValueError(
-                "the furl for %s is not the engine furl (security/engine.furl)"
-                % furl_location(furl)
-            )
-        # Commands may be as big as the controller accepts; replies may not
-        # be bigger (see `_sender`).
-        limit = hello.get("max_message_size") or serialization.DEFAULT_MAX_MESSAGE_SIZE
-        schemas.set_message_limit(limit)
-        engine_id, session = await rref.callRemote(
-            "register",
-            _EngineReferenceable(self._worker),
+        session: IEngineSession = await self._transport.register(
+            self._read_furl(),
+            WorkerCommands(self._worker),
             # The controller's latest view, so a re-registration keeps it.
-            serialization.pack(self._worker.namespace.properties),
+            self._worker.namespace.properties,
             self.engine_id,
         )
-        self.engine_id = engine_id
+        self.engine_id = session.engine_id
         self.registrations += 1
-        self._rref = rref
-        self._worker.begin_session(engine_id, self._sender(session, limit))
-        rref.notifyOnDisconnect(self._disconnected)
+        self._enter(LinkState.REGISTERED)
+        self._worker.begin_session(session.engine_id, self._sender(session))
+        session.notify_on_disconnect(self._disconnected)
         self._log.info(
             "registered with the controller at {location} as engine {engine_id}",
-            location=furl_location(furl),
-            engine_id=engine_id,
+            location=session.location,
+            engine_id=session.engine_id,
         )
         for callback in self.on_registered:
-            callback(engine_id)
+            callback(session.engine_id)
 
-    def _sender(self, session, limit: int) -> Callable[[list], None]:
+    def _sender(self, session: IEngineSession) -> Callable[[list], None]:
+        limit = session.max_message_size
         # The controller's limit is at least 1024 bytes (--max-message-size).
         room = max(limit - REPLY_OVERHEAD, 512)
         # Big replies leave in messages of about REPLY_BATCH_BYTES, so the
@@ -174,16 +202,16 @@ class EngineLink(service.Service):
             else:
                 messages = map(serialization.pack, fit_replies(replies, room, batch_bytes))
             for message in messages:
-                try:
-                    session.callRemoteOnly("replies", message)
-                except DeadReferenceError:
+                if not session.send_replies(message):
                     return
 
         return send
 
     def _disconnected(self) -> None:
-        self._rref = None
         self._worker.end_session()
+        self._fire_lost()
+
+    def _fire_lost(self) -> None:
         if self._lost is not None and not self._lost.called:
             self._lost.callback(None)
 

@@ -1,0 +1,59 @@
+"""What every controller Referenceable answers: reply envelopes and `hello`.
+
+Each remote method answers a reply envelope, ``(True, value)`` or
+``(False, wire_error)``: errors are data, so a client awaits them like any
+value (see foolscap-notes: raised remote exceptions break ``await``).
+Shared by `taskfarm.remote.server` and `taskfarm.remote.multiengine`.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from taskfarm import serialization
+from taskfarm.errors import BadRequest, TaskfarmError, to_wire
+from taskfarm.remote import schemas
+
+_log = Logger()
+
+
+def _answer(value) -> bytes:
+    return serialization.pack((True, value))
+
+
+def _refuse(failure) -> bytes:
+    error = failure.value
+    if isinstance(error, RecursionError):
+        # Data nested too deeply to check or describe (it unpickles
+        # without recursion, but repr, hash or a recovery chain recurse).
+        error = BadRequest("the request is nested too deeply")
+    if not isinstance(error, (TaskfarmError, TypeError, ValueError, KeyError)):
+        _log.failure("unexpected error in a remote call", failure)
+        error = TaskfarmError(
+            "internal controller error: %s: %s" % (type(error).__name__, error)
+        )
+    return serialization.pack((False, to_wire(error)))
+
+
+def reply(function, *args) -> defer.Deferred:
+    """Run `function(*args)` (value or Deferred) and answer an envelope."""
+    d = defer.maybeDeferred(function, *args)
+    d.addCallbacks(_answer, _refuse)
+    return d
+
+
+def hello_blob(
+    interface: str, incarnation: str | None = None, *, max_message_size: int
+) -> bytes:
+    """What `hello` answers: which interface this is, the wire's limits (the
+    answering Referenceable's own) and (for the Task interface) the
+    controller's incarnation."""
+    return serialization.pack(
+        {
+            "interface": interface,
+            "version": schemas.WIRE_VERSION,
+            "max_message_size": max_message_size,
+            "incarnation": incarnation,
+        }
+    )

@@ -1,0 +1,127 @@
+"""The engine's Foolscap transport: connect, hello, register, and nothing more.
+
+`FoolscapControllerLink` implements `IControllerLink`.  It holds no policy:
+`taskfarm.engine.link.EngineLink` decides when to try again.  The engine's
+Referenceable is bounded by the controller's limit learnt at `hello`, so
+commands over it are refused while their header is read.
+"""
+
+from __future__ import annotations
+
+from foolscap.api import DeadReferenceError
+from twisted.internet import defer
+from zope.interface import implementer
+
+from taskfarm import serialization
+from taskfarm.errors import WrongInterface
+from taskfarm.interfaces import IControllerLink, IEngineCommands, IEngineSession
+from taskfarm.remote import schemas, sweeper
+from taskfarm.remote.client import furl_location
+from taskfarm.remote.schemas import BoundedReferenceable
+from taskfarm.remote.tub import new_tub
+
+#: Seconds a connection attempt may take.
+CONNECT_TIMEOUT = 10
+
+
+@implementer(schemas.RIEngine)
+class _EngineReferenceable(BoundedReferenceable):
+    """What the controller calls on this engine."""
+
+    def __init__(self, commands: IEngineCommands, max_message_size: int) -> None:
+        super().__init__(max_message_size)
+        self._commands = commands
+
+    def remote_commands(self, batch):
+        sweeper.received(batch)
+        self._commands.receive(serialization.unpack(batch))
+
+    def remote_interrupt(self, seq):
+        self._commands.interrupt(seq)
+
+    def remote_cancel(self, seqs):
+        self._commands.cancel(seqs)
+
+    def remote_set_properties(self, properties):
+        props = serialization.unpack(properties)
+        if isinstance(props, dict):
+            self._commands.set_properties(props)
+
+    def remote_ping(self):
+        return None
+
+
+@implementer(IEngineSession)
+class _FoolscapEngineSession:
+    """One registration: replies go through the controller's session object."""
+
+    def __init__(self, rref, session, engine_id: int, limit: int, location: str) -> None:
+        self._rref = rref
+        self._session = session
+        self.engine_id = engine_id
+        self.max_message_size = limit
+        self.location = location
+
+    def send_replies(self, packed: bytes) -> bool:
+        try:
+            self._session.callRemoteOnly("replies", packed)
+        except DeadReferenceError:
+            return False
+        return True
+
+    def notify_on_disconnect(self, callback) -> None:
+        self._rref.notifyOnDisconnect(callback)
+
+
+@implementer(IControllerLink)
+class FoolscapControllerLink:
+    """Registers an engine over Foolscap; its own Tub, made by `tub_factory`."""
+
+    def __init__(self, reactor, tub_factory=new_tub, connect_timeout: float = CONNECT_TIMEOUT):
+        self._reactor = reactor
+        self._tub_factory = tub_factory
+        self._connect_timeout = connect_timeout
+        self._tub = None
+
+    def start(self) -> None:
+        self._tub = self._tub_factory()
+        self._tub.startService()
+        sweeper.process_sweeper().start()
+
+    async def _stop(self) -> None:
+        sweeper.process_sweeper().stop()
+        if self._tub is not None:
+            tub, self._tub = self._tub, None
+            await tub.stopService()
+
+    def register(
+        self, furl: str, commands: IEngineCommands, properties: dict, requested_id
+    ) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(
+            self._register(furl, commands, properties, requested_id)
+        )
+
+    def stop(self) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _register(
+        self, furl: str, commands: IEngineCommands, properties: dict, requested_id
+    ) -> _FoolscapEngineSession:
+        location = furl_location(furl)
+        rref = await self._tub.getReference(furl).addTimeout(
+            self._connect_timeout, self._reactor
+        )
+        hello = serialization.unpack(await rref.callRemote("hello"))
+        if not isinstance(hello, dict) or hello.get("interface") != "engine":
+            raise WrongInterface(
+                "the furl for %s is not the engine furl (security/engine.furl)" % location
+            )
+        # Commands may be as big as the controller accepts.
+        limit = hello.get("max_message_size") or serialization.DEFAULT_MAX_MESSAGE_SIZE
+        engine_id, session = await rref.callRemote(
+            "register",
+            _EngineReferenceable(commands, limit),
+            serialization.pack(properties),
+            requested_id,
+        )
+        return _FoolscapEngineSession(rref, session, engine_id, limit, location)
