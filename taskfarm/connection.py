@@ -123,8 +123,9 @@ class ControllerConnection:
         self.max_message_size = hello.get("max_message_size", self.max_message_size)
         incarnation = hello.get("incarnation")
         if self.incarnation is not None and incarnation != self.incarnation:
-            self._log.warn("the controller at {location} restarted without its journal",
-                           location=self.location)
+            self._log.warn(
+                "the controller at {location} restarted without its journal", location=self.location
+            )
             for callback in self.on_new_incarnation:
                 callback()
         self.incarnation = incarnation

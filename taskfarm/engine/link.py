@@ -50,9 +50,7 @@ class LinkState(enum.Enum):
 
 _TRANSITIONS: dict[LinkState, frozenset[LinkState]] = {
     LinkState.STOPPED: frozenset({LinkState.CONNECTING}),
-    LinkState.CONNECTING: frozenset(
-        {LinkState.REGISTERED, LinkState.WAITING, LinkState.STOPPING}
-    ),
+    LinkState.CONNECTING: frozenset({LinkState.REGISTERED, LinkState.WAITING, LinkState.STOPPING}),
     LinkState.REGISTERED: frozenset({LinkState.WAITING, LinkState.STOPPING}),
     LinkState.WAITING: frozenset({LinkState.CONNECTING, LinkState.STOPPING}),
     LinkState.STOPPING: frozenset({LinkState.STOPPED}),
@@ -149,8 +147,7 @@ class EngineLink(service.Service):
                 if self.state is LinkState.STOPPING:
                     return
                 self._log.warn(
-                    "cannot register with the controller ({error}); retrying in "
-                    "{delay:.1f} s",
+                    "cannot register with the controller ({error}); retrying in {delay:.1f} s",
                     error=describe_error(e),
                     delay=self._backoff.peek(),
                 )
@@ -260,8 +257,7 @@ def _too_large(reply: tuple, size: int, room: int) -> tuple:
         keep = max(0, min(FAILURE_EXCERPT, (room - 400) // 8))
         text = (
             "the failure of %d bytes exceeds the controller's message limit of %d "
-            "bytes (--max-message-size); it was %s: %s"
-            % (size, limit, ename, _clip(evalue, keep))
+            "bytes (--max-message-size); it was %s: %s" % (size, limit, ename, _clip(evalue, keep))
         )
         if traceback and keep:
             text += "\nend of the remote traceback:\n" + traceback[-keep:]

@@ -30,9 +30,7 @@ def _refuse(failure) -> bytes:
         error = BadRequest("the request is nested too deeply")
     if not isinstance(error, (TaskfarmError, TypeError, ValueError, KeyError)):
         _log.failure("unexpected error in a remote call", failure)
-        error = TaskfarmError(
-            "internal controller error: %s: %s" % (type(error).__name__, error)
-        )
+        error = TaskfarmError("internal controller error: %s: %s" % (type(error).__name__, error))
     return serialization.pack((False, to_wire(error)))
 
 
@@ -43,9 +41,7 @@ def reply(function, *args) -> defer.Deferred:
     return d
 
 
-def hello_blob(
-    interface: str, incarnation: str | None = None, *, max_message_size: int
-) -> bytes:
+def hello_blob(interface: str, incarnation: str | None = None, *, max_message_size: int) -> bytes:
     """What `hello` answers: which interface this is, the wire's limits (the
     answering Referenceable's own) and (for the Task interface) the
     controller's incarnation."""

@@ -108,9 +108,7 @@ class FoolscapControllerLink:
         self, furl: str, commands: IEngineCommands, properties: dict, requested_id
     ) -> _FoolscapEngineSession:
         location = furl_location(furl)
-        rref = await self._tub.getReference(furl).addTimeout(
-            self._connect_timeout, self._reactor
-        )
+        rref = await self._tub.getReference(furl).addTimeout(self._connect_timeout, self._reactor)
         hello = serialization.unpack(await rref.callRemote("hello"))
         if not isinstance(hello, dict) or hello.get("interface") != "engine":
             raise WrongInterface(
