@@ -4,12 +4,13 @@ only what is over their own limit, while the header is read."""
 
 from __future__ import annotations
 
+from foolscap.api import Violation
 from twisted.internet import reactor
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from taskfarm.remote import schemas
-from taskfarm.remote.schemas import MESSAGE, BoundedReferenceable, bounded
+from taskfarm.remote.schemas import MESSAGE, BoundedReferenceable, bounded, bounded_call
 from taskfarm.remote.tub import listen_and_locate, new_tub
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
 from taskfarm.testing.helpers import async_test as run
@@ -102,3 +103,16 @@ class PerTubLimitTests(unittest.TestCase):
         self.assertEqual(small.received, [1000])
         self.assertEqual(big.received, [3000])
         self.assertEqual(big_on_small_tub.received, [3000])
+
+    @run
+    async def test_a_sender_checks_against_the_peer_limit(self):
+        """With `bounded_call`, a call over the peer's limit is refused on our
+        side before anything is sent; at the limit it goes through."""
+        server = self.tub()
+        sink = _Sink(1000)
+        ref = await self.tub(listen=False).getReference(server.registerReference(sink))
+        with self.assertRaises(Violation) as caught:
+            await ref.callRemote("replies", b"x" * 1001, **bounded_call(ref, "replies", 1000))
+        self.assertIn("too long (1001 > 1000)", str(caught.exception))
+        await ref.callRemote("replies", b"x" * 1000, **bounded_call(ref, "replies", 1000))
+        self.assertEqual(sink.received, [1000])

@@ -32,7 +32,7 @@ from taskfarm.errors import (
     from_wire,
 )
 from taskfarm.interfaces import IControllerDialer, IControllerReference
-from taskfarm.remote import sweeper
+from taskfarm.remote import schemas, sweeper
 from taskfarm.remote.tub import new_tub
 
 _shared_tub = None
@@ -94,21 +94,33 @@ class FoolscapDialer:
 
 @implementer(IControllerReference)
 class FoolscapControllerReference:
-    """One live reference to a controller interface."""
+    """One live reference to a controller interface.  Once `hello` told the
+    controller's limit, calls (and their answers) are checked against it."""
 
     def __init__(self, rref, location: str) -> None:
         self._rref = rref
         self.location = location
+        self._limit: int | None = None
 
     def hello(self) -> defer.Deferred:
-        return self._rref.callRemote("hello").addCallback(serialization.unpack)
+        return self._rref.callRemote("hello").addCallback(self._hello)
+
+    def _hello(self, blob: bytes):
+        hello = serialization.unpack(blob)
+        limit = hello.get("max_message_size") if isinstance(hello, dict) else None
+        if type(limit) is int and limit > 0:
+            self._limit = limit
+        return hello
 
     def call(self, method: str, *args) -> defer.Deferred:
         return defer.Deferred.fromCoroutine(self._call(method, args))
 
     async def _call(self, method: str, args: tuple):
+        bounded = (
+            {} if self._limit is None else schemas.bounded_call(self._rref, method, self._limit)
+        )
         try:
-            answer = await self._rref.callRemote(method, *args)
+            answer = await self._rref.callRemote(method, *args, **bounded)
         except _LOST as e:
             raise ConnectionLost(
                 "lost the connection to the controller at %s during %s: %s"

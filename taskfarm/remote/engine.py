@@ -61,10 +61,12 @@ class _FoolscapEngineSession:
         self.engine_id = engine_id
         self.max_message_size = limit
         self.location = location
+        # Checked against the controller's limit, as the controller will.
+        self._bounded = schemas.bounded_call(session, "replies", limit)
 
     def send_replies(self, packed: bytes) -> bool:
         try:
-            self._session.callRemoteOnly("replies", packed)
+            self._session.callRemoteOnly("replies", packed, **self._bounded)
         except DeadReferenceError:
             return False
         return True

@@ -8,9 +8,8 @@ limit is not a process-wide setting: each Referenceable has its own
 from the receiving Referenceable's `getInterface()`.  So a controller and an
 engine in one process keep their own limits, and an oversized message is
 still refused while its header is read (Foolscap's token check), before it
-is held in memory.  Calls we make and answers we receive are checked
-against the declared interfaces, bounded at the default limit; the peer
-enforces its own.
+is held in memory.  Calls we make, and their answers, are checked against
+the peer's limit where we know it (`bounded_call`), else at the default.
 """
 
 from __future__ import annotations
@@ -61,6 +60,15 @@ def bounded(interface: RemoteInterfaceClass, limit: int) -> RemoteInterfaceClass
         clone = RemoteInterfaceClass(interface.__name__, (RemoteInterface,), attrs)
         _bounded[key] = clone
     return clone
+
+
+def bounded_call(rref, method: str, limit: int) -> dict:
+    """Keyword arguments for ``rref.callRemote(method, ...)`` that check the
+    outbound arguments (and the answer) against the peer's `limit`, not the
+    declared default: a sender refuses what its peer would."""
+    interface = getattr(getattr(rref, "tracker", None), "interface", None)
+    schema = bounded(interface, limit).get(method) if interface is not None else None
+    return {} if schema is None else {"_methodConstraint": schema}
 
 
 class BoundedReferenceable(Referenceable):

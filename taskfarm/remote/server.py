@@ -143,10 +143,12 @@ def _too_large(envelope: tuple, size: int, limit: int) -> tuple:
 
 @implementer(IEngineChannel)
 class RemoteEngineChannel:
-    """The controller's link to one engine, over its RemoteReference."""
+    """The controller's link to one engine, over its RemoteReference; what
+it sends is checked against the engine's limit, the controller's own."""
 
-    def __init__(self, rref) -> None:
+    def __init__(self, rref, max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self._rref = rref
+        self._limit = max_message_size
 
     def send(self, commands: list, packed: bytes | None = None) -> None:
         self._call("commands", serialization.pack(commands) if packed is None else packed)
@@ -180,7 +182,9 @@ class RemoteEngineChannel:
         # this call carries nothing; a dead link is noticed by the
         # disconnect notification.
         try:
-            self._rref.callRemoteOnly(method, *args)
+            self._rref.callRemoteOnly(
+                method, *args, **schemas.bounded_call(self._rref, method, self._limit)
+            )
         except DeadReferenceError:
             pass
 
@@ -259,7 +263,7 @@ class RemoteEngineRegistrar(BoundedReferenceable):
 
     def remote_register(self, engine, properties, requested_id):
         props = serialization.unpack(properties, self.max_message_size)
-        channel = RemoteEngineChannel(engine)
+        channel = RemoteEngineChannel(engine, self.max_message_size)
         handle = self._registry.register(channel, props, requested_id)
         engine.notifyOnDisconnect(
             self._registry.engine_lost, handle, "its connection closed"
