@@ -8,7 +8,7 @@ whose liveness ticks stop (hung) is SIGKILLed with its process group and so
 started again.  `stop()` sends SIGTERM to every child (by PID) and SIGKILL
 to its process group if it is still alive after a grace period, so nothing
 is left behind, not even processes that tasks forked.  Children die with
-the launcher (`taskfarm.cluster.child`).
+the launcher (`taskfarm.lifeline`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from pathlib import Path
 from twisted.internet import defer, error, protocol, task
 from twisted.logger import Logger
 
-from taskfarm import exitcodes
-from taskfarm.cluster import child as child_side
+from taskfarm import exitcodes, lifeline
 from taskfarm.controller.registry import DEFAULT_HEARTBEAT_TIMEOUT
 from taskfarm.errors import TaskfarmError
 from taskfarm.profile import ENGINE, TASK, Profile, in_use_error, profile_holder
@@ -35,7 +34,7 @@ class ClusterError(TaskfarmError):
     """The cluster could not be started."""
 
 
-#: The child's file descriptor for liveness ticks (see `taskfarm.cluster.child`).
+#: The child's file descriptor for liveness ticks (see `taskfarm.lifeline`).
 _LIVENESS_FD = 3
 
 #: The last bytes of a child's output kept in memory, to quote its last words.
@@ -217,13 +216,13 @@ class ProcessSlot:
     def start(self) -> None:
         self.child = _Child(self.name, self._log_path, self._reactor, self._liveness_timeout)
         env = dict(self._env if self._env is not None else os.environ)
-        env[child_side.LAUNCHER_PID] = str(os.getpid())
-        env.pop(child_side.LIVENESS_FD, None)
+        env[lifeline.LAUNCHER_PID] = str(os.getpid())
+        env.pop(lifeline.LIVENESS_FD, None)
         child_fds = {0: "w", 1: "r", 2: "r"}
         if self._liveness_timeout is not None:
             child_fds[_LIVENESS_FD] = "r"
-            env[child_side.LIVENESS_FD] = str(_LIVENESS_FD)
-            env[child_side.LIVENESS_PERIOD] = repr(min(1.0, self._liveness_timeout / 4))
+            env[lifeline.LIVENESS_FD] = str(_LIVENESS_FD)
+            env[lifeline.LIVENESS_PERIOD] = repr(min(1.0, self._liveness_timeout / 4))
         self._reactor.spawnProcess(
             self.child, self._argv[0], self._argv, env=env, childFDs=child_fds
         )
