@@ -345,8 +345,8 @@ class LogTests(SecurityTestCase):
             profile.log_dir / "controller.out",
             reactor,
             env=env,
+            restart=False,
         )
-        controller.stopping = True  # never restarted
         slots.append(controller)
         controller.start()
         await _wait_until(lambda: all(profile.furl_file(i).exists() for i in INTERFACES))
@@ -357,8 +357,8 @@ class LogTests(SecurityTestCase):
             profile.log_dir / "engine.out",
             reactor,
             env=env,
+            restart=False,
         )
-        engine.stopping = True
         slots.append(engine)
         engine.start()
         client = TaskClient(profile.furl_file(TASK), reactor, tub=self.client_tub())

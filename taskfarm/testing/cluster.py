@@ -72,8 +72,8 @@ class RealCluster:
                 self.reactor,
                 env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(sys.path)),
                 liveness_timeout=self.liveness_timeout,
+                restart=False,  # tests decide about restarts themselves
             )
-            slot.stopping = True  # tests decide about restarts themselves
             slot.start()
             self.engines.append(slot)
             slots.append(slot)

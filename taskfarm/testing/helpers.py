@@ -1,8 +1,11 @@
-"""Small helpers the test suites share: async tests, polling, processes."""
+"""Small helpers the test suites share: async tests, polling, temporary
+folders, processes."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from twisted.internet import defer, reactor, task
@@ -38,6 +41,14 @@ async def wait_until(condition, what: str = "a condition", timeout: float = 60.0
         if reactor.seconds() > deadline:
             raise AssertionError("timed out after %g s waiting for %s" % (timeout, what))
         await sleep(interval)
+
+
+def temp_dir(testcase, prefix: str = "taskfarm-test-") -> Path:
+    """A fresh folder outside the checkout, removed (with everything in it)
+    at `testcase`'s cleanup."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path
 
 
 # -- processes, found through /proc ------------------------------------------------
