@@ -68,7 +68,7 @@ class SecurityTestCase(unittest.TestCase):
     @staticmethod
     def _stop(service):
         if service.running:
-            return defer.Deferred.fromCoroutine(service.stopService())
+            return service.stopService()
 
     async def cluster(self, n_engines: int = 0, **options) -> RealCluster:
         """A started RealCluster, stopped at cleanup unless `stop_cluster` did."""

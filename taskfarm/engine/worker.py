@@ -19,11 +19,13 @@ import threading
 import time
 from collections.abc import Callable
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from taskfarm import exitcodes
 from taskfarm.engine.namespace import Interrupt, Namespace
 from taskfarm.errors import TaskAborted, TaskTimeout, to_wire
+from taskfarm.services import join_thread
 
 
 class _AbortInterrupt(Interrupt):
@@ -91,6 +93,7 @@ class CommandWorker:
         #: The pending `_check_stuck` call of each interrupted command.
         self._stuck_checks: dict[tuple[int, int], object] = {}
         self._thread: threading.Thread | None = None
+        self._stopping = False
         self.commands_run = 0
 
     # -- lifecycle (reactor thread) ---------------------------------------------
@@ -101,13 +104,27 @@ class CommandWorker:
         )
         self._thread.start()
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop taking commands; interrupt the running one; wait a little."""
+    def stop(self, timeout: float = 2.0) -> defer.Deferred:
+        """Stop taking commands; interrupt the running one; fires once the
+        thread has ended, or after `timeout` seconds (a command that ignores
+        the interrupt keeps the daemon thread); never blocks the reactor."""
+        return defer.Deferred.fromCoroutine(self._stop(timeout))
+
+    async def _stop(self, timeout: float) -> None:
+        self._stopping = True
         self.end_session()
         self._queue.put(_STOP)
-        if self._thread is not None:
-            self._thread.join(timeout)
-        # A stopped worker leaves no timer behind in the reactor.
+        # A stopping worker gives up on nothing (no exit for a stuck
+        # command) and leaves no timer behind in the reactor.
+        self._cancel_stuck_checks()
+        if not await join_thread(self._reactor, self._thread, timeout):
+            self._log.warn(
+                "the running command did not stop within {timeout} s of the engine stopping",
+                timeout=timeout,
+            )
+        self._cancel_stuck_checks()
+
+    def _cancel_stuck_checks(self) -> None:
         for check in self._stuck_checks.values():
             if check.active():
                 check.cancel()
@@ -167,6 +184,8 @@ class CommandWorker:
             self._interrupted.add(key)
             _raise_in_thread(self._thread.ident, reason)
         self._log.info("interrupted command {seq}", seq=key[1])
+        if self._stopping:
+            return
         self._stuck_checks[key] = self._reactor.callLater(
             self.stuck_grace, self._check_stuck, key, reason
         )
