@@ -19,11 +19,12 @@ import signal
 import sys
 from pathlib import Path
 
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from taskfarm import backoff as backoffs
 from taskfarm import exitcodes, lifeline
+from taskfarm.childprocess import ChildProcess, exit_status
 from taskfarm.controller.registry import DEFAULT_HEARTBEAT_TIMEOUT
 from taskfarm.errors import TaskfarmError
 from taskfarm.profile import ENGINE, TASK, Profile, in_use_error, profile_holder
@@ -47,7 +48,7 @@ _TAIL_BYTES = 4096
 _PIPE_GRACE = 1.0
 
 
-class _Child(protocol.ProcessProtocol):
+class _Child(ChildProcess):
     """One child process; `ended` fires with its exit reason when it exits.
 
     `ended` follows the process itself (``processExited``), never its pipes,
@@ -67,8 +68,8 @@ class _Child(protocol.ProcessProtocol):
         liveness_timeout: float | None = None,
         start_timeout: float = DEFAULT_START_TIMEOUT,
     ) -> None:
+        super().__init__()
         self.name = name
-        self.ended: defer.Deferred = defer.Deferred()
         self.last_pid: int | None = None
         #: Set when the launcher killed the child for not ticking.
         self.silenced = False
@@ -124,11 +125,7 @@ class _Child(protocol.ProcessProtocol):
     def kill(self) -> None:
         """SIGKILL the child and its process group."""
         self.signal_group(signal.SIGKILL)
-        if self.transport is not None:
-            try:
-                self.transport.signalProcess("KILL")
-            except error.ProcessExitedAlready:
-                pass
+        super().kill()
 
     def signal_group(self, signum: int) -> None:
         """Send `signum` to the child's process group, if there is one."""
@@ -147,7 +144,7 @@ class _Child(protocol.ProcessProtocol):
         # cannot yet name anyone else's group.
         self.signal_group(signal.SIGKILL)
         self._close_pipes = self._reactor.callLater(_PIPE_GRACE, self._close_all_pipes)
-        self.ended.callback(reason.value)
+        self._end(reason.value)
 
     def _close_all_pipes(self) -> None:
         self._close_pipes = None
@@ -161,15 +158,7 @@ class _Child(protocol.ProcessProtocol):
             self._close_pipes.cancel()
         self._close_pipes = None
         self._log_file.close()
-
-    @property
-    def pid(self) -> int | None:
-        return self.transport.pid if self.transport is not None else None
-
-
-def exit_status(reason) -> int | None:
-    """The exit status in a process's exit `reason`; None for a signal."""
-    return getattr(reason, "exitCode", None)
+        super().processEnded(reason)
 
 
 class SlotState(enum.Enum):
@@ -368,11 +357,8 @@ class ProcessSlot:
 
     def signal(self, signum: int) -> None:
         """Send `signum` to this child, if it is alive."""
-        if self.child is not None and self.child.transport is not None:
-            try:
-                self.child.transport.signalProcess(signum)
-            except error.ProcessExitedAlready:
-                pass
+        if self.child is not None:
+            self.child.signal(signum)
 
     async def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL (to its process group) after `grace`

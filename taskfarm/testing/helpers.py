@@ -10,6 +10,8 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor, task
 
+from taskfarm.childprocess import ChildProcess
+
 
 def async_test(test):
     """Run an ``async def`` test method under trial (it waits on the Deferred)."""
@@ -49,6 +51,21 @@ def temp_dir(testcase, prefix: str = "taskfarm-test-") -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     testcase.addCleanup(shutil.rmtree, path, True)
     return path
+
+
+class OutputChild(ChildProcess):
+    """A child process whose output is kept: stdout in `out`, stderr in `err`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.err = bytearray()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
 
 
 # -- processes, found through /proc ------------------------------------------------
