@@ -16,9 +16,6 @@ real Foolscap (`RealCluster`).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor, task
@@ -46,7 +43,7 @@ from taskfarm.remote.server import RemoteTaskController, fit_results
 from taskfarm.submission import Submitter, pack_envelope
 from taskfarm.task import MAX_RECOVERY_CHAIN, Task, result_from_envelope
 from taskfarm.testing import ScriptedChannel
-from taskfarm.testing.cluster import RealCluster
+from taskfarm.testing.cluster import ClusterTestCase
 from taskfarm.testing.helpers import async_test as run
 from taskfarm.testing.helpers import clock_controller
 
@@ -431,18 +428,14 @@ class RecoveryChainTests(unittest.TestCase):
 # -- end to end -----------------------------------------------------------------------------
 
 
-class _LimitClusterTestCase(unittest.TestCase):
-    timeout = 120
+class _LimitClusterTestCase(ClusterTestCase):
+    folder_prefix = "taskfarm-limits-"
 
     async def start_cluster(self, n: int = 1, **options):
+        # The controller sets the wire's message limit: put it back after.
         limit = schemas.message_limit()
         self.addCleanup(schemas.set_message_limit, limit)
-        root = tempfile.mkdtemp(prefix="taskfarm-limits-")
-        self.addCleanup(shutil.rmtree, root, True)
-        self.cluster = RealCluster(reactor, profile_root=root, **options)
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.cluster.stop()))
-        await self.cluster.start(n)
-        return self.cluster.task_client()
+        return await super().start_cluster(n, **options)
 
     async def stop_controller(self) -> int:
         """Stop the controller (its journal stays); returns its port."""

@@ -9,11 +9,9 @@ and real engine and controller processes where a log of theirs is checked.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
 import sys
-import tempfile
 from pathlib import Path
 
 from foolscap.furl import decode_furl
@@ -32,13 +30,7 @@ from taskfarm.remote.tub import new_tub
 from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
 from taskfarm.testing.helpers import async_test as _deferred
-
-
-def _temp_dir(testcase, prefix: str) -> Path:
-    """A fresh folder outside the checkout, removed at the test's cleanup."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    testcase.addCleanup(shutil.rmtree, path, True)
-    return path
+from taskfarm.testing.helpers import temp_dir
 
 
 def _mode(path) -> int:
@@ -73,7 +65,7 @@ class SecurityTestCase(unittest.TestCase):
     async def cluster(self, n_engines: int = 0, **options) -> RealCluster:
         """A started RealCluster, stopped at cleanup unless `stop_cluster` did."""
         options.setdefault("journal", False)
-        root = str(_temp_dir(self, "taskfarm-security-"))
+        root = str(temp_dir(self, "taskfarm-security-"))
         cluster = RealCluster(reactor, profile_root=root, **options)
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.stop_cluster(cluster)))
         await cluster.start(n_engines)
@@ -100,7 +92,7 @@ class FileModeTests(SecurityTestCase):
         folders 0700 and the certificate and every furl file 0600."""
         old_umask = os.umask(0)
         self.addCleanup(os.umask, old_umask)
-        profile = Profile(_temp_dir(self, "taskfarm-security-") / "profile")
+        profile = Profile(temp_dir(self, "taskfarm-security-") / "profile")
         profile.security_dir.mkdir(parents=True, mode=0o755)
         os.chmod(profile.security_dir, 0o755)
         self.controller(profile, listen="tcp:0:interface=127.0.0.1")
@@ -124,7 +116,7 @@ class FurlTests(SecurityTestCase):
         """A controller started again on the same profile serves the same
         furls (tub id, secret name and, the port being free, address), so a
         client holding an old furl reaches the new controller."""
-        profile = Profile(_temp_dir(self, "taskfarm-security-") / "profile")
+        profile = Profile(temp_dir(self, "taskfarm-security-") / "profile")
         first = self.controller(profile)
         furls = dict(first.server.furls)
         files = {i: profile.furl_file(i).read_text() for i in INTERFACES}
@@ -140,7 +132,7 @@ class FurlTests(SecurityTestCase):
     def test_loopback_by_default(self):
         """Without --listen the controller listens on 127.0.0.1 only, and its
         furls say so."""
-        service = self.controller(Profile(_temp_dir(self, "taskfarm-security-") / "profile"))
+        service = self.controller(Profile(temp_dir(self, "taskfarm-security-") / "profile"))
         hints = {decode_furl(furl)[1][0] for furl in service.server.furls.values()}
         self.assertEqual(len(hints), 1)
         (hint,) = hints
@@ -329,7 +321,7 @@ class LogTests(SecurityTestCase):
         """A `twistd taskcontroller` process and an engine process, run
         through a client session, write no furl secret to controller.log or
         to any output in the profile's log folder."""
-        profile = Profile(_temp_dir(self, "taskfarm-security-") / "profile")
+        profile = Profile(temp_dir(self, "taskfarm-security-") / "profile")
         profile.ensure()
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(sys.path))
         slots = []

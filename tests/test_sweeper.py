@@ -12,7 +12,7 @@ from taskfarm.remote import sweeper
 from taskfarm.remote.sweeper import SETTLE_BYTES, SETTLE_DELAY, CycleSweeper
 from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
-from taskfarm.testing.helpers import async_test, sleep
+from taskfarm.testing.helpers import async_test, sleep, temp_dir
 
 MB = 1024 * 1024
 
@@ -78,7 +78,7 @@ class ControllerMemoryTests(unittest.TestCase):
         """With automatic collection off, 40 tasks of 1 MB pushes leave no
         received message behind once they finished and a burst settled,
         and their records keep no payload."""
-        cluster = RealCluster(reactor)
+        cluster = RealCluster(reactor, profile_root=str(temp_dir(self, "taskfarm-sweeper-")))
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(cluster.stop()))
         await cluster.start(1)
         gc.collect()
