@@ -90,11 +90,11 @@ def _bad(what: str, field: str, wanted: str, value: object) -> BadRequest:
 def _fields(cls, value, what: str, sequences=(tuple,)) -> tuple:
     """The version-1 fields of `value`, a message of type `cls` (see the
     module docstring for the versions)."""
-    if isinstance(value, cls):
-        return value
     count = len(cls._fields)
     if type(value) is tuple and len(value) == count:
         return value  # the common case, first
+    if isinstance(value, cls):
+        return value
     if not isinstance(value, sequences):
         raise BadRequest(
             "%s must be a tuple (%s), got %s" % (what, ", ".join(cls._fields), _show(value))
@@ -122,10 +122,6 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_time(value: object) -> bool:
-    return type(value) is float and math.isfinite(value)
 
 
 def _check_timeout(what: str, timeout: object) -> None:
@@ -163,19 +159,26 @@ class TaskOptions(NamedTuple):
 
     @classmethod
     def parse(cls, value: object, what: str = "task options") -> TaskOptions:
-        clear_before, clear_after, retries, priority, timeout = _fields(
-            cls, value, what, _SEQUENCES
+        fields = value if type(value) is tuple and len(value) == 5 else (
+            _fields(cls, value, what, _SEQUENCES)
         )
+        clear_before, clear_after, retries, priority, timeout = fields
         if not isinstance(clear_before, bool):
             raise _bad(what, "clear_before", "True or False", clear_before)
         if not isinstance(clear_after, bool):
             raise _bad(what, "clear_after", "True or False", clear_after)
-        if not _is_int(retries) or not 0 <= retries <= MAX_RETRIES:
+        # Inline checks: this runs for every task submitted.
+        if (
+            not isinstance(retries, int)
+            or isinstance(retries, bool)
+            or not 0 <= retries <= MAX_RETRIES
+        ):
             raise _bad(what, "retries", "an int in 0..%d (MAX_RETRIES)" % MAX_RETRIES, retries)
-        if not _is_int(priority):
+        if not isinstance(priority, int) or isinstance(priority, bool):
             raise _bad(what, "priority", "an int", priority)
-        _check_timeout(what, timeout)
-        return tuple.__new__(cls, (clear_before, clear_after, retries, priority, timeout))
+        if timeout is not None:
+            _check_timeout(what, timeout)
+        return tuple.__new__(cls, fields)
 
     def plain(self) -> tuple:
         return tuple(self)
@@ -203,8 +206,12 @@ class TaskEnvelope(NamedTuple):
                 % MAX_RECOVERY_CHAIN
             )
         what = "task envelope" if depth == 0 else "recovery task %d" % depth
-        kind, payload, options, depend, recovery = _fields(cls, value, what, _SEQUENCES)
-        _check_kind(what, kind)
+        fields = value if type(value) is tuple and len(value) == 5 else (
+            _fields(cls, value, what, _SEQUENCES)
+        )
+        kind, payload, options, depend, recovery = fields
+        if kind != EXEC and kind != CALL:
+            raise _bad(what, "kind", "%r or %r" % (EXEC, CALL), kind)
         if not isinstance(payload, bytes):
             raise _bad(what, "payload", "bytes", payload)
         options = TaskOptions.parse(options, what + " options")
@@ -576,9 +583,9 @@ class Reply(NamedTuple):
                 raise _bad("reply", "data", "the result (bytes)", data)
         elif not (type(data) is tuple and len(data) == 2 and isinstance(data[0], str)):
             raise _bad("reply", "data", "a wire error (name, detail)", data)
-        if started is not None and not _is_time(started):
+        if started is not None and not (type(started) is float and math.isfinite(started)):
             raise _bad("reply", "started", "None or a finite float time", started)
-        if not _is_time(finished):
+        if not (type(finished) is float and math.isfinite(finished)):
             raise _bad("reply", "finished", "a finite float time", finished)
         return tuple.__new__(cls, fields)
 
