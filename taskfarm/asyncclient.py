@@ -753,7 +753,8 @@ class MultiEngineMapper:
 def _collect(method: str, outcomes: list, decode) -> list:
     """Values in target order, or one CompositeError for every failure."""
     values, errors = [], []
-    for engine_id, ok, data in map(wire.EngineOutcome.parse, wire.parse_list(outcomes, "the answer to " + method)):
+    outcomes = wire.parse_list(outcomes, "the answer to " + method)
+    for engine_id, ok, data in map(wire.EngineOutcome.parse, outcomes):
         if ok:
             values.append(decode(data))
         else:

@@ -160,7 +160,8 @@ class CommandWorker:
             # sends one): the controller's time limits and heartbeat decide.
             self._log.warn("dropped a command without a seq: {error}", error=error)
             return
-        self._finish((self._session, seq), wire.Reply(seq, False, to_wire(error), None, time.time()).plain())
+        reply = wire.Reply(seq, False, to_wire(error), None, time.time())
+        self._finish((self._session, seq), reply.plain())
 
     def interrupt(self, seq: int, reason: type = _AbortInterrupt) -> None:
         """Stop command `seq`: drop it if queued, interrupt it if running."""
