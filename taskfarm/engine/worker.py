@@ -309,8 +309,8 @@ class CommandWorker:
             replies, self._replies = self._replies, []
             self._flush_scheduled = False
             sink = self._sink
-        for reply in replies:
-            timer = self._timers.pop((self._session, reply[0]), None)
+        for seq, _, _, _, _ in replies:
+            timer = self._timers.pop((self._session, seq), None)
             if timer is not None and timer.active():
                 timer.cancel()
         if sink is not None and replies:
