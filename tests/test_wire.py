@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
@@ -352,6 +354,53 @@ class BadFieldTests(unittest.SynchronousTestCase):
     def test_batches_are_lists(self):
         for value in ((), None, {}, b""):
             self.assertRaises(BadRequest, wire.parse_list, value, "replies")
+
+
+#: Plain data, nested: what the data-only unpickler can produce.
+_plain = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=6) | st.integers(), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+def _mutants(cls):
+    """Messages of `cls` with one field swapped for any plain data, and a
+    field more or less."""
+    example = EXAMPLES[cls].plain()
+    if isinstance(example, dict):
+        return st.builds(lambda key, value: {**example, key: value},
+                         st.sampled_from(sorted(example)), _plain)
+    fields = list(example)
+    swapped = st.builds(
+        lambda at, value: tuple(fields[:at] + [value] + fields[at + 1:]),
+        st.integers(0, max(len(fields) - 1, 0)), _plain,
+    ) if fields else st.just(())
+    return st.one_of(swapped, st.builds(lambda extra: tuple(fields) + (extra,), _plain),
+                     st.just(tuple(fields[:-1])), _plain)
+
+
+class FuzzTests(unittest.SynchronousTestCase):
+    """Whatever plain data a peer sends, parse gives the type or a
+    BadRequest / ProtocolVersionError, never another exception."""
+
+    @settings(max_examples=300, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(st.sampled_from(sorted(EXAMPLES, key=lambda cls: cls.__name__)).flatmap(
+        lambda cls: st.tuples(st.just(cls), _mutants(cls))))
+    def test_parse_anything(self, case):
+        cls, value = case
+        try:
+            parsed = cls.parse(value)
+        except (BadRequest, ProtocolVersionError):
+            return
+        self.assertIs(type(parsed), cls)
+        # What parsed travels again as plain data, and parses the same.
+        plain = parsed.plain()
+        self.assertEqual(cls.parse(serialization.unpack(serialization.pack(plain))), parsed)
 
 
 # -- versions -----------------------------------------------------------------------------
