@@ -138,6 +138,11 @@ def _check_kind(what: str, kind: object) -> None:
         raise _bad(what, "kind", "%r or %r" % (EXEC, CALL), kind)
 
 
+def _plain(self) -> tuple:
+    """The message as plain data, ready for `serialization.pack`."""
+    return tuple(self)
+
+
 def parse_list(value: object, what: str) -> list:
     """`value` as a list (a batch of messages); `BadRequest` otherwise."""
     if not isinstance(value, list):
@@ -180,8 +185,7 @@ class TaskOptions(NamedTuple):
             _check_timeout(what, timeout)
         return tuple.__new__(cls, fields)
 
-    def plain(self) -> tuple:
-        return tuple(self)
+    plain = _plain
 
 
 class TaskEnvelope(NamedTuple):
@@ -258,8 +262,7 @@ class Submission(NamedTuple):
                 raise _bad(what, "ids", "distinct (it names a task id twice)", ids)
         return tuple.__new__(cls, (token, envelopes, ids))
 
-    def plain(self) -> tuple:
-        return tuple(self)
+    plain = _plain
 
 
 class TaskIds:
@@ -316,8 +319,7 @@ class ResultEnvelope(NamedTuple):
                 raise _bad(what, name, "a time or None", time)
         return fields if type(fields) is cls else tuple.__new__(cls, fields)
 
-    def plain(self) -> tuple:
-        return tuple(self)
+    plain = _plain
 
 
 # -- errors and answers ----------------------------------------------------------------
@@ -336,8 +338,7 @@ class WireError(NamedTuple):
             raise _bad("wire error", "name", "an exception class name (str)", name)
         return tuple.__new__(cls, (name, detail))
 
-    def plain(self) -> tuple:
-        return tuple(self)
+    plain = _plain
 
 
 class Answer(NamedTuple):
@@ -420,8 +421,7 @@ class TaskArgs(NamedTuple):
         _check_timeout(what, timeout)
         return tuple.__new__(cls, (kind, payload, clear_before, clear_after, timeout))
 
-    def plain(self) -> tuple:
-        return tuple(self)
+    plain = _plain
 
 
 def _one_field(cls, value, what: str, check, wanted: str):
@@ -440,8 +440,7 @@ class ExecuteArgs(NamedTuple):
     def parse(cls, value: object, what: str = "execute command") -> ExecuteArgs:
         return _one_field(cls, value, what, lambda v: isinstance(v, str), "a str of code")
 
-    def plain(self) -> tuple:
-        return tuple(self)
+    plain = _plain
 
 
 class PushArgs(NamedTuple):
@@ -453,8 +452,7 @@ class PushArgs(NamedTuple):
     def parse(cls, value: object, what: str = "push command") -> PushArgs:
         return _one_field(cls, value, what, lambda v: isinstance(v, bytes), "pickled bytes")
 
-    def plain(self) -> tuple:
-        return tuple(self)
+    plain = _plain
 
 
 class PullArgs(NamedTuple):
@@ -470,8 +468,7 @@ class PullArgs(NamedTuple):
             "a tuple of names",
         )
 
-    def plain(self) -> tuple:
-        return tuple(self)
+    plain = _plain
 
 
 class GetResultArgs(NamedTuple):
@@ -485,8 +482,7 @@ class GetResultArgs(NamedTuple):
             cls, value, what, lambda v: v is None or _is_int(v), "an execute number or None"
         )
 
-    def plain(self) -> tuple:
-        return tuple(self)
+    plain = _plain
 
 
 class MapArgs(NamedTuple):
@@ -504,8 +500,7 @@ class MapArgs(NamedTuple):
             raise _bad(what, "chunk", "pickled bytes", chunk)
         return tuple.__new__(cls, (function, chunk))
 
-    def plain(self) -> tuple:
-        return tuple(self)
+    plain = _plain
 
 
 class NoArgs(NamedTuple):
@@ -589,8 +584,7 @@ class Reply(NamedTuple):
             raise _bad("reply", "finished", "a finite float time", finished)
         return tuple.__new__(cls, fields)
 
-    def plain(self) -> tuple:
-        return tuple(self)
+    plain = _plain
 
 
 # -- the MultiEngine interface ----------------------------------------------------------
@@ -623,8 +617,7 @@ class EngineCall(NamedTuple):
             raise _bad(what, "per_target", "None or a dict of engine id to arguments", per_target)
         return tuple.__new__(cls, (op, targets, args, per_target))
 
-    def plain(self) -> tuple:
-        return tuple(self)
+    plain = _plain
 
 
 class PropertiesRequest(NamedTuple):
@@ -642,8 +635,7 @@ class PropertiesRequest(NamedTuple):
             raise BadRequest("unknown properties action %s" % _show(action))
         return tuple.__new__(cls, (action, targets, argument))
 
-    def plain(self) -> tuple:
-        return tuple(self)
+    plain = _plain
 
 
 class EngineOutcome(NamedTuple):
