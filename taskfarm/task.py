@@ -1,44 +1,38 @@
 """What a user submits and gets back: `Task`, `MapTask`, `TaskResult`.
 
-A task is encoded once, on the client, into a plain *envelope*::
+A task is encoded once, on the client, into a plain *envelope*
+(`taskfarm.wire.TaskEnvelope`)::
 
     (kind, payload, options, depend, recovery)
 
-``payload`` is opaque bytes only an engine opens; ``options`` is the tuple
-``(clear_before, clear_after, retries, priority, timeout)``; ``depend`` is
-the cloudpickled predicate or None; ``recovery`` is the recovery task's
-envelope or None.  The controller reads options and depend, never payload.
+``payload`` is opaque bytes only an engine opens; ``options`` is a
+`taskfarm.wire.TaskOptions` ``(clear_before, clear_after, retries,
+priority, timeout)``; ``depend`` is the cloudpickled predicate or None;
+``recovery`` is the recovery task's envelope or None.  The controller reads
+options and depend, never payload.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
 import attrs
 
-from taskfarm import serialization
-from taskfarm.errors import BadRequest, RecoveryLoopError, TaskfarmError
+from taskfarm import serialization, wire
+from taskfarm.errors import BadRequest, RecoveryLoopError, TaskfarmError, from_wire
 
-#: Envelope kinds.
-EXEC = "exec"
-CALL = "call"
+# The envelope's kinds and limits are the wire's; named here for users.
+from taskfarm.wire import CALL, EXEC, MAX_RECOVERY_CHAIN, MAX_RETRIES, MAX_TIMEOUT
+
+__all__ = [
+    "CALL", "EXEC", "MAX_RECOVERY_CHAIN", "MAX_RETRIES", "MAX_TIMEOUT",
+    "BaseTask", "Task", "MapTask", "TaskResult", "ResultNS", "format_time",
+    "result_from_envelope",
+]
 
 _TIME_FORMAT = "%Y/%m/%d %H:%M:%S"
-
-#: The most retries a task may ask for (the journal stores it as a 64-bit int).
-MAX_RETRIES = 2**63 - 1
-
-#: The longest timeout: any larger number cannot be a float number of seconds.
-MAX_TIMEOUT = sys.float_info.max
-
-#: The most tasks in one recovery chain (the task itself included).  The
-#: envelope nests one level per task, and pickle recurses per level, so a
-#: chain much longer (about 1,000) cannot be sent at all; the controller
-#: refuses longer chains too.
-MAX_RECOVERY_CHAIN = 100
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -147,7 +141,8 @@ class BaseTask:
         raise NotImplementedError
 
     def to_envelope(self) -> tuple:
-        """Encode this task and its recovery chain for the wire.
+        """Encode this task and its recovery chain for the wire: the plain
+        form of a `taskfarm.wire.TaskEnvelope`.
 
         Raises `RecoveryLoopError` when the chain comes back to a task in it,
         `BadRequest` when it is longer than `MAX_RECOVERY_CHAIN` tasks, and
@@ -178,15 +173,15 @@ class BaseTask:
                 if task.depend is None
                 else serialization.dumps(task.depend, "the depend function")
             )
-            options = (
+            options = wire.TaskOptions(
                 task.clear_before,
                 task.clear_after,
                 task.retries,
                 task.priority,
                 task.timeout,
             )
-            envelope = (kind, payload, options, depend, envelope)
-        return envelope
+            envelope = wire.TaskEnvelope(kind, payload, options, depend, envelope)
+        return envelope.plain()
 
 
 def _is_code(task, attribute, value) -> None:
@@ -422,28 +417,31 @@ class TaskResult:
 
 
 def result_from_envelope(envelope: tuple) -> TaskResult:
-    """Build a `TaskResult` from the controller's result envelope.
-
-    The envelope is ``(taskid, kind, ok, data, engine_id, submitted,
-    started, completed)``; `data` is the pickled outcome when `ok`, else the
-    wire form of the error.
+    """Build a `TaskResult` from the controller's result envelope (a
+    `taskfarm.wire.ResultEnvelope`, or its plain form); `BadRequest` if it
+    is malformed.
     """
-    from taskfarm.errors import from_wire
-
-    taskid, kind, ok, data, engine_id, submitted, started, completed = envelope
+    envelope = wire.ResultEnvelope.parse(envelope)
     results: dict = {}
     value = None
     failure = None
-    if ok:
-        outcome = serialization.loads(data, "the result of task %d" % taskid)
-        if kind == CALL:
+    if envelope.ok:
+        outcome = serialization.loads(envelope.data, "the result of task %d" % envelope.taskid)
+        if envelope.kind == CALL:
             value = outcome
         else:
             results = outcome
     else:
-        failure = from_wire(data)
+        failure = from_wire(envelope.data)
         if not isinstance(failure, TaskfarmError):
             failure = TaskfarmError(str(failure))
     return TaskResult(
-        taskid, results, failure, engine_id, submitted, started, completed, value
+        envelope.taskid,
+        results,
+        failure,
+        envelope.engine_id,
+        envelope.submitted,
+        envelope.started,
+        envelope.completed,
+        value,
     )

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from taskfarm import exitcodes
+from taskfarm import exitcodes, wire
 from taskfarm.engine.namespace import Interrupt, Namespace
-from taskfarm.errors import TaskAborted, TaskTimeout, to_wire
+from taskfarm.errors import BadRequest, ProtocolVersionError, TaskAborted, TaskTimeout, to_wire
 from taskfarm.services import join_thread
 
 
@@ -154,10 +154,31 @@ class CommandWorker:
     # -- commands (reactor thread) -------------------------------------------------
 
     def receive(self, commands: list) -> None:
-        """Queue ``(seq, op, args)`` commands of the current session."""
+        """Queue ``(seq, op, args)`` commands (`wire.Command`) of the current
+        session; one that does not parse is answered with its error."""
         session = self._session
+        try:
+            commands = wire.parse_list(commands, "commands")
+        except BadRequest as e:
+            self._log.warn("the controller sent {error}; ignoring it", error=e)
+            return
         for command in commands:
+            try:
+                command = wire.Command.parse(command)
+            except (BadRequest, ProtocolVersionError) as e:
+                self._refuse(command, e)
+                continue
             self._queue.put((session, command))
+
+    def _refuse(self, command, error: Exception) -> None:
+        seq = command[0] if isinstance(command, (tuple, list)) and command else None
+        if type(seq) is not int:
+            # Without a seq no reply can name it (only a broken controller
+            # sends one): the controller's time limits and heartbeat decide.
+            self._log.warn("dropped a command without a seq: {error}", error=error)
+            return
+        reply = wire.Reply(seq, False, to_wire(error), None, time.time())
+        self._finish((self._session, seq), reply.plain())
 
     def interrupt(self, seq: int, reason: type = _AbortInterrupt) -> None:
         """Stop command `seq`: drop it if queued, interrupt it if running."""
@@ -243,10 +264,10 @@ class CommandWorker:
             if key in self._cancelled:
                 self._cancelled.discard(key)
                 error = to_wire(TaskAborted("aborted before it ran"))
-                return (seq, False, error, None, time.time())
+                return wire.Reply(seq, False, error, None, time.time()).plain()
             self._current = key
         started = self._started = time.time()
-        timeout = args[4] if op == "task" and len(args) > 4 else None
+        timeout = args.timeout if op == "task" else None
         if timeout:
             self._reactor.callFromThread(self._arm_timer, key, timeout)
         if op == "kill":
@@ -259,9 +280,9 @@ class CommandWorker:
                 self._reactor,
                 exitcodes.EXIT_KILLED,
             )
-            return (seq, True, b"", started, time.time())
+            return wire.Reply(seq, True, b"", started, time.time()).plain()
         ok, data = self.namespace.run(op, args)
-        return (seq, ok, data, started, time.time())
+        return wire.Reply(seq, ok, data, started, time.time()).plain()
 
     def _settle(self, key: tuple[int, int]) -> None:
         with self._lock:
@@ -276,7 +297,7 @@ class CommandWorker:
             error = TaskTimeout("the task ran past its timeout and was stopped")
         else:
             error = TaskAborted("the command was interrupted")
-        return (seq, False, to_wire(error), self._started, time.time())
+        return wire.Reply(seq, False, to_wire(error), self._started, time.time()).plain()
 
     def _finish(self, key: tuple[int, int], reply: tuple | None) -> None:
         self.commands_run += 1
@@ -307,8 +328,8 @@ class CommandWorker:
             replies, self._replies = self._replies, []
             self._flush_scheduled = False
             sink = self._sink
-        for reply in replies:
-            timer = self._timers.pop((self._session, reply[0]), None)
+        for seq, _, _, _, _ in replies:
+            timer = self._timers.pop((self._session, seq), None)
             if timer is not None and timer.active():
                 timer.cancel()
         if sink is not None and replies:

@@ -19,7 +19,7 @@ from twisted.internet import error as internet_error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from taskfarm import serialization
+from taskfarm import serialization, wire
 from taskfarm.errors import (
     BadRequest,
     ConnectionLost,
@@ -32,7 +32,7 @@ from taskfarm.errors import (
     from_wire,
 )
 from taskfarm.profile import INTERFACES
-from taskfarm.remote import schemas, sweeper
+from taskfarm.remote import sweeper
 from taskfarm.remote.tub import new_tub
 
 #: Seconds a connection attempt may take before `ControllerUnreachable`.
@@ -140,26 +140,24 @@ class ControllerConnection:
                 % (self.location, describe_error(e))
             ) from None
         try:
-            hello = serialization.unpack(await rref.callRemote("hello"))
+            hello = wire.Hello.parse(serialization.unpack(await rref.callRemote("hello")))
+        except ProtocolVersionError as e:
+            raise ProtocolVersionError(
+                "the controller at %s: %s" % (self.location, e)
+            ) from None
         except Exception as e:
             raise WrongInterface(
                 "the furl for %s does not lead to a taskfarm %s interface (%s)"
                 % (self.location, self.interface, describe_error(e))
             ) from None
-        if not isinstance(hello, dict) or hello.get("interface") != self.interface:
-            got = hello.get("interface") if isinstance(hello, dict) else hello
+        if hello.interface != self.interface:
             raise WrongInterface(
                 "this furl is for the controller's %r interface, but a %s client "
                 "needs the %s furl (security/%s.furl in the profile)"
-                % (got, self.interface, self.interface, self.interface)
+                % (hello.interface, self.interface, self.interface, self.interface)
             )
-        if hello.get("version") != schemas.WIRE_VERSION:
-            raise ProtocolVersionError(
-                "the controller speaks wire version %r, this client %d"
-                % (hello.get("version"), schemas.WIRE_VERSION)
-            )
-        self.max_message_size = hello.get("max_message_size", self.max_message_size)
-        incarnation = hello.get("incarnation")
+        self.max_message_size = hello.max_message_size
+        incarnation = hello.incarnation
         if self.incarnation is not None and incarnation != self.incarnation:
             self._log.warn("the controller at {location} restarted without its journal",
                            location=self.location)
@@ -244,7 +242,7 @@ class ControllerConnection:
                 ) from None
             raise BadRequest("the controller refused %s: %s" % (method, text)) from None
         sweeper.received(answer)
-        ok, value = serialization.unpack(answer)
+        ok, value = wire.Answer.parse(serialization.unpack(answer))
         if not ok:
             raise from_wire(value)
         return value

@@ -17,7 +17,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from taskfarm import serialization
+from taskfarm import serialization, wire
 from taskfarm.batching import pickled_size, split_by_size
 from taskfarm.engine.worker import CommandWorker
 from taskfarm.errors import MessageTooLarge, to_wire
@@ -129,15 +129,15 @@ class EngineLink(service.Service):
     async def _register_once(self) -> None:
         furl = self._read_furl()
         rref = await self._tub.getReference(furl).addTimeout(10, self._reactor)
-        hello = serialization.unpack(await rref.callRemote("hello"))
-        if not isinstance(hello, dict) or hello.get("interface") != "engine":
+        hello = wire.Hello.parse(serialization.unpack(await rref.callRemote("hello")))
+        if hello.interface != "engine":
             raise ValueError(
                 "the furl for %s is not the engine furl (security/engine.furl)"
                 % furl_location(furl)
             )
         # Commands may be as big as the controller accepts; replies may not
         # be bigger (see `_sender`).
-        limit = hello.get("max_message_size") or serialization.DEFAULT_MAX_MESSAGE_SIZE
+        limit = hello.max_message_size
         schemas.set_message_limit(limit)
         engine_id, session = await rref.callRemote(
             "register",

@@ -5,20 +5,13 @@ from __future__ import annotations
 from foolscap.api import Referenceable
 from zope.interface import implementer
 
-from taskfarm import serialization
-from taskfarm.errors import BadRequest
+from taskfarm import serialization, wire
 from taskfarm.remote import schemas, sweeper
 from taskfarm.remote.server import hello_blob, reply
 
 
 def _unpack(blob: bytes):
     return serialization.unpack(blob, schemas.message_limit())
-
-
-def _tuple_of(value, n: int, what: str) -> tuple:
-    if not isinstance(value, tuple) or len(value) != n:
-        raise BadRequest("%s must be a %d-tuple" % (what, n))
-    return value
 
 
 @implementer(schemas.RIMultiEngine)
@@ -33,18 +26,14 @@ class RemoteMultiEngine(Referenceable):
 
     def remote_engine_call(self, request):
         def call():
-            op, targets, args, per_target = _tuple_of(_unpack(request), 4, "a request")
-            if not isinstance(args, tuple) or not (
-                per_target is None or isinstance(per_target, dict)
-            ):
-                raise BadRequest("malformed engine call")
+            op, targets, args, per_target = wire.EngineCall.parse(_unpack(request))
             return self._multiengine.call(op, targets, args, per_target)
 
         return sweeper.once_answered(reply(call), request)
 
     def remote_properties(self, request):
         def call():
-            action, targets, argument = _tuple_of(_unpack(request), 3, "a request")
+            action, targets, argument = wire.PropertiesRequest.parse(_unpack(request))
             return self._multiengine.properties(action, targets, argument)
 
         return reply(call)

@@ -1,5 +1,8 @@
 """The wire schema: every RemoteInterface taskfarm speaks, version 1.
 
+The messages inside the byte strings are `taskfarm.wire`'s types; this
+module declares the Foolscap methods that carry them.
+
 Payloads travel as single byte strings (batches pickled by
 `taskfarm.serialization`): Foolscap's cost is per token, not per byte.
 Every byte-string argument is bounded by `MESSAGE`, whose limit the
@@ -16,9 +19,12 @@ from foolscap.schema import ChoiceOf, ListOf, TupleOf
 from foolscap.tokens import STRING
 
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
+from taskfarm.wire import WIRE_VERSION
 
-#: The wire version; a peer with another one is refused at `hello`.
-WIRE_VERSION = 1
+__all__ = [
+    "WIRE_VERSION", "MESSAGE", "set_message_limit", "message_limit",
+    "RIEngine", "RIEngineSession", "RIEngineRegistrar", "RITaskController", "RIMultiEngine",
+]
 
 MESSAGE = ByteStringConstraint(maxLength=DEFAULT_MAX_MESSAGE_SIZE)
 

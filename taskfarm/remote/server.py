@@ -9,7 +9,6 @@ stop the controller: malformed input becomes `BadRequest`.
 
 from __future__ import annotations
 
-import math
 import zlib
 
 from foolscap.api import DeadReferenceError, Referenceable
@@ -18,9 +17,15 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from taskfarm import serialization
+from taskfarm import serialization, wire
 from taskfarm.batching import pickled_size
-from taskfarm.errors import BadRequest, MessageTooLarge, TaskfarmError, to_wire
+from taskfarm.errors import (
+    BadRequest,
+    MessageTooLarge,
+    ProtocolVersionError,
+    TaskfarmError,
+    to_wire,
+)
 from taskfarm.interfaces import IEngineChannel
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK
 from taskfarm.remote import schemas, sweeper
@@ -29,7 +34,7 @@ _log = Logger()
 
 
 def _answer(value) -> bytes:
-    return serialization.pack((True, value))
+    return serialization.pack(wire.Answer(True, value).plain())
 
 
 def _refuse(failure) -> bytes:
@@ -43,7 +48,7 @@ def _refuse(failure) -> bytes:
         error = TaskfarmError(
             "internal controller error: %s: %s" % (type(error).__name__, error)
         )
-    return serialization.pack((False, to_wire(error)))
+    return serialization.pack(wire.Answer(False, to_wire(error)).plain())
 
 
 def reply(function, *args) -> defer.Deferred:
@@ -54,26 +59,14 @@ def reply(function, *args) -> defer.Deferred:
 
 
 def _unpack_ids(blob: bytes, allow_none: bool = False):
-    ids = serialization.unpack(blob, schemas.message_limit())
-    if ids is None and allow_none:
-        return None
-    if not isinstance(ids, (list, tuple)) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in ids
-    ):
-        raise BadRequest("expected a list of task ids")
-    return list(ids)
+    return wire.TaskIds.parse(serialization.unpack(blob, schemas.message_limit()), allow_none)
 
 
 def hello_blob(interface: str, incarnation: str | None = None) -> bytes:
     """What `hello` answers: which interface this is, the wire's limits and
     (for the Task interface) the controller's incarnation."""
     return serialization.pack(
-        {
-            "interface": interface,
-            "version": schemas.WIRE_VERSION,
-            "max_message_size": schemas.message_limit(),
-            "incarnation": incarnation,
-        }
+        wire.Hello(interface, wire.WIRE_VERSION, schemas.message_limit(), incarnation).plain()
     )
 
 
@@ -89,14 +82,9 @@ class RemoteTaskController(Referenceable):
 
     def remote_submit(self, batch):
         def submit():
-            request = serialization.unpack(batch, schemas.message_limit())
-            if isinstance(request, tuple) and len(request) == 2:
-                request = request + (None,)
-            if not (isinstance(request, tuple) and len(request) == 3):
-                raise BadRequest("a submission must be (token, [task, ...], ids or None)")
-            token, envelopes, ids = request
-            if not isinstance(envelopes, list) or not (token is None or isinstance(token, str)):
-                raise BadRequest("a submission must be (token, [task, ...], ids or None)")
+            token, envelopes, ids = wire.Submission.parse(
+                serialization.unpack(batch, schemas.message_limit())
+            )
             # A resend carries the very same bytes; a replayed token with
             # other tasks does not.
             digest = "%d:%08x" % (len(batch), zlib.crc32(batch))
@@ -161,11 +149,12 @@ def fit_results(envelopes: list, limit: int) -> list:
 
 
 def _too_large(envelope: tuple, size: int, limit: int) -> tuple:
+    envelope = wire.ResultEnvelope._make(envelope)
     error = MessageTooLarge(
         "the result of task %d (%d bytes) exceeds the controller's message limit "
-        "of %d bytes (--max-message-size)" % (envelope[0], size, limit)
+        "of %d bytes (--max-message-size)" % (envelope.taskid, size, limit)
     )
-    return envelope[:2] + (False, to_wire(error)) + envelope[4:]
+    return envelope._replace(ok=False, data=to_wire(error)).plain()
 
 
 @implementer(IEngineChannel)
@@ -212,29 +201,6 @@ class RemoteEngineChannel:
             pass
 
 
-def _well_formed_reply(reply) -> bool:
-    """An engine's reply as the registry and the journal need it: an int
-    seq, a bool ok, result bytes (or a wire error) and float times."""
-    if not (isinstance(reply, tuple) and len(reply) == 5):
-        return False
-    seq, ok, data, started, finished = reply
-    if ok is True:
-        data_ok = isinstance(data, bytes)
-    else:
-        data_ok = isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], str)
-    return (
-        type(seq) is int
-        and type(ok) is bool
-        and data_ok
-        and (started is None or _is_time(started))
-        and _is_time(finished)
-    )
-
-
-def _is_time(value) -> bool:
-    return type(value) is float and math.isfinite(value)
-
-
 @implementer(schemas.RIEngineSession)
 class RemoteEngineSession(Referenceable):
     """Where one registered engine sends its replies."""
@@ -247,14 +213,14 @@ class RemoteEngineSession(Referenceable):
     def remote_replies(self, batch):
         sweeper.received(batch)
         try:
-            replies = serialization.unpack(batch, schemas.message_limit())
-            if not isinstance(replies, list) or not all(map(_well_formed_reply, replies)):
-                raise BadRequest(
-                    "replies must be a list of (seq, ok, data, started, finished)"
-                )
-        except BadRequest as e:
+            replies = wire.parse_list(
+                serialization.unpack(batch, schemas.message_limit()), "replies"
+            )
+            replies = list(map(wire.Reply.parse, replies))
+        except (BadRequest, ProtocolVersionError) as e:
             _log.warn(
-                "engine {engine_id} sent a malformed reply ({error}); dropping it",
+                "engine {engine_id} sent replies this controller cannot read "
+                "({error}); dropping them",
                 engine_id=self._handle.engine_id,
                 error=e,
             )
