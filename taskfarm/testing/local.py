@@ -18,12 +18,13 @@ tests), and its answer comes back on a later turn still, as over a socket:
   exception types) do;
 * `notifyOnDisconnect` / `dontNotifyOnDisconnect` behave like Foolscap's.
 
-Two switches play a network in trouble.  `disconnect()` breaks the
+Switches play a network in trouble.  `disconnect()` breaks the
 connection: calls waiting for an answer fail with `DeadReferenceError`
 ("Connection was lost"), later calls with `DeadReferenceError` at once,
 `callRemoteOnly` is dropped silently, and disconnect notifications fire, all
 as Foolscap does.  `hang()` holds every message in both directions until
-`release()` (a stopped peer, a partition that heals).
+`release()` (a stopped peer, a partition that heals); `hang_answers()` holds
+only the answers (the request arrived, its answer is lost with the link).
 
 `LocalTub` stands in for a client's or an engine's Tub: `getReference(furl)`
 opens a fresh `LocalConnection` to the object served under that furl.
@@ -76,6 +77,8 @@ class LocalConnection:
         #: Deliveries held while the connection hangs, in order.
         self._held: list = []
         self._watchers: list[_Watcher] = []
+        #: Whether answers are held while calls still arrive (`hang_answers`).
+        self._answers_held = False
         #: id(object) -> (object, its reference), so one object has one reference.
         self._references: dict[int, tuple] = {}
         #: Every call made over the connection, as ``(method, args)`` (for tests).
@@ -134,12 +137,12 @@ class LocalConnection:
         self._send(lambda: self._deliver(number, target, method, carried, answer))
         return d
 
-    def _send(self, delivery) -> None:
-        self._clock.callLater(0, self._arrive, delivery)
+    def _send(self, delivery, answer: bool = False) -> None:
+        self._clock.callLater(0, self._arrive, delivery, answer)
 
-    def _arrive(self, delivery) -> None:
-        if self.state is LinkState.HUNG:
-            self._held.append(delivery)
+    def _arrive(self, delivery, answer: bool = False) -> None:
+        if self.state is LinkState.HUNG or (answer and self._answers_held):
+            self._held.append((delivery, answer))
         elif self.state is LinkState.UP:
             delivery()
 
@@ -156,7 +159,7 @@ class LocalConnection:
 
         d.addCallback(answered)
         if answer:
-            d.addBoth(lambda outcome: self._send(lambda: self._answer(number, outcome)))
+            d.addBoth(lambda outcome: self._send(lambda: self._answer(number, outcome), True))
         else:
             d.addErrback(lambda _: None)  # nobody waits for this answer
 
@@ -195,14 +198,21 @@ class LocalConnection:
         if self.state is LinkState.UP:
             self.state = LinkState.HUNG
 
+    def hang_answers(self) -> None:
+        """Hold the answers only, until `release`: calls still arrive and
+        run, as when a link breaks after a request was taken."""
+        if self.state is not LinkState.BROKEN:
+            self._answers_held = True
+
     def release(self) -> None:
-        """Deliver what `hang` held, in order, and carry on."""
-        if self.state is not LinkState.HUNG:
+        """Deliver what `hang` or `hang_answers` held, in order, and carry on."""
+        if self.state is LinkState.BROKEN:
             return
         self.state = LinkState.UP
+        self._answers_held = False
         held, self._held = self._held, []
-        for delivery in held:
-            self._send(delivery)
+        for delivery, answer in held:
+            self._send(delivery, answer)
 
     # -- disconnect notifications ------------------------------------------------------
 
@@ -311,7 +321,7 @@ class LocalTub:
             return
         target = self._served.get(furl)
         if not self.reachable or target is None:
-            d.errback(ConnectionRefusedError("nothing is served at %s" % furl))
+            d.errback(ConnectionRefusedError("nothing is served there"))
             return
         connection = LocalConnection(self._clock)
         self.connections.append(connection)
