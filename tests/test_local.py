@@ -17,35 +17,9 @@ from taskfarm.remote.engine_link import _EngineReferenceable
 from taskfarm.remote.local import DeadReferenceError, RemoteException, Violation
 from taskfarm.remote.server import RemoteEngineRegistrar, RemoteTaskController
 from taskfarm.task import Task
+from taskfarm.testing.fakes import RecordingWorker
 from taskfarm.testing.helpers import clock_controller
 from taskfarm.testing.local import LinkState, LocalConnection, LocalReference, LocalTub
-
-
-class RecordingWorker:
-    """What `_EngineReferenceable` drives, recording each call."""
-
-    def __init__(self) -> None:
-        self.received: list = []
-        self.interrupted: list = []
-        self.cancelled: list = []
-        self.namespace = _Namespace()
-
-    def receive(self, commands: list) -> None:
-        self.received.extend(commands)
-
-    def interrupt(self, seq: int) -> None:
-        self.interrupted.append(seq)
-
-    def cancel(self, seqs) -> None:
-        self.cancelled.extend(seqs)
-
-
-class _Namespace:
-    def __init__(self) -> None:
-        self.properties: dict = {}
-
-    def set_properties(self, properties: dict) -> None:
-        self.properties = properties
 
 
 class _Echo:

@@ -161,3 +161,42 @@ class InProcessEvaluator:
             return Verdict(bool(predicate(properties)))
         except BaseException as e:
             return Verdict(False, "raised " + describe(e))
+
+
+class RecordingWorker:
+    """Stands in for an engine's `CommandWorker` (no thread): records what
+    the engine's link asks of it; `reply` answers through the current
+    session's sink, as the worker does once a command has run."""
+
+    def __init__(self) -> None:
+        self.namespace = Namespace()
+        self.received: list[tuple] = []
+        self.interrupted: list[int] = []
+        self.cancelled: list[int] = []
+        #: (engine id) per `begin_session`, and how many sessions ended.
+        self.sessions: list[int] = []
+        self.ended = 0
+        self.sink = None
+
+    def begin_session(self, engine_id: int, sink) -> None:
+        self.end_session()
+        self.sink = sink
+        self.sessions.append(engine_id)
+        self.namespace.set_engine_id(engine_id)
+
+    def end_session(self) -> None:
+        if self.sink is not None:
+            self.ended += 1
+        self.sink = None
+
+    def receive(self, commands: list) -> None:
+        self.received.extend(commands)
+
+    def interrupt(self, seq: int) -> None:
+        self.interrupted.append(seq)
+
+    def cancel(self, seqs: list[int]) -> None:
+        self.cancelled.extend(seqs)
+
+    def reply(self, replies: list) -> None:
+        self.sink(replies)
