@@ -68,15 +68,34 @@ class ScriptedChannel:
 
 @implementer(IEngineChannel)
 class InProcessChannel:
-    """Runs each command at once on a `Namespace`; replies on the next turn."""
+    """Runs each command at once on a `Namespace`; replies on the next turn.
+
+    `hold()` keeps the commands sent from then on, unanswered, until
+    `release()` runs them (a busy engine).
+    """
 
     def __init__(self, clock) -> None:
         self._clock = clock
         self.namespace = Namespace()
         self.engine = None
         self._cancelled: set[int] = set()
+        self._held: list | None = None
+
+    def hold(self) -> None:
+        """Keep the commands sent from now on until `release`."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Run the held commands, in order, and stop holding."""
+        held, self._held = self._held, None
+        if held:
+            self.send(held)
 
     def send(self, commands: list, packed: bytes | None = None) -> None:
+        if self._held is not None:
+            self._held.extend(commands)
+            return
         replies = []
         for seq, op, args in commands:
             if seq in self._cancelled:

@@ -61,7 +61,7 @@ class LocalGrid:
         """A new in-process engine, registered; returns its channel."""
         channel = InProcessChannel(self.clock)
         channel.engine = self.registry.register(channel, dict(properties or {}))
-        channel.namespace.engine_id = channel.engine.engine_id
+        channel.namespace.set_engine_id(channel.engine.engine_id)
         return channel
 
     def task_client(self, **options) -> TaskClient:
