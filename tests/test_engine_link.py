@@ -34,10 +34,12 @@ def run_for(clock, seconds: float) -> None:
 
 class EngineLinkTestCase(unittest.SynchronousTestCase):
     retry_delays = (0.2, 5.0)
+    #: The registry's heartbeat (period, timeout); None: off.
+    heartbeat = None
 
     def setUp(self):
         default_message_limit(self)
-        self.grid = LocalGrid()
+        self.grid = LocalGrid(heartbeat=self.heartbeat)
         self.addCleanup(self.grid.stop)
         self.clock = self.grid.clock
         self.tub = self.grid.tub
@@ -203,3 +205,53 @@ class ReconnectionTests(EngineLinkTestCase):
         self.run_for(30.0)
         self.assertEqual(len(self.attempts), attempts)
         self.assertFalse(self.clock.getDelayedCalls())
+
+
+class HeartbeatTests(EngineLinkTestCase):
+    """The controller's heartbeat over the transport: pings travel as calls,
+    a silent engine is dropped, and its link comes back."""
+
+    heartbeat = (1.0, 10.0)
+
+    def test_answering_engine_is_kept(self):
+        """An engine whose pings are answered stays registered, however
+        long; each beat is one ping call on its connection."""
+        self.start()
+        self.run_for(60.0)
+        self.assertEqual(list(self.grid.registry.engines), [0])
+        self.assertEqual(self.registered, [0])
+        pings = [m for m, _ in self.tub.connection.calls if m == "ping"]
+        self.assertEqual(len(pings), 60)
+
+    def test_hung_engine_is_dropped_and_comes_back(self):
+        """A connection that hangs (a stopped engine, a partition): once the
+        engine was silent for more than the timeout the controller drops it
+        and breaks the connection, its command fails with EngineLost, and
+        the engine's link registers again as the same engine."""
+        self.start()
+        handle = self.grid.registry.engines[0]
+        replies = []
+        handle.send("keys", (), lambda *reply: replies.append(reply))
+        self.turns()
+        connection = self.tub.connection
+        connection.hang()
+        self.run_for(10.0)
+        self.assertEqual(list(self.grid.registry.engines), [0])
+        self.run_for(1.0)
+        self.assertNotIn(handle, self.grid.registry.engines.values())
+        self.assertIsInstance(from_wire(replies[0][2]), EngineLost)
+        self.assertEqual(connection.state.value, "broken")
+        self.run_for(0.5)
+        self.assertEqual(self.registered, [0, 0])
+        self.assertIsNot(self.grid.registry.engines[0], handle)
+
+    def test_slow_but_alive_engine_is_kept(self):
+        """Answers that come late, but within the timeout, keep the engine."""
+        self.start()
+        for _ in range(6):
+            self.tub.connection.hang()
+            self.run_for(8.0)
+            self.tub.connection.release()
+            self.run_for(1.0)
+        self.assertEqual(self.registered, [0])
+        self.assertEqual(list(self.grid.registry.engines), [0])

@@ -34,16 +34,27 @@ class LocalGrid:
     breaks.  Call `stop()` when done (a test's cleanup).
     """
 
-    def __init__(self, clock: task.Clock | None = None, task_slots: int = 2) -> None:
+    def __init__(
+        self,
+        clock: task.Clock | None = None,
+        task_slots: int = 2,
+        heartbeat: tuple[float, float] | None = None,
+    ) -> None:
         self.clock = clock or task.Clock()
         self.tub = LocalTub(self.clock)
         self._task_slots = task_slots
+        #: (period, timeout) of the registry's heartbeat; None: no heartbeat.
+        self._heartbeat = heartbeat
         self.furls: dict[str, str] = {}
         self._start_controller()
 
     def _start_controller(self) -> None:
-        self.registry = EngineRegistry(self.clock, task_slots=self._task_slots,
-                                       heartbeat_period=None)
+        period, timeout = self._heartbeat or (None, None)
+        self.registry = EngineRegistry(
+            self.clock, task_slots=self._task_slots, heartbeat_period=period,
+            **({} if timeout is None else {"heartbeat_timeout": timeout}),
+        )
+        self.registry.start()
         self.controller = TaskController(
             self.registry, FIFOScheduler(), self.clock, unmet_timeout=None, retention=None
         )
