@@ -24,8 +24,8 @@ from taskfarm.controller.multiengine import MultiEngine
 from taskfarm.controller.predicates import PredicatePool
 from taskfarm.controller.registry import EngineRegistry
 from taskfarm.controller.scheduler import FIFOScheduler, PriorityScheduler
-from taskfarm.errors import EngineLost, TaskAborted, from_wire, to_wire
 from taskfarm.engine.namespace import Namespace
+from taskfarm.errors import EngineLost, TaskAborted, from_wire, to_wire
 from taskfarm.interfaces import IEngineChannel, IEngineSink, IPredicateEvaluator, IScheduler
 from taskfarm.remote import schemas
 from taskfarm.remote.engine_link import _EngineReferenceable

@@ -12,7 +12,6 @@ from twisted.trial import unittest
 
 # Imports gathered here, so that moved modules are repointed in one place.
 from taskfarm import serialization
-from taskfarm.controller.registry import EngineRegistry
 from taskfarm.remote.engine_link import _EngineReferenceable
 from taskfarm.remote.local import DeadReferenceError, RemoteException, Violation
 from taskfarm.remote.server import RemoteEngineRegistrar, RemoteTaskController
