@@ -12,8 +12,6 @@ driven by hand by each test that uses it, so it is only verified.
 
 from __future__ import annotations
 
-import time
-
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -25,7 +23,7 @@ from taskfarm.controller.predicates import PredicatePool
 from taskfarm.controller.registry import EngineRegistry
 from taskfarm.controller.scheduler import FIFOScheduler, PriorityScheduler
 from taskfarm.engine.namespace import Namespace
-from taskfarm.errors import EngineLost, TaskAborted, from_wire, to_wire
+from taskfarm.errors import EngineLost, TaskAborted, from_wire
 from taskfarm.interfaces import IEngineChannel, IEngineSink, IPredicateEvaluator, IScheduler
 from taskfarm.remote import schemas
 from taskfarm.remote.engine_link import _EngineReferenceable
@@ -38,6 +36,7 @@ from taskfarm.remote.server import (
 )
 from taskfarm.remote.tub import listen_and_locate, new_tub
 from taskfarm.testing import InProcessChannel, InProcessEvaluator, ScriptedChannel
+from taskfarm.testing.fakes import run_commands
 from taskfarm.testing.helpers import clock_controller, wait_until
 from taskfarm.testing.local import LocalConnection
 
@@ -114,14 +113,7 @@ class InlineWorker:
         self._aborted: set[int] = set()
 
     def receive(self, commands: list) -> None:
-        replies = []
-        for seq, op, args in commands:
-            if seq in self._aborted:
-                replies.append((seq, False, to_wire(TaskAborted("aborted")), None, time.time()))
-                continue
-            started = time.time()
-            ok, data = self.namespace.run(op, args)
-            replies.append((seq, ok, data, started, time.time()))
+        replies = run_commands(self.namespace, commands, self._aborted)
         self.session.callRemoteOnly("replies", serialization.pack(replies))
 
     def interrupt(self, seq: int) -> None:

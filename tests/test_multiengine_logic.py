@@ -26,10 +26,10 @@ from taskfarm.errors import (
     NoEnginesRegistered,
     NotAPendingResult,
     QueueCleared,
-    RemoteTaskError,
 )
 from taskfarm.results import PendingResult, ResultList
 from taskfarm.testing.grid import LocalGrid, default_message_limit
+from taskfarm.testing.helpers import assert_composite
 
 
 class MultiEngineTestCase(unittest.SynchronousTestCase):
@@ -58,18 +58,7 @@ class MultiEngineTestCase(unittest.SynchronousTestCase):
             self.grid.clock.advance(0.001)
 
     def assert_composite(self, error: CompositeError, method: str, expected: dict) -> None:
-        """`error` holds exactly one error per engine of `expected`
-        ({engine_id: exception type or remote exception name}), in order."""
-        self.assertIsInstance(error, CompositeError)
-        self.assertEqual([e for e, _, _ in error.elist], list(expected))
-        for engine_id, m, err in error.elist:
-            self.assertEqual(m, method)
-            kind = expected[engine_id]
-            if isinstance(kind, str):
-                self.assertIsInstance(err, RemoteTaskError)
-                self.assertEqual(err.ename, kind)
-            else:
-                self.assertIsInstance(err, kind)
+        assert_composite(self, error, method, expected)
 
 
 class ExecuteTests(MultiEngineTestCase):

@@ -66,6 +66,20 @@ class ScriptedChannel:
         self.reply(seq, False, to_wire(error))
 
 
+def run_commands(namespace: Namespace, commands: list, aborted: set[int]) -> list[tuple]:
+    """The replies of an engine that runs `commands` at once on `namespace`;
+    those whose seq is in `aborted` are answered as aborted, unrun."""
+    replies = []
+    for seq, op, args in commands:
+        if seq in aborted:
+            replies.append((seq, False, to_wire(TaskAborted("aborted")), None, time.time()))
+            continue
+        started = time.time()
+        ok, data = namespace.run(op, args)
+        replies.append((seq, ok, data, started, time.time()))
+    return replies
+
+
 @implementer(IEngineChannel)
 class InProcessChannel:
     """Runs each command at once on a `Namespace`; replies on the next turn.
@@ -96,14 +110,7 @@ class InProcessChannel:
         if self._held is not None:
             self._held.extend(commands)
             return
-        replies = []
-        for seq, op, args in commands:
-            if seq in self._cancelled:
-                replies.append((seq, False, to_wire(TaskAborted("aborted")), None, time.time()))
-                continue
-            started = time.time()
-            ok, data = self.namespace.run(op, args)
-            replies.append((seq, ok, data, started, time.time()))
+        replies = run_commands(self.namespace, commands, self._cancelled)
         self._clock.callLater(0, self.engine._registry.replies, self.engine, replies)
 
     def interrupt(self, seq: int) -> None:
