@@ -200,9 +200,9 @@ class EngineChannelBehaviour:
         engine.send("push", (serialization.dumps({"x": 1}),), self.replies_into(replies))
         engine.channel.disconnect()
         await self.settle(lambda: not self.registry.engines and replies)
-        (reply,) = replies
-        if reply[1] is False:  # lost before the answer came back
-            self.assertIsInstance(from_wire(reply[2]), EngineLost)
+        ((_, ok, error),) = replies
+        self.assertIs(ok, False)
+        self.assertIsInstance(from_wire(error), EngineLost)
 
 
 class _ClockChannelTestCase(unittest.SynchronousTestCase):

@@ -28,7 +28,6 @@ from taskfarm.remote.server import hello_blob
 from taskfarm.submission import FLUSH_DELAY, Submitter, pack_envelope
 from taskfarm.task import Task
 from taskfarm.testing.grid import LocalGrid, default_message_limit
-from taskfarm.testing.local import LinkState
 
 
 class _FromTheFuture:
@@ -357,8 +356,3 @@ class SubmitterTests(ConnectionTestCase):
     def turned(self, d: defer.Deferred) -> defer.Deferred:
         self.turns()
         return d
-
-    def test_link_state(self):
-        """The submitter's connection is the grid's only one, and up."""
-        self.successResultOf(self.turned(self.submitter.run(self.blob)))
-        self.assertEqual([c.state for c in self.tub.connections], [LinkState.UP])
