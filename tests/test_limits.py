@@ -290,7 +290,7 @@ class _InProcessConnection:
         return value
 
 
-class SubmitterTests(unittest.TestCase):
+class SubmitterTests(unittest.SynchronousTestCase):
     """A `Submitter` against a real in-memory `TaskController`."""
 
     def setUp(self):

@@ -36,8 +36,8 @@ from taskfarm.properties import FACT_KEYS
 from taskfarm.results import PendingResult, ResultList
 from taskfarm.task import MapTask, Task
 from taskfarm.testing.cluster import ClusterTestCase
+from taskfarm.testing.helpers import assert_composite, wait_until
 from taskfarm.testing.helpers import async_test as run
-from taskfarm.testing.helpers import wait_until
 
 
 def gated(marker: Path, gate: Path, then: str = "") -> str:
@@ -90,19 +90,7 @@ class _ClusterTestCase(ClusterTestCase):
         await channel._rref.callRemote("ping")
 
     def assert_composite(self, error: CompositeError, method: str, expected: dict) -> None:
-        """`error` holds exactly one error per engine of `expected`
-        ({engine_id: exception type or remote exception name}), in order."""
-        self.assertIsInstance(error, CompositeError)
-        self.assertEqual([e for e, _, _ in error.elist], list(expected))
-        for engine_id, m, err in error.elist:
-            self.assertEqual(m, method)
-            kind = expected[engine_id]
-            if isinstance(kind, str):
-                self.assertIsInstance(err, RemoteTaskError)
-                self.assertEqual(err.ename, kind)
-                self.assertEqual(err.engine_id, engine_id)
-            else:
-                self.assertIsInstance(err, kind)
+        assert_composite(self, error, method, expected)
 
 
 class ExecuteTests(_ClusterTestCase):

@@ -63,8 +63,11 @@ class EngineLink(service.Service):
         worker: CommandWorker,
         reactor,
         retry_delays: tuple[float, float] = (0.2, 5.0),
+        tub=None,
     ) -> None:
         self._read_furl = read_furl
+        #: The Tub to connect through; None makes a fresh one at each start.
+        self._given_tub = tub
         self._worker = worker
         self._reactor = reactor
         self._first_delay, self._max_delay = retry_delays
@@ -82,7 +85,7 @@ class EngineLink(service.Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
-        self._tub = new_tub()
+        self._tub = self._given_tub or new_tub()
         self._tub.startService()
         sweeper.process_sweeper().start()
         self._loop = defer.Deferred.fromCoroutine(self._keep_registered())

@@ -1,5 +1,5 @@
 """Small helpers the test suites share: async tests, polling, temporary
-folders, processes."""
+folders, processes, MultiEngine errors."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from twisted.internet import defer, reactor, task
 
 from taskfarm.childprocess import ChildProcess
+from taskfarm.errors import CompositeError, RemoteTaskError
 
 
 def async_test(test):
@@ -145,3 +146,20 @@ def clock_controller(testcase, evaluator: bool = False):
     testcase.addCleanup(controller.stop)
     testcase.addCleanup(registry.stop)
     return clock, registry, controller
+
+
+def assert_composite(testcase, error, method: str, expected: dict) -> None:
+    """`error` is a `CompositeError` holding exactly one error per engine of
+    `expected` ({engine_id: exception type or remote exception name}), in
+    order, each from `method`."""
+    testcase.assertIsInstance(error, CompositeError)
+    testcase.assertEqual([e for e, _, _ in error.elist], list(expected))
+    for engine_id, m, err in error.elist:
+        testcase.assertEqual(m, method)
+        kind = expected[engine_id]
+        if isinstance(kind, str):
+            testcase.assertIsInstance(err, RemoteTaskError)
+            testcase.assertEqual(err.ename, kind)
+            testcase.assertEqual(err.engine_id, engine_id)
+        else:
+            testcase.assertIsInstance(err, kind)
