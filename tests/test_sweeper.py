@@ -48,6 +48,20 @@ class CycleSweeperTests(unittest.TestCase):
         self.clock.advance(0.02)
         self.assertEqual(len(self.runs), 1)
 
+    def test_settles_after_a_slow_burst_is_over(self):
+        """A burst slower than SETTLE_DELAY is swept once, after its last
+        message: not half-way, which left its tail behind."""
+        self.sweeper.start()
+        self.sweeper.received(SETTLE_BYTES)
+        for _ in range(8):
+            self.clock.advance(SETTLE_DELAY * 0.75)
+            self.sweeper.received(1 * MB)
+        self.assertEqual(self.runs, [])
+        self.clock.advance(SETTLE_DELAY)
+        self.assertEqual(self.runs, [SETTLE_DELAY * 0.75 * 8 + SETTLE_DELAY])
+        self.clock.advance(SETTLE_DELAY * 10)
+        self.assertEqual(len(self.runs), 1)
+
     def test_threshold_hurries_a_settle(self):
         self.sweeper.start()
         self.sweeper.received(SETTLE_BYTES)
