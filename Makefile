@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test unit bench lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The unit layer alone: no real processes, no sockets (tests/conftest.py).
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not process" tests
 
 # The performance comparison (docs/performance.md): 11-14 minutes, or
 # `make bench BENCH_ARGS="--quick --reps 1"` for a short check.  Other

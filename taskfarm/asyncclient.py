@@ -15,7 +15,7 @@ from pathlib import Path
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from taskfarm import serialization
+from taskfarm import serialization, wire
 from taskfarm.connection import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_RECONNECT_TIMEOUT,
@@ -203,8 +203,8 @@ class TaskClient(_Client):
 
     async def _get_result(self, taskid: int, block: bool):
         _check_id(taskid)
-        (envelope,) = await self._ask_about(
-            [taskid], "results", serialization.pack([taskid]), bool(block)
+        (envelope,) = _result_envelopes(
+            await self._ask_about([taskid], "results", serialization.pack([taskid]), bool(block))
         )
         if envelope is None:
             return None
@@ -225,7 +225,7 @@ class TaskClient(_Client):
         head, rest = taskids[:RESULT_PROBE], taskids[RESULT_PROBE:]
         envelopes = await self._fetch(head)
         if rest:
-            sizes = [len(env[3]) for env in envelopes if env is not None and env[2]]
+            sizes = [len(env.data) for env in envelopes if env is not None and env.ok]
             mean = sum(sizes) / len(sizes) if sizes else 0
             per = max(1, int(self._slice_bytes() / max(mean, 1)))
             per = min(per, self._ids_per_request())
@@ -240,7 +240,9 @@ class TaskClient(_Client):
         envelopes: list = []
         while len(envelopes) < len(taskids):
             part = taskids[len(envelopes) :]
-            answer = await self._ask_about(part, "results", serialization.pack(part), False)
+            answer = _result_envelopes(
+                await self._ask_about(part, "results", serialization.pack(part), False)
+            )
             if not answer:
                 raise BadRequest("the controller answered no result for %d ids" % len(part))
             envelopes.extend(answer)
@@ -428,10 +430,18 @@ async def _gather(coroutines) -> list:
         e.subFailure.raiseException()
 
 
-def _present(envelope: tuple, raising: bool = True):
+def _result_envelopes(answer) -> list:
+    """A ``results`` answer: a `wire.ResultEnvelope` (or None) per task."""
+    return [
+        None if envelope is None else wire.ResultEnvelope.parse(envelope)
+        for envelope in wire.parse_list(answer, "a results answer")
+    ]
+
+
+def _present(envelope: wire.ResultEnvelope, raising: bool = True):
     """A `TaskResult`; for a MapTask its value (or its failure, raised)."""
     result = result_from_envelope(envelope)
-    if envelope[1] != CALL:
+    if envelope.kind != CALL:
         return result
     if result.failure is not None:
         if raising:
@@ -492,7 +502,7 @@ class MultiEngineClient(_Client):
 
     async def _engine_call(self, method, op, targets, args, decode, per_target=None) -> list:
         targets = self.targets if targets is None else targets
-        request = serialization.pack((op, targets, args, per_target))
+        request = serialization.pack(wire.EngineCall(op, targets, args, per_target).plain())
         return _collect(method, await self._connection.call("engine_call", request), decode)
 
     async def _resolve(self, targets) -> list[int]:
@@ -659,7 +669,9 @@ class MultiEngineClient(_Client):
     def _properties(self, method, action, argument, targets, block) -> defer.Deferred:
         async def go():
             request = serialization.pack(
-                (action, self.targets if targets is None else targets, argument)
+                wire.PropertiesRequest(
+                    action, self.targets if targets is None else targets, argument
+                ).plain()
             )
             return _collect(method, await self._connection.call("properties", request), serialization.unpack)
 
@@ -741,7 +753,8 @@ class MultiEngineMapper:
 def _collect(method: str, outcomes: list, decode) -> list:
     """Values in target order, or one CompositeError for every failure."""
     values, errors = [], []
-    for engine_id, ok, data in outcomes:
+    outcomes = wire.parse_list(outcomes, "the answer to " + method)
+    for engine_id, ok, data in map(wire.EngineOutcome.parse, outcomes):
         if ok:
             values.append(decode(data))
         else:

@@ -1,29 +1,44 @@
-"""One back-off schedule for every loop that tries again.
+"""One back-off for everything that tries again: a delay per attempt.
 
-The engine link, the client connection and the launcher all wait longer
-after each failure, up to a ceiling, and start over once they succeed.
-The schedule itself is Twisted's `backoffPolicy` (without jitter, so the
-delays are exact and tests can name them); `Backoff` only counts attempts.
+Built on `twisted.application.internet.backoffPolicy`; attempt 0 waits
+`initial` seconds and each further attempt `factor` times longer, up to
+`maximum`.  Jitter is off by default, so delays are exact on a
+`task.Clock` in tests.
 """
 
 from __future__ import annotations
+
+import random
+from collections.abc import Callable
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, task
 
 
-def _no_jitter() -> float:
-    return 0.0
+def policy(
+    initial: float, maximum: float, factor: float = 2.0, jitter: bool = False
+) -> Callable[[int], float]:
+    """The delay, in seconds, before attempt `n` (0, 1, ...): ``initial *
+    factor ** n``, at most `maximum`; with `jitter`, up to a second more."""
+    if not 0 <= initial <= maximum:
+        raise ValueError(
+            "a back-off needs 0 <= initial <= maximum, not %r and %r" % (initial, maximum)
+        )
+    return backoffPolicy(
+        initialDelay=initial,
+        maxDelay=maximum,
+        factor=factor,
+        jitter=random.random if jitter else (lambda: 0.0),
+    )
 
 
 class Backoff:
-    """Delays of ``first * factor ** n`` seconds, at most `most`, for the
-    n-th failure in a row; `reset` after a success."""
+    """A `policy` with its count of failures in a row: the engine link and
+    the client connection wait `next()` after each failure and `reset()`
+    after a success."""
 
     def __init__(self, first: float, most: float, factor: float = 2.0) -> None:
-        self.first = first
-        self.most = most
-        self._policy = backoffPolicy(first, most, factor, jitter=_no_jitter)
+        self._policy = policy(first, most, factor)
         #: Failures in a row since the last `reset`.
         self.attempts = 0
 
@@ -38,7 +53,7 @@ class Backoff:
         return delay
 
     def reset(self) -> None:
-        """A success: the next failure waits `first` again."""
+        """A success: the next failure waits the first delay again."""
         self.attempts = 0
 
     def wait(self, clock) -> defer.Deferred:

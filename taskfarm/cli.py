@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, task
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -23,6 +23,7 @@ from twisted.logger import (
 from twisted.python import usage
 
 import taskfarm
+from taskfarm.childprocess import ChildProcess
 from taskfarm.controller import tap as controller_tap
 from taskfarm.controller.registry import DEFAULT_HEARTBEAT_TIMEOUT
 from taskfarm.profile import ENGINE, INTERFACES, Profile
@@ -274,15 +275,13 @@ async def run_demo(reactor, options) -> int:
     return status
 
 
-class _Job(protocol.ProcessProtocol):
+class _Job(ChildProcess):
     """A child whose output goes straight to ours; `kill` ends it by PID."""
 
-    def __init__(self) -> None:
-        self._ended: defer.Deferred = defer.Deferred()
-
     def run(self, reactor, argv: list[str], env: dict) -> defer.Deferred:
+        """Start the job; fires with its exit status (0 for a signal)."""
         reactor.spawnProcess(self, argv[0], argv, env=env)
-        return self._ended
+        return self.ended.addCallback(lambda reason: getattr(reason, "exitCode", 1) or 0)
 
     def outReceived(self, data: bytes) -> None:
         sys.stdout.write(data.decode(errors="replace"))
@@ -290,17 +289,6 @@ class _Job(protocol.ProcessProtocol):
 
     def errReceived(self, data: bytes) -> None:
         sys.stderr.write(data.decode(errors="replace"))
-
-    def processEnded(self, reason) -> None:
-        self.transport = None
-        self._ended.callback(getattr(reason.value, "exitCode", 1) or 0)
-
-    def kill(self) -> None:
-        if self.transport is not None:
-            try:
-                self.transport.signalProcess("KILL")
-            except error.ProcessExitedAlready:
-                pass
 
 
 _COMMANDS = {"cluster": run_cluster, "engines": run_engines, "demo": run_demo}

@@ -27,7 +27,6 @@ from taskfarm.errors import (
 from taskfarm.interfaces import IControllerDialer, IControllerReference
 from taskfarm.profile import INTERFACES
 from taskfarm.remote.client import FoolscapDialer, describe_error, furl_location
-from taskfarm.remote.schemas import WIRE_VERSION
 
 #: Seconds a connection attempt may take before `ControllerUnreachable`.
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -103,25 +102,21 @@ class ControllerConnection:
         rref = await self._dialer.connect(self.furl, self._connect_timeout)
         try:
             hello = await rref.hello()
+        except ProtocolVersionError as e:
+            raise ProtocolVersionError("the controller at %s: %s" % (self.location, e)) from None
         except Exception as e:
             raise WrongInterface(
                 "the furl for %s does not lead to a taskfarm %s interface (%s)"
                 % (self.location, self.interface, describe_error(e))
             ) from None
-        if not isinstance(hello, dict) or hello.get("interface") != self.interface:
-            got = hello.get("interface") if isinstance(hello, dict) else hello
+        if hello.interface != self.interface:
             raise WrongInterface(
                 "this furl is for the controller's %r interface, but a %s client "
                 "needs the %s furl (security/%s.furl in the profile)"
-                % (got, self.interface, self.interface, self.interface)
+                % (hello.interface, self.interface, self.interface, self.interface)
             )
-        if hello.get("version") != WIRE_VERSION:
-            raise ProtocolVersionError(
-                "the controller speaks wire version %r, this client %d"
-                % (hello.get("version"), WIRE_VERSION)
-            )
-        self.max_message_size = hello.get("max_message_size", self.max_message_size)
-        incarnation = hello.get("incarnation")
+        self.max_message_size = hello.max_message_size
+        incarnation = hello.incarnation
         if self.incarnation is not None and incarnation != self.incarnation:
             self._log.warn(
                 "the controller at {location} restarted without its journal", location=self.location

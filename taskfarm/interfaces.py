@@ -178,7 +178,9 @@ class IControllerReference(Interface):
     location = Attribute("Where the controller is (host:port), safe to print.")
 
     def hello():
-        """A Deferred firing with the interface's hello dict (unchecked)."""
+        """A Deferred firing with the interface's `wire.Hello` (parsed, so
+        failing with `ProtocolVersionError` for another wire version or
+        `BadRequest` for a malformed one; not checked for which interface)."""
 
     def call(method, *args):
         """Call `method`: a Deferred firing with its value, or failing with

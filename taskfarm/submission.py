@@ -25,10 +25,10 @@ import uuid
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from taskfarm import serialization
+from taskfarm import serialization, wire
 from taskfarm.batching import pickled_size, pickled_size_bound, split_by_size
 from taskfarm.errors import ConnectionLost, MessageTooLarge, SerializationError
-from taskfarm.task import MAX_RECOVERY_CHAIN
+from taskfarm.wire import MAX_RECOVERY_CHAIN
 
 #: Ids reserved at first, and at most, per `reserve` call.
 FIRST_LEASE = 64
@@ -247,7 +247,7 @@ class Submitter:
     async def _submit(self, envelopes: list[PackedTask], ids: list[int]) -> list[int]:
         # The token makes a resubmission after a lost connection harmless.
         envelopes = [task.envelope for task in envelopes]
-        request = serialization.pack((uuid.uuid4().hex, envelopes, ids))
+        request = serialization.pack(wire.Submission(uuid.uuid4().hex, envelopes, ids).plain())
         return await self._connection.call("submit", request, retry=True)
 
     def _controller_forgot(self) -> None:

@@ -1,42 +1,38 @@
 """What a user submits and gets back: `Task`, `MapTask`, `TaskResult`.
 
-A task is encoded once, on the client, into a plain *envelope*::
+A task is encoded once, on the client, into a plain *envelope*
+(`taskfarm.wire.TaskEnvelope`)::
 
     (kind, payload, options, depend, recovery)
 
-``payload`` is opaque bytes only an engine opens; ``options`` is the tuple
-``(clear_before, clear_after, retries, priority, timeout)``; ``depend`` is
-the cloudpickled predicate or None; ``recovery`` is the recovery task's
-envelope or None.  The controller reads options and depend, never payload.
+``payload`` is opaque bytes only an engine opens; ``options`` is a
+`taskfarm.wire.TaskOptions` ``(clear_before, clear_after, retries,
+priority, timeout)``; ``depend`` is the cloudpickled predicate or None;
+``recovery`` is the recovery task's envelope or None.  The controller reads
+options and depend, never payload.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
-from taskfarm import serialization
-from taskfarm.errors import BadRequest, RecoveryLoopError, TaskfarmError
+import attrs
 
-#: Envelope kinds.
-EXEC = "exec"
-CALL = "call"
+from taskfarm import serialization, wire
+from taskfarm.errors import BadRequest, RecoveryLoopError, TaskfarmError, from_wire
+
+# The envelope's kinds and limits are the wire's; named here for users.
+from taskfarm.wire import CALL, EXEC, MAX_RECOVERY_CHAIN, MAX_RETRIES, MAX_TIMEOUT
+
+__all__ = [
+    "CALL", "EXEC", "MAX_RECOVERY_CHAIN", "MAX_RETRIES", "MAX_TIMEOUT",
+    "BaseTask", "Task", "MapTask", "TaskResult", "ResultNS", "format_time",
+    "result_from_envelope",
+]
 
 _TIME_FORMAT = "%Y/%m/%d %H:%M:%S"
-
-#: The most retries a task may ask for (the journal stores it as a 64-bit int).
-MAX_RETRIES = 2**63 - 1
-
-#: The longest timeout: any larger number cannot be a float number of seconds.
-MAX_TIMEOUT = sys.float_info.max
-
-#: The most tasks in one recovery chain (the task itself included).  The
-#: envelope nests one level per task, and pickle recurses per level, so a
-#: chain much longer (about 1,000) cannot be sent at all; the controller
-#: refuses longer chains too.
-MAX_RECOVERY_CHAIN = 100
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -57,6 +53,64 @@ def _check_int(
     return value
 
 
+# -- attrs validators and converters of the options ---------------------------------
+# attrs runs them in the constructor and on every assignment (`on_setattr`),
+# so an option is checked at once either way, and a refused assignment keeps
+# the old value.
+
+
+def _is_bool(task, attribute, value) -> None:
+    _check_bool(attribute.name, value)
+
+
+def _is_retries(task, attribute, value) -> None:
+    _check_int(attribute.name, value, minimum=0, maximum=MAX_RETRIES)
+
+
+def _is_int(task, attribute, value) -> None:
+    _check_int(attribute.name, value)
+
+
+def _is_task_or_none(task, attribute, value) -> None:
+    if value is not None and not isinstance(value, BaseTask):
+        raise TypeError(
+            "%s must be a Task or MapTask, not %s" % (attribute.name, type(value).__name__)
+        )
+
+
+def _is_predicate_or_none(task, attribute, value) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(
+            "%s must be a function of one argument (the engine's "
+            "properties), not %s" % (attribute.name, type(value).__name__)
+        )
+
+
+def _timeout(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("timeout must be a number of seconds or None, not %r" % (value,))
+    # Written so that NaN, infinity and ints too big for a float fail.
+    if not 0 < value <= MAX_TIMEOUT:
+        raise ValueError(
+            "timeout must be a positive, finite number of seconds, not %r" % (value,)
+        )
+    return float(value)
+
+
+def _options_last(cls, fields: list) -> list:
+    """attrs puts inherited fields first; the options of `BaseTask` go after
+    a subclass's own fields, so ``Task(expression, pull, push, clear_before,
+    ...)`` keeps its order.  A `MapTask` takes them by keyword only."""
+    own = [f for f in fields if not f.inherited]
+    options = [f for f in fields if f.inherited]
+    if getattr(cls, "_keyword_options", False):
+        options = [f.evolve(kw_only=True) for f in options]
+    return own + options
+
+
+@attrs.define(eq=False, repr=False, slots=False)
 class BaseTask:
     """Options shared by every kind of task.
 
@@ -64,106 +118,22 @@ class BaseTask:
     assignment is checked at once.
     """
 
-    def __init__(
-        self,
-        clear_before: bool = False,
-        clear_after: bool = False,
-        retries: int = 0,
-        recovery_task: BaseTask | None = None,
-        depend: Callable[[dict], bool] | None = None,
-        priority: int = 0,
-        timeout: float | None = None,
-    ) -> None:
-        self.clear_before = clear_before
-        self.clear_after = clear_after
-        self.retries = retries
-        self.recovery_task = recovery_task
-        self.depend = depend
-        self.priority = priority
-        self.timeout = timeout
-
-    @property
-    def clear_before(self) -> bool:
-        """Reset the engine's namespace before the task runs."""
-        return self._clear_before
-
-    @clear_before.setter
-    def clear_before(self, value: bool) -> None:
-        self._clear_before = _check_bool("clear_before", value)
-
-    @property
-    def clear_after(self) -> bool:
-        """Reset the engine's namespace after the task ran."""
-        return self._clear_after
-
-    @clear_after.setter
-    def clear_after(self, value: bool) -> None:
-        self._clear_after = _check_bool("clear_after", value)
-
-    @property
-    def retries(self) -> int:
-        """How many times a failed attempt is run again."""
-        return self._retries
-
-    @retries.setter
-    def retries(self, value: int) -> None:
-        self._retries = _check_int("retries", value, minimum=0, maximum=MAX_RETRIES)
-
-    @property
-    def recovery_task(self) -> BaseTask | None:
-        """The task run, under the same id, once retries are spent."""
-        return self._recovery_task
-
-    @recovery_task.setter
-    def recovery_task(self, value: BaseTask | None) -> None:
-        if value is not None and not isinstance(value, BaseTask):
-            raise TypeError(
-                "recovery_task must be a Task or MapTask, not %s" % type(value).__name__
-            )
-        self._recovery_task = value
-
-    @property
-    def depend(self) -> Callable[[dict], bool] | None:
-        """A predicate of an engine's properties: may the task run there?"""
-        return self._depend
-
-    @depend.setter
-    def depend(self, value: Callable[[dict], bool] | None) -> None:
-        if value is not None and not callable(value):
-            raise TypeError(
-                "depend must be a function of one argument (the engine's "
-                "properties), not %s" % type(value).__name__
-            )
-        self._depend = value
-
-    @property
-    def priority(self) -> int:
-        """Higher runs first under the priority scheduler; FIFO ignores it."""
-        return self._priority
-
-    @priority.setter
-    def priority(self, value: int) -> None:
-        self._priority = _check_int("priority", value)
-
-    @property
-    def timeout(self) -> float | None:
-        """Seconds one attempt may run before it fails with `TaskTimeout`."""
-        return self._timeout
-
-    @timeout.setter
-    def timeout(self, value: float | None) -> None:
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(
-                    "timeout must be a number of seconds or None, not %r" % (value,)
-                )
-            # Written so that NaN, infinity and ints too big for a float fail.
-            if not 0 < value <= MAX_TIMEOUT:
-                raise ValueError(
-                    "timeout must be a positive, finite number of seconds, not %r" % (value,)
-                )
-            value = float(value)
-        self._timeout = value
+    #: Reset the engine's namespace before the task runs.
+    clear_before: bool = attrs.field(default=False, validator=_is_bool)
+    #: Reset the engine's namespace after the task ran.
+    clear_after: bool = attrs.field(default=False, validator=_is_bool)
+    #: How many times a failed attempt is run again.
+    retries: int = attrs.field(default=0, validator=_is_retries)
+    #: The task run, under the same id, once retries are spent.
+    recovery_task: BaseTask | None = attrs.field(default=None, validator=_is_task_or_none)
+    #: A predicate of an engine's properties: may the task run there?
+    depend: Callable[[dict], bool] | None = attrs.field(
+        default=None, validator=_is_predicate_or_none
+    )
+    #: Higher runs first under the priority scheduler; FIFO ignores it.
+    priority: int = attrs.field(default=0, validator=_is_int)
+    #: Seconds one attempt may run before it fails with `TaskTimeout`.
+    timeout: float | None = attrs.field(default=None, converter=_timeout)
 
     # -- encoding ------------------------------------------------------------
 
@@ -171,7 +141,8 @@ class BaseTask:
         raise NotImplementedError
 
     def to_envelope(self) -> tuple:
-        """Encode this task and its recovery chain for the wire.
+        """Encode this task and its recovery chain for the wire: the plain
+        form of a `taskfarm.wire.TaskEnvelope`.
 
         Raises `RecoveryLoopError` when the chain comes back to a task in it,
         `BadRequest` when it is longer than `MAX_RECOVERY_CHAIN` tasks, and
@@ -202,96 +173,65 @@ class BaseTask:
                 if task.depend is None
                 else serialization.dumps(task.depend, "the depend function")
             )
-            options = (
+            options = wire.TaskOptions(
                 task.clear_before,
                 task.clear_after,
                 task.retries,
                 task.priority,
                 task.timeout,
             )
-            envelope = (kind, payload, options, depend, envelope)
-        return envelope
+            envelope = wire.TaskEnvelope(kind, payload, options, depend, envelope)
+        return envelope.plain()
 
 
+def _is_code(task, attribute, value) -> None:
+    if not isinstance(value, str):
+        raise TypeError(
+            "%s must be a str of Python code, not %s" % (attribute.name, type(value).__name__)
+        )
+
+
+def _pull_names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    if value is None:
+        names: tuple = ()
+    elif isinstance(value, str):
+        names = (value,)
+    elif isinstance(value, Sequence):
+        names = tuple(value)
+    else:
+        raise TypeError(
+            "pull must be a name or a sequence of names, not %s" % type(value).__name__
+        )
+    for name in names:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError("pull names must be identifiers, not %r" % (name,))
+    return names
+
+
+def _push_values(value: Mapping[str, object] | None) -> dict[str, object]:
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise TypeError("push must be a dict of names to values, not %s" % type(value).__name__)
+    for name in value:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError("push keys must be identifiers, not %r" % (name,))
+    return dict(value)
+
+
+@attrs.define(eq=False, repr=False, slots=False, field_transformer=_options_last)
 class Task(BaseTask):
     """A code string run on an engine, with values pushed before and pulled after.
 
     `pull` is a name or a sequence of names; `push` a dict of names to values.
     """
 
-    def __init__(
-        self,
-        expression: str,
-        pull: str | Sequence[str] | None = None,
-        push: Mapping[str, object] | None = None,
-        clear_before: bool = False,
-        clear_after: bool = False,
-        retries: int = 0,
-        recovery_task: BaseTask | None = None,
-        depend: Callable[[dict], bool] | None = None,
-        priority: int = 0,
-        timeout: float | None = None,
-    ) -> None:
-        self.expression = expression
-        self.pull = pull
-        self.push = push
-        super().__init__(
-            clear_before, clear_after, retries, recovery_task, depend, priority, timeout
-        )
-
-    @property
-    def expression(self) -> str:
-        """The Python code the task executes."""
-        return self._expression
-
-    @expression.setter
-    def expression(self, value: str) -> None:
-        if not isinstance(value, str):
-            raise TypeError(
-                "expression must be a str of Python code, not %s" % type(value).__name__
-            )
-        self._expression = value
-
-    @property
-    def pull(self) -> tuple[str, ...]:
-        """The names whose values come back in the result."""
-        return self._pull
-
-    @pull.setter
-    def pull(self, value: str | Sequence[str] | None) -> None:
-        if value is None:
-            names: tuple = ()
-        elif isinstance(value, str):
-            names = (value,)
-        elif isinstance(value, Sequence):
-            names = tuple(value)
-        else:
-            raise TypeError(
-                "pull must be a name or a sequence of names, not %s"
-                % type(value).__name__
-            )
-        for name in names:
-            if not isinstance(name, str) or not name.isidentifier():
-                raise ValueError("pull names must be identifiers, not %r" % (name,))
-        self._pull = names
-
-    @property
-    def push(self) -> dict[str, object]:
-        """Names and values put in the engine's namespace before the code runs."""
-        return self._push
-
-    @push.setter
-    def push(self, value: Mapping[str, object] | None) -> None:
-        if value is None:
-            value = {}
-        if not isinstance(value, Mapping):
-            raise TypeError(
-                "push must be a dict of names to values, not %s" % type(value).__name__
-            )
-        for name in value:
-            if not isinstance(name, str) or not name.isidentifier():
-                raise ValueError("push keys must be identifiers, not %r" % (name,))
-        self._push = dict(value)
+    #: The Python code the task executes.
+    expression: str = attrs.field(validator=_is_code)
+    #: The names whose values come back in the result.
+    pull: tuple[str, ...] = attrs.field(default=None, converter=_pull_names)
+    #: Names and values put in the engine's namespace before the code runs.
+    push: dict[str, object] = attrs.field(default=None, converter=_push_values)
 
     def _payload(self) -> tuple[str, bytes]:
         push = serialization.dumps(self.push, "the push dict") if self.push else None
@@ -301,67 +241,57 @@ class Task(BaseTask):
         return "Task(%r, pull=%r)" % (self.expression, list(self.pull))
 
 
+def _is_function(task, attribute, value) -> None:
+    if not callable(value):
+        raise TypeError("%s must be callable, not %s" % (attribute.name, type(value).__name__))
+
+
+def _forget_function_blob(task, attribute, value):
+    # A new function makes the shared pickled copy (`map_tasks`) stale.
+    task._function_blob = None
+    return value
+
+
+def _call_args(value: Sequence) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError("args must be a list or tuple, not %s" % type(value).__name__)
+    return tuple(value)
+
+
+def _call_kwargs(value: Mapping[str, object] | None) -> dict[str, object]:
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise TypeError("kwargs must be a dict, not %s" % type(value).__name__)
+    for name in value:
+        if not isinstance(name, str):
+            # The call on the engine would fail with this anyway.
+            raise TypeError("kwargs keys must be str, not %r" % (name,))
+    return dict(value)
+
+
+@attrs.define(eq=False, repr=False, slots=False, field_transformer=_options_last)
 class MapTask(BaseTask):
     """A function called on an engine as ``function(*args, **kwargs)``.
 
     Its result is the function's return value.  The function travels with
-    cloudpickle, closures and default arguments included.
+    cloudpickle, closures and default arguments included.  The options of
+    `BaseTask` are keyword arguments.
     """
 
-    def __init__(
-        self,
-        function: Callable,
-        args: Sequence = (),
-        kwargs: Mapping[str, object] | None = None,
-        **options,
-    ) -> None:
-        self._function_blob: bytes | None = None
-        self.function = function
-        self.args = args
-        self.kwargs = kwargs
-        super().__init__(**options)
+    _keyword_options = True
 
-    # Like every other option, these are checked on assignment too.
-
-    @property
-    def function(self) -> Callable:
-        """The function called on the engine."""
-        return self._function
-
-    @function.setter
-    def function(self, value: Callable) -> None:
-        if not callable(value):
-            raise TypeError("function must be callable, not %s" % type(value).__name__)
-        self._function = value
-        self._function_blob = None
-
-    @property
-    def args(self) -> tuple:
-        """The positional arguments of the call."""
-        return self._args
-
-    @args.setter
-    def args(self, value: Sequence) -> None:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError("args must be a list or tuple, not %s" % type(value).__name__)
-        self._args = tuple(value)
-
-    @property
-    def kwargs(self) -> dict[str, object]:
-        """The keyword arguments of the call."""
-        return self._kwargs
-
-    @kwargs.setter
-    def kwargs(self, value: Mapping[str, object] | None) -> None:
-        if value is None:
-            value = {}
-        if not isinstance(value, Mapping):
-            raise TypeError("kwargs must be a dict, not %s" % type(value).__name__)
-        for name in value:
-            if not isinstance(name, str):
-                # The call on the engine would fail with this anyway.
-                raise TypeError("kwargs keys must be str, not %r" % (name,))
-        self._kwargs = dict(value)
+    #: The function called on the engine.
+    function: Callable = attrs.field(
+        validator=_is_function,
+        on_setattr=[attrs.setters.validate, _forget_function_blob],
+    )
+    #: The positional arguments of the call.
+    args: tuple = attrs.field(default=(), converter=_call_args)
+    #: The keyword arguments of the call.
+    kwargs: dict[str, object] = attrs.field(default=None, converter=_call_kwargs)
+    #: `function` pickled once for many tasks (`map_tasks`), or None.
+    _function_blob: bytes | None = attrs.field(init=False, default=None)
 
     def _payload(self) -> tuple[str, bytes]:
         function = self._function_blob or serialization.dumps(
@@ -487,28 +417,31 @@ class TaskResult:
 
 
 def result_from_envelope(envelope: tuple) -> TaskResult:
-    """Build a `TaskResult` from the controller's result envelope.
-
-    The envelope is ``(taskid, kind, ok, data, engine_id, submitted,
-    started, completed)``; `data` is the pickled outcome when `ok`, else the
-    wire form of the error.
+    """Build a `TaskResult` from the controller's result envelope (a
+    `taskfarm.wire.ResultEnvelope`, or its plain form); `BadRequest` if it
+    is malformed.
     """
-    from taskfarm.errors import from_wire
-
-    taskid, kind, ok, data, engine_id, submitted, started, completed = envelope
+    envelope = wire.ResultEnvelope.parse(envelope)
     results: dict = {}
     value = None
     failure = None
-    if ok:
-        outcome = serialization.loads(data, "the result of task %d" % taskid)
-        if kind == CALL:
+    if envelope.ok:
+        outcome = serialization.loads(envelope.data, "the result of task %d" % envelope.taskid)
+        if envelope.kind == CALL:
             value = outcome
         else:
             results = outcome
     else:
-        failure = from_wire(data)
+        failure = from_wire(envelope.data)
         if not isinstance(failure, TaskfarmError):
             failure = TaskfarmError(str(failure))
     return TaskResult(
-        taskid, results, failure, engine_id, submitted, started, completed, value
+        envelope.taskid,
+        results,
+        failure,
+        envelope.engine_id,
+        envelope.submitted,
+        envelope.started,
+        envelope.completed,
+        value,
     )

@@ -27,9 +27,7 @@ import builtins
 import math
 import os
 import pickle
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -51,7 +49,7 @@ from taskfarm.remote.multiengine import RemoteMultiEngine
 from taskfarm.remote.server import RemoteEngineSession, RemoteTaskController
 from taskfarm.task import CALL, EXEC, MapTask, Task, result_from_envelope
 from taskfarm.testing import ScriptedChannel
-from taskfarm.testing.helpers import clock_controller
+from taskfarm.testing.helpers import clock_controller, temp_dir
 
 #: Modest example counts keep the file fast; set TASKFARM_FUZZ_SCALE=50 for a
 #: long hunt.
@@ -63,13 +61,6 @@ FAST = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 FUZZ = settings(FAST, max_examples=80 * _SCALE)
-
-def _temp_dir(testcase, prefix: str) -> Path:
-    """A fresh folder outside the checkout, removed at the test's cleanup."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    testcase.addCleanup(shutil.rmtree, path, True)
-    return path
-
 
 
 # -- strategies --------------------------------------------------------------------------
@@ -442,7 +433,7 @@ class DecodingTests(unittest.TestCase):
     def test_code_executing_pickles_are_refused(self):
         """Pickles whose loading would call os.system, exec or Path.touch
         are refused with BadRequest, and nothing runs."""
-        marker = _temp_dir(self, "taskfarm-bad-input-") / "marker"
+        marker = temp_dir(self, "taskfarm-bad-input-") / "marker"
         for blob in _marker_pickles(marker):
             error = self.assertRaises(BadRequest, serialization.unpack, blob)
             self.assertIn("plain data only", str(error))
@@ -477,7 +468,7 @@ class EntryPointTestCase(unittest.TestCase):
             channel = ScriptedChannel()
             channel.engine = self.registry.register(channel, {"hostname": "h", "pid": 1})
             self.channels.append(channel)
-        self.marker = _temp_dir(self, "taskfarm-bad-input-") / "marker"
+        self.marker = temp_dir(self, "taskfarm-bad-input-") / "marker"
 
     def answer(self, d):
         """The reply envelope a remote_* call answered, unpacked."""

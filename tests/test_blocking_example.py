@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import sys
-import tempfile
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from taskfarm.childprocess import exit_status
 from taskfarm.testing.cluster import RealCluster
+from taskfarm.testing.helpers import OutputChild, temp_dir
 
 #: The example from the issue, with `import math` in place of numpy (numpy
 #: is not a dependency); each answer is printed for the test to check.
@@ -76,47 +75,28 @@ show("done", True)
 """
 
 
-class _Child(protocol.ProcessProtocol):
-    """Collects a child's output; `ended` fires with its exit code."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.err = bytearray()
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.err += data
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(reason.value.exitCode)
-
-
 class BlockingExampleTests(unittest.TestCase):
     timeout = 120
 
     async def _run_example(self) -> tuple[int, dict, str]:
-        root = tempfile.mkdtemp(prefix="taskfarm-blocking-")
-        self.addCleanup(shutil.rmtree, root, True)
+        root = str(temp_dir(self, "taskfarm-blocking-"))
         cluster = RealCluster(reactor, profile_root=root)
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(cluster.stop()))
         await cluster.start(4)
 
-        child = _Child()
+        child = OutputChild()
         env = dict(
             os.environ,
             TASKFARM_PROFILE=root,
             PYTHONPATH=os.pathsep.join(sys.path),
             PYTHONUNBUFFERED="1",
         )
-        process = reactor.spawnProcess(
+        reactor.spawnProcess(
             child, sys.executable, [sys.executable, "-c", EXAMPLE], env=env
         )
         # Never leave the child behind: SIGKILL it by PID if it hangs.
-        killer = reactor.callLater(90, lambda: process.signalProcess(signal.SIGKILL))
-        code = await child.ended
+        killer = reactor.callLater(90, child.kill)
+        code = exit_status(await child.ended)
         if killer.active():
             killer.cancel()
         answers = {}

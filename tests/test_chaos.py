@@ -25,7 +25,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from taskfarm.profile import ENGINE, TASK, Profile
 from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
 from taskfarm.testing.helpers import async_test as run
-from taskfarm.testing.helpers import is_alive, sleep, wait_until
+from taskfarm.testing.helpers import is_alive, sleep, temp_dir, wait_until
 from taskfarm.testing.processes import ProcessTestCase, kill_if_alive
 
 REPO = Path(__file__).resolve().parent.parent
@@ -414,8 +413,7 @@ class HungEngineTests(unittest.TestCase):
         heartbeat (period 0.2 s, timeout 1.5 s) within the heartbeat window,
         and the task (retries=1) runs again on the other engine and
         succeeds."""
-        root = tempfile.mkdtemp(prefix="taskfarm-chaos-")
-        self.addCleanup(shutil.rmtree, root, True)
+        root = str(temp_dir(self, "taskfarm-chaos-"))
         cluster = RealCluster(
             reactor, profile_root=root, heartbeat_period=0.2, heartbeat_timeout=1.5
         )

@@ -1,211 +1,357 @@
-"""`ControllerConnection`'s policy on a `task.Clock`: the hello checks, the
-reconnect window and its back-off, and incarnations.  No sockets: the
-transport is a scripted `IControllerDialer`."""
+"""A client's `ControllerConnection` and its `Submitter`, on a `task.Clock`:
+connecting, typed failures, reconnection with back-off, incarnations.
+
+The controller is real (`LocalGrid`: the real Referenceables in front of
+the real task controller), reached through the in-process transport; no
+sockets, no sleeps.  The real-socket counterparts stay in
+tests/test_tasks_integration.py (ConnectionTests, RestartWithoutJournalTests).
+"""
 
 from __future__ import annotations
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.trial import unittest
-from zope.interface import implementer
-from zope.interface.verify import verifyObject
 
+# Imports gathered here, so that moved modules are repointed in one place.
+from taskfarm import serialization
 from taskfarm.connection import ControllerConnection
 from taskfarm.errors import (
     ConnectionLost,
     ControllerUnreachable,
     MessageTooLarge,
     ProtocolVersionError,
+    UnknownTask,
     WrongInterface,
 )
-from taskfarm.interfaces import IControllerDialer, IControllerReference
-from taskfarm.remote.client import FoolscapDialer
-from taskfarm.remote.schemas import WIRE_VERSION
-
-FURL = "pb://tubid@tcp:127.0.0.1:7/swiss"
-
-
-@implementer(IControllerReference)
-class _Reference:
-    def __init__(self, hello: dict) -> None:
-        self.location = "127.0.0.1:7"
-        self._hello = hello
-        self.calls: list = []
-        self.on_disconnect: list = []
-        self.broken = False
-
-    def hello(self) -> defer.Deferred:
-        return defer.succeed(self._hello)
-
-    def call(self, method, *args) -> defer.Deferred:
-        self.calls.append((method, args))
-        if self.broken:
-            return defer.fail(ConnectionLost("the link broke"))
-        return defer.succeed(("answer", method))
-
-    def notify_on_disconnect(self, callback) -> None:
-        self.on_disconnect.append(callback)
-
-    def disconnect(self) -> None:
-        self.break_link()
-
-    def break_link(self) -> None:
-        self.broken = True
-        for callback in self.on_disconnect:
-            callback()
+from taskfarm.profile import MULTIENGINE, TASK
+from taskfarm.remote.answers import hello_blob
+from taskfarm.submission import FLUSH_DELAY, Submitter, pack_envelope
+from taskfarm.task import Task
+from taskfarm.testing.grid import LocalGrid
 
 
-@implementer(IControllerDialer)
-class _Dialer:
-    """`up` says whether a controller answers; each connect makes a fresh
-    reference whose hello carries the current `incarnation`."""
+class _FromTheFuture:
+    """A Task interface that speaks another wire version."""
 
-    def __init__(self, clock) -> None:
-        self._clock = clock
-        #: True, False, or "broken" (connects, but its calls fail).
-        self.up: bool | str = True
-        #: Values of `up` for the next connects, in order.
-        self.script: list = []
-        self.incarnation = "first"
-        self.hello_extra: dict = {}
-        self.attempts: list[float] = []
-        self.references: list[_Reference] = []
-
-    def connect(self, furl, timeout) -> defer.Deferred:
-        self.attempts.append(self._clock.seconds())
-        if self.script:
-            self.up = self.script.pop(0)
-        if not self.up:
-            return defer.fail(ControllerUnreachable("nothing answers"))
-        hello = {
-            "interface": "task",
-            "version": WIRE_VERSION,
-            "max_message_size": 1000,
-            "incarnation": self.incarnation,
-        }
-        hello.update(self.hello_extra)
-        reference = _Reference(hello)
-        reference.broken = self.up == "broken"
-        self.references.append(reference)
-        return defer.succeed(reference)
+    def remote_hello(self):
+        blob = serialization.unpack(hello_blob("task", max_message_size=serialization.DEFAULT_MAX_MESSAGE_SIZE))
+        blob["version"] = 99
+        return serialization.pack(blob)
 
 
-class ControllerConnectionTests(unittest.TestCase):
+class ConnectionTestCase(unittest.SynchronousTestCase):
+    connect_timeout = 10.0
+    reconnect_timeout = 120.0
+
     def setUp(self):
-        self.clock = task.Clock()
-        self.dialer = _Dialer(self.clock)
-        self.connection = ControllerConnection(
-            FURL, "task", self.clock, reconnect_timeout=5.0, dialer=self.dialer
+        self.grid = LocalGrid()
+        self.addCleanup(self.grid.stop)
+        self.clock = self.grid.clock
+        self.tub = self.grid.tub
+        self.connection = self.connect_to(self.grid.furls[TASK])
+
+    def connect_to(self, furl: str, interface: str = TASK) -> ControllerConnection:
+        return ControllerConnection(
+            furl, interface, self.clock, self.connect_timeout, tub=self.tub,
+            reconnect_timeout=self.reconnect_timeout,
         )
 
-    def call(self, method: str = "wait", *args, retry: bool = True) -> defer.Deferred:
+    def call(self, method: str, *args, retry: bool = False) -> defer.Deferred:
         return defer.Deferred.fromCoroutine(self.connection.call(method, *args, retry=retry))
 
-    def connected(self) -> _Reference:
-        self.successResultOf(self.connection.connect())
-        return self.dialer.references[-1]
+    def turns(self, n: int = 3) -> None:
+        for _ in range(n):
+            self.clock.advance(0)
 
-    def next_timer(self) -> float:
-        (timer,) = self.clock.getDelayedCalls()
-        return timer.getTime() - self.clock.seconds()
+    def connected(self) -> None:
+        """Make the first connection (a call that answers)."""
+        d = self.call("engine_ids")
+        self.turns()
+        self.assertEqual(self.successResultOf(d), [])
 
-    def run_out_timers(self, most: int = 50) -> list[float]:
-        """Fire the one pending timer until none is left (at most `most`
-        times); returns the delays they waited."""
-        waits = []
-        for _ in range(most):
-            if not self.clock.getDelayedCalls():
-                return waits
-            waits.append(round(self.next_timer(), 6))
-            # A hair past: now + (t - now) may fall short of t in floats.
-            self.clock.advance(self.next_timer() + 1e-9)
-        self.fail("timers still pending after %d" % most)
 
-    def test_hello_teaches_the_limit(self):
-        """The limit in hello bounds every later request, checked here."""
+class ConnectTests(ConnectionTestCase):
+    """Connecting checks `hello`; every failure is typed."""
+
+    def test_connects_lazily_and_learns_the_limit(self):
+        """Making a connection does nothing; the first call connects,
+        checks hello and learns the controller's limit and incarnation."""
+        self.assertEqual(self.tub.connections, [])
         self.connected()
-        self.assertEqual(self.connection.max_message_size, 1000)
-        self.failureResultOf(self.call("submit", b"x" * 1001, retry=False), MessageTooLarge)
+        self.assertEqual(len(self.tub.connections), 1)
+        self.assertTrue(self.connection.ever_connected)
+        self.assertEqual(self.connection.incarnation, self.grid.controller.incarnation)
         self.assertEqual(
-            self.successResultOf(self.call("submit", b"x" * 1000)), ("answer", "submit")
+            self.connection.max_message_size, serialization.DEFAULT_MAX_MESSAGE_SIZE
         )
 
-    def test_wrong_interface_and_version(self):
-        """A furl for another interface is WrongInterface; another wire
-        version is ProtocolVersionError."""
-        self.dialer.hello_extra = {"interface": "engine"}
-        failure = self.failureResultOf(self.connection.connect(), WrongInterface)
-        self.assertIn("security/task.furl", str(failure.value))
-        self.dialer.hello_extra = {"version": WIRE_VERSION + 1}
-        self.failureResultOf(self.connection.connect(), ProtocolVersionError)
+    def test_waiters_share_one_attempt(self):
+        """Calls made before the connection is up wait for one attempt."""
+        ds = [self.call("engine_ids") for _ in range(3)]
+        self.turns()
+        self.assertEqual([self.successResultOf(d) for d in ds], [[], [], []])
+        self.assertEqual(len(self.tub.connections), 1)
+
+    def test_refused_is_controller_unreachable(self):
+        """Nothing listening: ControllerUnreachable naming the location,
+        never the furl's secret."""
+        self.tub.reachable = False
+        failure = self.failureResultOf(self.turned(self.call("engine_ids")), ControllerUnreachable)
+        self.assertIn("127.0.0.1:9", str(failure.value))
+        self.assertNotIn("/task", str(failure.value))
+
+    def test_silent_is_controller_unreachable_after_the_timeout(self):
+        """A controller that never answers: ControllerUnreachable after
+        connect_timeout of clock time, not before."""
+        self.tub.answering = False
+        d = self.call("engine_ids")
+        self.clock.advance(self.connect_timeout - 0.1)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        self.assertIn("within 10 s", str(self.failureResultOf(d, ControllerUnreachable).value))
+
+    def test_another_interface_is_wrong_interface(self):
+        """A furl of the MultiEngine interface is refused by a Task client."""
+        self.connection = self.connect_to(self.grid.furls[MULTIENGINE])
+        failure = self.failureResultOf(self.turned(self.call("engine_ids")), WrongInterface)
+        self.assertIn("task.furl", str(failure.value))
+
+    def test_another_wire_version_is_refused(self):
+        """A controller of another wire version: ProtocolVersionError."""
+        self.connection = self.connect_to(self.tub.serve(_FromTheFuture(), "future"))
+        self.failureResultOf(self.turned(self.call("engine_ids")), ProtocolVersionError)
+
+    def test_errors_travel_as_data(self):
+        """A controller error comes back as its own class."""
+        self.connected()
+        self.failureResultOf(self.turned(self.call("abort", 12345)), UnknownTask)
+
+    def test_request_over_the_limit_is_refused_before_sending(self):
+        """A byte-string argument over the learnt limit fails with
+        MessageTooLarge and never travels."""
+        self.connected()
+        self.connection.max_message_size = 1000
+        sent = len(self.tub.connection.calls)
+        self.failureResultOf(self.turned(self.call("wait", b"x" * 1001)), MessageTooLarge)
+        self.assertEqual(len(self.tub.connection.calls), sent)
+
+    def turned(self, d: defer.Deferred) -> defer.Deferred:
+        self.turns()
+        return d
+
+
+class ReconnectionTests(ConnectionTestCase):
+    """`call(retry=True)` rides out a broken link, with back-off and a
+    window per break; a plain call does not."""
+
+    def test_plain_call_fails_when_the_link_breaks(self):
+        """A call without retry fails with ConnectionLost; the next call
+        connects again."""
+        self.connected()
+        self.tub.connection.hang()
+        d = self.call("engine_ids")
+        self.turns()
+        self.tub.connection.disconnect()
+        self.turns()
+        self.assertIn("during engine_ids", str(self.failureResultOf(d, ConnectionLost).value))
+        d = self.call("engine_ids")
+        self.turns()
+        self.assertEqual(self.successResultOf(d), [])
+        self.assertEqual(len(self.tub.connections), 2)
+
+    def test_retried_call_reconnects_after_the_delay(self):
+        """A retried call whose link broke tries again 0.1 s later on a new
+        connection, and answers."""
+        self.connected()
+        self.tub.connection.hang()
+        d = self.call("engine_ids", retry=True)
+        self.turns()
+        self.tub.connection.disconnect()
+        self.turns()
+        self.assertNoResult(d)
+        self.assertEqual(len(self.tub.connections), 1)
+        self.clock.advance(0.1)
+        self.turns()
+        self.assertEqual(self.successResultOf(d), [])
+        self.assertEqual(len(self.tub.connections), 2)
+
+    def test_back_off_doubles_to_two_seconds(self):
+        """While the controller stays away, attempts come 0.1, 0.2, 0.4 ...
+        seconds apart, then every 2 s."""
+        self.connected()
+        self.tub.reachable = False
+        attempts: list[float] = []
+        connect = self.tub._connect
+
+        def counted(furl, d):
+            attempts.append(self.clock.seconds())
+            connect(furl, d)
+
+        self.tub._connect = counted
+        self.tub.connection.disconnect()
+        self.turns()
+        d = self.call("engine_ids", retry=True)
+        for _ in range(60):
+            self.clock.advance(min(c.getTime() for c in self.clock.getDelayedCalls())
+                               - self.clock.seconds())
+        self.assertNoResult(d)
+        gaps = [round(b - a, 6) for a, b in zip(attempts, attempts[1:], strict=False)]
+        self.assertEqual(gaps[:6], [0.1, 0.2, 0.4, 0.8, 1.6, 2.0])
+        self.assertEqual(set(gaps[6:]), {2.0})
+        self.tub.reachable = True
+        self.clock.advance(2.0)
+        self.turns()
+        self.assertEqual(self.successResultOf(d), [])
+
+    def test_gives_up_after_the_reconnect_timeout(self):
+        """A controller gone for good: the retried call fails once the
+        reconnect timeout after the break has passed, not before."""
+        self.connected()
+        self.tub.reachable = False
+        self.tub.connection.disconnect()
+        self.turns()
+        d = self.call("engine_ids", retry=True)
+        self.clock.pump([1.0] * 117)
+        self.assertNoResult(d)
+        self.clock.pump([1.0] * 5)
+        self.failureResultOf(d, ControllerUnreachable)
+
+    def test_each_break_opens_its_own_window(self):
+        """A call mended after a break gets a whole window at the next
+        break: the window opens at each break, not when the call began."""
+        self.connected()
+        (taskid,) = self.grid.controller.submit([Task("x = 1").to_envelope()])
+        d = self.call("wait", serialization.pack([taskid]), retry=True)
+        self.turns()
+        for _ in range(2):
+            self.tub.connection.disconnect()
+            self.tub.reachable = False
+            self.clock.pump([1.0] * 100)
+            self.tub.reachable = True
+            self.clock.pump([1.0] * 3)
+            self.assertNoResult(d)
+        self.grid.controller.abort(taskid)
+        self.turns()
+        self.successResultOf(d)
+        self.assertEqual(len(self.tub.connections), 3)
 
     def test_never_connected_fails_fast(self):
-        """A controller never reached is not retried, even for retry calls."""
-        self.dialer.up = False
-        self.failureResultOf(self.call(), ControllerUnreachable)
-        self.assertEqual(self.dialer.attempts, [0])
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        """A controller never reached is a set-up error: even a retried
+        call fails at once."""
+        self.tub.reachable = False
+        self.failureResultOf(self.turned(self.call("engine_ids", retry=True)), ControllerUnreachable)
 
-    def test_reconnect_backs_off_from_0_1_to_2_seconds_within_the_window(self):
-        """After a break a retry call reconnects after 0.1 s, then twice as
-        long each time up to 2 s, and gives up with the transport's error
-        once the next try would fall past the 5 s window."""
-        self.connected().break_link()
-        self.dialer.up = False
-        d = self.call()
-        waits = self.run_out_timers()
-        self.assertEqual(waits, [0.1, 0.2, 0.4, 0.8, 1.6])
-        self.failureResultOf(d, ControllerUnreachable)
-        self.assertAlmostEqual(self.clock.seconds(), 3.1)
-        self.assertEqual(len(self.dialer.attempts), 2 + 5)
+    def turned(self, d: defer.Deferred) -> defer.Deferred:
+        self.turns()
+        return d
 
-    def test_a_mended_link_opens_a_new_window(self):
-        """The window opens at each break, not when the call began: a call
-        that reconnected at 0.7 s and found the link broken again backs off
-        from 0.1 s once more and gives up only 3.1 s after that break."""
-        self.connected().break_link()
-        # Down, down, down; then up with a link that breaks at once; then down.
-        self.dialer.script = [False, False, False, "broken", False]
-        self.dialer.up = False
-        d = self.call()
-        waits = self.run_out_timers()
-        self.assertEqual(waits, [0.1, 0.2, 0.4] + [0.1, 0.2, 0.4, 0.8, 1.6])
-        self.failureResultOf(d, ControllerUnreachable)
-        self.assertAlmostEqual(self.clock.seconds(), 0.7 + 3.1)
 
-    def test_a_break_mid_call_is_retried(self):
-        """A ConnectionLost during a retry call drops the reference and the
-        call is made again over a new one."""
-        first = self.connected()
-        first.broken = True  # the next call finds the link broken
-        d = self.call()
-        self.clock.advance(0.1)
-        self.assertEqual(self.successResultOf(d), ("answer", "wait"))
-        self.assertEqual(len(self.dialer.references), 2)
-        self.failureResultOf(first.call("wait"), ConnectionLost)
+class IncarnationTests(ConnectionTestCase):
+    """A controller restarted without its journal is noticed at hello."""
 
-    def test_a_new_incarnation_fails_the_call_and_tells(self):
-        """A controller that came back without its journal (a new
-        incarnation) fails a retry call with ConnectionLost, once the new
-        hello is read, and runs the on_new_incarnation callbacks."""
+    def test_new_incarnation_fails_retried_calls(self):
+        """A retried call whose controller came back as a new incarnation
+        fails with ConnectionLost instead of being repeated, and the
+        connection's callbacks run once."""
         heard = []
         self.connection.on_new_incarnation.append(lambda: heard.append(True))
-        self.connected().break_link()
-        self.dialer.incarnation = "second"
-        failure = self.failureResultOf(self.call(), ConnectionLost)
+        self.connected()
+        old = self.connection.incarnation
+        self.tub.connection.hang()
+        d = self.call("engine_ids", retry=True)
+        self.turns()
+        self.grid.restart()
+        self.clock.pump([0.1] * 5)
+        failure = self.failureResultOf(d, ConnectionLost)
         self.assertIn("restarted without a journal", str(failure.value))
         self.assertEqual(heard, [True])
-        self.assertEqual(self.connection.incarnation, "second")
+        self.assertNotEqual(self.connection.incarnation, old)
+        d = self.call("engine_ids", retry=True)
+        self.turns()
+        self.assertEqual(self.successResultOf(d), [])
 
-    def test_one_connect_for_many_waiters(self):
-        """Concurrent connects share one attempt; each waiter gets its own Deferred."""
-        a, b = self.connection.connect(), self.connection.connect()
-        self.assertIsNot(a, b)
-        self.successResultOf(a)
-        self.successResultOf(b)
-        self.assertEqual(len(self.dialer.attempts), 1)
+    def test_same_incarnation_is_repeated(self):
+        """A controller that kept its identity (a journal): the call is
+        simply repeated and no callback runs."""
+        heard = []
+        self.connection.on_new_incarnation.append(lambda: heard.append(True))
+        self.connected()
+        self.tub.connection.hang()
+        d = self.call("engine_ids", retry=True)
+        self.turns()
+        self.tub.connection.disconnect()
+        self.clock.pump([0.1] * 5)
+        self.assertEqual(self.successResultOf(d), [])
+        self.assertEqual(heard, [])
 
-    def test_implementers(self):
-        """The Foolscap dialer and these fakes provide their interfaces."""
-        verifyObject(IControllerDialer, FoolscapDialer(self.clock))
-        verifyObject(IControllerDialer, self.dialer)
-        verifyObject(IControllerReference, _Reference({}))
+
+class SubmitterTests(ConnectionTestCase):
+    """A `Submitter` over a real connection to a real controller."""
+
+    def setUp(self):
+        super().setUp()
+        self.submitter = Submitter(self.connection, self.clock)
+        self.blob = pack_envelope(Task("a = 1").to_envelope())
+
+    def submits(self) -> list:
+        return [
+            args for connection in self.tub.connections
+            for method, args in connection.calls if method == "submit"
+        ]
+
+    def test_run_answers_at_once_and_batches(self):
+        """Once a lease is held, run fires at once; runs of one moment leave
+        in one submit within FLUSH_DELAY, and the controller queues them."""
+        first = self.submitter.run(self.blob)
+        self.turns()
+        ids = [self.successResultOf(first)]
+        ids += [self.successResultOf(self.submitter.run(self.blob)) for _ in range(9)]
+        self.assertEqual(ids, list(range(10)))
+        self.clock.advance(FLUSH_DELAY)
+        self.turns()
+        self.assertEqual(len(self.submits()), 1)
+        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 10)
+        self.successResultOf(defer.Deferred.fromCoroutine(self.submitter.confirm()))
+
+    def test_a_submit_lost_in_flight_is_resent_once(self):
+        """The link breaks after the controller took a submission but before
+        its answer: the submitter sends it again with the same token and the
+        controller queues the tasks once."""
+        self.successResultOf(self.turned(self.submitter.run(self.blob)))
+        self.tub.connection.hang_answers()  # the submit is taken, its answer lost
+        self.submitter.flush()
+        self.turns()
+        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 1)
+        self.tub.connection.disconnect()
+        self.clock.pump([0.1] * 5)
+        self.successResultOf(defer.Deferred.fromCoroutine(self.submitter.confirm()))
+        first, again = self.submits()
+        self.assertEqual(first, again)
+        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 1)
+
+    def test_restart_without_journal_fails_what_was_not_acknowledged(self):
+        """A controller restarted without its journal: a batch in flight
+        fails with ConnectionLost (confirm raises it, check names its ids),
+        the old lease is dropped, and later tasks get fresh ids and arrive."""
+        self.successResultOf(self.turned(self.submitter.run(self.blob)))
+        self.turns()
+        self.clock.advance(FLUSH_DELAY)
+        self.turns()
+        self.successResultOf(defer.Deferred.fromCoroutine(self.submitter.confirm()))
+        self.tub.connection.hang()
+        stale = self.successResultOf(self.submitter.run(self.blob))
+        self.submitter.flush()
+        self.turns()
+        self.grid.restart()
+        self.clock.pump([0.1] * 5)
+        self.failureResultOf(defer.Deferred.fromCoroutine(self.submitter.confirm()), ConnectionLost)
+        self.assertRaises(ConnectionLost, self.submitter.check, [stale])
+        fresh = self.submitter.run(self.blob)
+        self.clock.pump([FLUSH_DELAY] * 3)
+        self.successResultOf(fresh)
+        self.successResultOf(defer.Deferred.fromCoroutine(self.submitter.confirm()))
+        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 1)
+
+    def turned(self, d: defer.Deferred) -> defer.Deferred:
+        self.turns()
+        return d

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from twisted.trial import unittest
 from taskfarm.errors import DependError, TaskAborted, TaskTimeout
 from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
-from taskfarm.testing.helpers import async_test, wait_until
+from taskfarm.testing.helpers import async_test, temp_dir, wait_until
 
 
 def _exits(properties):
@@ -52,8 +51,7 @@ class DependTestCase(unittest.TestCase):
     timeout = 120
 
     def setUp(self):
-        self.root = tempfile.mkdtemp(prefix="taskfarm-depend-")
-        self.addCleanup(shutil.rmtree, self.root, True)
+        self.root = str(temp_dir(self, "taskfarm-depend-"))
 
     async def start(self, n_engines=1, **options) -> RealCluster:
         """A cluster on this test's profile (the same journal each time)."""

@@ -1,311 +1,256 @@
-"""The engine link's policy on a `task.Clock`: its back-off schedule, its
-states, and replies batched under the controller's limit.  No sockets:
-the transport is a scripted `IControllerLink`."""
+"""An engine's `EngineLink` on a `task.Clock`: registering, back-off,
+losing the controller and coming back with the same id and properties.
+
+The controller side is real (`LocalGrid`: `RemoteEngineRegistrar`, the
+registry, the sessions), reached through the in-process transport; the
+worker is a `RecordingWorker`.  No sockets, no sleeps.  The real-process
+counterparts stay in tests/test_chaos.py.
+"""
 
 from __future__ import annotations
 
-from twisted.internet import defer, task
 from twisted.trial import unittest
-from zope.interface import implementer
-from zope.interface.verify import verifyObject
 
+# Imports gathered here, so that moved modules are repointed in one place.
 from taskfarm import serialization
-from taskfarm.backoff import Backoff
-from taskfarm.engine.link import REPLY_OVERHEAD, EngineLink, LinkState, WorkerCommands
-from taskfarm.errors import ControllerUnreachable
-from taskfarm.interfaces import IControllerLink, IEngineCommands, IEngineSession
-from taskfarm.remote.engine import FoolscapControllerLink
+from taskfarm.engine.link import EngineLink
+from taskfarm.errors import EngineLost, from_wire
+from taskfarm.profile import ENGINE, TASK
+from taskfarm.testing.fakes import RecordingWorker
+from taskfarm.testing.grid import LocalGrid
 
 
-class _Namespace:
-    def __init__(self) -> None:
-        self.properties = {"hostname": "here"}
-
-    def set_properties(self, properties) -> None:
-        self.properties = properties
-
-
-class _Worker:
-    """What `EngineLink` needs of a `CommandWorker`: sessions and a namespace."""
-
-    def __init__(self) -> None:
-        self.namespace = _Namespace()
-        self.sessions: list = []  # engine ids; None for each end_session
-        self.sink = None
-        self.received: list = []
-
-    def begin_session(self, engine_id, sink) -> None:
-        self.sessions.append(engine_id)
-        self.sink = sink
-
-    def end_session(self) -> None:
-        self.sessions.append(None)
-        self.sink = None
-
-    def receive(self, commands) -> None:
-        self.received.append(commands)
-
-    def interrupt(self, seq) -> None:
-        self.received.append(("interrupt", seq))
-
-    def cancel(self, seqs) -> None:
-        self.received.append(("cancel", seqs))
+def run_for(clock, seconds: float) -> None:
+    """Advance `clock` by `seconds`, stopping at each delayed call on the
+    way, so that every timer fires at its own time, not a step later."""
+    end = clock.seconds() + seconds
+    for _ in range(100_000):
+        due = [c.getTime() for c in clock.getDelayedCalls() if c.getTime() <= end]
+        if not due:
+            break
+        clock.advance(max(min(due) - clock.seconds(), 0.0))
+    clock.advance(max(end - clock.seconds(), 0.0))
 
 
-@implementer(IEngineSession)
-class _Session:
-    def __init__(self, engine_id: int, limit: int) -> None:
-        self.engine_id = engine_id
-        self.max_message_size = limit
-        self.location = "127.0.0.1:1"
-        self.sent: list[bytes] = []
-        self.on_disconnect: list = []
-        self.alive = True
+class EngineLinkTestCase(unittest.SynchronousTestCase):
+    retry_delays = (0.2, 5.0)
+    #: The registry's heartbeat (period, timeout); None: off.
+    heartbeat = None
 
-    def send_replies(self, packed: bytes) -> bool:
-        if not self.alive:
-            return False
-        self.sent.append(packed)
-        return True
+    def setUp(self):
+        self.grid = LocalGrid(heartbeat=self.heartbeat)
+        self.addCleanup(self.grid.stop)
+        self.clock = self.grid.clock
+        self.tub = self.grid.tub
+        self.furl = self.grid.furls[ENGINE]
+        self.worker = RecordingWorker()
+        self.registered: list[int] = []
+        self.attempts: list[float] = []
+        self.link = EngineLink(
+            self.read_furl, self.worker, self.clock, self.retry_delays, tub=self.tub
+        )
+        self.link.on_registered.append(self.registered.append)
 
-    def notify_on_disconnect(self, callback) -> None:
-        self.on_disconnect.append(callback)
-
-    def break_link(self) -> None:
-        self.alive = False
-        for callback in self.on_disconnect:
-            callback()
-
-
-@implementer(IControllerLink)
-class _ScriptedLink:
-    """Each `register` answers the next outcome: a limit (registered) or an
-    exception; with none left it hangs until the test answers it."""
-
-    def __init__(self, clock, outcomes: list) -> None:
-        self._clock = clock
-        self.outcomes = list(outcomes)
-        self.attempts: list[tuple[float, object, object]] = []  # (time, furl, requested id)
-        self.sessions: list[_Session] = []
-        self.started = self.stopped = 0
-        self.pending: defer.Deferred | None = None
+    def read_furl(self) -> str:
+        self.attempts.append(self.clock.seconds())
+        return self.furl
 
     def start(self) -> None:
-        self.started += 1
+        self.link.startService()
+        self.addCleanup(self.stop)
+        self.turns()
 
-    def stop(self) -> defer.Deferred:
-        self.stopped += 1
-        return defer.succeed(None)
+    def stop(self) -> None:
+        if self.link.running:
+            d = self.link.stopService()
+            self.clock.advance(0)
+            self.successResultOf(d)
 
-    def register(self, furl, commands, properties, requested_id) -> defer.Deferred:
-        self.attempts.append((self._clock.seconds(), furl, requested_id))
-        self.commands = commands
-        self.properties = properties
-        if not self.outcomes:
-            self.pending = defer.Deferred()
-            return self.pending
-        outcome = self.outcomes.pop(0)
-        if isinstance(outcome, Exception):
-            return defer.fail(outcome)
-        session = _Session(len(self.sessions) if requested_id is None else requested_id, outcome)
-        self.sessions.append(session)
-        return defer.succeed(session)
+    def turns(self, n: int = 3) -> None:
+        for _ in range(n):
+            self.clock.advance(0)
 
+    def gaps(self) -> list[float]:
+        return [round(b - a, 6) for a, b in zip(self.attempts, self.attempts[1:], strict=False)]
 
-def _unreachable() -> ControllerUnreachable:
-    return ControllerUnreachable("nothing listens")
+    def run_for(self, seconds: float) -> None:
+        """Let `seconds` pass, stopping at each timer on the way (exactly)."""
+        run_for(self.clock, seconds)
 
 
-class EngineLinkTests(unittest.TestCase):
-    def make(self, outcomes: list, **options) -> tuple[EngineLink, _ScriptedLink, _Worker]:
-        self.clock = task.Clock()
-        transport = _ScriptedLink(self.clock, outcomes)
-        worker = _Worker()
-        furls = iter(range(1000))
-        link = EngineLink(
-            lambda: "furl-%d" % next(furls), worker, self.clock, transport=transport, **options
-        )
-        self.states: list[tuple[LinkState, LinkState]] = []
-        link.on_state.append(lambda old, new: self.states.append((old, new)))
-        return link, transport, worker
+class RegisterTests(EngineLinkTestCase):
+    """The link registers through the real registrar."""
 
-    def times(self, transport: _ScriptedLink) -> list[float]:
-        return [round(when, 6) for when, _, _ in transport.attempts]
+    def test_registers_and_begins_a_session(self):
+        """On start the engine registers, gets id 0, and its worker begins a
+        session; the registry holds it."""
+        self.start()
+        self.assertEqual(self.registered, [0])
+        self.assertEqual(self.link.engine_id, 0)
+        self.assertEqual(self.worker.sessions, [0])
+        self.assertEqual(list(self.grid.registry.engines), [0])
 
-    def stop(self, link: EngineLink) -> None:
-        self.successResultOf(defer.Deferred.fromCoroutine(link.stopService()))
+    def test_commands_and_replies_travel(self):
+        """A command the controller sends reaches the worker; the worker's
+        reply through its session reaches the command's caller."""
+        self.start()
+        handle = self.grid.registry.engines[0]
+        replies = []
+        handle.send("keys", (), lambda *reply: replies.append(reply))
+        self.turns()
+        self.assertEqual(self.worker.received, [(0, "keys", ())])
+        self.worker.reply([(0, True, serialization.pack(["a"]), 1.0, 2.0)])
+        self.turns()
+        self.assertEqual(replies, [(0, True, serialization.pack(["a"]), 1.0, 2.0)])
 
-    def test_back_off_doubles_from_0_2_to_5_seconds(self):
-        """A controller that cannot be reached is tried again after 0.2 s,
-        then twice as long each time up to 5 s, reading the furl each time."""
-        link, transport, _ = self.make([_unreachable()] * 9)
-        link.startService()
-        waits = [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0, 5.0]
-        for wait in waits:
-            (timer,) = self.clock.getDelayedCalls()
-            self.assertAlmostEqual(timer.getTime() - self.clock.seconds(), wait)
-            attempts = len(transport.attempts)
-            # A hair past: now + (t - now) may fall short of t in floats.
-            self.clock.advance(timer.getTime() - self.clock.seconds() + 1e-9)
-            self.assertEqual(len(transport.attempts), attempts + 1)
-        self.assertEqual(
-            self.times(transport), [0, 0.2, 0.6, 1.4, 3.0, 6.2, 11.2, 16.2, 21.2, 26.2]
-        )
-        self.clock.advance(100)
-        self.assertEqual(len(transport.attempts), 10)  # the tenth hangs: no more
-        self.assertEqual(
-            [furl for _, furl, _ in transport.attempts][:3], ["furl-0", "furl-1", "furl-2"]
-        )
-        self.stop(link)
+    def test_wrong_furl_is_retried(self):
+        """A furl that leads to another interface does not register; the
+        link keeps trying (the furl file is read again each time)."""
+        self.furl = self.grid.furls[TASK]
+        self.start()
+        self.run_for(1.0)
+        self.assertEqual(self.registered, [])
+        self.assertGreater(len(self.attempts), 2)
+        self.furl = self.grid.furls[ENGINE]
+        self.run_for(5.0)
+        self.assertEqual(self.registered, [0])
 
-    def test_registering_resets_the_schedule_and_keeps_the_id(self):
-        """After two failures the engine registers; when that link breaks it
-        tries again 0.2 s later (the schedule starts over), asks for the same
-        engine id, and the worker's session ends and begins again."""
-        link, transport, worker = self.make([_unreachable(), _unreachable(), 4096, 4096])
-        registered: list[int] = []
-        link.on_registered.append(registered.append)
-        link.startService()
+
+class BackOffTests(EngineLinkTestCase):
+    """Failed attempts back off from the first delay, doubling to the cap."""
+
+    def test_unreachable_controller_backs_off(self):
+        """Refused attempts come 0.2, 0.4, 0.8, 1.6, 3.2 s apart, then every
+        5 s; once the controller is back the engine registers."""
+        self.tub.reachable = False
+        self.start()
+        self.run_for(40.0)
+        gaps = self.gaps()
+        self.assertEqual(gaps[:5], [0.2, 0.4, 0.8, 1.6, 3.2])
+        self.assertTrue(gaps[5:] and set(gaps[5:]) == {5.0}, gaps)
+        self.assertEqual(self.registered, [])
+        self.tub.reachable = True
+        self.run_for(5.1)
+        self.assertEqual(self.registered, [0])
+
+    def test_silent_controller_times_out_each_attempt(self):
+        """A controller that never answers: each attempt gives up after 10 s,
+        then waits its back-off delay."""
+        self.tub.answering = False
+        self.start()
+        self.run_for(25.0)
+        self.assertEqual(self.gaps()[:2], [10.2, 10.4])
+
+    def test_delay_starts_again_after_a_registration(self):
+        """After a registration, a later loss retries after the first delay
+        again, not the last one."""
+        self.tub.reachable = False
+        self.start()
+        self.run_for(10.0)
+        self.tub.reachable = True
+        self.run_for(5.1)
+        self.assertEqual(self.registered, [0])
+        self.attempts.clear()
+        self.tub.connection.disconnect()
+        self.clock.advance(0)
+        self.run_for(0.3)
+        self.assertEqual(self.registered, [0, 0])
+        self.assertEqual(len(self.attempts), 1)
+
+
+class ReconnectionTests(EngineLinkTestCase):
+    """A lost controller ends the session; the engine comes back as itself."""
+
+    def test_lost_link_ends_the_session_and_registers_again(self):
+        """The link breaks: the worker's session ends, the controller answers
+        the engine's unanswered command with EngineLost, and 0.2 s later the
+        engine registers again with the same id and its latest properties."""
+        self.start()
+        handle = self.grid.registry.engines[0]
+        replies = []
+        handle.send("keys", (), lambda *reply: replies.append(reply))
+        self.grid.multiengine.properties("set", 0, {"colour": "blue"})
+        self.turns()
+        self.assertEqual(self.worker.namespace.properties, {"colour": "blue"})
+        self.grid.add_engine()  # takes id 1; id 0 stays the link's to ask for
+        self.tub.connection.disconnect()
+        self.turns()
+        self.assertEqual(self.worker.ended, 1)
+        self.assertIsInstance(from_wire(replies[0][2]), EngineLost)
+        self.assertNotIn(0, self.grid.registry.engines)
         self.clock.advance(0.2)
-        self.clock.advance(0.4)
-        self.assertIs(link.state, LinkState.REGISTERED)
-        self.assertEqual(link.engine_id, 0)
-        self.assertEqual(transport.properties, {"hostname": "here"})
-        self.clock.advance(100)
-        transport.sessions[0].break_link()
-        self.assertIs(link.state, LinkState.WAITING)
-        self.clock.advance(0.19)
-        self.assertEqual(len(transport.attempts), 3)
-        self.clock.advance(0.01)
-        self.assertEqual(self.times(transport), [0, 0.2, 0.6, 100.8])
-        self.assertEqual([requested for _, _, requested in transport.attempts], [None] * 3 + [0])
-        self.assertEqual(registered, [0, 0])
-        self.assertEqual(link.registrations, 2)
-        self.assertIn(None, worker.sessions)
-        self.assertEqual(worker.sessions[-1], 0)
-        self.stop(link)
+        self.turns()
+        self.assertEqual(self.registered, [0, 0])
+        self.assertEqual(self.link.registrations, 2)
+        self.assertEqual(self.grid.registry.engines[0].properties, {"colour": "blue"})
 
-    def test_states_in_order(self):
-        """The link goes stopped -> connecting -> waiting -> connecting ->
-        registered -> waiting (lost) -> connecting -> stopping -> stopped."""
-        link, transport, _ = self.make([_unreachable(), 4096])
-        link.startService()
+    def test_restarted_controller_is_found_again(self):
+        """A controller that restarts (new state, same furl): the engine
+        registers with the new one."""
+        self.start()
+        self.grid.restart()
+        self.turns()
         self.clock.advance(0.2)
-        transport.sessions[0].break_link()
-        self.clock.advance(0.2)
-        self.stop(link)
-        S = LinkState
-        path = [self.states[0][0]] + [new for _, new in self.states]
-        self.assertEqual(
-            path,
-            [
-                S.STOPPED,
-                S.CONNECTING,
-                S.WAITING,
-                S.CONNECTING,
-                S.REGISTERED,
-                S.WAITING,
-                S.CONNECTING,
-                S.STOPPING,
-                S.STOPPED,
-            ],
-        )
+        self.turns()
+        self.assertEqual(self.registered, [0, 0])
+        self.assertEqual(list(self.grid.registry.engines), [0])
 
-    def test_stop_while_waiting_leaves_no_timer(self):
-        """Stopping during a back-off cancels its timer: no attempt follows,
-        the transport is stopped, and the link can start again."""
-        link, transport, _ = self.make([_unreachable()])
-        link.startService()
-        self.assertIs(link.state, LinkState.WAITING)
-        self.stop(link)
-        self.assertIs(link.state, LinkState.STOPPED)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.assertEqual((transport.started, transport.stopped), (1, 1))
-        self.clock.advance(10)
-        self.assertEqual(len(transport.attempts), 1)
-        transport.outcomes = [4096]
-        link.startService()
-        self.assertIs(link.state, LinkState.REGISTERED)
-        self.stop(link)
-
-    def test_stop_while_connecting_cancels_the_attempt(self):
-        """Stopping while an attempt hangs cancels it and ends in stopped."""
-        link, transport, _ = self.make([])
-        link.startService()
-        self.assertIs(link.state, LinkState.CONNECTING)
-        self.stop(link)
-        self.assertTrue(transport.pending.called)
-        self.assertIs(link.state, LinkState.STOPPED)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_a_bad_transition_is_refused(self):
-        """The state table is enforced: a registered link cannot be stopped
-        without passing through stopping."""
-        link, _, _ = self.make([4096])
-        link.startService()
-        self.assertRaises(RuntimeError, link._enter, LinkState.STOPPED)
-        self.stop(link)
-
-    def test_replies_are_batched_under_the_controller_limit(self):
-        """Replies that together exceed the limit learnt at hello leave in
-        several messages, none over the limit, all in order."""
-        limit = 64 * 1024
-        link, transport, worker = self.make([limit])
-        link.startService()
-        replies = [(seq, True, b"r" * 10_000, 0.0, 1.0) for seq in range(20)]
-        worker.sink(replies)
-        sent = transport.sessions[0].sent
-        self.assertGreater(len(sent), 1)
-        self.assertTrue(all(len(message) <= limit for message in sent))
-        self.assertEqual(
-            [reply for message in sent for reply in serialization.unpack(message)], replies
-        )
-        self.assertGreater(limit - REPLY_OVERHEAD, 0)
-        transport.sessions[0].alive = False
-        worker.sink(replies)  # a dead link drops them, raising nothing
-        self.stop(link)
-
-    def test_commands_reach_the_worker(self):
-        """What the transport delivers reaches the worker and its namespace."""
-        link, transport, worker = self.make([4096])
-        link.startService()
-        commands = transport.commands
-        verifyObject(IEngineCommands, commands)
-        commands.receive([(1, "exec", ())])
-        commands.interrupt(1)
-        commands.cancel([2])
-        commands.set_properties({"a": 1})
-        self.assertEqual(worker.received, [[(1, "exec", ())], ("interrupt", 1), ("cancel", [2])])
-        self.assertEqual(worker.namespace.properties, {"a": 1})
-        self.stop(link)
-
-    def test_implementers(self):
-        """The Foolscap transport, the worker adapter and these fakes provide
-        the interfaces they claim."""
-        verifyObject(IControllerLink, FoolscapControllerLink(task.Clock()))
-        verifyObject(IEngineCommands, WorkerCommands(_Worker()))
-        verifyObject(IControllerLink, _ScriptedLink(task.Clock(), []))
-        verifyObject(IEngineSession, _Session(0, 1024))
+    def test_stop_ends_everything(self):
+        """stopService ends the session and the link tries nothing more."""
+        self.start()
+        self.stop()
+        self.assertEqual(self.worker.ended, 1)
+        attempts = len(self.attempts)
+        self.run_for(30.0)
+        self.assertEqual(len(self.attempts), attempts)
+        self.assertFalse(self.clock.getDelayedCalls())
 
 
-class BackoffTests(unittest.SynchronousTestCase):
-    def test_schedule(self):
-        """Delays double from the first to the ceiling, with no jitter, and
-        start over after reset; peek does not count a failure."""
-        backoff = Backoff(0.1, 2.0)
-        self.assertEqual(backoff.peek(), 0.1)
-        self.assertEqual([backoff.next() for _ in range(7)], [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0])
-        self.assertEqual(backoff.attempts, 7)
-        backoff.reset()
-        self.assertEqual(backoff.next(), 0.1)
+class HeartbeatTests(EngineLinkTestCase):
+    """The controller's heartbeat over the transport: pings travel as calls,
+    a silent engine is dropped, and its link comes back."""
 
-    def test_wait_uses_the_clock(self):
-        """wait() fires after the next delay on the given clock."""
-        clock = task.Clock()
-        backoff = Backoff(0.2, 5.0)
-        d = backoff.wait(clock)
-        clock.advance(0.19)
-        self.assertNoResult(d)
-        clock.advance(0.01)
-        self.successResultOf(d)
-        self.assertEqual(backoff.peek(), 0.4)
+    heartbeat = (1.0, 10.0)
+
+    def test_answering_engine_is_kept(self):
+        """An engine whose pings are answered stays registered, however
+        long; each beat is one ping call on its connection."""
+        self.start()
+        self.run_for(60.0)
+        self.assertEqual(list(self.grid.registry.engines), [0])
+        self.assertEqual(self.registered, [0])
+        pings = [m for m, _ in self.tub.connection.calls if m == "ping"]
+        self.assertEqual(len(pings), 60)
+
+    def test_hung_engine_is_dropped_and_comes_back(self):
+        """A connection that hangs (a stopped engine, a partition): once the
+        engine was silent for more than the timeout the controller drops it
+        and breaks the connection, its command fails with EngineLost, and
+        the engine's link registers again as the same engine."""
+        self.start()
+        handle = self.grid.registry.engines[0]
+        replies = []
+        handle.send("keys", (), lambda *reply: replies.append(reply))
+        self.turns()
+        connection = self.tub.connection
+        connection.hang()
+        self.run_for(10.0)
+        self.assertEqual(list(self.grid.registry.engines), [0])
+        self.run_for(1.0)
+        self.assertNotIn(handle, self.grid.registry.engines.values())
+        self.assertIsInstance(from_wire(replies[0][2]), EngineLost)
+        self.assertEqual(connection.state.value, "broken")
+        self.run_for(0.5)
+        self.assertEqual(self.registered, [0, 0])
+        self.assertIsNot(self.grid.registry.engines[0], handle)
+
+    def test_slow_but_alive_engine_is_kept(self):
+        """Answers that come late, but within the timeout, keep the engine."""
+        self.start()
+        for _ in range(6):
+            self.tub.connection.hang()
+            self.run_for(8.0)
+            self.tub.connection.release()
+            self.run_for(1.0)
+        self.assertEqual(self.registered, [0])
+        self.assertEqual(list(self.grid.registry.engines), [0])

@@ -9,11 +9,9 @@ on one profile (`RealCluster`), with engine processes where tasks must run.
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,13 +31,7 @@ from taskfarm.task import Task
 from taskfarm.testing import ScriptedChannel
 from taskfarm.testing.cluster import RealCluster
 from taskfarm.testing.helpers import async_test as _deferred
-
-
-def _temp_dir(testcase, prefix: str) -> Path:
-    """A fresh folder outside the checkout, removed at the test's cleanup."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    testcase.addCleanup(shutil.rmtree, path, True)
-    return path
+from taskfarm.testing.helpers import temp_dir
 
 
 def _envelope_blob(expression: str = "a = 1", retries: int = 0) -> bytes:
@@ -58,7 +50,7 @@ class JournalTests(unittest.TestCase):
     def open_journal(self, path: Path | None = None) -> Journal:
         """An open journal at `path` (a fresh one by default), closed at cleanup."""
         if path is None:
-            path = _temp_dir(self, "taskfarm-journal-") / "journal.sqlite"
+            path = temp_dir(self, "taskfarm-journal-") / "journal.sqlite"
         journal = Journal(path, reactor)
         journal.open()
         self.addCleanup(journal.close)
@@ -203,7 +195,7 @@ class CorruptJournalTests(unittest.TestCase):
 
     def corrupt_profile(self) -> Profile:
         """A profile whose journal once held a task and now holds garbage."""
-        profile = Profile(_temp_dir(self, "taskfarm-journal-") / "profile")
+        profile = Profile(temp_dir(self, "taskfarm-journal-") / "profile")
         profile.ensure()
         journal = Journal(profile.journal_file, reactor)
         journal.open()
@@ -251,7 +243,7 @@ class _RestartTestCase(unittest.TestCase):
     timeout = 120
 
     def setUp(self):
-        self.root = str(_temp_dir(self, "taskfarm-journal-"))
+        self.root = str(temp_dir(self, "taskfarm-journal-"))
 
     async def start(self, n_engines: int = 0, **options) -> RealCluster:
         """A controller on this test's profile (stopped at cleanup if the
@@ -453,7 +445,7 @@ class FullDiskTests(_RestartTestCase):
     def setUp(self):
         if os.geteuid() != 0:
             raise unittest.SkipTest("mounting a tmpfs needs root (CI runs as root)")
-        outside = _temp_dir(self, "taskfarm-disk-")
+        outside = temp_dir(self, "taskfarm-disk-")
         self.root = str(outside / "profile")
         os.mkdir(self.root)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", self.root],

@@ -16,9 +16,6 @@ real Foolscap (`RealCluster`).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor, task
@@ -45,7 +42,7 @@ from taskfarm.remote.server import RemoteTaskController, fit_results
 from taskfarm.submission import Submitter, pack_envelope
 from taskfarm.task import MAX_RECOVERY_CHAIN, Task, result_from_envelope
 from taskfarm.testing import ScriptedChannel
-from taskfarm.testing.cluster import RealCluster
+from taskfarm.testing.cluster import ClusterTestCase
 from taskfarm.testing.helpers import async_test as run
 from taskfarm.testing.helpers import clock_controller
 
@@ -292,7 +289,7 @@ class _InProcessConnection:
         return value
 
 
-class SubmitterTests(unittest.TestCase):
+class SubmitterTests(unittest.SynchronousTestCase):
     """A `Submitter` against a real in-memory `TaskController`."""
 
     def setUp(self):
@@ -429,16 +426,8 @@ class RecoveryChainTests(unittest.TestCase):
 # -- end to end -----------------------------------------------------------------------------
 
 
-class _LimitClusterTestCase(unittest.TestCase):
-    timeout = 120
-
-    async def start_cluster(self, n: int = 1, **options):
-        root = tempfile.mkdtemp(prefix="taskfarm-limits-")
-        self.addCleanup(shutil.rmtree, root, True)
-        self.cluster = RealCluster(reactor, profile_root=root, **options)
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.cluster.stop()))
-        await self.cluster.start(n)
-        return self.cluster.task_client()
+class _LimitClusterTestCase(ClusterTestCase):
+    folder_prefix = "taskfarm-limits-"
 
     async def stop_controller(self) -> int:
         """Stop the controller (its journal stays); returns its port."""

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.trial import unittest
 
 from taskfarm.errors import (
@@ -37,9 +35,9 @@ from taskfarm.errors import (
 from taskfarm.properties import FACT_KEYS
 from taskfarm.results import PendingResult, ResultList
 from taskfarm.task import MapTask, Task
-from taskfarm.testing.cluster import RealCluster
+from taskfarm.testing.cluster import ClusterTestCase
+from taskfarm.testing.helpers import assert_composite, wait_until
 from taskfarm.testing.helpers import async_test as run
-from taskfarm.testing.helpers import wait_until
 
 
 def gated(marker: Path, gate: Path, then: str = "") -> str:
@@ -65,19 +63,16 @@ async def failure_of(d, *error_types):
     raise AssertionError("expected %s, got the value %r" % (error_types, value))
 
 
-class _ClusterTestCase(unittest.TestCase):
-    """Starts a cluster per test; the cleanup stops it and removes its files."""
+class _ClusterTestCase(ClusterTestCase):
+    """Starts a cluster per test (MultiEngine client); the cleanup stops it
+    and removes its files."""
 
-    timeout = 120
+    folder_prefix = "taskfarm-me-"
 
     async def start_cluster(self, n: int = 2, **controller_options):
-        root = tempfile.mkdtemp(prefix="taskfarm-me-")
-        self.addCleanup(shutil.rmtree, root, True)
-        self.tmp = Path(root) / "scratch"
-        self.tmp.mkdir()
-        self.cluster = RealCluster(reactor, profile_root=root, **controller_options)
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.cluster.stop()))
-        await self.cluster.start(n)
+        return await super().start_cluster(n, **controller_options)
+
+    def client(self):
         return self.cluster.multiengine_client()
 
     def slot_of(self, engine_id: int):
@@ -95,19 +90,7 @@ class _ClusterTestCase(unittest.TestCase):
         await channel._rref.callRemote("ping")
 
     def assert_composite(self, error: CompositeError, method: str, expected: dict) -> None:
-        """`error` holds exactly one error per engine of `expected`
-        ({engine_id: exception type or remote exception name}), in order."""
-        self.assertIsInstance(error, CompositeError)
-        self.assertEqual([e for e, _, _ in error.elist], list(expected))
-        for engine_id, m, err in error.elist:
-            self.assertEqual(m, method)
-            kind = expected[engine_id]
-            if isinstance(kind, str):
-                self.assertIsInstance(err, RemoteTaskError)
-                self.assertEqual(err.ename, kind)
-                self.assertEqual(err.engine_id, engine_id)
-            else:
-                self.assertIsInstance(err, kind)
+        assert_composite(self, error, method, expected)
 
 
 class ExecuteTests(_ClusterTestCase):

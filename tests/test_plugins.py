@@ -2,7 +2,6 @@
 from argv; no service is started)."""
 
 import os
-import tempfile
 
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
@@ -12,6 +11,7 @@ from twisted.trial import unittest
 from taskfarm.controller import tap as controller_tap
 from taskfarm.controller.scheduler import FIFOScheduler, PriorityScheduler
 from taskfarm.engine import tap as engine_tap
+from taskfarm.testing.helpers import temp_dir
 
 
 class PluginDiscoveryTests(unittest.TestCase):
@@ -195,7 +195,7 @@ class EngineOptionsTests(unittest.TestCase):
 
     def test_furl_file_from_profile(self):
         """Without --furl-file the engine furl of the profile is used."""
-        profile = os.path.join(tempfile.mkdtemp(), "profile")
+        profile = os.path.join(temp_dir(self), "profile")
         options = self.parse("--profile-dir", profile)
         self.assertEqual(
             os.path.abspath(options["furl-file"]),

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -26,7 +25,14 @@ from taskfarm import serialization
 from taskfarm.controller.predicates import PredicatePool, Verdict
 from taskfarm.interfaces import IPredicateEvaluator
 from taskfarm.testing import InProcessEvaluator
-from taskfarm.testing.helpers import async_test, children_of, is_alive, proc_stat, wait_until
+from taskfarm.testing.helpers import (
+    async_test,
+    children_of,
+    is_alive,
+    proc_stat,
+    temp_dir,
+    wait_until,
+)
 
 
 def _predicates() -> dict:
@@ -206,7 +212,7 @@ class PredicatePoolTests(PoolTestCase):
             os.kill(pid, signal.SIGKILL)
         await wait_until(lambda: not self.evaluator.pids(), "the pool to see its children die", 10)
         self.assertEqual(await self.verdict(P["big"], {"RAM": 16}), Verdict(True))
-        folder = Path(tempfile.mkdtemp(prefix="taskfarm-depend-"))
+        folder = temp_dir(self, "taskfarm-depend-")
         # Killed once while evaluating: the request gets another process.
         marker = folder / "once"
         verdict = self.evaluator.evaluate(_blocks_saying_pid(marker, once=True), {})
@@ -234,7 +240,7 @@ class PredicatePoolTests(PoolTestCase):
     async def test_same_sys_path_and_cwd(self):
         """Children import from the controller's sys.path and run in its
         folder: a depend from a module there is found (pickled by name)."""
-        folder = Path(tempfile.mkdtemp(prefix="taskfarm-depend-"))
+        folder = temp_dir(self, "taskfarm-depend-")
         (folder / "depend_mod_for_pool.py").write_text(
             "import os\n\ndef here(properties):\n    return os.getcwd()\n"
             "\ndef wants(properties):\n    return properties.get('x') == 1\n"

@@ -1,20 +1,17 @@
 """The original quick-start, against a real controller and real engines."""
 
-from twisted.internet import defer, reactor
-from twisted.trial import unittest
+from twisted.internet import defer
 
 from taskfarm.task import Task
-from taskfarm.testing.cluster import RealCluster
+from taskfarm.testing.cluster import ClusterTestCase
 
 
-class QuickStartTests(unittest.TestCase):
+class QuickStartTests(ClusterTestCase):
     timeout = 120
+    folder_prefix = "taskfarm-quickstart-"
 
     async def _setup(self, n=4, **options):
-        self.cluster = RealCluster(reactor, **options)
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.cluster.stop()))
-        await self.cluster.start(n)
-        return self.cluster.task_client()
+        return await self.start_cluster(n, **options)
 
     def test_quickstart(self):
         """1000 tasks pulled back by name arrive with metadata and values."""

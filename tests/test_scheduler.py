@@ -95,6 +95,8 @@ class SchedulerInterfaceTests(unittest.TestCase):
 class FIFOSchedulerTests(unittest.TestCase):
     """First in, first out, spread round robin over engines."""
 
+    scheduler_class = FIFOScheduler
+
     def setUp(self):
         self.evaluator, self.clock = named(
             big=lambda p: p.get("RAM", 0) >= 8,
@@ -102,7 +104,7 @@ class FIFOSchedulerTests(unittest.TestCase):
             broken=lambda p: 1 / 0,
             exits=lambda p: exit(3),
         )
-        self.scheduler = FIFOScheduler(evaluator=self.evaluator)
+        self.scheduler = self.scheduler_class(evaluator=self.evaluator)
         self.kicks = 0
         self.scheduler.watch(self.kicked)
 
@@ -317,7 +319,7 @@ class FIFOSchedulerTests(unittest.TestCase):
 
     def test_without_evaluator_depend_is_broken(self):
         """A scheduler without an evaluator runs no predicate: such tasks are broken."""
-        scheduler = FIFOScheduler()
+        scheduler = self.scheduler_class()
         scheduler.add_engine(FakeEngine(0))
         t0, t1 = FakeTask(0, depend=b"big"), FakeTask(1)
         scheduler.add_task(t0)
@@ -390,7 +392,7 @@ class FIFOSchedulerTests(unittest.TestCase):
     def test_predicate_gets_a_copy(self):
         """A predicate that changes the properties it is given cannot change the engine's."""
         evaluator, clock = named(meddle=lambda p: p.update(RAM=0) or True)
-        scheduler = FIFOScheduler(evaluator=evaluator)
+        scheduler = self.scheduler_class(evaluator=evaluator)
         engine = FakeEngine(0, properties={"RAM": 64})
         scheduler.add_engine(engine)
         scheduler.add_task(FakeTask(0, depend=b"meddle"))
@@ -437,6 +439,13 @@ class FIFOSchedulerTests(unittest.TestCase):
         self.settle()
         self.assertEqual(self.scheduler.unmet_groups(), [])
         self.assertEqual(_ids(self.scheduler.schedule()), [(1, 0)])
+
+
+class PrioritySchedulerAsFIFOTests(FIFOSchedulerTests):
+    """The same IScheduler behaviour from the other implementation: with
+    equal priorities a PriorityScheduler is first in, first out."""
+
+    scheduler_class = PriorityScheduler
 
 
 class SchedulingCostTests(unittest.TestCase):

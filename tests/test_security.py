@@ -9,11 +9,9 @@ and real engine and controller processes where a log of theirs is checked.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
 import sys
-import tempfile
 from pathlib import Path
 
 from foolscap.furl import decode_furl
@@ -31,13 +29,7 @@ from taskfarm.remote.tub import new_tub
 from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
 from taskfarm.testing.helpers import async_test as _deferred
-
-
-def _temp_dir(testcase, prefix: str) -> Path:
-    """A fresh folder outside the checkout, removed at the test's cleanup."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    testcase.addCleanup(shutil.rmtree, path, True)
-    return path
+from taskfarm.testing.helpers import temp_dir
 
 
 def _mode(path) -> int:
@@ -63,12 +55,12 @@ class SecurityTestCase(unittest.TestCase):
     @staticmethod
     def _stop(service):
         if service.running:
-            return defer.Deferred.fromCoroutine(service.stopService())
+            return service.stopService()
 
     async def cluster(self, n_engines: int = 0, **options) -> RealCluster:
         """A started RealCluster, stopped at cleanup unless `stop_cluster` did."""
         options.setdefault("journal", False)
-        root = str(_temp_dir(self, "taskfarm-security-"))
+        root = str(temp_dir(self, "taskfarm-security-"))
         cluster = RealCluster(reactor, profile_root=root, **options)
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.stop_cluster(cluster)))
         await cluster.start(n_engines)
@@ -95,7 +87,7 @@ class FileModeTests(SecurityTestCase):
         folders 0700 and the certificate and every furl file 0600."""
         old_umask = os.umask(0)
         self.addCleanup(os.umask, old_umask)
-        profile = Profile(_temp_dir(self, "taskfarm-security-") / "profile")
+        profile = Profile(temp_dir(self, "taskfarm-security-") / "profile")
         profile.security_dir.mkdir(parents=True, mode=0o755)
         os.chmod(profile.security_dir, 0o755)
         self.controller(profile, listen="tcp:0:interface=127.0.0.1")
@@ -119,7 +111,7 @@ class FurlTests(SecurityTestCase):
         """A controller started again on the same profile serves the same
         furls (tub id, secret name and, the port being free, address), so a
         client holding an old furl reaches the new controller."""
-        profile = Profile(_temp_dir(self, "taskfarm-security-") / "profile")
+        profile = Profile(temp_dir(self, "taskfarm-security-") / "profile")
         first = self.controller(profile)
         furls = dict(first.server.furls)
         files = {i: profile.furl_file(i).read_text() for i in INTERFACES}
@@ -135,7 +127,7 @@ class FurlTests(SecurityTestCase):
     def test_loopback_by_default(self):
         """Without --listen the controller listens on 127.0.0.1 only, and its
         furls say so."""
-        service = self.controller(Profile(_temp_dir(self, "taskfarm-security-") / "profile"))
+        service = self.controller(Profile(temp_dir(self, "taskfarm-security-") / "profile"))
         hints = {decode_furl(furl)[1][0] for furl in service.server.furls.values()}
         self.assertEqual(len(hints), 1)
         (hint,) = hints
@@ -324,7 +316,7 @@ class LogTests(SecurityTestCase):
         """A `twistd taskcontroller` process and an engine process, run
         through a client session, write no furl secret to controller.log or
         to any output in the profile's log folder."""
-        profile = Profile(_temp_dir(self, "taskfarm-security-") / "profile")
+        profile = Profile(temp_dir(self, "taskfarm-security-") / "profile")
         profile.ensure()
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(sys.path))
         slots = []
@@ -340,8 +332,8 @@ class LogTests(SecurityTestCase):
             profile.log_dir / "controller.out",
             reactor,
             env=env,
+            restart=False,
         )
-        controller.stopping = True  # never restarted
         slots.append(controller)
         controller.start()
         await _wait_until(lambda: all(profile.furl_file(i).exists() for i in INTERFACES))
@@ -352,8 +344,8 @@ class LogTests(SecurityTestCase):
             profile.log_dir / "engine.out",
             reactor,
             env=env,
+            restart=False,
         )
-        engine.stopping = True
         slots.append(engine)
         engine.start()
         client = TaskClient(profile.furl_file(TASK), reactor, tub=self.client_tub())

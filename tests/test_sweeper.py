@@ -12,7 +12,7 @@ from taskfarm.remote import sweeper
 from taskfarm.remote.sweeper import SETTLE_BYTES, SETTLE_DELAY, CycleSweeper
 from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
-from taskfarm.testing.helpers import async_test, sleep
+from taskfarm.testing.helpers import async_test, sleep, temp_dir
 
 MB = 1024 * 1024
 
@@ -48,6 +48,20 @@ class CycleSweeperTests(unittest.TestCase):
         self.clock.advance(0.02)
         self.assertEqual(len(self.runs), 1)
 
+    def test_settles_after_a_slow_burst_is_over(self):
+        """A burst slower than SETTLE_DELAY is swept once, after its last
+        message: not half-way, which left its tail behind."""
+        self.sweeper.start()
+        self.sweeper.received(SETTLE_BYTES)
+        for _ in range(8):
+            self.clock.advance(SETTLE_DELAY * 0.75)
+            self.sweeper.received(1 * MB)
+        self.assertEqual(self.runs, [])
+        self.clock.advance(SETTLE_DELAY)
+        self.assertEqual(self.runs, [SETTLE_DELAY * 0.75 * 8 + SETTLE_DELAY])
+        self.clock.advance(SETTLE_DELAY * 10)
+        self.assertEqual(len(self.runs), 1)
+
     def test_threshold_hurries_a_settle(self):
         self.sweeper.start()
         self.sweeper.received(SETTLE_BYTES)
@@ -78,7 +92,7 @@ class ControllerMemoryTests(unittest.TestCase):
         """With automatic collection off, 40 tasks of 1 MB pushes leave no
         received message behind once they finished and a burst settled,
         and their records keep no payload."""
-        cluster = RealCluster(reactor)
+        cluster = RealCluster(reactor, profile_root=str(temp_dir(self, "taskfarm-sweeper-")))
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(cluster.stop()))
         await cluster.start(1)
         gc.collect()

@@ -39,7 +39,7 @@ def _user_error(name="ZeroDivisionError", message="division by zero"):
     return RemoteTaskError(name, message, "Traceback (most recent call last):\n", 0)
 
 
-class ControllerTestCase(unittest.TestCase):
+class ControllerTestCase(unittest.SynchronousTestCase):
     """Builds a controller on a `task.Clock` with scripted engines."""
 
     task_slots = 2

@@ -8,13 +8,11 @@ condition under a deadline.
 
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
 import threading
 from pathlib import Path
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import protocol, reactor
 from twisted.trial import unittest
 
 from taskfarm.asyncclient import MultiEngineClient, TaskClient
@@ -34,7 +32,7 @@ from taskfarm.errors import (
 )
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK
 from taskfarm.task import MapTask, Task
-from taskfarm.testing.cluster import RealCluster
+from taskfarm.testing.cluster import ClusterTestCase
 from taskfarm.testing.helpers import async_test as run
 from taskfarm.testing.helpers import wait_until
 
@@ -64,20 +62,11 @@ def total(status: dict) -> int:
     return sum(status.values())
 
 
-class _ClusterTestCase(unittest.TestCase):
-    """Starts a cluster per test; the cleanup stops it and removes its files."""
+class _ClusterTestCase(ClusterTestCase):
+    """Starts a cluster per test (Task client); the cleanup stops it and
+    removes its files."""
 
-    timeout = 120
-
-    async def start_cluster(self, n=1, properties=None, **controller_options) -> TaskClient:
-        root = tempfile.mkdtemp(prefix="taskfarm-it-")
-        self.addCleanup(shutil.rmtree, root, True)
-        self.tmp = Path(root) / "scratch"
-        self.tmp.mkdir()
-        self.cluster = RealCluster(reactor, profile_root=root, **controller_options)
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.cluster.stop()))
-        await self.cluster.start(n, properties)
-        return self.cluster.task_client()
+    folder_prefix = "taskfarm-it-"
 
     async def result(self, tc: TaskClient, a_task):
         """Run one task and wait for its result."""

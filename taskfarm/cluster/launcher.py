@@ -8,21 +8,23 @@ whose liveness ticks stop (hung) is SIGKILLed with its process group and so
 started again.  `stop()` sends SIGTERM to every child (by PID) and SIGKILL
 to its process group if it is still alive after a grace period, so nothing
 is left behind, not even processes that tasks forked.  Children die with
-the launcher (`taskfarm.cluster.child`).
+the launcher (`taskfarm.lifeline`).
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import sys
 from pathlib import Path
 
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from taskfarm import exitcodes
-from taskfarm.cluster import child as child_side
+from taskfarm import backoff as backoffs
+from taskfarm import exitcodes, lifeline
+from taskfarm.childprocess import ChildProcess, exit_status
 from taskfarm.controller.registry import DEFAULT_HEARTBEAT_TIMEOUT
 from taskfarm.errors import TaskfarmError
 from taskfarm.profile import ENGINE, TASK, Profile, in_use_error, profile_holder
@@ -35,7 +37,7 @@ class ClusterError(TaskfarmError):
     """The cluster could not be started."""
 
 
-#: The child's file descriptor for liveness ticks (see `taskfarm.cluster.child`).
+#: The child's file descriptor for liveness ticks (see `taskfarm.lifeline`).
 _LIVENESS_FD = 3
 
 #: The last bytes of a child's output kept in memory, to quote its last words.
@@ -46,7 +48,7 @@ _TAIL_BYTES = 4096
 _PIPE_GRACE = 1.0
 
 
-class _Child(protocol.ProcessProtocol):
+class _Child(ChildProcess):
     """One child process; `ended` fires with its exit reason when it exits.
 
     `ended` follows the process itself (``processExited``), never its pipes,
@@ -66,8 +68,8 @@ class _Child(protocol.ProcessProtocol):
         liveness_timeout: float | None = None,
         start_timeout: float = DEFAULT_START_TIMEOUT,
     ) -> None:
+        super().__init__()
         self.name = name
-        self.ended: defer.Deferred = defer.Deferred()
         self.last_pid: int | None = None
         #: Set when the launcher killed the child for not ticking.
         self.silenced = False
@@ -123,11 +125,7 @@ class _Child(protocol.ProcessProtocol):
     def kill(self) -> None:
         """SIGKILL the child and its process group."""
         self.signal_group(signal.SIGKILL)
-        if self.transport is not None:
-            try:
-                self.transport.signalProcess("KILL")
-            except error.ProcessExitedAlready:
-                pass
+        super().kill()
 
     def signal_group(self, signum: int) -> None:
         """Send `signum` to the child's process group, if there is one."""
@@ -146,7 +144,7 @@ class _Child(protocol.ProcessProtocol):
         # cannot yet name anyone else's group.
         self.signal_group(signal.SIGKILL)
         self._close_pipes = self._reactor.callLater(_PIPE_GRACE, self._close_all_pipes)
-        self.ended.callback(reason.value)
+        self._end(reason.value)
 
     def _close_all_pipes(self) -> None:
         self._close_pipes = None
@@ -160,15 +158,59 @@ class _Child(protocol.ProcessProtocol):
             self._close_pipes.cancel()
         self._close_pipes = None
         self._log_file.close()
-
-    @property
-    def pid(self) -> int | None:
-        return self.transport.pid if self.transport is not None else None
+        super().processEnded(reason)
 
 
-def exit_status(reason) -> int | None:
-    """The exit status in a process's exit `reason`; None for a signal."""
-    return getattr(reason, "exitCode", None)
+class SlotState(enum.Enum):
+    """Where a `ProcessSlot` is in its child's lifecycle."""
+
+    #: Made, not started yet.
+    IDLE = "idle"
+    #: Its child process runs (or is starting).
+    RUNNING = "running"
+    #: Its child ended; a fresh one starts after the back-off delay.
+    RESTARTING = "restarting"
+    #: `stop()` was called; waiting for the child to exit.
+    STOPPING = "stopping"
+    #: Stopped by `stop()`; nothing runs.
+    STOPPED = "stopped"
+    #: The child exited with `EXIT_KILLED` (a MultiEngine kill): stays down.
+    KILLED = "killed"
+    #: The child exited with `EXIT_REFUSED`: the slot gave up on it.
+    REFUSED = "refused"
+    #: The child exited and the slot restarts nothing (``restart=False``).
+    EXITED = "exited"
+
+
+class InvalidSlotTransition(Exception):
+    """An event the slot's state table does not allow in its state: a bug."""
+
+
+#: The slot's lifecycle: (state, event) -> the next state.  Every other
+#: pair is a bug (`InvalidSlotTransition`).  The down states take `stop`
+#: and stay what they are.
+_SLOT_TRANSITIONS = {
+    (SlotState.IDLE, "start"): SlotState.RUNNING,
+    (SlotState.IDLE, "stop"): SlotState.STOPPED,
+    (SlotState.RUNNING, "died"): SlotState.RESTARTING,
+    (SlotState.RUNNING, "exited"): SlotState.EXITED,
+    (SlotState.RUNNING, "killed"): SlotState.KILLED,
+    (SlotState.RUNNING, "refused"): SlotState.REFUSED,
+    (SlotState.RUNNING, "stop"): SlotState.STOPPING,
+    (SlotState.RESTARTING, "restart"): SlotState.RUNNING,
+    (SlotState.RESTARTING, "stop"): SlotState.STOPPED,
+    (SlotState.STOPPING, "ended"): SlotState.STOPPED,
+    (SlotState.STOPPING, "stop"): SlotState.STOPPING,
+    (SlotState.STOPPED, "stop"): SlotState.STOPPED,
+    (SlotState.KILLED, "stop"): SlotState.KILLED,
+    (SlotState.REFUSED, "stop"): SlotState.REFUSED,
+    (SlotState.EXITED, "stop"): SlotState.EXITED,
+}
+
+#: The states in which a slot never starts its child again.
+_DOWN = frozenset(
+    {SlotState.STOPPING, SlotState.STOPPED, SlotState.KILLED, SlotState.REFUSED, SlotState.EXITED}
+)
 
 
 class ProcessSlot:
@@ -178,11 +220,16 @@ class ProcessSlot:
     down (`on_killed` callbacks), `EXIT_REFUSED` stays down (`on_refused`
     callbacks, with the child's last words); any other exit, 0 and signals
     included, is started again after a back-off that doubles with each
-    quick death.  With `liveness_timeout`, a child that stops ticking for
-    that long is SIGKILLed (its process group with it) and so restarted.
+    quick death (`taskfarm.backoff`), unless `restart` is False.  With
+    `liveness_timeout`, a child that stops ticking for that long is
+    SIGKILLed (its process group with it) and so restarted.  The lifecycle
+    is the state table `_SLOT_TRANSITIONS`; `state` says where it is.
     """
 
     _log = Logger()
+
+    #: A child that lived longer than this many seconds gets a fresh back-off.
+    LONG_LIFE = 60.0
 
     def __init__(
         self,
@@ -193,19 +240,22 @@ class ProcessSlot:
         env: dict | None = None,
         backoff: tuple[float, float] = (0.5, 30.0),
         liveness_timeout: float | None = None,
+        restart: bool = True,
     ) -> None:
         self.name = name
         self._argv = argv
         self._log_path = log_path
         self._reactor = reactor
         self._env = env
-        self._first_delay, self._max_delay = backoff
-        self._delay = self._first_delay
+        self._delay_for = backoffs.policy(*backoff)
+        #: Quick deaths in a row: the back-off attempt of the next restart.
+        self._quick_deaths = 0
         self._liveness_timeout = liveness_timeout
+        self._restart = restart
         self._restart_call = None
+        self.state = SlotState.IDLE
         self.child: _Child | None = None
         self.restarts = 0
-        self.stopping = False
         #: Called with this slot when its child exits with `EXIT_KILLED`.
         self.on_killed: list = []
         #: Called with this slot and the child's last words when it exits
@@ -214,16 +264,35 @@ class ProcessSlot:
         #: Times the child was killed for sending no liveness tick.
         self.hung_kills = 0
 
+    @property
+    def stopping(self) -> bool:
+        """True once this slot will not start its child again."""
+        return self.state in _DOWN
+
+    def _move(self, event: str) -> SlotState:
+        try:
+            self.state = _SLOT_TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise InvalidSlotTransition(
+                "%s: %r in state %s" % (self.name, event, self.state.name)
+            ) from None
+        return self.state
+
     def start(self) -> None:
+        """Start the child (once; the slot restarts it by itself)."""
+        self._move("start")
+        self._spawn()
+
+    def _spawn(self) -> None:
         self.child = _Child(self.name, self._log_path, self._reactor, self._liveness_timeout)
         env = dict(self._env if self._env is not None else os.environ)
-        env[child_side.LAUNCHER_PID] = str(os.getpid())
-        env.pop(child_side.LIVENESS_FD, None)
+        env[lifeline.LAUNCHER_PID] = str(os.getpid())
+        env.pop(lifeline.LIVENESS_FD, None)
         child_fds = {0: "w", 1: "r", 2: "r"}
         if self._liveness_timeout is not None:
             child_fds[_LIVENESS_FD] = "r"
-            env[child_side.LIVENESS_FD] = str(_LIVENESS_FD)
-            env[child_side.LIVENESS_PERIOD] = repr(min(1.0, self._liveness_timeout / 4))
+            env[lifeline.LIVENESS_FD] = str(_LIVENESS_FD)
+            env[lifeline.LIVENESS_PERIOD] = repr(min(1.0, self._liveness_timeout / 4))
         self._reactor.spawnProcess(
             self.child, self._argv[0], self._argv, env=env, childFDs=child_fds
         )
@@ -233,20 +302,22 @@ class ProcessSlot:
     def _ended(self, reason, ended: _Child, started: float) -> None:
         if ended.silenced:
             self.hung_kills += 1
-        if self.stopping:
+        if self.state is SlotState.STOPPING:
+            self._move("ended")
             return
         status = exit_status(reason)
         if status == exitcodes.EXIT_KILLED:
+            self._move("killed")
             self._log.info(
                 "{name} (pid {pid}) stopped as a MultiEngine kill asked; it stays down",
                 name=self.name,
                 pid=ended.last_pid,
             )
-            self.stopping = True
             for callback in self.on_killed:
                 callback(self)
             return
         if status == exitcodes.EXIT_REFUSED:
+            self._move("refused")
             words = ended.last_words()
             self._log.error(
                 "{name} (pid {pid}) refused to start: {words}",
@@ -254,27 +325,31 @@ class ProcessSlot:
                 pid=ended.last_pid,
                 words=words,
             )
-            self.stopping = True
             for callback in self.on_refused:
                 callback(self, words)
             return
+        if not self._restart:
+            self._move("exited")
+            return
+        self._move("died")
         lived = self._reactor.seconds() - started
         # A child that lived a while gets a fresh back-off.
-        self._delay = self._first_delay if lived > 60 else min(self._delay * 2, self._max_delay)
+        self._quick_deaths = 0 if lived > self.LONG_LIFE else self._quick_deaths + 1
+        delay = self._delay_for(self._quick_deaths)
         self._log.warn(
             "{name} (pid {pid}) ended ({reason}); starting it again in {delay:.1f} s",
             name=self.name,
             pid=ended.last_pid,
             reason=reason,
-            delay=self._delay,
+            delay=delay,
         )
-        self._restart_call = self._reactor.callLater(self._delay, self._restart)
+        self._restart_call = self._reactor.callLater(delay, self._restart_now)
 
-    def _restart(self) -> None:
+    def _restart_now(self) -> None:
         self._restart_call = None
-        if not self.stopping:
-            self.restarts += 1
-            self.start()
+        self._move("restart")
+        self.restarts += 1
+        self._spawn()
 
     @property
     def pid(self) -> int | None:
@@ -282,20 +357,17 @@ class ProcessSlot:
 
     def signal(self, signum: int) -> None:
         """Send `signum` to this child, if it is alive."""
-        if self.child is not None and self.child.transport is not None:
-            try:
-                self.child.transport.signalProcess(signum)
-            except error.ProcessExitedAlready:
-                pass
+        if self.child is not None:
+            self.child.signal(signum)
 
     async def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL (to its process group) after `grace`
         seconds; waits for the process to exit, not for its pipes."""
-        self.stopping = True
         if self._restart_call is not None and self._restart_call.active():
             self._restart_call.cancel()
+        self._restart_call = None
         child = self.child
-        if child is None or child.ended.called:
+        if self._move("stop") is not SlotState.STOPPING or child is None or child.ended.called:
             return
         self.signal(signal.SIGTERM)
         kill = self._reactor.callLater(grace, child.kill)

@@ -27,6 +27,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from taskfarm.errors import JournalError, ProfileError
+from taskfarm.services import join_thread
 
 SCHEMA_VERSION = 2
 
@@ -397,16 +398,40 @@ class Journal:
             waiter.errback(error)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is pending, then close (blocks up to `timeout`)."""
-        if self._thread is None:
+        """Write what is pending, then close (blocks up to `timeout`: for
+        use without a running reactor; a running controller uses `stop`)."""
+        thread = self._stopping()
+        if thread is not None:
+            thread.join(timeout)
+            self._connection.close()
+
+    def stop(self, timeout: float = 10.0) -> defer.Deferred:
+        """Write what is pending, then close; fires once the writer thread
+        has ended (or after `timeout`), and never blocks the reactor."""
+        return defer.Deferred.fromCoroutine(self._stop(timeout))
+
+    async def _stop(self, timeout: float) -> None:
+        thread = self._stopping()
+        if thread is None:
             return
+        if not await join_thread(self._reactor, thread, timeout):
+            self._log.warn(
+                "the journal writer did not end within {timeout} s; closing anyway",
+                timeout=timeout,
+            )
+        self._connection.close()
+
+    def _stopping(self) -> threading.Thread | None:
+        # Hands the writer everything pending and its stop mark; the
+        # writer thread to wait for, or None if already closed.
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return None
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush()
         self._queue.put(_STOP)
-        self._thread.join(timeout)
-        self._thread = None
-        self._connection.close()
+        return thread
 
 
 class _Batch:

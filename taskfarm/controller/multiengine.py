@@ -14,7 +14,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from taskfarm import exitcodes, serialization
+from taskfarm import exitcodes, serialization, wire
 from taskfarm.controller.registry import EngineHandle, EngineRegistry
 from taskfarm.errors import (
     BadRequest,
@@ -25,12 +25,10 @@ from taskfarm.errors import (
 )
 from taskfarm.properties import FACT_KEYS, checked_properties
 
-#: Operations a client may ask of an engine through this interface.
-ENGINE_OPERATIONS = frozenset(
-    {"execute", "push", "pull", "reset", "keys", "get_result", "map", "kill"}
-)
-
-PROPERTY_ACTIONS = frozenset({"get", "set", "has", "del", "clear"})
+#: Operations a client may ask of an engine through this interface, and the
+#: properties actions (both checked by `wire.EngineCall` / `wire.PropertiesRequest`).
+ENGINE_OPERATIONS = wire.CLIENT_OPERATIONS
+PROPERTY_ACTIONS = wire.PROPERTY_ACTIONS
 
 
 class MultiEngine:
@@ -73,16 +71,15 @@ class MultiEngine:
 
     def call(self, op: str, targets, args: tuple, per_target: dict | None = None) -> defer.Deferred:
         """Run `op` on each target (with `per_target[id]` args when given);
-        fires with ``[(engine_id, ok, data)]`` once every target answered."""
-        if op not in ENGINE_OPERATIONS:
-            raise BadRequest("unknown MultiEngine operation %r" % (op,))
+        fires with ``[(engine_id, ok, data)]`` once every target answered.
+        The call is a checked `wire.EngineCall`."""
         engines = self.resolve(targets)
-        # Check every target's arguments before sending anything: a refused
+        # Check every target has arguments before sending anything: a refused
         # call must not have run on some engines already.
         planned = []
         for engine in engines:
             engine_args = args if per_target is None else per_target.get(engine.engine_id)
-            if not isinstance(engine_args, tuple):
+            if engine_args is None:
                 raise BadRequest("no arguments for engine %d" % engine.engine_id)
             planned.append((engine, engine_args))
         waits = []
@@ -93,9 +90,8 @@ class MultiEngine:
         return defer.gatherResults(waits)
 
     def properties(self, action: str, targets, arg) -> list:
-        """Read or change properties; ``[(engine_id, ok, data)]`` per target."""
-        if action not in PROPERTY_ACTIONS:
-            raise BadRequest("unknown properties action %r" % (action,))
+        """Read or change properties; ``[(engine_id, ok, data)]`` per target.
+        The request is a checked `wire.PropertiesRequest`."""
         engines = self.resolve(targets)
         if action == "set":
             arg = checked_properties(arg)
@@ -103,10 +99,11 @@ class MultiEngine:
         for engine in engines:
             try:
                 value = self._property_action(engine, action, arg)
-                outcome.append((engine.engine_id, True, serialization.pack(value)))
+                answer = wire.EngineOutcome(engine.engine_id, True, serialization.pack(value))
             except KeyError as e:
                 error = KeyError("engine %d has no property %s" % (engine.engine_id, e))
-                outcome.append((engine.engine_id, False, to_wire(error)))
+                answer = wire.EngineOutcome(engine.engine_id, False, to_wire(error))
+            outcome.append(answer.plain())
         return outcome
 
     def _property_action(self, engine: EngineHandle, action: str, arg):
@@ -169,7 +166,7 @@ class MultiEngine:
 
 def _answer_into(d: defer.Deferred, engine_id: int):
     def on_reply(seq, ok, data, started, finished):
-        d.callback((engine_id, ok, data))
+        d.callback(wire.EngineOutcome(engine_id, ok, data).plain())
 
     return on_reply
 

@@ -24,10 +24,11 @@ import struct
 import sys
 from typing import NamedTuple
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from taskfarm.childprocess import ChildProcess
 from taskfarm.interfaces import IPredicateEvaluator
 
 #: Seconds one predicate call may take.
@@ -75,10 +76,11 @@ class _Request:
         self.deaths = 0
 
 
-class _Child(protocol.ProcessProtocol):
+class _Child(ChildProcess):
     """One evaluating process; it answers its requests in order."""
 
     def __init__(self, pool: PredicatePool, number: int) -> None:
+        super().__init__()
         self.pool = pool
         self.number = number
         self.buffer = bytearray()
@@ -90,7 +92,6 @@ class _Child(protocol.ProcessProtocol):
         self.timer = None
         self.stderr_seen = 0
         self.stderr_tail = b""
-        self.ended: defer.Deferred = defer.Deferred()
 
     def connectionMade(self) -> None:
         self.send(("hello", list(sys.path), os.getcwd()))
@@ -121,13 +122,7 @@ class _Child(protocol.ProcessProtocol):
 
     def processEnded(self, reason) -> None:
         self.pool._ended(self, reason.value)
-        self.ended.callback(None)
-
-    def kill(self) -> None:
-        try:
-            self.transport.signalProcess("KILL")
-        except (error.ProcessExitedAlready, OSError):
-            pass
+        super().processEnded(reason)
 
 
 @implementer(IPredicateEvaluator)

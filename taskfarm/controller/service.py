@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from taskfarm.controller.journal import Journal
@@ -24,13 +24,27 @@ from taskfarm.controller.taskcontroller import (
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK, Profile, lock_profile
 from taskfarm.remote.server import ControllerServer
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
+from taskfarm.services import OrderedServices, Part
 
 
-class ControllerService(service.MultiService):
+class ControllerService(OrderedServices):
     """One controller: its engine registry, scheduler and Task interface,
-    served over one Foolscap Tub whose furls are written to the profile."""
+    served over one Foolscap Tub whose furls are written to the profile.
+
+    Its children, in start order (`START_ORDER`): ``journal`` (opened when
+    built; stopping writes what is pending and closes it), ``evaluator``
+    (the depend processes), ``registry`` (heartbeat), ``tasks`` (restore
+    from the journal, timers), ``server`` (the Tub: listens, writes the
+    furls).  Serving starts last and stops first; the others stop in the
+    reverse order, each waited for, so the journal closes after every
+    write the others made, off the reactor thread.  The profile lock is
+    released after the last child stopped.
+    """
 
     _log = Logger()
+
+    #: The children's names, in start order (they stop in reverse).
+    START_ORDER = ("journal", "evaluator", "registry", "tasks", "server")
 
     def __init__(
         self,
@@ -57,13 +71,16 @@ class ControllerService(service.MultiService):
         self.lock = None
         #: The Foolscap side (`taskfarm.remote.server.ControllerServer`).
         self.server = server
+        if journal is not None:
+            Part("journal", stop=journal.stop).setServiceParent(self)
+        if evaluator is not None:
+            Part("evaluator", start=evaluator.start, stop=evaluator.stop).setServiceParent(self)
+        Part("registry", start=registry.start, stop=registry.stop).setServiceParent(self)
+        Part("tasks", start=tasks.start, stop=tasks.stop).setServiceParent(self)
+        server.setName("server")
         server.setServiceParent(self)
 
     def startService(self) -> None:
-        if self.evaluator is not None:
-            self.evaluator.start()
-        self.registry.start()
-        self.tasks.start()
         super().startService()
         self._log.info(
             "controller serving at {location}; furl files in {folder}",
@@ -71,14 +88,11 @@ class ControllerService(service.MultiService):
             folder=str(self.profile.security_dir),
         )
 
-    async def stopService(self) -> None:
-        self.tasks.stop()
-        self.registry.stop()
+    def stopService(self) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
         await super().stopService()
-        if self.evaluator is not None:
-            await self.evaluator.stop()
-        if self.journal is not None:
-            self.journal.close()
         if self.lock is not None:
             self.lock.release()
 

@@ -16,6 +16,7 @@ from taskfarm.controller.taskcontroller import (
     DEFAULT_UNMET_TIMEOUT,
 )
 from taskfarm.interfaces import IScheduler
+from taskfarm.lifeline import follow_launcher
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
 
 
@@ -96,7 +97,6 @@ def makeService(options: Options):
     from twisted.logger import globalLogPublisher, textFileLogObserver
     from twisted.python.logfile import LogFile
 
-    from taskfarm.cluster.child import follow_launcher
     from taskfarm.controller.journal import JournalCorrupt
     from taskfarm.controller.service import create_controller
     from taskfarm.errors import ProfileInUse

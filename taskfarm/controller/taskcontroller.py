@@ -267,15 +267,11 @@ class TaskController(RegistryListener):
         return Failure(error)
 
     def _check_reserved(self, ids: list, count: int) -> None:
-        if not isinstance(ids, list) or len(ids) != count:
-            raise BadRequest("a submission needs one reserved id per task")
+        # Their form (ints, one per task, distinct) is checked on the way
+        # in, by `wire.Submission.parse`; here only that they are ours.
         for taskid in ids:
-            if isinstance(taskid, bool) or not isinstance(taskid, int):
-                raise BadRequest("task ids are ints, not %r" % (taskid,))
             if not 0 <= taskid < self._next_id:
                 raise BadRequest("task id %d was never reserved" % taskid)
-        if len(set(ids)) != count:
-            raise BadRequest("a submission names the same task id twice")
 
     def durable(self) -> defer.Deferred:
         """Fires once every task accepted so far is in the journal."""
@@ -455,7 +451,7 @@ class TaskController(RegistryListener):
             timeout = spec.timeout
             seq = engine.send(
                 "task",
-                (spec.kind, spec.payload, spec.clear_before, spec.clear_after, timeout),
+                spec.command_args(),
                 partial(self._task_replied, record, engine.engine_id),
                 timeout,
                 None if timeout is None else partial(self._task_overdue, record, engine.engine_id),

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import enum
 
-from taskfarm.errors import BadRequest
-from taskfarm.task import CALL, EXEC, MAX_RECOVERY_CHAIN, MAX_RETRIES, MAX_TIMEOUT
+from taskfarm import wire
+from taskfarm.wire import CALL, EXEC
 
 
 class TaskState(enum.Enum):
@@ -91,48 +91,32 @@ class TaskSpec:
         self.recovery = recovery
 
     @classmethod
-    def from_envelope(cls, envelope: object, depth: int = 0) -> TaskSpec:
-        """Check and decode a client's task envelope; `BadRequest` if malformed."""
-        if depth >= MAX_RECOVERY_CHAIN:
-            raise BadRequest(
-                "the recovery chain is longer than %d tasks (MAX_RECOVERY_CHAIN)"
-                % MAX_RECOVERY_CHAIN
-            )
-        try:
-            kind, payload, options, depend, recovery = envelope  # type: ignore[misc]
-            clear_before, clear_after, retries, priority, timeout = options
-        except (TypeError, ValueError):
-            raise BadRequest("a task envelope must be a 5-tuple") from None
-        if kind not in (EXEC, CALL):
-            raise BadRequest("unknown task kind %r" % (kind,))
-        if not isinstance(payload, bytes):
-            raise BadRequest("task payload must be bytes")
-        if not (isinstance(clear_before, bool) and isinstance(clear_after, bool)):
-            raise BadRequest("clear_before and clear_after must be booleans")
-        for name, value in (("retries", retries), ("priority", priority)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise BadRequest("%s must be an int" % name)
-        if not 0 <= retries <= MAX_RETRIES:
-            raise BadRequest("retries must be between 0 and %d" % MAX_RETRIES)
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or not 0 < timeout <= MAX_TIMEOUT  # NaN and infinity fail too
-        ):
-            raise BadRequest("timeout must be a positive, finite number or None")
-        if depend is not None and not isinstance(depend, bytes):
-            raise BadRequest("depend must be pickled bytes or None")
+    def from_envelope(cls, envelope: object) -> TaskSpec:
+        """Check and decode a task envelope (`wire.TaskEnvelope.parse`):
+        `BadRequest` naming the bad field if malformed."""
+        return cls._from_parsed(wire.TaskEnvelope.parse(envelope))
+
+    @classmethod
+    def _from_parsed(cls, envelope: wire.TaskEnvelope) -> TaskSpec:
+        options = envelope.options
+        recovery = envelope.recovery
         return cls(
-            kind,
-            payload,
-            clear_before,
-            clear_after,
-            retries,
-            priority,
-            timeout,
-            depend,
-            None if recovery is None else cls.from_envelope(recovery, depth + 1),
+            envelope.kind,
+            envelope.payload,
+            options.clear_before,
+            options.clear_after,
+            options.retries,
+            options.priority,
+            options.timeout,
+            envelope.depend,
+            None if recovery is None else cls._from_parsed(recovery),
         )
+
+    def command_args(self) -> tuple:
+        """The plain `wire.TaskArgs` of this spec's ``task`` command."""
+        return wire.TaskArgs(
+            self.kind, self.payload, self.clear_before, self.clear_after, self.timeout
+        ).plain()
 
     def finished(self) -> TaskSpec:
         """What a finished task still needs of its spec: only its kind.
@@ -299,8 +283,8 @@ class TaskRecord:
         return record
 
     def result_envelope(self) -> tuple:
-        """The wire form `taskfarm.task.result_from_envelope` reads."""
-        return (
+        """The plain `wire.ResultEnvelope` of this task."""
+        return wire.ResultEnvelope(
             self.taskid,
             self.spec.kind,
             self.ok,
@@ -309,4 +293,4 @@ class TaskRecord:
             self.submitted,
             self.started,
             self.completed,
-        )
+        ).plain()

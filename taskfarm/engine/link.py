@@ -88,13 +88,18 @@ class EngineLink(service.Service):
         worker: CommandWorker,
         reactor,
         retry_delays: tuple[float, float] = RETRY_DELAYS,
+        tub=None,
         transport: IControllerLink | None = None,
     ) -> None:
         self._read_furl = read_furl
         self._worker = worker
         self._reactor = reactor
         self._backoff = Backoff(*retry_delays)
-        self._transport = transport if transport is not None else FoolscapControllerLink(reactor)
+        # The transport; by default Foolscap, through `tub` when one is
+        # given (a test's in-process Tub), else a fresh Tub at each start.
+        if transport is None:
+            transport = FoolscapControllerLink(reactor, tub=tub)
+        self._transport = transport
         self._loop: defer.Deferred | None = None
         self._lost: defer.Deferred | None = None
         #: Where the link is (`LinkState`).

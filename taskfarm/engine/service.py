@@ -14,6 +14,7 @@ from taskfarm.engine.namespace import Namespace, install_output_capture
 from taskfarm.engine.worker import CommandWorker
 from taskfarm.profile import read_furl_file
 from taskfarm.remote.engine import FoolscapControllerLink
+from taskfarm.services import OrderedServices, Part
 
 
 def machine_facts() -> dict:
@@ -31,23 +32,29 @@ def machine_facts() -> dict:
     return facts
 
 
-class EngineService(service.MultiService):
-    """One engine: runs commands in its worker thread, stays registered."""
+class EngineService(OrderedServices):
+    """One engine: runs commands in its worker thread, stays registered.
+
+    Its children, in start order: ``worker`` (the `CommandWorker` thread),
+    ``link`` (the `EngineLink`).  They stop in the reverse order, each
+    waited for: the link first (the session ends, nothing new arrives),
+    then the worker, whose thread is joined off the reactor within a bound.
+    """
+
+    #: The children's names, in start order (they stop in reverse).
+    START_ORDER = ("worker", "link")
 
     def __init__(self, worker: CommandWorker, link: service.Service) -> None:
         super().__init__()
         self.worker = worker
         self.link = link
+        Part("worker", start=worker.start, stop=worker.stop).setServiceParent(self)
+        link.setName("link")
         link.setServiceParent(self)
 
     def startService(self) -> None:
         install_output_capture()
-        self.worker.start()
         super().startService()
-
-    async def stopService(self) -> None:
-        await super().stopService()
-        self.worker.stop()
 
 
 def create_engine(furl_file: Path, properties: dict, reactor) -> EngineService:

@@ -6,6 +6,7 @@ import ast
 
 from twisted.python import usage
 
+from taskfarm.lifeline import follow_launcher
 from taskfarm.profile import ENGINE, Profile
 
 
@@ -55,7 +56,6 @@ def makeService(options: Options):
 
     from twisted.internet import reactor
 
-    from taskfarm.cluster.child import follow_launcher
     from taskfarm.engine.service import create_engine
 
     follow_launcher(reactor)

@@ -19,11 +19,13 @@ import threading
 import time
 from collections.abc import Callable
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
-from taskfarm import exitcodes
+from taskfarm import exitcodes, wire
 from taskfarm.engine.namespace import Interrupt, Namespace
-from taskfarm.errors import TaskAborted, TaskTimeout, to_wire
+from taskfarm.errors import BadRequest, ProtocolVersionError, TaskAborted, TaskTimeout, to_wire
+from taskfarm.services import join_thread
 
 
 class _AbortInterrupt(Interrupt):
@@ -91,6 +93,7 @@ class CommandWorker:
         #: The pending `_check_stuck` call of each interrupted command.
         self._stuck_checks: dict[tuple[int, int], object] = {}
         self._thread: threading.Thread | None = None
+        self._stopping = False
         self.commands_run = 0
 
     # -- lifecycle (reactor thread) ---------------------------------------------
@@ -101,13 +104,27 @@ class CommandWorker:
         )
         self._thread.start()
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop taking commands; interrupt the running one; wait a little."""
+    def stop(self, timeout: float = 2.0) -> defer.Deferred:
+        """Stop taking commands; interrupt the running one; fires once the
+        thread has ended, or after `timeout` seconds (a command that ignores
+        the interrupt keeps the daemon thread); never blocks the reactor."""
+        return defer.Deferred.fromCoroutine(self._stop(timeout))
+
+    async def _stop(self, timeout: float) -> None:
+        self._stopping = True
         self.end_session()
         self._queue.put(_STOP)
-        if self._thread is not None:
-            self._thread.join(timeout)
-        # A stopped worker leaves no timer behind in the reactor.
+        # A stopping worker gives up on nothing (no exit for a stuck
+        # command) and leaves no timer behind in the reactor.
+        self._cancel_stuck_checks()
+        if not await join_thread(self._reactor, self._thread, timeout):
+            self._log.warn(
+                "the running command did not stop within {timeout} s of the engine stopping",
+                timeout=timeout,
+            )
+        self._cancel_stuck_checks()
+
+    def _cancel_stuck_checks(self) -> None:
         for check in self._stuck_checks.values():
             if check.active():
                 check.cancel()
@@ -137,10 +154,31 @@ class CommandWorker:
     # -- commands (reactor thread) -------------------------------------------------
 
     def receive(self, commands: list) -> None:
-        """Queue ``(seq, op, args)`` commands of the current session."""
+        """Queue ``(seq, op, args)`` commands (`wire.Command`) of the current
+        session; one that does not parse is answered with its error."""
         session = self._session
+        try:
+            commands = wire.parse_list(commands, "commands")
+        except BadRequest as e:
+            self._log.warn("the controller sent {error}; ignoring it", error=e)
+            return
         for command in commands:
+            try:
+                command = wire.Command.parse(command)
+            except (BadRequest, ProtocolVersionError) as e:
+                self._refuse(command, e)
+                continue
             self._queue.put((session, command))
+
+    def _refuse(self, command, error: Exception) -> None:
+        seq = command[0] if isinstance(command, (tuple, list)) and command else None
+        if type(seq) is not int:
+            # Without a seq no reply can name it (only a broken controller
+            # sends one): the controller's time limits and heartbeat decide.
+            self._log.warn("dropped a command without a seq: {error}", error=error)
+            return
+        reply = wire.Reply(seq, False, to_wire(error), None, time.time())
+        self._finish((self._session, seq), reply.plain())
 
     def interrupt(self, seq: int, reason: type = _AbortInterrupt) -> None:
         """Stop command `seq`: drop it if queued, interrupt it if running."""
@@ -167,6 +205,8 @@ class CommandWorker:
             self._interrupted.add(key)
             _raise_in_thread(self._thread.ident, reason)
         self._log.info("interrupted command {seq}", seq=key[1])
+        if self._stopping:
+            return
         self._stuck_checks[key] = self._reactor.callLater(
             self.stuck_grace, self._check_stuck, key, reason
         )
@@ -224,10 +264,10 @@ class CommandWorker:
             if key in self._cancelled:
                 self._cancelled.discard(key)
                 error = to_wire(TaskAborted("aborted before it ran"))
-                return (seq, False, error, None, time.time())
+                return wire.Reply(seq, False, error, None, time.time()).plain()
             self._current = key
         started = self._started = time.time()
-        timeout = args[4] if op == "task" and len(args) > 4 else None
+        timeout = args.timeout if op == "task" else None
         if timeout:
             self._reactor.callFromThread(self._arm_timer, key, timeout)
         if op == "kill":
@@ -240,9 +280,9 @@ class CommandWorker:
                 self._reactor,
                 exitcodes.EXIT_KILLED,
             )
-            return (seq, True, b"", started, time.time())
+            return wire.Reply(seq, True, b"", started, time.time()).plain()
         ok, data = self.namespace.run(op, args)
-        return (seq, ok, data, started, time.time())
+        return wire.Reply(seq, ok, data, started, time.time()).plain()
 
     def _settle(self, key: tuple[int, int]) -> None:
         with self._lock:
@@ -257,7 +297,7 @@ class CommandWorker:
             error = TaskTimeout("the task ran past its timeout and was stopped")
         else:
             error = TaskAborted("the command was interrupted")
-        return (seq, False, to_wire(error), self._started, time.time())
+        return wire.Reply(seq, False, to_wire(error), self._started, time.time()).plain()
 
     def _finish(self, key: tuple[int, int], reply: tuple | None) -> None:
         self.commands_run += 1
@@ -288,8 +328,8 @@ class CommandWorker:
             replies, self._replies = self._replies, []
             self._flush_scheduled = False
             sink = self._sink
-        for reply in replies:
-            timer = self._timers.pop((self._session, reply[0]), None)
+        for seq, _, _, _, _ in replies:
+            timer = self._timers.pop((self._session, seq), None)
             if timer is not None and timer.active():
                 timer.cancel()
         if sink is not None and replies:

@@ -1,7 +1,7 @@
 """What every controller Referenceable answers: reply envelopes and `hello`.
 
-Each remote method answers a reply envelope, ``(True, value)`` or
-``(False, wire_error)``: errors are data, so a client awaits them like any
+Each remote method answers a reply envelope (`wire.Answer`),
+``(True, value)`` or ``(False, wire_error)``: errors are data, so a client awaits them like any
 value (see foolscap-notes: raised remote exceptions break ``await``).
 Shared by `taskfarm.remote.server` and `taskfarm.remote.multiengine`.
 """
@@ -11,15 +11,14 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from taskfarm import serialization
+from taskfarm import serialization, wire
 from taskfarm.errors import BadRequest, TaskfarmError, to_wire
-from taskfarm.remote import schemas
 
 _log = Logger()
 
 
 def _answer(value) -> bytes:
-    return serialization.pack((True, value))
+    return serialization.pack(wire.Answer(True, value).plain())
 
 
 def _refuse(failure) -> bytes:
@@ -31,7 +30,7 @@ def _refuse(failure) -> bytes:
     if not isinstance(error, (TaskfarmError, TypeError, ValueError, KeyError)):
         _log.failure("unexpected error in a remote call", failure)
         error = TaskfarmError("internal controller error: %s: %s" % (type(error).__name__, error))
-    return serialization.pack((False, to_wire(error)))
+    return serialization.pack(wire.Answer(False, to_wire(error)).plain())
 
 
 def reply(function, *args) -> defer.Deferred:
@@ -46,10 +45,5 @@ def hello_blob(interface: str, incarnation: str | None = None, *, max_message_si
     answering Referenceable's own) and (for the Task interface) the
     controller's incarnation."""
     return serialization.pack(
-        {
-            "interface": interface,
-            "version": schemas.WIRE_VERSION,
-            "max_message_size": max_message_size,
-            "incarnation": incarnation,
-        }
+        wire.Hello(interface, wire.WIRE_VERSION, max_message_size, incarnation).plain()
     )

@@ -21,7 +21,7 @@ from twisted.internet import defer
 from twisted.internet import error as internet_error
 from zope.interface import implementer
 
-from taskfarm import serialization
+from taskfarm import serialization, wire
 from taskfarm.errors import (
     BadRequest,
     ConnectionLost,
@@ -105,11 +105,9 @@ class FoolscapControllerReference:
     def hello(self) -> defer.Deferred:
         return self._rref.callRemote("hello").addCallback(self._hello)
 
-    def _hello(self, blob: bytes):
-        hello = serialization.unpack(blob)
-        limit = hello.get("max_message_size") if isinstance(hello, dict) else None
-        if type(limit) is int and limit > 0:
-            self._limit = limit
+    def _hello(self, blob: bytes) -> wire.Hello:
+        hello = wire.Hello.parse(serialization.unpack(blob))
+        self._limit = hello.max_message_size
         return hello
 
     def call(self, method: str, *args) -> defer.Deferred:
@@ -134,7 +132,7 @@ class FoolscapControllerReference:
                 ) from None
             raise BadRequest("the controller refused %s: %s" % (method, text)) from None
         sweeper.received(answer)
-        ok, value = serialization.unpack(answer)
+        ok, value = wire.Answer.parse(serialization.unpack(answer))
         if not ok:
             raise from_wire(value)
         return value

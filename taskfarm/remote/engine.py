@@ -12,7 +12,7 @@ from foolscap.api import DeadReferenceError
 from twisted.internet import defer
 from zope.interface import implementer
 
-from taskfarm import serialization
+from taskfarm import serialization, wire
 from taskfarm.errors import WrongInterface
 from taskfarm.interfaces import IControllerLink, IEngineCommands, IEngineSession
 from taskfarm.remote import schemas, sweeper
@@ -28,7 +28,11 @@ CONNECT_TIMEOUT = 10
 class _EngineReferenceable(BoundedReferenceable):
     """What the controller calls on this engine."""
 
-    def __init__(self, commands: IEngineCommands, max_message_size: int) -> None:
+    def __init__(
+        self,
+        commands: IEngineCommands,
+        max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
         super().__init__(max_message_size)
         self._commands = commands
 
@@ -77,16 +81,17 @@ class _FoolscapEngineSession:
 
 @implementer(IControllerLink)
 class FoolscapControllerLink:
-    """Registers an engine over Foolscap; its own Tub, made by `tub_factory`."""
+    """Registers an engine over Foolscap, through `tub` (a test's in-process
+    Tub, say) or else a fresh Tub of its own at each start."""
 
-    def __init__(self, reactor, tub_factory=new_tub, connect_timeout: float = CONNECT_TIMEOUT):
+    def __init__(self, reactor, tub=None, connect_timeout: float = CONNECT_TIMEOUT):
         self._reactor = reactor
-        self._tub_factory = tub_factory
+        self._given_tub = tub
         self._connect_timeout = connect_timeout
         self._tub = None
 
     def start(self) -> None:
-        self._tub = self._tub_factory()
+        self._tub = self._given_tub or new_tub()
         self._tub.startService()
         sweeper.process_sweeper().start()
 
@@ -111,13 +116,13 @@ class FoolscapControllerLink:
     ) -> _FoolscapEngineSession:
         location = furl_location(furl)
         rref = await self._tub.getReference(furl).addTimeout(self._connect_timeout, self._reactor)
-        hello = serialization.unpack(await rref.callRemote("hello"))
-        if not isinstance(hello, dict) or hello.get("interface") != "engine":
+        hello = wire.Hello.parse(serialization.unpack(await rref.callRemote("hello")))
+        if hello.interface != "engine":
             raise WrongInterface(
                 "the furl for %s is not the engine furl (security/engine.furl)" % location
             )
         # Commands may be as big as the controller accepts.
-        limit = hello.get("max_message_size") or serialization.DEFAULT_MAX_MESSAGE_SIZE
+        limit = hello.max_message_size
         engine_id, session = await rref.callRemote(
             "register",
             _EngineReferenceable(commands, limit),

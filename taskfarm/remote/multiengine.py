@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
-from taskfarm import serialization
-from taskfarm.errors import BadRequest
+from taskfarm import serialization, wire
 from taskfarm.remote import schemas, sweeper
 from taskfarm.remote.answers import hello_blob, reply
 from taskfarm.remote.schemas import BoundedReferenceable
-
-
-def _tuple_of(value, n: int, what: str) -> tuple:
-    if not isinstance(value, tuple) or len(value) != n:
-        raise BadRequest("%s must be a %d-tuple" % (what, n))
-    return value
 
 
 @implementer(schemas.RIMultiEngine)
@@ -35,18 +28,14 @@ class RemoteMultiEngine(BoundedReferenceable):
 
     def remote_engine_call(self, request):
         def call():
-            op, targets, args, per_target = _tuple_of(self._unpack(request), 4, "a request")
-            if not isinstance(args, tuple) or not (
-                per_target is None or isinstance(per_target, dict)
-            ):
-                raise BadRequest("malformed engine call")
+            op, targets, args, per_target = wire.EngineCall.parse(self._unpack(request))
             return self._multiengine.call(op, targets, args, per_target)
 
         return sweeper.once_answered(reply(call), request)
 
     def remote_properties(self, request):
         def call():
-            action, targets, argument = _tuple_of(self._unpack(request), 3, "a request")
+            action, targets, argument = wire.PropertiesRequest.parse(self._unpack(request))
             return self._multiengine.properties(action, targets, argument)
 
         return reply(call)

@@ -1,5 +1,8 @@
 """The wire schema: every RemoteInterface taskfarm speaks, version 1.
 
+The messages inside the byte strings are `taskfarm.wire`'s types; this
+module declares the Foolscap methods that carry them.
+
 Payloads travel as single byte strings (batches pickled by
 `taskfarm.serialization`): Foolscap's cost is per token, not per byte.
 Every byte-string argument and answer is declared as `MESSAGE`.  The
@@ -22,9 +25,12 @@ from foolscap.remoteinterface import RemoteInterfaceClass, getRemoteInterface
 from foolscap.schema import ChoiceOf, ListOf, TupleOf
 
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
+from taskfarm.wire import WIRE_VERSION
 
-#: The wire version; a peer with another one is refused at `hello`.
-WIRE_VERSION = 1
+__all__ = [
+    "WIRE_VERSION", "MESSAGE", "bounded", "bounded_call", "BoundedReferenceable",
+    "RIEngine", "RIEngineSession", "RIEngineRegistrar", "RITaskController", "RIMultiEngine",
+]
 
 #: A message: one byte string.  Its bound here is the default; a
 #: Referenceable's own limit replaces it (`bounded`).  Never mutated.

@@ -9,7 +9,6 @@ see `schemas.BoundedReferenceable`).
 
 from __future__ import annotations
 
-import math
 import zlib
 
 from foolscap.api import DeadReferenceError
@@ -18,9 +17,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from taskfarm import serialization
+from taskfarm import serialization, wire
 from taskfarm.batching import pickled_size
-from taskfarm.errors import BadRequest, MessageTooLarge, to_wire
+from taskfarm.errors import BadRequest, MessageTooLarge, ProtocolVersionError, to_wire
 from taskfarm.interfaces import IEngineChannel
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK
 from taskfarm.remote import schemas, sweeper
@@ -33,14 +32,7 @@ _log = Logger()
 
 
 def _unpack_ids(blob: bytes, limit: int, allow_none: bool = False):
-    ids = serialization.unpack(blob, limit)
-    if ids is None and allow_none:
-        return None
-    if not isinstance(ids, (list, tuple)) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in ids
-    ):
-        raise BadRequest("expected a list of task ids")
-    return list(ids)
+    return wire.TaskIds.parse(serialization.unpack(blob, limit), allow_none)
 
 
 @implementer(schemas.RITaskController)
@@ -60,14 +52,9 @@ class RemoteTaskController(BoundedReferenceable):
 
     def remote_submit(self, batch):
         def submit():
-            request = serialization.unpack(batch, self.max_message_size)
-            if isinstance(request, tuple) and len(request) == 2:
-                request = request + (None,)
-            if not (isinstance(request, tuple) and len(request) == 3):
-                raise BadRequest("a submission must be (token, [task, ...], ids or None)")
-            token, envelopes, ids = request
-            if not isinstance(envelopes, list) or not (token is None or isinstance(token, str)):
-                raise BadRequest("a submission must be (token, [task, ...], ids or None)")
+            token, envelopes, ids = wire.Submission.parse(
+                serialization.unpack(batch, self.max_message_size)
+            )
             # A resend carries the very same bytes; a replayed token with
             # other tasks does not.
             digest = "%d:%08x" % (len(batch), zlib.crc32(batch))
@@ -134,11 +121,12 @@ def fit_results(envelopes: list, limit: int) -> list:
 
 
 def _too_large(envelope: tuple, size: int, limit: int) -> tuple:
+    envelope = wire.ResultEnvelope._make(envelope)
     error = MessageTooLarge(
         "the result of task %d (%d bytes) exceeds the controller's message limit "
-        "of %d bytes (--max-message-size)" % (envelope[0], size, limit)
+        "of %d bytes (--max-message-size)" % (envelope.taskid, size, limit)
     )
-    return envelope[:2] + (False, to_wire(error)) + envelope[4:]
+    return envelope._replace(ok=False, data=to_wire(error)).plain()
 
 
 @implementer(IEngineChannel)
@@ -189,29 +177,6 @@ it sends is checked against the engine's limit, the controller's own."""
             pass
 
 
-def _well_formed_reply(reply) -> bool:
-    """An engine's reply as the registry and the journal need it: an int
-    seq, a bool ok, result bytes (or a wire error) and float times."""
-    if not (isinstance(reply, tuple) and len(reply) == 5):
-        return False
-    seq, ok, data, started, finished = reply
-    if ok is True:
-        data_ok = isinstance(data, bytes)
-    else:
-        data_ok = isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], str)
-    return (
-        type(seq) is int
-        and type(ok) is bool
-        and data_ok
-        and (started is None or _is_time(started))
-        and _is_time(finished)
-    )
-
-
-def _is_time(value) -> bool:
-    return type(value) is float and math.isfinite(value)
-
-
 @implementer(schemas.RIEngineSession)
 class RemoteEngineSession(BoundedReferenceable):
     """Where one registered engine sends its replies."""
@@ -231,14 +196,14 @@ class RemoteEngineSession(BoundedReferenceable):
     def remote_replies(self, batch):
         sweeper.received(batch)
         try:
-            replies = serialization.unpack(batch, self.max_message_size)
-            if not isinstance(replies, list) or not all(map(_well_formed_reply, replies)):
-                raise BadRequest(
-                    "replies must be a list of (seq, ok, data, started, finished)"
-                )
-        except BadRequest as e:
+            replies = wire.parse_list(
+                serialization.unpack(batch, self.max_message_size), "replies"
+            )
+            replies = list(map(wire.Reply.parse, replies))
+        except (BadRequest, ProtocolVersionError) as e:
             _log.warn(
-                "engine {engine_id} sent a malformed reply ({error}); dropping it",
+                "engine {engine_id} sent replies this controller cannot read "
+                "({error}); dropping them",
                 engine_id=self._handle.engine_id,
                 error=e,
             )

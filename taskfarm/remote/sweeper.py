@@ -8,9 +8,9 @@ about 400 MB alive in the controller, all of it garbage.  So every process
 counts the bytes of the messages it has answered and runs a full
 collection once they add up to `DEFAULT_THRESHOLD`, so the garbage of
 received messages stays bounded by about that much.  While a controller or
-engine service runs (`start`), a collection also runs `SETTLE_DELAY` after
-`SETTLE_BYTES` or more came in, so that a burst's garbage does not linger
-once it is over.
+engine service runs (`start`), a collection also runs once `SETTLE_BYTES`
+or more came in and then `SETTLE_DELAY` passed without a message, so that
+a burst's garbage does not linger once it is over.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def collect_and_trim() -> None:
 
 class CycleSweeper:
     """Runs `collect` at the end of the turn in which `received` bytes
-    reached the threshold; once started, also `SETTLE_DELAY` after
-    `SETTLE_BYTES` came."""
+    reached the threshold; once started, also `SETTLE_DELAY` after the last
+    message, once `SETTLE_BYTES` came."""
 
     def __init__(
         self,
@@ -66,6 +66,9 @@ class CycleSweeper:
         self._pending = 0
         self._call = None
         self._services = 0
+        # Whether the call pending is a settle (pushed back by each message),
+        # not a threshold sweep (due in this turn).
+        self._settling = False
         #: How many collections ran.
         self.collections = 0
 
@@ -89,11 +92,19 @@ class CycleSweeper:
                 self._call = self._reactor.callLater(0, self._sweep)
             else:
                 self._call.reset(0)
-        elif self._services and self._pending >= SETTLE_BYTES and self._call is None:
-            self._call = self._reactor.callLater(SETTLE_DELAY, self._sweep)
+        elif self._services and self._pending >= SETTLE_BYTES:
+            # Once the burst is over: each message pushes the settle back, so
+            # a burst slower than SETTLE_DELAY is not swept half-way, leaving
+            # its tail behind until the threshold.
+            if self._call is None:
+                self._call = self._reactor.callLater(SETTLE_DELAY, self._sweep)
+            elif self._settling:
+                self._call.reset(SETTLE_DELAY)
+        self._settling = self._call is not None and self._pending < self.threshold
 
     def _sweep(self) -> None:
         self._call = None
+        self._settling = False
         self._pending = 0
         self._collect()
         self.collections += 1

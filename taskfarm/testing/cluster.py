@@ -7,12 +7,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
 
 from taskfarm.asyncclient import MultiEngineClient, TaskClient
 from taskfarm.cluster.launcher import ProcessSlot, twisted_argv
 from taskfarm.controller.service import create_controller
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK, Profile
+from taskfarm.testing.helpers import temp_dir
 
 _CERT_CACHE: bytes | None = None
 
@@ -28,6 +30,8 @@ class RealCluster:
 
     def __init__(self, reactor, profile_root: str | None = None, **controller_options) -> None:
         self.reactor = reactor
+        # Without `profile_root` the caller removes `profile.root` itself;
+        # tests use `ClusterTestCase`, which does.
         root = profile_root or tempfile.mkdtemp(prefix="taskfarm-test-")
         self.profile = Profile(Path(root))
         self._controller_options = controller_options
@@ -72,8 +76,8 @@ class RealCluster:
                 self.reactor,
                 env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(sys.path)),
                 liveness_timeout=self.liveness_timeout,
+                restart=False,  # tests decide about restarts themselves
             )
-            slot.stopping = True  # tests decide about restarts themselves
             slot.start()
             self.engines.append(slot)
             slots.append(slot)
@@ -139,6 +143,31 @@ class RealCluster:
                     await self._client_tub.stopService()
                 if self.controller is not None:
                     await self.controller.stopService()
+
+
+class ClusterTestCase(unittest.TestCase):
+    """Starts a `RealCluster` per test (`start_cluster`) in a temporary
+    folder; the cleanup stops it and removes the folder.  `self.tmp` is a
+    scratch folder in it for the test's own files."""
+
+    timeout = 120
+    #: The prefix of the temporary folder's name.
+    folder_prefix = "taskfarm-test-"
+
+    async def start_cluster(self, n: int = 1, properties=None, **controller_options):
+        """A started cluster of `n` engines (each with its `properties`);
+        returns its Task client (`client`)."""
+        root = temp_dir(self, self.folder_prefix)
+        self.tmp = root / "scratch"
+        self.tmp.mkdir()
+        self.cluster = RealCluster(reactor, profile_root=str(root), **controller_options)
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.cluster.stop()))
+        await self.cluster.start(n, properties)
+        return self.client()
+
+    def client(self):
+        """The client `start_cluster` returns: a Task client by default."""
+        return self.cluster.task_client()
 
 
 _client_cert: bytes | None = None

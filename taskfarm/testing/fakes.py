@@ -66,25 +66,51 @@ class ScriptedChannel:
         self.reply(seq, False, to_wire(error))
 
 
+def run_commands(namespace: Namespace, commands: list, aborted: set[int]) -> list[tuple]:
+    """The replies of an engine that runs `commands` at once on `namespace`;
+    those whose seq is in `aborted` are answered as aborted, unrun."""
+    replies = []
+    for seq, op, args in commands:
+        if seq in aborted:
+            replies.append((seq, False, to_wire(TaskAborted("aborted")), None, time.time()))
+            continue
+        started = time.time()
+        ok, data = namespace.run(op, args)
+        replies.append((seq, ok, data, started, time.time()))
+    return replies
+
+
 @implementer(IEngineChannel)
 class InProcessChannel:
-    """Runs each command at once on a `Namespace`; replies on the next turn."""
+    """Runs each command at once on a `Namespace`; replies on the next turn.
+
+    `hold()` keeps the commands sent from then on, unanswered, until
+    `release()` runs them (a busy engine).
+    """
 
     def __init__(self, clock) -> None:
         self._clock = clock
         self.namespace = Namespace()
         self.engine = None
         self._cancelled: set[int] = set()
+        self._held: list | None = None
+
+    def hold(self) -> None:
+        """Keep the commands sent from now on until `release`."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Run the held commands, in order, and stop holding."""
+        held, self._held = self._held, None
+        if held:
+            self.send(held)
 
     def send(self, commands: list, packed: bytes | None = None) -> None:
-        replies = []
-        for seq, op, args in commands:
-            if seq in self._cancelled:
-                replies.append((seq, False, to_wire(TaskAborted("aborted")), None, time.time()))
-                continue
-            started = time.time()
-            ok, data = self.namespace.run(op, args)
-            replies.append((seq, ok, data, started, time.time()))
+        if self._held is not None:
+            self._held.extend(commands)
+            return
+        replies = run_commands(self.namespace, commands, self._cancelled)
         self._clock.callLater(0, self.engine._registry.replies, self.engine, replies)
 
     def interrupt(self, seq: int) -> None:
@@ -161,3 +187,42 @@ class InProcessEvaluator:
             return Verdict(bool(predicate(properties)))
         except BaseException as e:
             return Verdict(False, "raised " + describe(e))
+
+
+class RecordingWorker:
+    """Stands in for an engine's `CommandWorker` (no thread): records what
+    the engine's link asks of it; `reply` answers through the current
+    session's sink, as the worker does once a command has run."""
+
+    def __init__(self) -> None:
+        self.namespace = Namespace()
+        self.received: list[tuple] = []
+        self.interrupted: list[int] = []
+        self.cancelled: list[int] = []
+        #: (engine id) per `begin_session`, and how many sessions ended.
+        self.sessions: list[int] = []
+        self.ended = 0
+        self.sink = None
+
+    def begin_session(self, engine_id: int, sink) -> None:
+        self.end_session()
+        self.sink = sink
+        self.sessions.append(engine_id)
+        self.namespace.set_engine_id(engine_id)
+
+    def end_session(self) -> None:
+        if self.sink is not None:
+            self.ended += 1
+        self.sink = None
+
+    def receive(self, commands: list) -> None:
+        self.received.extend(commands)
+
+    def interrupt(self, seq: int) -> None:
+        self.interrupted.append(seq)
+
+    def cancel(self, seqs: list[int]) -> None:
+        self.cancelled.extend(seqs)
+
+    def reply(self, replies: list) -> None:
+        self.sink(replies)

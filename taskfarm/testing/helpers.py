@@ -1,11 +1,17 @@
-"""Small helpers the test suites share: async tests, polling, processes."""
+"""Small helpers the test suites share: async tests, polling, temporary
+folders, processes, MultiEngine errors."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from twisted.internet import defer, reactor, task
+
+from taskfarm.childprocess import ChildProcess
+from taskfarm.errors import CompositeError, RemoteTaskError
 
 
 def async_test(test):
@@ -38,6 +44,29 @@ async def wait_until(condition, what: str = "a condition", timeout: float = 60.0
         if reactor.seconds() > deadline:
             raise AssertionError("timed out after %g s waiting for %s" % (timeout, what))
         await sleep(interval)
+
+
+def temp_dir(testcase, prefix: str = "taskfarm-test-") -> Path:
+    """A fresh folder outside the checkout, removed (with everything in it)
+    at `testcase`'s cleanup."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+class OutputChild(ChildProcess):
+    """A child process whose output is kept: stdout in `out`, stderr in `err`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.err = bytearray()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
 
 
 # -- processes, found through /proc ------------------------------------------------
@@ -111,3 +140,20 @@ def clock_controller(testcase, evaluator: bool = False):
     testcase.addCleanup(controller.stop)
     testcase.addCleanup(registry.stop)
     return clock, registry, controller
+
+
+def assert_composite(testcase, error, method: str, expected: dict) -> None:
+    """`error` is a `CompositeError` holding exactly one error per engine of
+    `expected` ({engine_id: exception type or remote exception name}), in
+    order, each from `method`."""
+    testcase.assertIsInstance(error, CompositeError)
+    testcase.assertEqual([e for e, _, _ in error.elist], list(expected))
+    for engine_id, m, err in error.elist:
+        testcase.assertEqual(m, method)
+        kind = expected[engine_id]
+        if isinstance(kind, str):
+            testcase.assertIsInstance(err, RemoteTaskError)
+            testcase.assertEqual(err.ename, kind)
+            testcase.assertEqual(err.engine_id, engine_id)
+        else:
+            testcase.assertIsInstance(err, kind)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 from twisted.trial import unittest
 
 from taskfarm.profile import Profile
-from taskfarm.testing.helpers import children_of, is_alive, wait_until
+from taskfarm.testing.helpers import children_of, is_alive, temp_dir, wait_until
 
 #: How to run the `taskfarm` command with this interpreter.
 TASKFARM = [sys.executable, "-c", "from taskfarm.cli import main; main()"]
@@ -39,8 +36,7 @@ class ProcessTestCase(unittest.TestCase):
     cwd: str | None = None
 
     def setUp(self):
-        self.root = Path(tempfile.mkdtemp(prefix="taskfarm-proc-test-"))
-        self.addCleanup(shutil.rmtree, self.root, True)
+        self.root = temp_dir(self, "taskfarm-proc-test-")
         #: Every child seen of a process started here: {pid: start time}.
         self.seen_children: dict[int, str] = {}
 

@@ -1,7 +1,9 @@
 """The side of a launched controller or engine that ties it to its launcher.
 
 A launcher (`taskfarm.cluster.launcher.ProcessSlot`) names itself in the
-child's environment.  A process started so (and only such a process, never
+child's environment.  This module sits below both (the launcher imports
+its names, the controller and engine call `follow_launcher`), so neither
+imports the other.  A process started so (and only such a process, never
 one run by hand in a terminal) calls `follow_launcher` at start, which:
 
 - puts it in a process group of its own, so that the launcher can end it

@@ -1,0 +1,662 @@
+"""Every message that crosses a process boundary, as a type.
+
+Client, controller and engine speak in the messages defined here, and each
+message is checked in one place: its type's `parse`, which builds the type
+from the plain data a peer sent and raises `BadRequest` naming the message
+and the bad field (``task options: retries must be an int in 0..N, got
+'x'``).  The types are NamedTuples, so code reads fields by name, and a
+parsed message still unpacks like the tuple it came from.
+
+**They travel as plain data.**  Envelopes are read by the data-only
+unpickler (`taskfarm.serialization.unpack`), which refuses every class, a
+NamedTuple's too.  So a sender builds the type and sends ``message.plain()``
+(tuples, lists, dicts, bytes, numbers), and a receiver calls
+``Type.parse(value)``.  Parts that a receiver only passes on (a task's
+failure, a command's arguments forwarded to an engine) are checked by
+their own `parse` and kept in their plain form.
+
+**Versions.**  `WIRE_VERSION` is the version of the wire this code speaks;
+every `hello` answer carries it, and a client or engine refuses a
+controller of another version.  Each message says which version it was
+written in, so that one from a newer peer is refused as such: version 1 of
+a message is exactly its tuple of fields (what taskfarm has always sent,
+and what the journal holds); a later version appends fields, the first of
+them its version number::
+
+    (field_1, ..., field_n)                        version 1
+    (field_1, ..., field_n, version, more, ...)    version 2 and later
+
+A reader finds the version at index n whatever follows it: n fields are
+version 1; a version above `WIRE_VERSION` raises `ProtocolVersionError`
+(a newer peer, not a malformed message); anything else must be a version
+this code knows with exactly its fields, or it is a `BadRequest`.  Lists
+(task ids, batches) are not versioned themselves: they change only with
+the remote interface that carries them, whose remote name is versioned.
+"""
+
+from __future__ import annotations
+
+import math
+import reprlib
+import sys
+from typing import Any, NamedTuple
+
+from taskfarm.errors import BadRequest, ProtocolVersionError
+
+#: The wire version this code speaks; a peer with another one is refused at `hello`.
+WIRE_VERSION = 1
+
+#: Task kinds: a code string (`Task`) or a function call (`MapTask`).
+EXEC = "exec"
+CALL = "call"
+
+#: The most retries a task may ask for (the journal stores it as a 64-bit int).
+MAX_RETRIES = 2**63 - 1
+
+#: The longest timeout: any larger number cannot be a float number of seconds.
+MAX_TIMEOUT = sys.float_info.max
+
+#: The most tasks in one recovery chain (the task itself included).  The
+#: envelope nests one level per task, and pickle recurses per level, so a
+#: chain much longer (about 1,000) cannot be sent at all; the controller
+#: refuses longer chains too.
+MAX_RECOVERY_CHAIN = 100
+
+#: MultiEngine ``properties`` actions.
+PROPERTY_ACTIONS = frozenset({"get", "set", "has", "del", "clear"})
+
+_SEQUENCES = (tuple, list)
+
+_repr = reprlib.Repr()
+_repr.maxlevel = 3
+_repr.maxstring = 40
+_repr.maxother = 40
+
+
+def _show(value: object) -> str:
+    """A short description of a bad value, whatever its size or depth."""
+    if isinstance(value, (bytes, bytearray)) and len(value) > 40:
+        return "%s of %d bytes" % (type(value).__name__, len(value))
+    try:
+        return _repr.repr(value)
+    except Exception:  # RecursionError, or a repr that fails
+        return "a %s" % type(value).__name__
+
+
+def _bad(what: str, field: str, wanted: str, value: object) -> BadRequest:
+    return BadRequest("%s: %s must be %s, got %s" % (what, field, wanted, _show(value)))
+
+
+def _fields(cls, value, what: str, sequences=(tuple,)) -> tuple:
+    """The version-1 fields of `value`, a message of type `cls` (see the
+    module docstring for the versions)."""
+    count = len(cls._fields)
+    if type(value) is tuple and len(value) == count:
+        return value  # the common case, first
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, sequences):
+        raise BadRequest(
+            "%s must be a tuple (%s), got %s" % (what, ", ".join(cls._fields), _show(value))
+        )
+    if len(value) > count:
+        version = value[count]
+        if _is_int(version) and version > WIRE_VERSION:
+            raise ProtocolVersionError(
+                "%s of wire version %d came from a newer peer; this side speaks "
+                "version %d (upgrade it)" % (what, version, WIRE_VERSION)
+            )
+        if _is_int(version) and version == 1 and len(value) == count + 1:
+            return tuple(value[:count])
+    elif len(value) == count:
+        return tuple(value)
+    raise BadRequest(
+        "%s must have %d fields (%s), got %d"
+        % (what, count, ", ".join(cls._fields), len(value))
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_timeout(what: str, timeout: object) -> None:
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout <= MAX_TIMEOUT  # NaN and infinity fail too
+    ):
+        raise _bad(what, "timeout", "None or a positive, finite number of seconds", timeout)
+
+
+def _check_kind(what: str, kind: object) -> None:
+    if kind != EXEC and kind != CALL:
+        raise _bad(what, "kind", "%r or %r" % (EXEC, CALL), kind)
+
+
+def _plain(self) -> tuple:
+    """The message as plain data, ready for `serialization.pack`."""
+    return tuple(self)
+
+
+def parse_list(value: object, what: str) -> list:
+    """`value` as a list (a batch of messages); `BadRequest` otherwise."""
+    if not isinstance(value, list):
+        raise BadRequest("%s must be a list, got %s" % (what, _show(value)))
+    return value
+
+
+# -- tasks ---------------------------------------------------------------------------
+
+
+class TaskOptions(NamedTuple):
+    """What the controller reads of a task besides its kind."""
+
+    clear_before: bool = False
+    clear_after: bool = False
+    retries: int = 0
+    priority: int = 0
+    timeout: float | None = None
+
+    @classmethod
+    def parse(cls, value: object, what: str = "task options") -> TaskOptions:
+        fields = value if type(value) is tuple and len(value) == 5 else (
+            _fields(cls, value, what, _SEQUENCES)
+        )
+        clear_before, clear_after, retries, priority, timeout = fields
+        if not isinstance(clear_before, bool):
+            raise _bad(what, "clear_before", "True or False", clear_before)
+        if not isinstance(clear_after, bool):
+            raise _bad(what, "clear_after", "True or False", clear_after)
+        # Inline checks: this runs for every task submitted.
+        if (
+            not isinstance(retries, int)
+            or isinstance(retries, bool)
+            or not 0 <= retries <= MAX_RETRIES
+        ):
+            raise _bad(what, "retries", "an int in 0..%d (MAX_RETRIES)" % MAX_RETRIES, retries)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise _bad(what, "priority", "an int", priority)
+        if timeout is not None:
+            _check_timeout(what, timeout)
+        return tuple.__new__(cls, fields)
+
+    plain = _plain
+
+
+class TaskEnvelope(NamedTuple):
+    """One task as a client submits it and the journal keeps it.
+
+    `payload` is the user bytes only an engine opens; `depend` the pickled
+    predicate (opened only by the controller's evaluator processes) or
+    None; `recovery` the recovery task's envelope or None.
+    """
+
+    kind: str
+    payload: bytes
+    options: TaskOptions
+    depend: bytes | None = None
+    recovery: TaskEnvelope | None = None
+
+    @classmethod
+    def parse(cls, value: object, depth: int = 0) -> TaskEnvelope:
+        if depth >= MAX_RECOVERY_CHAIN:
+            raise BadRequest(
+                "the recovery chain is longer than %d tasks (MAX_RECOVERY_CHAIN)"
+                % MAX_RECOVERY_CHAIN
+            )
+        what = "task envelope" if depth == 0 else "recovery task %d" % depth
+        fields = value if type(value) is tuple and len(value) == 5 else (
+            _fields(cls, value, what, _SEQUENCES)
+        )
+        kind, payload, options, depend, recovery = fields
+        if kind != EXEC and kind != CALL:
+            raise _bad(what, "kind", "%r or %r" % (EXEC, CALL), kind)
+        if not isinstance(payload, bytes):
+            raise _bad(what, "payload", "bytes", payload)
+        options = TaskOptions.parse(options, what + " options")
+        if depend is not None and not isinstance(depend, bytes):
+            raise _bad(what, "depend", "pickled bytes or None", depend)
+        if recovery is not None:
+            recovery = cls.parse(recovery, depth + 1)
+        return tuple.__new__(cls, (kind, payload, options, depend, recovery))
+
+    def plain(self) -> tuple:
+        recovery = None if self.recovery is None else self.recovery.plain()
+        return (self.kind, self.payload, tuple(self.options), self.depend, recovery)
+
+
+class Submission(NamedTuple):
+    """A client's ``submit``: a batch of task envelopes.
+
+    `token` makes a resend harmless; `ids` are ids the client reserved, one
+    per task, or None.  The envelopes stay plain here: the controller
+    parses each (`TaskEnvelope.parse`) and journals it as it came.
+    """
+
+    token: str | None
+    envelopes: list
+    ids: list[int] | None = None
+
+    @classmethod
+    def parse(cls, value: object) -> Submission:
+        what = "submission"
+        if type(value) is tuple and len(value) == 2:
+            value = value + (None,)  # sent before clients reserved ids
+        token, envelopes, ids = _fields(cls, value, what)
+        if token is not None and not isinstance(token, str):
+            raise _bad(what, "token", "a str or None", token)
+        if not isinstance(envelopes, list):
+            raise _bad(what, "envelopes", "a list of task envelopes", envelopes)
+        if ids is not None:
+            if not isinstance(ids, list) or len(ids) != len(envelopes):
+                raise _bad(what, "ids", "None or one reserved id per task", ids)
+            for taskid in ids:
+                if not _is_int(taskid):
+                    raise _bad(what, "ids", "task ids (ints)", taskid)
+            if len(set(ids)) != len(ids):
+                raise _bad(what, "ids", "distinct (it names a task id twice)", ids)
+        return tuple.__new__(cls, (token, envelopes, ids))
+
+    plain = _plain
+
+
+class TaskIds:
+    """A list of task ids (``results``, ``wait``, ``clear``)."""
+
+    @staticmethod
+    def parse(value: object, allow_none: bool = False) -> list[int] | None:
+        if value is None and allow_none:
+            return None
+        if not isinstance(value, (list, tuple)) or not all(map(_is_int, value)):
+            raise BadRequest(
+                "task ids must be a list of ints%s, got %s"
+                % (" or None" if allow_none else "", _show(value))
+            )
+        return list(value)
+
+
+class ResultEnvelope(NamedTuple):
+    """A finished task as the controller answers ``results``.
+
+    `data` is the pickled outcome when `ok`, else a `WireError`; the times
+    are the controller's (`submitted`) and the engine's (the others).
+    """
+
+    taskid: int
+    kind: str
+    ok: bool
+    data: Any
+    engine_id: int | None
+    submitted: float
+    started: float | None
+    completed: float | None
+
+    @classmethod
+    def parse(cls, value: object) -> ResultEnvelope:
+        what = "result envelope"
+        fields = _fields(cls, value, what)
+        taskid, kind, ok, data, engine_id, submitted, started, completed = fields
+        if not _is_int(taskid):
+            raise _bad(what, "taskid", "an int", taskid)
+        _check_kind(what, kind)
+        if not isinstance(ok, bool):
+            raise _bad(what, "ok", "True or False", ok)
+        if ok and not isinstance(data, bytes):
+            raise _bad(what, "data", "the pickled result (bytes)", data)
+        if not ok:
+            WireError.parse(data)
+        if engine_id is not None and not _is_int(engine_id):
+            raise _bad(what, "engine_id", "an int or None", engine_id)
+        if not _is_number(submitted):
+            raise _bad(what, "submitted", "a time", submitted)
+        for name, time in (("started", started), ("completed", completed)):
+            if time is not None and not _is_number(time):
+                raise _bad(what, name, "a time or None", time)
+        return fields if type(fields) is cls else tuple.__new__(cls, fields)
+
+    plain = _plain
+
+
+# -- errors and answers ----------------------------------------------------------------
+
+
+class WireError(NamedTuple):
+    """An exception as data (`taskfarm.errors.to_wire` / `from_wire`)."""
+
+    name: str
+    detail: Any
+
+    @classmethod
+    def parse(cls, value: object) -> WireError:
+        name, detail = _fields(cls, value, "wire error")
+        if not isinstance(name, str):
+            raise _bad("wire error", "name", "an exception class name (str)", name)
+        return tuple.__new__(cls, (name, detail))
+
+    plain = _plain
+
+
+class Answer(NamedTuple):
+    """What every Task and MultiEngine method answers: a value or an error."""
+
+    ok: bool
+    value: Any
+
+    @classmethod
+    def parse(cls, value: object) -> Answer:
+        ok, answer = _fields(cls, value, "answer")
+        if not isinstance(ok, bool):
+            raise _bad("answer", "ok", "True or False", ok)
+        if not ok:
+            answer = WireError.parse(answer)
+        return tuple.__new__(cls, (ok, answer))
+
+    def plain(self) -> tuple:
+        return (self.ok, tuple(self.value) if not self.ok else self.value)
+
+
+class Hello(NamedTuple):
+    """What every ``hello`` answers: which interface this is, the wire
+    version, the controller's message limit and (Task interface) its
+    incarnation.  Travels as a dict."""
+
+    interface: str
+    version: int
+    max_message_size: int
+    incarnation: str | None = None
+
+    @classmethod
+    def parse(cls, value: object) -> Hello:
+        what = "hello"
+        if not isinstance(value, dict):
+            raise BadRequest("%s must be a dict, got %s" % (what, _show(value)))
+        version = value.get("version")
+        if version != WIRE_VERSION:
+            raise ProtocolVersionError(
+                "the peer speaks wire version %r, this side version %d"
+                % (version, WIRE_VERSION)
+            )
+        interface = value.get("interface")
+        if not isinstance(interface, str):
+            raise _bad(what, "interface", "an interface name", interface)
+        limit = value.get("max_message_size")
+        if not _is_int(limit) or limit < 1:
+            raise _bad(what, "max_message_size", "a positive int", limit)
+        incarnation = value.get("incarnation")
+        if incarnation is not None and not isinstance(incarnation, str):
+            raise _bad(what, "incarnation", "a str or None", incarnation)
+        return tuple.__new__(cls, (interface, version, limit, incarnation))
+
+    def plain(self) -> dict:
+        return self._asdict()
+
+
+# -- the command stream (controller to engine and back) ----------------------------------
+
+
+class TaskArgs(NamedTuple):
+    """The arguments of a ``task`` command."""
+
+    kind: str
+    payload: bytes
+    clear_before: bool
+    clear_after: bool
+    timeout: float | None
+
+    @classmethod
+    def parse(cls, value: object, what: str = "task command") -> TaskArgs:
+        kind, payload, clear_before, clear_after, timeout = _fields(cls, value, what)
+        _check_kind(what, kind)
+        if not isinstance(payload, bytes):
+            raise _bad(what, "payload", "bytes", payload)
+        if not isinstance(clear_before, bool):
+            raise _bad(what, "clear_before", "True or False", clear_before)
+        if not isinstance(clear_after, bool):
+            raise _bad(what, "clear_after", "True or False", clear_after)
+        _check_timeout(what, timeout)
+        return tuple.__new__(cls, (kind, payload, clear_before, clear_after, timeout))
+
+    plain = _plain
+
+
+def _one_field(cls, value, what: str, check, wanted: str):
+    (field,) = _fields(cls, value, what)
+    if not check(field):
+        raise _bad(what, cls._fields[0], wanted, field)
+    return tuple.__new__(cls, (field,))
+
+
+class ExecuteArgs(NamedTuple):
+    """``execute``: run a code string."""
+
+    code: str
+
+    @classmethod
+    def parse(cls, value: object, what: str = "execute command") -> ExecuteArgs:
+        return _one_field(cls, value, what, lambda v: isinstance(v, str), "a str of code")
+
+    plain = _plain
+
+
+class PushArgs(NamedTuple):
+    """``push``: put the pickled ``{name: value}`` into the namespace."""
+
+    values: bytes
+
+    @classmethod
+    def parse(cls, value: object, what: str = "push command") -> PushArgs:
+        return _one_field(cls, value, what, lambda v: isinstance(v, bytes), "pickled bytes")
+
+    plain = _plain
+
+
+class PullArgs(NamedTuple):
+    """``pull``: the values of these names."""
+
+    names: tuple
+
+    @classmethod
+    def parse(cls, value: object, what: str = "pull command") -> PullArgs:
+        return _one_field(
+            cls, value, what,
+            lambda v: isinstance(v, _SEQUENCES) and all(isinstance(n, str) for n in v),
+            "a tuple of names",
+        )
+
+    plain = _plain
+
+
+class GetResultArgs(NamedTuple):
+    """``get_result``: the result of execute number `number` (None: the last)."""
+
+    number: int | None
+
+    @classmethod
+    def parse(cls, value: object, what: str = "get_result command") -> GetResultArgs:
+        return _one_field(
+            cls, value, what, lambda v: v is None or _is_int(v), "an execute number or None"
+        )
+
+    plain = _plain
+
+
+class MapArgs(NamedTuple):
+    """``map``: call a pickled function on each of a pickled chunk of arguments."""
+
+    function: bytes
+    chunk: bytes
+
+    @classmethod
+    def parse(cls, value: object, what: str = "map command") -> MapArgs:
+        function, chunk = _fields(cls, value, what)
+        if not isinstance(function, bytes):
+            raise _bad(what, "function", "pickled bytes", function)
+        if not isinstance(chunk, bytes):
+            raise _bad(what, "chunk", "pickled bytes", chunk)
+        return tuple.__new__(cls, (function, chunk))
+
+    plain = _plain
+
+
+class NoArgs(NamedTuple):
+    """``reset``, ``keys``, ``kill``: no arguments."""
+
+    @classmethod
+    def parse(cls, value: object, what: str = "command") -> NoArgs:
+        _fields(cls, value, what)
+        return tuple.__new__(cls, ())
+
+    def plain(self) -> tuple:
+        return ()
+
+
+#: Each command op an engine runs, and the type of its arguments.
+COMMAND_ARGS = {
+    "task": TaskArgs,
+    "execute": ExecuteArgs,
+    "push": PushArgs,
+    "pull": PullArgs,
+    "reset": NoArgs,
+    "keys": NoArgs,
+    "get_result": GetResultArgs,
+    "map": MapArgs,
+    "kill": NoArgs,
+}
+
+#: The ops a MultiEngine client may ask for (``task`` is the controller's own).
+CLIENT_OPERATIONS = frozenset(COMMAND_ARGS) - {"task"}
+
+
+def _parse_args(op: str, args: object, what: str):
+    return COMMAND_ARGS[op].parse(args, "%s %s" % (op, what))
+
+
+class Command(NamedTuple):
+    """One command of an engine's stream, in the order the engine runs them."""
+
+    seq: int
+    op: str
+    args: tuple
+
+    @classmethod
+    def parse(cls, value: object) -> Command:
+        seq, op, args = _fields(cls, value, "command")
+        if not _is_int(seq):
+            raise _bad("command", "seq", "an int", seq)
+        if not isinstance(op, str) or op not in COMMAND_ARGS:
+            raise _bad("command %d" % seq, "op", "one of %s" % sorted(COMMAND_ARGS), op)
+        return tuple.__new__(cls, (seq, op, _parse_args(op, args, "command %d" % seq)))
+
+    def plain(self) -> tuple:
+        return (self.seq, self.op, tuple(self.args))
+
+
+class Reply(NamedTuple):
+    """An engine's answer to command `seq`: `data` is the result bytes when
+    `ok`, else a `WireError` (kept plain: it is stored and passed on)."""
+
+    seq: int
+    ok: bool
+    data: Any
+    started: float | None
+    finished: float
+
+    @classmethod
+    def parse(cls, value: object) -> Reply:
+        seq, ok, data, started, finished = fields = _fields(cls, value, "reply")
+        if type(seq) is not int:
+            raise _bad("reply", "seq", "an int", seq)
+        if type(ok) is not bool:
+            raise _bad("reply", "ok", "True or False", ok)
+        if ok:
+            if not isinstance(data, bytes):
+                raise _bad("reply", "data", "the result (bytes)", data)
+        elif not (type(data) is tuple and len(data) == 2 and isinstance(data[0], str)):
+            raise _bad("reply", "data", "a wire error (name, detail)", data)
+        if started is not None and not (type(started) is float and math.isfinite(started)):
+            raise _bad("reply", "started", "None or a finite float time", started)
+        if not (type(finished) is float and math.isfinite(finished)):
+            raise _bad("reply", "finished", "a finite float time", finished)
+        return tuple.__new__(cls, fields)
+
+    plain = _plain
+
+
+# -- the MultiEngine interface ----------------------------------------------------------
+
+
+class EngineCall(NamedTuple):
+    """An ``engine_call``: run `op` on each target, with `args`, or with
+    ``per_target[engine_id]`` when given.  The arguments are checked by
+    their op's type and kept plain: they travel on to the engines."""
+
+    op: str
+    targets: Any
+    args: tuple
+    per_target: dict | None = None
+
+    @classmethod
+    def parse(cls, value: object) -> EngineCall:
+        what = "engine call"
+        op, targets, args, per_target = _fields(cls, value, what)
+        if not isinstance(op, str) or op not in CLIENT_OPERATIONS:
+            raise BadRequest("unknown MultiEngine operation %s" % _show(op))
+        if per_target is None:
+            args = tuple(_parse_args(op, args, what))
+        elif isinstance(per_target, dict) and isinstance(args, tuple):
+            per_target = {
+                engine_id: tuple(_parse_args(op, engine_args, "%s for engine %s" % (what, _show(engine_id))))
+                for engine_id, engine_args in per_target.items()
+            }
+        else:
+            raise _bad(what, "per_target", "None or a dict of engine id to arguments", per_target)
+        return tuple.__new__(cls, (op, targets, args, per_target))
+
+    plain = _plain
+
+
+class PropertiesRequest(NamedTuple):
+    """A ``properties`` call: read or change the targets' properties."""
+
+    action: str
+    targets: Any
+    argument: Any
+
+    @classmethod
+    def parse(cls, value: object) -> PropertiesRequest:
+        what = "properties request"
+        action, targets, argument = _fields(cls, value, what)
+        if not isinstance(action, str) or action not in PROPERTY_ACTIONS:
+            raise BadRequest("unknown properties action %s" % _show(action))
+        return tuple.__new__(cls, (action, targets, argument))
+
+    plain = _plain
+
+
+class EngineOutcome(NamedTuple):
+    """One target's part of a MultiEngine answer: `data` is bytes when `ok`,
+    else a `WireError`."""
+
+    engine_id: int
+    ok: bool
+    data: Any
+
+    @classmethod
+    def parse(cls, value: object) -> EngineOutcome:
+        what = "engine outcome"
+        engine_id, ok, data = _fields(cls, value, what)
+        if not _is_int(engine_id):
+            raise _bad(what, "engine_id", "an int", engine_id)
+        if not isinstance(ok, bool):
+            raise _bad(what, "ok", "True or False", ok)
+        if not ok:
+            data = WireError.parse(data)
+        return tuple.__new__(cls, (engine_id, ok, data))
+
+    def plain(self) -> tuple:
+        return (self.engine_id, self.ok, self.data if self.ok else tuple(self.data))
