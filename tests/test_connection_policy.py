@@ -91,7 +91,7 @@ class _Dialer:
         return defer.succeed(reference)
 
 
-class ControllerConnectionTests(unittest.TestCase):
+class ControllerConnectionTests(unittest.SynchronousTestCase):
     def setUp(self):
         self.clock = task.Clock()
         self.dialer = _Dialer(self.clock)
@@ -150,15 +150,18 @@ class ControllerConnectionTests(unittest.TestCase):
     def test_reconnect_backs_off_from_0_1_to_2_seconds_within_the_window(self):
         """After a break a retry call reconnects after 0.1 s, then twice as
         long each time up to 2 s, and gives up with the transport's error
-        once the next try would fall past the 5 s window."""
+        once the next try would fall past the window (10 s here)."""
+        self.connection = ControllerConnection(
+            FURL, "task", self.clock, reconnect_timeout=10.0, dialer=self.dialer
+        )
         self.connected().break_link()
         self.dialer.up = False
         d = self.call()
         waits = self.run_out_timers()
-        self.assertEqual(waits, [0.1, 0.2, 0.4, 0.8, 1.6])
+        self.assertEqual(waits, [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0])
         self.failureResultOf(d, ControllerUnreachable)
-        self.assertAlmostEqual(self.clock.seconds(), 3.1)
-        self.assertEqual(len(self.dialer.attempts), 2 + 5)
+        self.assertAlmostEqual(self.clock.seconds(), 9.1, places=6)
+        self.assertEqual(len(self.dialer.attempts), 2 + 8)
 
     def test_a_mended_link_opens_a_new_window(self):
         """The window opens at each break, not when the call began: a call

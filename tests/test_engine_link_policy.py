@@ -11,7 +11,7 @@ from zope.interface.verify import verifyObject
 
 from taskfarm import serialization
 from taskfarm.backoff import Backoff
-from taskfarm.engine.link import REPLY_OVERHEAD, EngineLink, LinkState, WorkerCommands
+from taskfarm.engine.link import REPLY_OVERHEAD, EngineLink, EngineLinkState, WorkerCommands
 from taskfarm.errors import ControllerUnreachable
 from taskfarm.interfaces import IControllerLink, IEngineCommands, IEngineSession
 from taskfarm.remote.engine import FoolscapControllerLink
@@ -116,7 +116,7 @@ def _unreachable() -> ControllerUnreachable:
     return ControllerUnreachable("nothing listens")
 
 
-class EngineLinkTests(unittest.TestCase):
+class EngineLinkTests(unittest.SynchronousTestCase):
     def make(self, outcomes: list, **options) -> tuple[EngineLink, _ScriptedLink, _Worker]:
         self.clock = task.Clock()
         transport = _ScriptedLink(self.clock, outcomes)
@@ -125,7 +125,7 @@ class EngineLinkTests(unittest.TestCase):
         link = EngineLink(
             lambda: "furl-%d" % next(furls), worker, self.clock, transport=transport, **options
         )
-        self.states: list[tuple[LinkState, LinkState]] = []
+        self.states: list[tuple[EngineLinkState, EngineLinkState]] = []
         link.on_state.append(lambda old, new: self.states.append((old, new)))
         return link, transport, worker
 
@@ -168,12 +168,12 @@ class EngineLinkTests(unittest.TestCase):
         link.startService()
         self.clock.advance(0.2)
         self.clock.advance(0.4)
-        self.assertIs(link.state, LinkState.REGISTERED)
+        self.assertIs(link.state, EngineLinkState.REGISTERED)
         self.assertEqual(link.engine_id, 0)
         self.assertEqual(transport.properties, {"hostname": "here"})
         self.clock.advance(100)
         transport.sessions[0].break_link()
-        self.assertIs(link.state, LinkState.WAITING)
+        self.assertIs(link.state, EngineLinkState.WAITING)
         self.clock.advance(0.19)
         self.assertEqual(len(transport.attempts), 3)
         self.clock.advance(0.01)
@@ -194,7 +194,7 @@ class EngineLinkTests(unittest.TestCase):
         transport.sessions[0].break_link()
         self.clock.advance(0.2)
         self.stop(link)
-        S = LinkState
+        S = EngineLinkState
         path = [self.states[0][0]] + [new for _, new in self.states]
         self.assertEqual(
             path,
@@ -216,26 +216,26 @@ class EngineLinkTests(unittest.TestCase):
         the transport is stopped, and the link can start again."""
         link, transport, _ = self.make([_unreachable()])
         link.startService()
-        self.assertIs(link.state, LinkState.WAITING)
+        self.assertIs(link.state, EngineLinkState.WAITING)
         self.stop(link)
-        self.assertIs(link.state, LinkState.STOPPED)
+        self.assertIs(link.state, EngineLinkState.STOPPED)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual((transport.started, transport.stopped), (1, 1))
         self.clock.advance(10)
         self.assertEqual(len(transport.attempts), 1)
         transport.outcomes = [4096]
         link.startService()
-        self.assertIs(link.state, LinkState.REGISTERED)
+        self.assertIs(link.state, EngineLinkState.REGISTERED)
         self.stop(link)
 
     def test_stop_while_connecting_cancels_the_attempt(self):
         """Stopping while an attempt hangs cancels it and ends in stopped."""
         link, transport, _ = self.make([])
         link.startService()
-        self.assertIs(link.state, LinkState.CONNECTING)
+        self.assertIs(link.state, EngineLinkState.CONNECTING)
         self.stop(link)
         self.assertTrue(transport.pending.called)
-        self.assertIs(link.state, LinkState.STOPPED)
+        self.assertIs(link.state, EngineLinkState.STOPPED)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_a_bad_transition_is_refused(self):
@@ -243,7 +243,7 @@ class EngineLinkTests(unittest.TestCase):
         without passing through stopping."""
         link, _, _ = self.make([4096])
         link.startService()
-        self.assertRaises(RuntimeError, link._enter, LinkState.STOPPED)
+        self.assertRaises(RuntimeError, link._enter, EngineLinkState.STOPPED)
         self.stop(link)
 
     def test_replies_are_batched_under_the_controller_limit(self):

@@ -5,7 +5,7 @@ attempt, since a restarted controller may have a new one), registers with
 the engine's properties (the namespace keeps the latest), and feeds
 commands to the `CommandWorker`.  When the link breaks it ends the worker's
 session and tries again with back-off (`taskfarm.backoff`), asking for the
-same engine id.  Its lifecycle is one explicit state table (`LinkState`).
+same engine id.  Its lifecycle is one explicit state table (`EngineLinkState`).
 
 The transport is an `IControllerLink` (Foolscap: `taskfarm.remote.engine`);
 the policy (retries, back-off, batching replies under the limit) is here.
@@ -34,7 +34,7 @@ from taskfarm.remote.engine import FoolscapControllerLink
 RETRY_DELAYS = (0.2, 5.0)
 
 
-class LinkState(enum.Enum):
+class EngineLinkState(enum.Enum):
     """Where an `EngineLink` is in its life."""
 
     STOPPED = "stopped"
@@ -48,12 +48,14 @@ class LinkState(enum.Enum):
     STOPPING = "stopping"
 
 
-_TRANSITIONS: dict[LinkState, frozenset[LinkState]] = {
-    LinkState.STOPPED: frozenset({LinkState.CONNECTING}),
-    LinkState.CONNECTING: frozenset({LinkState.REGISTERED, LinkState.WAITING, LinkState.STOPPING}),
-    LinkState.REGISTERED: frozenset({LinkState.WAITING, LinkState.STOPPING}),
-    LinkState.WAITING: frozenset({LinkState.CONNECTING, LinkState.STOPPING}),
-    LinkState.STOPPING: frozenset({LinkState.STOPPED}),
+_TRANSITIONS: dict[EngineLinkState, frozenset[EngineLinkState]] = {
+    EngineLinkState.STOPPED: frozenset({EngineLinkState.CONNECTING}),
+    EngineLinkState.CONNECTING: frozenset(
+        {EngineLinkState.REGISTERED, EngineLinkState.WAITING, EngineLinkState.STOPPING}
+    ),
+    EngineLinkState.REGISTERED: frozenset({EngineLinkState.WAITING, EngineLinkState.STOPPING}),
+    EngineLinkState.WAITING: frozenset({EngineLinkState.CONNECTING, EngineLinkState.STOPPING}),
+    EngineLinkState.STOPPING: frozenset({EngineLinkState.STOPPED}),
 }
 
 
@@ -102,17 +104,17 @@ class EngineLink(service.Service):
         self._transport = transport
         self._loop: defer.Deferred | None = None
         self._lost: defer.Deferred | None = None
-        #: Where the link is (`LinkState`).
-        self.state = LinkState.STOPPED
+        #: Where the link is (`EngineLinkState`).
+        self.state = EngineLinkState.STOPPED
         self.engine_id: int | None = None
         #: How many times this engine has registered (1 + reconnections).
         self.registrations = 0
         #: Fires each time the engine registers, with its id (for tests).
         self.on_registered: list[Callable[[int], None]] = []
         #: Called with (old, new) at each change of `state` (for tests).
-        self.on_state: list[Callable[[LinkState, LinkState], None]] = []
+        self.on_state: list[Callable[[EngineLinkState, EngineLinkState], None]] = []
 
-    def _enter(self, new: LinkState) -> None:
+    def _enter(self, new: EngineLinkState) -> None:
         old = self.state
         if new not in _TRANSITIONS[old]:
             raise RuntimeError("engine link: no transition from %s to %s" % (old, new))
@@ -126,8 +128,8 @@ class EngineLink(service.Service):
         self._loop = defer.Deferred.fromCoroutine(self._keep_registered())
 
     async def stopService(self) -> None:
-        if self.state is not LinkState.STOPPED:
-            self._enter(LinkState.STOPPING)
+        if self.state is not EngineLinkState.STOPPED:
+            self._enter(EngineLinkState.STOPPING)
         super().stopService()
         self._fire_lost()
         self._worker.end_session()
@@ -138,18 +140,18 @@ class EngineLink(service.Service):
             except defer.CancelledError:
                 pass
         await self._transport.stop()
-        if self.state is LinkState.STOPPING:
-            self._enter(LinkState.STOPPED)
+        if self.state is EngineLinkState.STOPPING:
+            self._enter(EngineLinkState.STOPPED)
 
     async def _keep_registered(self) -> None:
-        while self.state is not LinkState.STOPPING:
-            self._enter(LinkState.CONNECTING)
+        while self.state is not EngineLinkState.STOPPING:
+            self._enter(EngineLinkState.CONNECTING)
             try:
                 await self._register_once()
             except defer.CancelledError:
                 return
             except Exception as e:
-                if self.state is LinkState.STOPPING:
+                if self.state is EngineLinkState.STOPPING:
                     return
                 self._log.warn(
                     "cannot register with the controller ({error}); retrying in {delay:.1f} s",
@@ -160,11 +162,11 @@ class EngineLink(service.Service):
                 self._backoff.reset()
                 self._lost = defer.Deferred()
                 await self._lost
-                if self.state is LinkState.STOPPING:
+                if self.state is EngineLinkState.STOPPING:
                     return
                 self._log.warn("lost the controller; reconnecting")
             self._worker.end_session()
-            self._enter(LinkState.WAITING)
+            self._enter(EngineLinkState.WAITING)
             await self._backoff.wait(self._reactor)
 
     async def _register_once(self) -> None:
@@ -177,7 +179,7 @@ class EngineLink(service.Service):
         )
         self.engine_id = session.engine_id
         self.registrations += 1
-        self._enter(LinkState.REGISTERED)
+        self._enter(EngineLinkState.REGISTERED)
         self._worker.begin_session(session.engine_id, self._sender(session))
         session.notify_on_disconnect(self._disconnected)
         self._log.info(
