@@ -18,7 +18,14 @@ from foolscap.tokens import STRING
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
 
 #: The wire version; a peer with another one is refused at `hello`.
-WIRE_VERSION = 1
+#: 2: a blocking `wait` or `results` may answer `NOT_YET`.
+WIRE_VERSION = 2
+
+#: What a blocking `wait` or `results` answers when its tasks are still
+#: unfinished after the controller's bound: the client asks again.  Each
+#: call ends within the bound, so a client that left holds no waiter for
+#: longer (the controller cannot tell a silent client from a gone one).
+NOT_YET = "not-yet"
 
 MESSAGE = ByteStringConstraint(maxLength=DEFAULT_MAX_MESSAGE_SIZE)
 
@@ -102,11 +109,13 @@ class RITaskController(RemoteInterface):
         return MESSAGE
 
     def results(taskids=MESSAGE, block=bool):
-        """Result envelopes of the pickled list of task ids."""
+        """Result envelopes of the pickled list of task ids (`NOT_YET` when
+        `block` and they are still unfinished after the bound)."""
         return MESSAGE
 
     def wait(taskids=MESSAGE):
-        """Answer once every task in the pickled list is finished."""
+        """Answer once every task in the pickled list is finished (None),
+        or `NOT_YET` once the bound has passed first."""
         return MESSAGE
 
     def abort(taskid=int):
