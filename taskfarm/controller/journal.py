@@ -431,9 +431,6 @@ class NullJournal:
     def __init__(self) -> None:
         self._incarnation = uuid.uuid4().hex
 
-    def open(self) -> None:
-        """Nothing to open."""
-
     def incarnation(self) -> str:
         """A new identity per NullJournal: clients see each start as new."""
         return self._incarnation
