@@ -70,12 +70,40 @@ def hello_blob(interface: str, incarnation: str | None = None) -> bytes:
     )
 
 
+#: Seconds a blocking `wait` or `results` is held before it answers
+#: `schemas.NOT_YET` (and releases its waiter); the client asks again.
+WAIT_BOUND = 30.0
+
+
 @implementer(schemas.RITaskController)
 class RemoteTaskController(Referenceable):
     """The Task interface, served to clients holding the task furl."""
 
-    def __init__(self, controller) -> None:
+    def __init__(self, controller, clock=None, wait_bound: float | None = None) -> None:
         self._controller = controller
+        self._clock = controller.clock if clock is None else clock
+        self._wait_bound = WAIT_BOUND if wait_bound is None else wait_bound
+        #: Blocking calls not answered yet.
+        self._held: set[defer.Deferred] = set()
+
+    def _bounded(self, d: defer.Deferred) -> defer.Deferred:
+        """`d`, or `NOT_YET` once the bound passed or `release_held` ran
+        (either cancels `d`, which releases the controller's waiter)."""
+        self._held.add(d)
+        d.addTimeout(self._wait_bound, self._clock, onTimeoutCancel=_not_yet)
+        d.addErrback(_not_yet_if_cancelled)
+        d.addBoth(self._unhold, d)
+        return d
+
+    def _unhold(self, result, d: defer.Deferred):
+        self._held.discard(d)
+        return result
+
+    def release_held(self) -> None:
+        """Answer every blocking call now with `NOT_YET` (the server stops:
+        no timer of a bound outlives it)."""
+        for d in list(self._held):
+            d.cancel()
 
     def remote_hello(self):
         return hello_blob("task", self._controller.incarnation)
@@ -100,13 +128,15 @@ class RemoteTaskController(Referenceable):
     def remote_results(self, taskids, block):
         def results():
             d = self._controller.results(_unpack_ids(taskids), block)
-            d.addCallback(fit_results, schemas.message_limit())
+            if block:
+                d = self._bounded(d)
+            d.addCallback(_fit_unless_not_yet, schemas.message_limit())
             return d
 
         return reply(results)
 
     def remote_wait(self, taskids):
-        return reply(lambda: self._controller.wait(_unpack_ids(taskids)))
+        return reply(lambda: self._bounded(self._controller.wait(_unpack_ids(taskids))))
 
     def remote_abort(self, taskid):
         return reply(self._controller.abort, taskid)
@@ -122,6 +152,19 @@ class RemoteTaskController(Referenceable):
 
     def remote_engine_ids(self):
         return reply(self._controller.engine_ids)
+
+
+def _not_yet(_result, _timeout) -> str:
+    return schemas.NOT_YET
+
+
+def _not_yet_if_cancelled(failure) -> str:
+    failure.trap(defer.CancelledError)
+    return schemas.NOT_YET
+
+
+def _fit_unless_not_yet(envelopes, limit: int):
+    return envelopes if envelopes is schemas.NOT_YET else fit_results(envelopes, limit)
 
 
 #: Bytes of a `results` answer beyond its result envelopes.
@@ -288,9 +331,10 @@ class ControllerServer(Service):
         self.tub.startService()
         referenceables = {
             ENGINE: RemoteEngineRegistrar(self._registry),
-            TASK: RemoteTaskController(self._services[TASK]),
+            TASK: RemoteTaskController(self._services[TASK], self._reactor),
             MULTIENGINE: self._multiengine(),
         }
+        self._referenceables = referenceables
         for interface, ref in referenceables.items():
             self.furls[interface] = tubs.register(self.tub, self._profile, interface, ref)
         sweeper.process_sweeper().start()
@@ -304,4 +348,5 @@ class ControllerServer(Service):
         super().stopService()
         sweeper.process_sweeper().stop()
         if self.tub is not None:
+            self._referenceables[TASK].release_held()
             await self.tub.stopService()
