@@ -33,6 +33,7 @@ from taskfarm.errors import (
 )
 from taskfarm.profile import MULTIENGINE, TASK, Profile, read_furl_file
 from taskfarm.properties import checked_properties
+from taskfarm.remote.schemas import NOT_YET
 from taskfarm.results import PendingResults, ResultList, join_blocks, partition
 from taskfarm.results import barrier as results_barrier
 from taskfarm.submission import Submitter, pack_envelope
@@ -204,7 +205,9 @@ class TaskClient(_Client):
     async def _get_result(self, taskid: int, block: bool):
         _check_id(taskid)
         (envelope,) = _result_envelopes(
-            await self._ask_about([taskid], "results", serialization.pack([taskid]), bool(block))
+            await self._ask_until_answered(
+                [taskid], "results", serialization.pack([taskid]), bool(block)
+            )
         )
         if envelope is None:
             return None
@@ -262,9 +265,17 @@ class TaskClient(_Client):
 
     async def _wait(self, taskids: list[int]) -> None:
         await _gather(
-            self._ask_about(part, "wait", serialization.pack(part))
+            self._ask_until_answered(part, "wait", serialization.pack(part))
             for part in self._id_slices(taskids)
         )
+
+    async def _ask_until_answered(self, taskids: list[int], method: str, *args):
+        """A blocking call: the controller answers `NOT_YET` once its bound
+        has passed (so a client that leaves holds nothing there); ask again."""
+        while True:
+            answer = await self._ask_about(taskids, method, *args)
+            if answer != NOT_YET:
+                return answer
 
     def barrier(self, taskids) -> defer.Deferred:
         """Fires (with None) once every task in `taskids` (an id or a list) is done."""

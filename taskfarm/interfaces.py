@@ -118,6 +118,63 @@ class IEngineSink(Interface):
         """The link of the engine with this handle broke."""
 
 
+class IJournal(Interface):
+    """Where the controller's tasks are kept across restarts.
+
+    `taskfarm.controller.journal.Journal` writes them to SQLite;
+    `NullJournal` keeps nothing and commits at once, so the controller has
+    one code path with or without a journal.  Writes are enqueued from the
+    reactor and never block it.
+    """
+
+    path = Attribute("The journal's file, or None when nothing is kept.")
+
+    def incarnation():
+        """This journal's identity: the same across restarts of one journal."""
+
+    def next_id():
+        """The first task id never handed out."""
+
+    def tasks():
+        """Every stored task (`StoredTask`), in id order."""
+
+    def tokens():
+        """Stored submission tokens (token, first id, count, digest), oldest first."""
+
+    def stored_data(stored):
+        """A stored task's outcome bytes."""
+
+    def accept_batch(rows, token=None):
+        """Journal one submission: an iterable of (taskid, envelope,
+        submitted, retries) rows and its token row; a Deferred that fires
+        once committed or fails with `JournalError` (the batch is refused)."""
+
+    def next_id_is(next_id):
+        """The id counter moved on."""
+
+    def requeued(taskid, link, retries_left, attempts):
+        """A task went back to the queue."""
+
+    def finished(record, link):
+        """A task reached its final state."""
+
+    def cleared(taskids):
+        """These tasks are forgotten."""
+
+    def forget_tokens(older_than):
+        """Drop submission tokens created before `older_than`."""
+
+    def sync():
+        """A Deferred that fires once everything written so far is committed."""
+
+    def close():
+        """Write what is pending, then close."""
+
+    def stop():
+        """Write what is pending and close, off the reactor thread; a
+        Deferred that fires once closed (the service tree's stop)."""
+
+
 class IEngineCommands(Interface):
     """Where an engine's transport delivers what the controller sends."""
 

@@ -43,8 +43,15 @@ from typing import Any, NamedTuple
 
 from taskfarm.errors import BadRequest, ProtocolVersionError
 
-#: The wire version this code speaks; a peer with another one is refused at `hello`.
-WIRE_VERSION = 1
+#: The wire version this code speaks; a peer with another one is refused at
+#: `hello`.  2: a blocking `wait` or `results` may answer `NOT_YET`.
+WIRE_VERSION = 2
+
+#: What a blocking `wait` or `results` answers when its tasks are still
+#: unfinished after the controller's bound: the client asks again.  Each
+#: call ends within the bound, so a client that left holds no waiter for
+#: longer (the controller cannot tell a silent client from a gone one).
+NOT_YET = "not-yet"
 
 #: Task kinds: a code string (`Task`) or a function call (`MapTask`).
 EXEC = "exec"

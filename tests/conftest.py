@@ -47,6 +47,7 @@ PROCESS_CLASSES = {
     ("test_services", "ControllerStopTests"),
     ("test_sweeper", "ControllerMemoryTests"),
     ("test_tasks_integration", "_ClusterTestCase"),
+    ("test_wait_bound", "ClientLeavesTests"),
     ("test_wire", "RealControllerTests"),
 }
 

@@ -457,7 +457,7 @@ class VersionTests(unittest.SynchronousTestCase):
 
     def test_hello_of_another_version(self):
         """A hello of any other wire version is refused (no version at all too)."""
-        for version in (wire.WIRE_VERSION + 1, 0, None, "1"):
+        for version in (wire.WIRE_VERSION + 1, wire.WIRE_VERSION - 1, 0, None, "1"):
             hello = _hello(version=version)
             with self.assertRaises(ProtocolVersionError) as caught:
                 wire.Hello.parse(hello)
@@ -650,7 +650,7 @@ class RealControllerTests(unittest.TestCase):
     def test_hello_blob(self):
         """What every hello answers parses as a Hello of this wire version."""
         hello = wire.Hello.parse(serialization.unpack(hello_blob("task", "abc", max_message_size=4096)))
-        self.assertEqual((hello.interface, hello.version, hello.incarnation), ("task", 1, "abc"))
+        self.assertEqual((hello.interface, hello.version, hello.incarnation), ("task", wire.WIRE_VERSION, "abc"))
 
 
 class ConnectionRefusesOtherVersionTests(unittest.TestCase):
@@ -663,7 +663,7 @@ class ConnectionRefusesOtherVersionTests(unittest.TestCase):
     async def test_other_version(self):
         class Reference:
             def callRemote(self, method):
-                return defer.succeed(serialization.pack(_hello(version=2)))
+                return defer.succeed(serialization.pack(_hello(version=wire.WIRE_VERSION + 1)))
 
         class Tub:
             def getReference(self, furl):
@@ -675,4 +675,4 @@ class ConnectionRefusesOtherVersionTests(unittest.TestCase):
         with self.assertRaises(ProtocolVersionError) as caught:
             await connection.connect()
         self.assertIn("127.0.0.1:1", str(caught.exception))
-        self.assertIn("wire version 2", str(caught.exception))
+        self.assertIn("wire version %d" % (wire.WIRE_VERSION + 1), str(caught.exception))

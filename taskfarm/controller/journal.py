@@ -20,13 +20,15 @@ import queue
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from taskfarm.errors import JournalError, ProfileError
+from taskfarm.interfaces import IJournal
 from taskfarm.services import join_thread
 
 SCHEMA_VERSION = 2
@@ -111,6 +113,7 @@ def _remove_files(paths: list) -> None:
             pass
 
 
+@implementer(IJournal)
 class Journal:
     """Durable record of the controller's tasks, written by one thread."""
 
@@ -217,9 +220,10 @@ class Journal:
 
     # -- writing (reactor thread enqueues) -------------------------------------------
 
-    def accept_batch(self, rows: list[tuple], token: tuple | None = None) -> defer.Deferred:
+    def accept_batch(self, rows: Iterable[tuple], token: tuple | None = None) -> defer.Deferred:
         """Journal one submission: `rows` of (taskid, envelope, submitted,
         retries), and its `token` row (token, first id, count, digest, now).
+        `rows` is read here, once (it may be a generator).
 
         Fires once committed.  If the commit fails, the batch is dropped
         whole and the Deferred fails with `JournalError`: the caller must
@@ -432,6 +436,70 @@ class Journal:
         self._flush()
         self._queue.put(_STOP)
         return thread
+
+
+@implementer(IJournal)
+class NullJournal:
+    """The journal of a controller that keeps nothing (``--no-journal``).
+
+    It has `Journal`'s interface and commits every write at once, so the
+    controller takes one path with or without a journal.  Nothing survives
+    a restart: each NullJournal is a new incarnation, with no tasks, no
+    tokens and ids from 0.
+    """
+
+    #: No file: nothing is kept.
+    path = None
+    #: A NullJournal never fails to write.
+    trouble = None
+
+    def __init__(self) -> None:
+        self._incarnation = uuid.uuid4().hex
+
+    def incarnation(self) -> str:
+        """A new identity per NullJournal: clients see each start as new."""
+        return self._incarnation
+
+    def next_id(self) -> int:
+        return 0
+
+    def tasks(self) -> Iterator[StoredTask]:
+        return iter(())
+
+    def tokens(self) -> list[tuple[str, int, int, str | None]]:
+        return []
+
+    def stored_data(self, stored: StoredTask) -> bytes | None:
+        return stored.data
+
+    def accept_batch(self, rows: Iterable[tuple], token: tuple | None = None) -> defer.Deferred:
+        """Committed at once; `rows` is not even read (no packing cost)."""
+        return defer.succeed(None)
+
+    def next_id_is(self, next_id: int) -> None:
+        pass
+
+    def requeued(self, taskid: int, link: int, retries_left: int, attempts: int) -> None:
+        pass
+
+    def finished(self, record, link: int) -> None:
+        pass
+
+    def cleared(self, taskids: list[int]) -> None:
+        pass
+
+    def forget_tokens(self, older_than: float) -> None:
+        pass
+
+    def sync(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def close(self, timeout: float = 10.0) -> None:
+        pass
+
+    def stop(self, timeout: float = 10.0) -> defer.Deferred:
+        """Nothing to write or join."""
+        return defer.succeed(None)
 
 
 class _Batch:

@@ -44,7 +44,6 @@ ReplyCallback = Callable[[int, bool, object, "float | None", float], None]
 
 
 class EngineState(enum.Enum):
-    REGISTERING = "registering"
     IDLE = "idle"
     BUSY = "busy"
     LOST = "lost"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from taskfarm.controller.journal import Journal
+from taskfarm.controller.journal import Journal, NullJournal
 from taskfarm.controller.multiengine import MultiEngine
 from taskfarm.controller.predicates import DEFAULT_DEPEND_TIMEOUT, PredicatePool
 from taskfarm.controller.registry import (
@@ -63,7 +63,7 @@ class ControllerService(OrderedServices):
         self.scheduler = scheduler
         self.tasks = tasks
         self.multiengine = multiengine
-        #: The task journal, or None when running purely in memory.
+        #: The task journal (a `NullJournal` when running purely in memory).
         self.journal = journal
         #: Where depend predicates run (`PredicatePool`), or None.
         self.evaluator = evaluator
@@ -149,7 +149,7 @@ def build_controller(
     )
     evaluator = PredicatePool(reactor, timeout=depend_timeout)
     scheduler = scheduler_class(evaluator=evaluator)
-    task_journal = None
+    task_journal = NullJournal()
     if journal:
         profile.ensure()
         task_journal = Journal(profile.journal_file, reactor)

@@ -155,7 +155,6 @@ class TaskRecord:
         "ok",
         "data",
         "group",
-        "timer",
         "link",
     )
 
@@ -177,8 +176,6 @@ class TaskRecord:
         self.data: object = None
         #: The scheduler's depend group while queued.
         self.group = None
-        #: A pending timeout call while running.
-        self.timer = None
 
     @property
     def is_queued(self) -> bool:

@@ -25,10 +25,10 @@ from foolscap.remoteinterface import RemoteInterfaceClass, getRemoteInterface
 from foolscap.schema import ChoiceOf, ListOf, TupleOf
 
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
-from taskfarm.wire import WIRE_VERSION
+from taskfarm.wire import NOT_YET, WIRE_VERSION
 
 __all__ = [
-    "WIRE_VERSION", "MESSAGE", "bounded", "bounded_call", "BoundedReferenceable",
+    "WIRE_VERSION", "NOT_YET", "MESSAGE", "bounded", "bounded_call", "BoundedReferenceable",
     "RIEngine", "RIEngineSession", "RIEngineRegistrar", "RITaskController", "RIMultiEngine",
 ]
 
@@ -166,11 +166,13 @@ class RITaskController(RemoteInterface):
         return MESSAGE
 
     def results(taskids=MESSAGE, block=bool):
-        """Result envelopes of the pickled list of task ids."""
+        """Result envelopes of the pickled list of task ids (`NOT_YET` when
+        `block` and they are still unfinished after the bound)."""
         return MESSAGE
 
     def wait(taskids=MESSAGE):
-        """Answer once every task in the pickled list is finished."""
+        """Answer once every task in the pickled list is finished (None),
+        or `NOT_YET` once the bound has passed first."""
         return MESSAGE
 
     def abort(taskid=int):

@@ -35,15 +35,47 @@ def _unpack_ids(blob: bytes, limit: int, allow_none: bool = False):
     return wire.TaskIds.parse(serialization.unpack(blob, limit), allow_none)
 
 
+#: Seconds a blocking `wait` or `results` is held before it answers
+#: `schemas.NOT_YET` (and releases its waiter); the client asks again.
+WAIT_BOUND = 30.0
+
+
 @implementer(schemas.RITaskController)
 class RemoteTaskController(BoundedReferenceable):
     """The Task interface, served to clients holding the task furl."""
 
     def __init__(
-        self, controller, max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE
+        self,
+        controller,
+        clock=None,
+        wait_bound: float | None = None,
+        max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         super().__init__(max_message_size)
         self._controller = controller
+        self._clock = controller.clock if clock is None else clock
+        self._wait_bound = WAIT_BOUND if wait_bound is None else wait_bound
+        #: Blocking calls not answered yet.
+        self._held: set[defer.Deferred] = set()
+
+    def _bounded(self, d: defer.Deferred) -> defer.Deferred:
+        """`d`, or `NOT_YET` once the bound passed or `release_held` ran
+        (either cancels `d`, which releases the controller's waiter)."""
+        self._held.add(d)
+        d.addTimeout(self._wait_bound, self._clock, onTimeoutCancel=_not_yet)
+        d.addErrback(_not_yet_if_cancelled)
+        d.addBoth(self._unhold, d)
+        return d
+
+    def _unhold(self, result, d: defer.Deferred):
+        self._held.discard(d)
+        return result
+
+    def release_held(self) -> None:
+        """Answer every blocking call now with `NOT_YET` (the server stops:
+        no timer of a bound outlives it)."""
+        for d in list(self._held):
+            d.cancel()
 
     def remote_hello(self):
         return hello_blob(
@@ -70,13 +102,19 @@ class RemoteTaskController(BoundedReferenceable):
     def remote_results(self, taskids, block):
         def results():
             d = self._controller.results(_unpack_ids(taskids, self.max_message_size), block)
-            d.addCallback(fit_results, self.max_message_size)
+            if block:
+                d = self._bounded(d)
+            d.addCallback(_fit_unless_not_yet, self.max_message_size)
             return d
 
         return reply(results)
 
     def remote_wait(self, taskids):
-        return reply(lambda: self._controller.wait(_unpack_ids(taskids, self.max_message_size)))
+        def wait():
+            ids = _unpack_ids(taskids, self.max_message_size)
+            return self._bounded(self._controller.wait(ids))
+
+        return reply(wait)
 
     def remote_abort(self, taskid):
         return reply(self._controller.abort, taskid)
@@ -94,6 +132,19 @@ class RemoteTaskController(BoundedReferenceable):
 
     def remote_engine_ids(self):
         return reply(self._controller.engine_ids)
+
+
+def _not_yet(_result, _timeout) -> str:
+    return schemas.NOT_YET
+
+
+def _not_yet_if_cancelled(failure) -> str:
+    failure.trap(defer.CancelledError)
+    return schemas.NOT_YET
+
+
+def _fit_unless_not_yet(envelopes, limit: int):
+    return envelopes if envelopes is schemas.NOT_YET else fit_results(envelopes, limit)
 
 
 #: Bytes of a `results` answer beyond its result envelopes.
@@ -273,9 +324,12 @@ class ControllerServer(Service):
         limit = self._max_message_size
         referenceables = {
             ENGINE: RemoteEngineRegistrar(self._registry, limit),
-            TASK: RemoteTaskController(self._services[TASK], limit),
+            TASK: RemoteTaskController(
+                self._services[TASK], self._reactor, max_message_size=limit
+            ),
             MULTIENGINE: RemoteMultiEngine(self._services[MULTIENGINE], limit),
         }
+        self._referenceables = referenceables
         for interface, ref in referenceables.items():
             self.furls[interface] = tubs.register(self.tub, self._profile, interface, ref)
         sweeper.process_sweeper().start()
@@ -284,4 +338,5 @@ class ControllerServer(Service):
         super().stopService()
         sweeper.process_sweeper().stop()
         if self.tub is not None:
+            self._referenceables[TASK].release_held()
             await self.tub.stopService()
