@@ -257,3 +257,38 @@ class IControllerDialer(Interface):
     def connect(furl, timeout):
         """A Deferred firing with an `IControllerReference` for `furl`, or
         failing with `ControllerUnreachable` within `timeout` seconds."""
+
+
+class IEngineLauncher(Interface):
+    """Starts engines somewhere (this machine, ssh hosts, MPI ranks, batch
+    jobs), notices when one ends, and stops every one it started.
+
+    The engines find the controller through the engine furl file; how the
+    furl reaches them is the launcher's business (never in an argv or an
+    environment).  A launcher only starts and stops processes or jobs:
+    registration is the controller's, and `Cluster` waits for it.
+    """
+
+    name = Attribute("The launcher's name: 'local', 'ssh', 'mpiexec', 'slurm', 'pbs' ...")
+    remote = Attribute(
+        "True when engines run on other machines: the controller must then "
+        "listen on an address they can reach (not loopback)."
+    )
+
+    def start(count, furl_file, engine_options):
+        """Start `count` engines with these extra ``taskengine`` options; a
+        Deferred that fires once they were started (not yet registered)
+        and fails with `ClusterError` naming the problem."""
+
+    def stop():
+        """Stop every engine this launcher started, on every node, and leave
+        no process or job behind; a Deferred, never failing."""
+
+    def watch(callback):
+        """Call ``callback(label, reason)`` each time one of its engines
+        ends (`label` names it: 'node1 engine 2', 'job 1234_3' ...)."""
+
+    def describe():
+        """What `taskfarm status` shows and `taskfarm stop` needs, as plain
+        data: a list of dicts with at least 'label', 'host', and 'pid' or
+        'job' for each engine process or job it holds now."""
