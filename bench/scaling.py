@@ -75,8 +75,14 @@ def wait_for_engines(tc, count: int, timeout: float) -> float:
 def measure(size: int, step: int, args, emit, cl, tc) -> dict:
     row = {"engines": size}
     t0 = time.perf_counter()
-    cl.add_engines(step, timeout=args.timeout)
-    wait_for_engines(tc, size, args.timeout)
+    # In chunks: a 2-core machine starting 64 Pythons at once spends
+    # minutes importing, and the numbers would say more about that.
+    have = size - step
+    while have < size:
+        chunk = min(args.chunk, size - have)
+        cl.add_engines(chunk, timeout=args.timeout)
+        have += chunk
+        wait_for_engines(tc, have, args.timeout)
     row["register_s"] = time.perf_counter() - t0
     emit("register_s", row["register_s"], "s", engines=size, added=step,
          per_engine_ms=round(row["register_s"] / step * 1000, 1))
@@ -116,6 +122,7 @@ def main() -> int:
     ap.add_argument("--tasks", type=int, default=10_000)
     ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle measurement")
     ap.add_argument("--timeout", type=float, default=240.0, help="bound of each registration step")
+    ap.add_argument("--chunk", type=int, default=16, help="engines started at once")
     ap.add_argument("--results", default=os.path.join(benchlib.RESULTS, "scaling.jsonl"))
     args = ap.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
@@ -147,8 +154,11 @@ def main() -> int:
             rows.append(measure(size, size - have, args, emit, cl, tc))
             have = size
         tc.close()
+    except BaseException:
+        print("logs kept in %s" % cl.root, file=sys.stderr)
+        raise
     finally:
-        leftovers = cl.stop()
+        leftovers = cl.stop(keep_logs=len(rows) < len(sizes))
         benchlib.append_results(args.results, lines)
     base = rows[0]["task_cpu_us"] if rows else 1.0
     print("\n| engines | registration (s) | per engine (ms) | controller CPU per heartbeat "
