@@ -107,16 +107,22 @@ class SlurmLauncherTests(unittest.TestCase):
             for n in range(6)
         ]
         async def busy():
-            return (await tc.queue_status())["scheduled"] >= 3
+            return (await tc.queue_status())["pending"] >= 3  # "pending": running
 
         await wait_until(busy, "3 tasks running", timeout=10)
         victim_id, victim_job = sorted(self._engine_jobs().items())[0]
+        store = self.cluster.controller.tasks.store
+        on_victim = [tid for tid in ids if store.tasks[tid].engine_id == victim_id]
+        self.assertTrue(on_victim)
         result = await self.slurm.run("scancel", victim_job)
         self.assertTrue(result.ok, result.describe())
         await tc.barrier(ids)
         results = await tc.get_task_results(ids)
         self.assertEqual([r.ns.a for r in results], list(range(6)))
         self.assertNotIn(victim_id, self.cluster.controller.registry.engines)
+        # Its tasks ran a second time, on another engine.
+        self.assertEqual({store.tasks[tid].attempts for tid in on_victim}, {2})
+        self.assertNotIn(victim_id, {results[ids.index(tid)].engineid for tid in on_victim})
         await wait_until(lambda: self.ended, "the launcher to see the job end", timeout=10)
         self.assertEqual([label for label, _ in self.ended], ["job %s" % victim_job])
         self.assertEqual(self.launcher.replacements, 0)  # no --keep-engines
