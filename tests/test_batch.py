@@ -37,9 +37,7 @@ class SlurmLauncherTests(unittest.TestCase):
         return defer.Deferred.fromCoroutine(stop())
 
     def _launcher(self, **options) -> BatchLauncher:
-        env = dict(
-            self.slurm.env, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(sys.path)
-        )
+        env = dict(self.slurm.env, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(sys.path))
         options.setdefault("poll_interval", 0.5)
         options.setdefault("backoff", (0.5, 5.0))
         launcher = BatchLauncher(
@@ -88,9 +86,7 @@ class SlurmLauncherTests(unittest.TestCase):
         self.assertEqual({r.engineid for r in results} <= {0, 1, 2, 3}, True)
         status = await tc.queue_status()
         self.assertEqual((status["succeeded"], status["failed"]), (200, 0))
-        self.assertEqual(
-            sorted(d["job"] for d in self.launcher.describe()), sorted(jobs)
-        )
+        self.assertEqual(sorted(d["job"] for d in self.launcher.describe()), sorted(jobs))
         await self.launcher.stop()
         self.assertEqual(await self.slurm.jobs(), {})
         await self.cluster.wait_for_engines(0, timeout=20)
@@ -106,6 +102,7 @@ class SlurmLauncherTests(unittest.TestCase):
             await tc.run(Task("import time; time.sleep(1.5); a = %i" % n, pull="a", retries=2))
             for n in range(6)
         ]
+
         async def busy():
             return (await tc.queue_status())["pending"] >= 3  # "pending": running
 
@@ -145,8 +142,10 @@ class SlurmLauncherTests(unittest.TestCase):
         self.assertIn("Time limit exhausted for JobId=", self.slurm.log_text())
         await wait_until(lambda: self.launcher.replacements == 1, "a replacement", timeout=10)
         await wait_until(
-            lambda: len(self.cluster.controller.registry.engines) == 2
-            and victim not in self._engine_jobs().values(),
+            lambda: (
+                len(self.cluster.controller.registry.engines) == 2
+                and victim not in self._engine_jobs().values()
+            ),
             "the replacement engine",
             timeout=30,
         )

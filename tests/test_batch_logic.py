@@ -4,11 +4,12 @@ an in-memory batch system on a `task.Clock`."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.python import usage
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -243,9 +244,17 @@ class OptionsTests(unittest.SynchronousTestCase):
         --keep-engines and --slurm-poll, as the launcher takes them."""
         options = self.parse(
             [
-                "--slurm-partition", "debug", "--slurm-time", "1:00:00",
-                "--slurm-option", "--mem=4G", "--slurm-option", "--gres=gpu:1",
-                "--keep-engines", "--slurm-poll", "2",
+                "--slurm-partition",
+                "debug",
+                "--slurm-time",
+                "1:00:00",
+                "--slurm-option",
+                "--mem=4G",
+                "--slurm-option",
+                "--gres=gpu:1",
+                "--keep-engines",
+                "--slurm-poll",
+                "2",
             ]
         )
         self.assertEqual(options["slurm-partition"], "debug")
@@ -338,8 +347,9 @@ class OutputParsingTests(unittest.SynchronousTestCase):
             "102.server        taskfarm-engine  ann               0        Q workq\n"
         )
         listed = parse_status(PBS, out)
-        self.assertEqual({job: x.state for job, x in listed.items()},
-                         {"101.server": "R", "102.server": "Q"})
+        self.assertEqual(
+            {job: x.state for job, x in listed.items()}, {"101.server": "R", "102.server": "Q"}
+        )
 
 
 class SlurmBookkeepingTests(_LauncherCase):
@@ -359,8 +369,9 @@ class SlurmBookkeepingTests(_LauncherCase):
         sbatches = [argv for argv, _ in self.batch.commands if argv[0] == "sbatch"]
         self.assertEqual(len(sbatches), 1)
         self.assertEqual(launcher.submissions, ["100"])
-        self.assertEqual(sorted(d["job"] for d in launcher.describe()),
-                         ["100_0", "100_1", "100_2", "100_3"])
+        self.assertEqual(
+            sorted(d["job"] for d in launcher.describe()), ["100_0", "100_1", "100_2", "100_3"]
+        )
         self.batch.run_all()
         self.poll()
         self.assertEqual({d["state"] for d in launcher.describe()}, {"running"})
@@ -509,6 +520,22 @@ class PbsBookkeepingTests(_LauncherCase):
         self.poll()
         self.assertEqual({d["state"] for d in launcher.describe()}, {"running"})
         self.successResultOf(launcher.stop())
-        self.assertIn(["qdel", "100.server", "101.server", "102.server"],
-                      [argv for argv, _ in self.batch.commands])
+        self.assertIn(
+            ["qdel", "100.server", "101.server", "102.server"],
+            [argv for argv, _ in self.batch.commands],
+        )
         self.assertEqual(self.batch.jobs, {})
+
+
+class HarnessTests(unittest.SynchronousTestCase):
+    def test_missing_programs_fail_with_the_install_command(self):
+        """Without slurm-wlm and munge on PATH, the test SLURM fails (it is
+        never skipped) and says what to install; it starts nothing."""
+        from taskfarm.testing.slurm import SlurmHarness, SlurmMissing
+
+        self.patch(os, "environ", dict(os.environ, PATH="/nonexistent"))
+        harness = SlurmHarness(task.Clock(), temp_dir(self))
+        failure = self.failureResultOf(defer.Deferred.fromCoroutine(harness.start()), SlurmMissing)
+        self.assertIn("munged, slurmctld, slurmd", str(failure.value))
+        self.assertIn("apt-get install -y slurm-wlm munge", str(failure.value))
+        self.assertEqual(list(harness.root.iterdir()), [])

@@ -317,7 +317,12 @@ def options_class(system: BatchSystem) -> type[usage.Options]:
         ]
         optParameters = [
             ["%s-%s" % (prefix, queue_word), None, None, "The %s to submit to." % queue_word],
-            ["%s-time" % prefix, None, None, "The jobs' walltime, as %s takes it." % system.submit[0]],
+            [
+                "%s-time" % prefix,
+                None,
+                None,
+                "The jobs' walltime, as %s takes it." % system.submit[0],
+            ],
             ["%s-template" % prefix, None, None, "A job-script template file of your own."],
             ["%s-poll" % prefix, None, 5.0, "Seconds between two job status checks.", float],
         ]
@@ -332,8 +337,9 @@ def options_class(system: BatchSystem) -> type[usage.Options]:
                 try:
                     text = Path(path).read_text()
                 except OSError as e:
-                    raise usage.UsageError("--%s-template: cannot read %s: %s" % (
-                        prefix, path, e.strerror or e)) from None
+                    raise usage.UsageError(
+                        "--%s-template: cannot read %s: %s" % (prefix, path, e.strerror or e)
+                    ) from None
                 try:
                     check_template(text, "--%s-template %s" % (prefix, path))
                 except BatchTemplateError as e:
@@ -532,7 +538,9 @@ class BatchLauncher:
     # -- IEngineLauncher ----------------------------------------------------------
 
     def start(self, count: int, furl_file, engine_options=()) -> defer.Deferred:
-        return defer.Deferred.fromCoroutine(self._start(count, Path(furl_file), list(engine_options)))
+        return defer.Deferred.fromCoroutine(
+            self._start(count, Path(furl_file).absolute(), list(engine_options))
+        )
 
     async def _start(self, count: int, furl_file: Path, engine_options: list[str]) -> None:
         if count < 0:
@@ -594,7 +602,12 @@ class BatchLauncher:
 
     def describe(self) -> list[dict]:
         return [
-            {"label": "job %s" % job.job, "host": job.host, "job": job.job, "state": job.state.value}
+            {
+                "label": "job %s" % job.job,
+                "host": job.host,
+                "job": job.job,
+                "state": job.state.value,
+            }
             for job in self.jobs.values()
             if job.state in (JobState.SUBMITTED, JobState.RUNNING)
         ]
@@ -759,7 +772,16 @@ def pbs_launcher(options, reactor, work_dir: Path, **kw) -> BatchLauncher:
     return BatchLauncher.from_options(PBS, options, reactor, work_dir, **kw)
 
 
+#: The batch launchers for the launcher table (`taskfarm.cluster.launchers`):
+#: name -> (factory(options, reactor, work_dir, **kw), its options class).
+BATCH_LAUNCHERS = {
+    "slurm": (slurm_launcher, SlurmOptions),
+    "pbs": (pbs_launcher, PbsOptions),
+}
+
+
 __all__ = [
+    "BATCH_LAUNCHERS",
     "BatchLauncher",
     "BatchSystem",
     "BatchTemplateError",

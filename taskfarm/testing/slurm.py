@@ -183,9 +183,7 @@ class SlurmHarness:
         await self._until(lambda: sock.exists(), "munged's socket", timeout)
         self._spawn("slurmctld", [shutil.which("slurmctld"), "-D", "-f", str(self.conf)])
         await self._until_command(["scontrol", "ping"], "UP", "slurmctld", timeout)
-        self._spawn(
-            "slurmd", [shutil.which("slurmd"), "-D", "-f", str(self.conf), "-N", self.host]
-        )
+        self._spawn("slurmd", [shutil.which("slurmd"), "-D", "-f", str(self.conf), "-N", self.host])
         await self._until_command(
             ["sinfo", "--noheader", "--format=%T"], "idle", "the node idle", timeout
         )
@@ -230,8 +228,9 @@ class SlurmHarness:
 
     async def run(self, *argv: str):
         """Run a SLURM command against this cluster; its `CommandResult`."""
-        return await run_command(self.reactor, [shutil.which(argv[0]) or argv[0], *argv[1:]],
-                                 self.env)
+        return await run_command(
+            self.reactor, [shutil.which(argv[0]) or argv[0], *argv[1:]], self.env
+        )
 
     async def jobs(self) -> dict[str, str]:
         """{job id: state} of every job ``squeue`` lists (array tasks one by one)."""
