@@ -25,6 +25,7 @@ from taskfarm.cluster.batch import (
     LauncherState,
     PbsOptions,
     SlurmOptions,
+    cancel_jobs,
     check_template,
     find_job_id,
     parse_status,
@@ -504,6 +505,35 @@ class SlurmBookkeepingTests(_LauncherCase):
         for _ in range(4):
             self.clock.advance(0.5)
         self.successResultOf(d)
+
+    def test_stop_during_a_replacement_delay(self):
+        """stop() while a replacement waits its back-off: nothing is
+        submitted, then or later."""
+        launcher = self.launcher(keep_engines=True, backoff=(5.0, 60.0))
+        self.start(launcher, 2)
+        self.batch.run_all()
+        self.poll()
+        self.batch.jobs["100_1"] = "NODE_FAIL"
+        self.poll()
+        self.assertEqual(self.ended, [("job 100_1", "NODE_FAIL")])
+        self.successResultOf(launcher.stop())
+        self.clock.advance(100)
+        self.assertEqual(launcher.submissions, ["100"])
+        self.assertEqual(self.batch.jobs, {})
+
+    def test_cancel_described_jobs(self):
+        """cancel_jobs, what `taskfarm stop` needs for the jobs `describe`
+        named, cancels them and waits until squeue lists none."""
+        launcher = self.launcher()
+        self.start(launcher, 3)
+        self.batch.jobs["999_0"] = "RUNNING"
+        jobs = [d["job"] for d in launcher.describe()]
+        d = defer.Deferred.fromCoroutine(
+            cancel_jobs(SLURM, self.batch, self.clock, jobs, {"PATH": "/usr/bin"})
+        )
+        self.assertEqual(self.successResultOf(d), [])
+        self.assertIn(["scancel", "100_0", "100_1", "100_2"], [a for a, _ in self.batch.commands])
+        self.assertEqual(list(self.batch.jobs), ["999_0"])
 
 
 class PbsBookkeepingTests(_LauncherCase):

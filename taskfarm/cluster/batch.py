@@ -53,6 +53,8 @@ from taskfarm.interfaces import IEngineLauncher
 #: The package folder of the shipped job-script templates.
 TEMPLATES = Path(__file__).parent / "templates"
 
+_log = Logger()
+
 #: Seconds a batch command (submit, cancel, status) may take.
 COMMAND_TIMEOUT = 30.0
 
@@ -485,6 +487,7 @@ class BatchLauncher:
         self._watchers: list = []
         self._poller: task.LoopingCall | None = None
         self._replacing: defer.Deferred | None = None
+        self._delay: defer.Deferred | None = None
         self._furl_file: Path | None = None
         self._engine_options: list[str] = []
         self._scripts = 0
@@ -660,7 +663,9 @@ class BatchLauncher:
                 job.state = JobState.RUNNING
                 job.running_since = now
         if self.keep_engines and self.live < self.wanted and self._replacing is None:
-            self._replacing = defer.Deferred.fromCoroutine(self._replace())
+            replacing = defer.Deferred.fromCoroutine(self._replace())
+            if not replacing.called:
+                self._replacing = replacing
 
     def _ended(self, job: _Job, reason: str, now: float) -> None:
         job.state = JobState.ENDED
@@ -680,17 +685,22 @@ class BatchLauncher:
         try:
             while self.state is LauncherState.RUNNING and self.live < self.wanted:
                 delay = self._backoff.next()
-                missing = self.wanted - self.live
                 self._log.info(
                     "{missing} engine job(s) ended; submitting replacements in {delay:.1f} s",
-                    missing=missing,
+                    missing=self.wanted - self.live,
                     delay=delay,
                 )
-                await task.deferLater(self._reactor, delay, lambda: None)
-                if self.state is not LauncherState.RUNNING:
+                # Only this wait is cancelled by `stop`; a submission under
+                # way is waited for, so that its job is known and cancelled.
+                self._delay = task.deferLater(self._reactor, delay, lambda: None)
+                try:
+                    await self._delay
+                except defer.CancelledError:
                     return
+                finally:
+                    self._delay = None
                 missing = self.wanted - self.live
-                if missing <= 0:
+                if self.state is not LauncherState.RUNNING or missing <= 0:
                     return
                 try:
                     await self._submit(missing)
@@ -713,8 +723,10 @@ class BatchLauncher:
         self.state = LauncherState.STOPPING
         if self._poller is not None and self._poller.running:
             self._poller.stop()
+        if self._delay is not None:
+            self._delay.cancel()
         if self._replacing is not None:
-            self._replacing.cancel()
+            await self._replacing  # a submission under way
         try:
             await self._cancel_all()
         except Exception:
@@ -724,42 +736,81 @@ class BatchLauncher:
     async def _cancel_all(self) -> None:
         if not self.submissions:
             return
-        deadline = self._reactor.seconds() + self._stop_timeout
-        argv = [item.format(user=getpass.getuser()) for item in self.system.cancel]
-        # First the submissions with engines not known to have ended; then
-        # whatever of ours the status command still lists.
+        # The submissions with engines not known to have ended.
         targets = sorted(
             {job.submission for job in self.jobs.values() if job.state is not JobState.ENDED}
         )
-        while True:
-            if targets:
-                result = await self._runner([*argv, *targets], self._env)
-                if not result.ok:
-                    self._log.warn("cancelling: {error}", error=result.describe())
-            listed = await self._status()
-            ours = None if listed is None else sorted(j for j in listed if j in self.jobs)
-            if ours == []:
-                for job in self.jobs.values():
-                    if job.state in (JobState.SUBMITTED, JobState.RUNNING):
-                        job.state = JobState.CANCELLED
-                self._log.info(
-                    "cancelled the engine jobs of {count} submission(s); none is left",
-                    count=len(self.submissions),
+        left = await cancel_jobs(
+            self.system,
+            self._runner,
+            self._reactor,
+            targets,
+            self._env,
+            timeout=self._stop_timeout,
+            ours=lambda listed: listed in self.jobs,
+        )
+        if not left:
+            for job in self.jobs.values():
+                if job.state in (JobState.SUBMITTED, JobState.RUNNING):
+                    job.state = JobState.CANCELLED
+
+
+async def cancel_jobs(
+    system: BatchSystem,
+    runner,
+    reactor,
+    job_ids: list[str],
+    env: dict | None = None,
+    timeout: float = 30.0,
+    ours=None,
+) -> list[str]:
+    """Cancel `job_ids` (submissions or array elements) and wait, at most
+    `timeout` seconds, until the status command lists none of them (or,
+    with `ours`, no job for which ``ours(job_id)`` is true); the ids still
+    listed then ([] when all are gone).  What `taskfarm stop` needs for the
+    jobs a launcher's `describe` named (``runner(argv, env)`` as for
+    `BatchLauncher`)."""
+    if ours is None:
+        wanted = set(job_ids)
+
+        def ours(listed: str) -> bool:
+            return listed in wanted or listed.split("_")[0] in wanted
+
+    user = getpass.getuser()
+    argv = [item.format(user=user) for item in system.cancel]
+    status = [item.format(user=user) for item in system.status]
+    deadline = reactor.seconds() + timeout
+    targets = list(job_ids)
+    left: list[str] | None = None
+    while True:
+        if targets:
+            result = await runner([*argv, *targets], env)
+            if not result.ok:
+                _log.warn("cancelling: {error}", error=result.describe())
+        try:
+            result = await runner(status, env)
+        except ClusterError as e:
+            result = None
+            _log.warn("job status unknown: {error}", error=str(e))
+        if result is not None and result.ok:
+            left = sorted(j for j in parse_status(system, result.out) if ours(j))
+            if not left:
+                _log.info(
+                    "cancelled {count} job(s) of {system}; none is left",
+                    count=len(job_ids),
+                    system=system.name,
                 )
-                return
-            if self._reactor.seconds() > deadline:
-                self._log.error(
-                    "engine jobs still listed {timeout} s after cancelling: {jobs}",
-                    timeout=self._stop_timeout,
-                    jobs=ours,
-                )
-                return
-            if ours:
-                listed_jobs = set(ours)
-                targets = sorted(
-                    {job.submission for job in self.jobs.values() if job.job in listed_jobs}
-                )
-            await task.deferLater(self._reactor, 0.5, lambda: None)
+                return []
+        if reactor.seconds() > deadline:
+            _log.error(
+                "jobs still listed {timeout} s after cancelling: {jobs}",
+                timeout=timeout,
+                jobs=left,
+            )
+            return left if left is not None else list(job_ids)
+        # Cancel again what is still listed (a request may be lost).
+        targets = left or []
+        await task.deferLater(reactor, 0.5, lambda: None)
 
 
 def slurm_launcher(options, reactor, work_dir: Path, **kw) -> BatchLauncher:
@@ -785,6 +836,7 @@ __all__ = [
     "BatchLauncher",
     "BatchSystem",
     "BatchTemplateError",
+    "cancel_jobs",
     "PBS",
     "PbsOptions",
     "SLURM",
