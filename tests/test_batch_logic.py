@@ -472,6 +472,7 @@ class SlurmBookkeepingTests(_LauncherCase):
         failure = self.failureResultOf(launcher.start(2, self.furl_file, []), ClusterError)
         self.assertIn("cannot submit the engines' job", str(failure.value))
         self.assertIn("Invalid partition", str(failure.value))
+        self.assertEqual(launcher.wanted, 0)
 
     def test_stop_cancels_and_waits(self):
         """stop() cancels every submission with live jobs, waits until squeue

@@ -554,9 +554,14 @@ class BatchLauncher:
         self._furl_file = furl_file
         self._engine_options = engine_options
         self.state = LauncherState.RUNNING
-        self.wanted += count
-        if count:
-            await self._submit(count)
+        before = len(self.jobs)
+        try:
+            if count:
+                await self._submit(count)
+        finally:
+            # Only the engines actually submitted are kept (a refused
+            # submission is the caller's error, not one to repeat).
+            self.wanted += len(self.jobs) - before
         if self._poller is None:
             self._poller = task.LoopingCall(self._poll_once)
             self._poller.clock = self._reactor
