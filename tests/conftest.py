@@ -25,6 +25,7 @@ from taskfarm.testing.processes import ProcessTestCase
 
 #: Modules whose every test drives real processes (cluster, launcher, chaos ...).
 PROCESS_MODULES = {
+    "test_batch",
     "test_blocking_example",
     "test_chaos",
     "test_cluster",
