@@ -10,11 +10,13 @@ keys and a known_hosts file the test made.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 from pathlib import Path
 
 from twisted.internet import reactor
 
+from taskfarm.cluster.launcher import ClusterError
 from taskfarm.cluster.ssh import SSHLauncher, SSHSettings
 from taskfarm.profile import ENGINE
 from taskfarm.task import Task
@@ -145,3 +147,170 @@ class SSHLauncherTests(ClusterTestCase):
             self.assertFalse(os.path.exists(folder))
         self.assertEqual(reports, [])
         print("SSH registered 4 engines on 3 hosts in %.2f s" % registered)
+
+    @run
+    async def test_cut_link_loses_host_engines_tasks_finish_elsewhere(self):
+        """Three hosts of one engine; tasks run; one host's link is cut
+        while it runs a task: the controller's heartbeat drops its engine,
+        its tasks finish on the other hosts, the launcher reports the host
+        (its ssh went silent), and the host side, cut off from the launcher,
+        ends its engine by itself.  Once the link is back the launcher
+        connects again and a fresh engine registers there; `stop()` then
+        leaves only sshd on every host."""
+        hosts, tc = await self.start_with_hosts(3)
+        launcher = self.make_launcher(
+            hosts, ",".join("%s:1" % h.address for h in hosts.hosts)
+        )
+        reports = []
+        launcher.watch(lambda label, reason: reports.append((label, reason)))
+        await launcher.start(3, self.cluster.profile.furl_file(ENGINE), [])
+        await self.cluster.wait_for_engines(3, timeout=40)
+        registry = self.cluster.controller.registry
+        cut_slot = launcher.slots[0]
+        cut_pid = cut_slot.engines[0].pid
+        (cut_id,) = [e for e, r in registry.engines.items() if r.properties["pid"] == cut_pid]
+        marks = self.tmp / "attempts"
+        code = (
+            "import os, time\n"
+            "with open(%r, 'a') as f: f.write('%%d %%d\\n' %% (i, os.getpid()))\n"
+            "time.sleep(1.0)\n"
+            "p = os.getpid()\n" % str(marks)
+        )
+        ids = [
+            await tc.run(Task(code, push={"i": i}, pull="p", retries=2)) for i in range(12)
+        ]
+
+        def attempts():
+            if not marks.exists():
+                return []
+            return [tuple(map(int, x.split())) for x in marks.read_text().split("\n") if x]
+
+        await wait_until(
+            lambda: any(pid == cut_pid for _, pid in attempts()), "a task on the host to cut", 20
+        )
+        hosts.cut(0)
+        cut = reactor.seconds()
+        await wait_until(lambda: cut_id not in registry.engines, "the cut host's engine lost", 15)
+        lost_after = reactor.seconds() - cut
+        results = await tc.get_task_results(ids, block=True)
+        self.assertEqual([r.failure for r in results], [None] * 12)
+        moved = {
+            i for i, pid in attempts() if pid == cut_pid and results[i].results["p"] != cut_pid
+        }
+        self.assertTrue(moved, "no task of the cut host finished elsewhere: %s" % attempts())
+        for i in moved:
+            self.assertNotEqual(results[i].engineid, cut_id)
+        # The launcher noticed the host (its ssh said nothing for LINK_TIMEOUT).
+        await wait_until(
+            lambda: any(label == "%s engine 0" % hosts.hosts[0].address for label, _ in reports),
+            "the launcher to report the cut host", 15,
+        )
+        self.assertNotIn(hosts.hosts[1].address, " ".join(label for label, _ in reports))
+        # The host side ended its engine by itself: only sshd is left there.
+        await wait_until(
+            lambda: hosts.pids(0) == {hosts.sshd_pid(0)}, "the cut host to end its engine", 15
+        )
+        cleaned_after = reactor.seconds() - cut
+        hosts.restore(0)
+        await self.cluster.wait_for_engines(3, timeout=30)
+        back_after = reactor.seconds() - cut
+        fresh = cut_slot.engines[0].pid
+        self.assertNotEqual(fresh, cut_pid)
+        self.assertIn(fresh, hosts.pids(0))
+        self.assertGreaterEqual(cut_slot.connects, 2)
+        await launcher.stop()
+        await wait_until(
+            lambda: all(hosts.pids(i) == {hosts.sshd_pid(i)} for i in range(3)),
+            "only sshd left on every host", 15,
+        )
+        print(
+            "SSH cut: engine lost after %.2f s, host clean after %.2f s, engine back %.2f s "
+            "after the cut; %d tasks moved; reports %s"
+            % (lost_after, cleaned_after, back_after, len(moved), reports)
+        )
+
+    @run
+    async def test_dead_engine_and_dead_ssh_are_replaced(self):
+        """An engine SIGKILLed on its host is reported and started again
+        there after the back-off; the ssh client SIGKILLed here drops the
+        connection, so the host ends both its engines at once (stdin
+        closed), and the launcher connects again and starts two fresh ones."""
+        hosts, tc = await self.start_with_hosts(1)
+        address = hosts.hosts[0].address
+        launcher = self.make_launcher(hosts, "%s:2" % address)
+        reports = []
+        launcher.watch(lambda label, reason: reports.append((label, reason)))
+        await launcher.start(2, self.cluster.profile.furl_file(ENGINE), [])
+        await self.cluster.wait_for_engines(2, timeout=40)
+        slot = launcher.slots[0]
+        first = {i: e.pid for i, e in slot.engines.items()}
+        os.kill(first[1], signal.SIGKILL)
+        await wait_until(
+            lambda: slot.engines[1].pid not in (None, first[1]), "engine 1 started again", 15
+        )
+        self.assertEqual(reports[0][0], "%s engine 1" % address)
+        self.assertIn("signal 9", reports[0][1])
+        await self.cluster.wait_for_engines(2, timeout=30)
+        second = {i: e.pid for i, e in slot.engines.items()}
+        self.assertEqual(second[0], first[0])
+        os.kill(slot.process.pid, signal.SIGKILL)
+        await wait_until(
+            lambda: all(pid not in hosts.pids(0) for pid in second.values()),
+            "the host to end the engines of the dropped connection", 15,
+        )
+        await wait_until(
+            lambda: slot.connects == 2 and all(
+                e.pid not in (None, second[e.index]) for e in slot.engines.values()
+            ),
+            "fresh engines over a fresh connection", 20,
+        )
+        await self.cluster.wait_for_engines(2, timeout=30)
+        labels = [label for label, _ in reports]
+        self.assertEqual(
+            labels,
+            ["%s engine 1" % address, "%s engine 0" % address, "%s engine 1" % address, address],
+        )
+        await launcher.stop()
+        await wait_until(
+            lambda: hosts.pids(0) == {hosts.sshd_pid(0)}, "only sshd left on the host", 15
+        )
+
+    @run
+    async def test_unknown_host_key_and_missing_python_fail_start(self):
+        """A host whose key is not in known_hosts is refused by ssh itself
+        (no prompt, BatchMode), and a --ssh-python that does not exist
+        there fails too: `start` fails with `ClusterError` quoting ssh's or
+        the shell's words for each host, and nothing is left running."""
+        hosts, _ = await self.start_with_hosts(2)
+        unknown = self.tmp / "empty_known_hosts"
+        unknown.write_text("")
+        spec = ",".join("%s:1" % h.address for h in hosts.hosts)
+        settings = SSHSettings(
+            taskfarm=str(REPO), identity_file=str(hosts.client_key), known_hosts=str(unknown),
+            options=("IdentitiesOnly=yes", "GlobalKnownHostsFile=/dev/null"),
+        )
+        launcher = SSHLauncher(spec, reactor, settings, log_dir=self.cluster.profile.log_dir)
+        self.addCleanup(launcher.stop)
+        error = await self.assertFailure(
+            launcher.start(None, self.cluster.profile.furl_file(ENGINE), []), ClusterError
+        )
+        self.assertIn("could not start engines on 2 of 2 hosts", str(error))
+        self.assertIn("Host key verification failed", str(error))
+        print("SSH start failure: %s" % error)
+        settings = SSHSettings(
+            python="/nonexistent/python3", identity_file=str(hosts.client_key),
+            known_hosts=str(hosts.known_hosts),
+            options=("IdentitiesOnly=yes", "GlobalKnownHostsFile=/dev/null"),
+        )
+        launcher = SSHLauncher(spec, reactor, settings, log_dir=self.cluster.profile.log_dir)
+        self.addCleanup(launcher.stop)
+        error = await self.assertFailure(
+            launcher.start(None, self.cluster.profile.furl_file(ENGINE), []), ClusterError
+        )
+        self.assertIn("/nonexistent/python3", str(error))
+        print("SSH start failure: %s" % error)
+        self.assertEqual(self.cluster.controller.registry.engines, {})
+        for i in range(2):
+            await wait_until(
+                lambda i=i: hosts.pids(i) == {hosts.sshd_pid(i)}, "only sshd left", 10
+            )

@@ -337,6 +337,8 @@ class _SSHProcess(ChildProcess):
         self._partial = b""
         self._tail = bytearray()
         self.last_pid: int | None = None
+        #: Why the launcher killed it for silence, if it did.
+        self.silenced: str | None = None
 
     def connectionMade(self) -> None:
         self.last_pid = self.transport.pid
@@ -475,12 +477,14 @@ class HostSlot:
         self._silence = None
         if process is not self.process or process.ended.called:
             return
+        timeout = self._start_timeout if self.state is HostState.CONNECTING else self._timeout
         self._log.warn(
             "ssh to {host} (pid {pid}): no word from the host for {timeout:.1f} s; killing it",
             host=self.label,
             pid=process.last_pid,
-            timeout=self._start_timeout if self.state is HostState.CONNECTING else self._timeout,
+            timeout=timeout,
         )
+        process.silenced = "no word from the host for %g s" % timeout
         process.kill()
 
     def ssh_output(self, data: bytes) -> None:
@@ -589,11 +593,13 @@ class HostSlot:
             setattr(self, name, None)
         words = process.last_words()
         status = getattr(reason, "exitCode", None)
-        why = "ssh to %s ended (%s)%s" % (
-            self.label,
-            "exit status %s" % status if status is not None else "signal %s" % getattr(reason, "signal", None),
-            ": %s" % words if words else "",
-        )
+        if process.silenced:
+            how = process.silenced
+        elif status is not None:
+            how = "exit status %s" % status
+        else:
+            how = "signal %s" % getattr(reason, "signal", None)
+        why = "ssh to %s ended (%s)%s" % (self.label, how, ": %s" % words if words else "")
         self.folder = None
         if self.state in (HostState.STOPPING, HostState.STOPPED):
             self.state = HostState.STOPPED
