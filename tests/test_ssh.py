@@ -17,7 +17,8 @@ from pathlib import Path
 from twisted.internet import reactor
 
 from taskfarm.cluster.launcher import ClusterError
-from taskfarm.cluster.ssh import SSHLauncher, SSHSettings
+from taskfarm.cluster.ssh import SSHLauncher
+from taskfarm.cluster.sshhosts import SSHSettings
 from taskfarm.profile import ENGINE
 from taskfarm.task import Task
 from taskfarm.testing.cluster import ClusterTestCase
@@ -66,8 +67,14 @@ class SSHLauncherTests(ClusterTestCase):
             options=("IdentitiesOnly=yes", "GlobalKnownHostsFile=/dev/null", "ConnectTimeout=5"),
         )
         launcher = SSHLauncher(
-            spec, reactor, settings, log_dir=self.cluster.profile.log_dir,
-            timeout=self.LINK_TIMEOUT, start_timeout=30.0, grace=2.0, **options,
+            spec,
+            reactor,
+            settings,
+            log_dir=self.cluster.profile.log_dir,
+            timeout=self.LINK_TIMEOUT,
+            start_timeout=30.0,
+            grace=2.0,
+            **options,
         )
         self.addCleanup(launcher.stop)
         return launcher
@@ -97,7 +104,8 @@ class SSHLauncherTests(ClusterTestCase):
         host but its sshd, and removes each host's furl folder."""
         hosts, tc = await self.start_with_hosts(3)
         launcher = self.make_launcher(
-            hosts, ",".join("root@%s:%d" % (h.address, 2 if h.index == 0 else 1) for h in hosts.hosts)
+            hosts,
+            ",".join("root@%s:%d" % (h.address, 2 if h.index == 0 else 1) for h in hosts.hosts),
         )
         reports = []
         launcher.watch(lambda label, reason: reports.append((label, reason)))
@@ -119,7 +127,9 @@ class SSHLauncherTests(ClusterTestCase):
         await tc.barrier(ids)
         results = await tc.get_task_results(ids)
         self.assertEqual([r.ns.a for r in results], list(range(200)))
-        self.assertEqual({r.engineid for r in results}, set(self.cluster.controller.registry.engines))
+        self.assertEqual(
+            {r.engineid for r in results}, set(self.cluster.controller.registry.engines)
+        )
         # The furl: in a 0600 file in a 0700 folder on each host, in no argv
         # or environment of any process there, nor of the ssh clients.
         furl = self.cluster.profile.furl_file(ENGINE).read_text().strip()
@@ -140,7 +150,8 @@ class SSHLauncherTests(ClusterTestCase):
         await launcher.stop()
         await wait_until(
             lambda: all(hosts.pids(i) == {hosts.sshd_pid(i)} for i in range(3)),
-            "only sshd left on every host", 15,
+            "only sshd left on every host",
+            15,
         )
         self.assertEqual(sshds, {hosts.sshd_pid(i) for i in range(3)})
         for folder in folders:
@@ -158,9 +169,7 @@ class SSHLauncherTests(ClusterTestCase):
         connects again and a fresh engine registers there; `stop()` then
         leaves only sshd on every host."""
         hosts, tc = await self.start_with_hosts(3)
-        launcher = self.make_launcher(
-            hosts, ",".join("%s:1" % h.address for h in hosts.hosts)
-        )
+        launcher = self.make_launcher(hosts, ",".join("%s:1" % h.address for h in hosts.hosts))
         reports = []
         launcher.watch(lambda label, reason: reports.append((label, reason)))
         await launcher.start(3, self.cluster.profile.furl_file(ENGINE), [])
@@ -176,9 +185,7 @@ class SSHLauncherTests(ClusterTestCase):
             "time.sleep(1.0)\n"
             "p = os.getpid()\n" % str(marks)
         )
-        ids = [
-            await tc.run(Task(code, push={"i": i}, pull="p", retries=2)) for i in range(12)
-        ]
+        ids = [await tc.run(Task(code, push={"i": i}, pull="p", retries=2)) for i in range(12)]
 
         def attempts():
             if not marks.exists():
@@ -203,7 +210,8 @@ class SSHLauncherTests(ClusterTestCase):
         # The launcher noticed the host (its ssh said nothing for LINK_TIMEOUT).
         await wait_until(
             lambda: any(label == "%s engine 0" % hosts.hosts[0].address for label, _ in reports),
-            "the launcher to report the cut host", 15,
+            "the launcher to report the cut host",
+            15,
         )
         self.assertNotIn(hosts.hosts[1].address, " ".join(label for label, _ in reports))
         # The host side ended its engine by itself: only sshd is left there.
@@ -221,7 +229,8 @@ class SSHLauncherTests(ClusterTestCase):
         await launcher.stop()
         await wait_until(
             lambda: all(hosts.pids(i) == {hosts.sshd_pid(i)} for i in range(3)),
-            "only sshd left on every host", 15,
+            "only sshd left on every host",
+            15,
         )
         print(
             "SSH cut: engine lost after %.2f s, host clean after %.2f s, engine back %.2f s "
@@ -256,13 +265,16 @@ class SSHLauncherTests(ClusterTestCase):
         os.kill(slot.process.pid, signal.SIGKILL)
         await wait_until(
             lambda: all(pid not in hosts.pids(0) for pid in second.values()),
-            "the host to end the engines of the dropped connection", 15,
+            "the host to end the engines of the dropped connection",
+            15,
         )
         await wait_until(
-            lambda: slot.connects == 2 and all(
-                e.pid not in (None, second[e.index]) for e in slot.engines.values()
+            lambda: (
+                slot.connects == 2
+                and all(e.pid not in (None, second[e.index]) for e in slot.engines.values())
             ),
-            "fresh engines over a fresh connection", 20,
+            "fresh engines over a fresh connection",
+            20,
         )
         await self.cluster.wait_for_engines(2, timeout=30)
         labels = [label for label, _ in reports]
@@ -286,7 +298,9 @@ class SSHLauncherTests(ClusterTestCase):
         unknown.write_text("")
         spec = ",".join("%s:1" % h.address for h in hosts.hosts)
         settings = SSHSettings(
-            taskfarm=str(REPO), identity_file=str(hosts.client_key), known_hosts=str(unknown),
+            taskfarm=str(REPO),
+            identity_file=str(hosts.client_key),
+            known_hosts=str(unknown),
             options=("IdentitiesOnly=yes", "GlobalKnownHostsFile=/dev/null"),
         )
         launcher = SSHLauncher(spec, reactor, settings, log_dir=self.cluster.profile.log_dir)
@@ -298,7 +312,8 @@ class SSHLauncherTests(ClusterTestCase):
         self.assertIn("Host key verification failed", str(error))
         print("SSH start failure: %s" % error)
         settings = SSHSettings(
-            python="/nonexistent/python3", identity_file=str(hosts.client_key),
+            python="/nonexistent/python3",
+            identity_file=str(hosts.client_key),
             known_hosts=str(hosts.known_hosts),
             options=("IdentitiesOnly=yes", "GlobalKnownHostsFile=/dev/null"),
         )
@@ -311,6 +326,4 @@ class SSHLauncherTests(ClusterTestCase):
         print("SSH start failure: %s" % error)
         self.assertEqual(self.cluster.controller.registry.engines, {})
         for i in range(2):
-            await wait_until(
-                lambda i=i: hosts.pids(i) == {hosts.sshd_pid(i)}, "only sshd left", 10
-            )
+            await wait_until(lambda i=i: hosts.pids(i) == {hosts.sshd_pid(i)}, "only sshd left", 10)

@@ -36,14 +36,11 @@ engine or host, and says so.  Exit status 76 (a MultiEngine kill) and 78
 from __future__ import annotations
 
 import enum
-import ipaddress
 import json
 import os
-import re
-import shlex
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from twisted.internet import defer
@@ -54,11 +51,16 @@ from taskfarm import backoff as backoffs
 from taskfarm import exitcodes
 from taskfarm.childprocess import ChildProcess
 from taskfarm.cluster.launcher import DEFAULT_START_TIMEOUT, ClusterError
+from taskfarm.cluster.sshhosts import (
+    HostsError,
+    SSHHost,
+    SSHSettings,
+    check_reachable,
+    parse_hosts,
+    place,
+)
 from taskfarm.controller.registry import DEFAULT_HEARTBEAT_TIMEOUT
 from taskfarm.interfaces import IEngineLauncher
-
-#: The module the hosts run.
-REMOTE_MODULE = "taskfarm.cluster.sshremote"
 
 #: A child that lived longer than this many seconds gets a fresh back-off.
 LONG_LIFE = 60.0
@@ -71,220 +73,6 @@ TICK_PERIOD = 1.0
 
 #: The last bytes of ssh's own output kept, to quote its last words.
 _TAIL_BYTES = 4096
-
-
-class HostsError(ClusterError):
-    """A ``--hosts`` value, or an ssh option, that cannot be used."""
-
-
-# -- hosts ------------------------------------------------------------------------------
-
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME = re.compile(r"%s(?:\.%s)*\.?\Z" % (_LABEL, _LABEL))
-_USER = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,31}\Z")
-
-
-@dataclass(frozen=True)
-class SSHHost:
-    """One host of ``--hosts``: its address, the login, how many engines."""
-
-    address: str
-    count: int = 1
-    user: str | None = None
-
-    @property
-    def destination(self) -> str:
-        """What ssh dials: ``[USER@]ADDRESS``."""
-        return "%s@%s" % (self.user, self.address) if self.user else self.address
-
-
-def _parse_host(part: str) -> SSHHost:
-    text = part.strip()
-    if not text:
-        raise HostsError("--hosts has an empty entry (two commas, or one at an end)")
-    user = None
-    if "@" in text:
-        user, _, text = text.rpartition("@")
-        if not _USER.match(user):
-            raise HostsError(
-                "--hosts entry %r: %r is not a user name (letters, digits, '.', '_', '-'; "
-                "not starting with '-')" % (part, user)
-            )
-    count_text = None
-    if text.startswith("["):  # [IPv6]:count
-        address, close, rest = text[1:].partition("]")
-        if not close or (rest and not rest.startswith(":")):
-            raise HostsError("--hosts entry %r: write an IPv6 address as [ADDRESS]:COUNT" % part)
-        count_text = rest[1:] if rest else None
-        try:
-            ipaddress.IPv6Address(address)
-        except ValueError:
-            raise HostsError("--hosts entry %r: %r is not an IPv6 address" % (part, address)) from None
-    else:
-        address, colon, count_text = text.partition(":")
-        if not colon:
-            count_text = None
-        if ":" in (count_text or ""):
-            raise HostsError("--hosts entry %r: write an IPv6 address as [ADDRESS]:COUNT" % part)
-        if not _HOSTNAME.match(address):
-            raise HostsError(
-                "--hosts entry %r: %r is not a host name or address" % (part, address)
-            )
-    count = 1
-    if count_text is not None:
-        if not count_text.isdigit() or int(count_text) < 1:
-            raise HostsError(
-                "--hosts entry %r: the engine count %r must be a whole number >= 1"
-                % (part, count_text)
-            )
-        count = int(count_text)
-    return SSHHost(address, count, user)
-
-
-def parse_hosts(text: str) -> tuple[SSHHost, ...]:
-    """``node1:4,user@node2:8,[fe80::1]:2,node3`` (count 1 by default);
-    `HostsError` naming the bad entry.  A host named twice is an error
-    (give it one count)."""
-    if not text or not text.strip():
-        raise HostsError("--hosts is empty: give HOST[:COUNT],... e.g. node1:4,node2:8")
-    hosts = tuple(_parse_host(part) for part in text.split(","))
-    seen = set()
-    for host in hosts:
-        if host.destination in seen:
-            raise HostsError(
-                "--hosts names %s twice; give it one count" % host.destination
-            )
-        seen.add(host.destination)
-    return hosts
-
-
-def place(hosts: tuple[SSHHost, ...], count: int | None) -> list[tuple[SSHHost, int]]:
-    """How many of `count` engines each host gets: the hosts in order, each
-    up to its own count; None: every host its full count."""
-    capacity = sum(h.count for h in hosts)
-    if count is None:
-        count = capacity
-    if count < 0:
-        raise HostsError("the number of engines must be >= 0, not %d" % count)
-    if count > capacity:
-        raise HostsError(
-            "%d engines asked for, but --hosts has room for %d (%s)"
-            % (count, capacity, ",".join("%s:%d" % (h.destination, h.count) for h in hosts))
-        )
-    placed = []
-    for host in hosts:
-        take = min(host.count, count)
-        if take:
-            placed.append((host, take))
-        count -= take
-    return placed
-
-
-# -- the furl's location ------------------------------------------------------------------
-
-
-def furl_addresses(furl: str) -> list[str]:
-    """The host parts of a furl's connection hints."""
-    body = furl.strip()
-    if "@" not in body:
-        return []
-    hints = body.split("@", 1)[1].rsplit("/", 1)[0]
-    found = []
-    for hint in hints.split(","):
-        if hint.startswith("tcp:"):
-            hint = hint[4:]
-        host = hint.rsplit(":", 1)[0].strip("[]")
-        if host.startswith("host="):
-            host = host[5:]
-        found.append(host)
-    return found
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_reachable(furl: str) -> None:
-    """`ClusterError` when every address in the furl is loopback: engines on
-    other hosts could never reach that controller."""
-    hosts = furl_addresses(furl)
-    if hosts and all(_loopback(h) for h in hosts):
-        raise ClusterError(
-            "the controller listens on loopback only (%s): engines on other hosts cannot "
-            "reach it; start it with --listen tcp:PORT:interface=ADDRESS (and --location "
-            "HOST:PORT) on an address the hosts can reach" % ", ".join(hosts)
-        )
-
-
-# -- the ssh command line ----------------------------------------------------------------
-
-#: ssh options taskfarm will not pass on, with the reason.
-_REFUSED_OPTIONS = {
-    "stricthostkeychecking": (
-        {"no", "off"},
-        "host keys must be checked: the connection carries the engine furl",
-    ),
-    "requesttty": ({"yes", "force"}, "a terminal would garble the launcher's channel"),
-}
-
-
-@dataclass(frozen=True)
-class SSHSettings:
-    """How to reach the hosts and what to run there."""
-
-    #: The interpreter on the hosts (default: this one's path).
-    python: str = field(default_factory=lambda: sys.executable)
-    #: A folder on the hosts holding the taskfarm package, put first on
-    #: their PYTHONPATH (default: the interpreter's own taskfarm).
-    taskfarm: str | None = None
-    #: ``OPTION=VALUE`` pairs, each passed as ``-o OPTION=VALUE``.
-    options: tuple[str, ...] = ()
-    identity_file: str | None = None
-    port: int | None = None
-    #: A known_hosts file used instead of the user's.
-    known_hosts: str | None = None
-    #: The ssh client.
-    ssh: str = "ssh"
-
-    def __post_init__(self) -> None:
-        for option in self.options:
-            name, sep, value = option.partition("=")
-            if not sep or not name.strip().isalnum():
-                raise HostsError("--ssh-option takes OPTION=VALUE (as ssh -o), not %r" % option)
-            refused = _REFUSED_OPTIONS.get(name.strip().lower())
-            if refused and value.strip().lower() in refused[0]:
-                raise HostsError("--ssh-option %s refused: %s" % (option, refused[1]))
-        if self.port is not None and not 0 < self.port < 65536:
-            raise HostsError("--ssh-port must be 1..65535, not %r" % self.port)
-
-    def remote_command(self) -> str:
-        """The command line the host's shell runs."""
-        python = shlex.quote(self.python)
-        if self.taskfarm:
-            return "exec env PYTHONPATH=%s %s -m %s" % (
-                shlex.quote(self.taskfarm), python, REMOTE_MODULE,
-            )
-        return "exec %s -m %s" % (python, REMOTE_MODULE)
-
-    def argv(self, host: SSHHost) -> list[str]:
-        """The ssh command line for `host`: the user's options first (ssh
-        takes the first value it is given), then ours."""
-        argv = [self.ssh, "-T"]
-        if self.port is not None:
-            argv += ["-p", str(self.port)]
-        if self.identity_file:
-            argv += ["-i", self.identity_file]
-        if self.known_hosts:
-            argv += ["-o", "UserKnownHostsFile=%s" % self.known_hosts]
-        for option in self.options:
-            argv += ["-o", option]
-        argv += ["-o", "BatchMode=yes", "-o", "ForwardX11=no"]
-        return argv + ["--", host.destination, self.remote_command()]
 
 
 # -- one host -----------------------------------------------------------------------------
@@ -405,9 +193,7 @@ class HostSlot:
         self._max_quick = max_quick_failures
         self._grace = grace
         self.state = HostState.IDLE
-        self.engines = {
-            i: _Engine(i, "%s engine %d" % (host.address, i)) for i in indexes
-        }
+        self.engines = {i: _Engine(i, "%s engine %d" % (host.address, i)) for i in indexes}
         self.process: _SSHProcess | None = None
         #: The host's private folder (its furl file), while connected.
         self.folder: str | None = None
@@ -546,15 +332,17 @@ class HostSlot:
         if engine is None or engine.state not in (EngineState.RUNNING, EngineState.STARTING):
             return
         pid, engine.pid = engine.pid, None
-        reason = (
-            "exit status %s" % status if status is not None else "signal %s" % signum
-        )
+        reason = "exit status %s" % status if status is not None else "signal %s" % signum
         if self.state in (HostState.STOPPING, HostState.STOPPED):
             engine.state = EngineState.RESTARTING
             return
         if status in (exitcodes.EXIT_KILLED, exitcodes.EXIT_REFUSED):
             engine.state = EngineState.DOWN
-            why = "stopped by a MultiEngine kill" if status == exitcodes.EXIT_KILLED else "refused to start"
+            why = (
+                "stopped by a MultiEngine kill"
+                if status == exitcodes.EXIT_KILLED
+                else "refused to start"
+            )
             self._report(engine.label, "%s (pid %s) %s; it stays down" % (engine.label, pid, why))
             return
         lived = self._reactor.seconds() - engine.started_at
@@ -571,7 +359,10 @@ class HostSlot:
         delay = self._delay_for(engine.quick_failures)
         self._log.warn(
             "{label} (pid {pid}) ended ({reason}); starting it again in {delay:.1f} s",
-            label=engine.label, pid=pid, reason=reason, delay=delay,
+            label=engine.label,
+            pid=pid,
+            reason=reason,
+            delay=delay,
         )
         self._report(engine.label, "%s (pid %s) ended (%s)" % (engine.label, pid, reason))
         engine.restart_call = self._reactor.callLater(delay, self._restart_engine, engine)
@@ -623,8 +414,10 @@ class HostSlot:
         if self.quick_failures >= self._max_quick:
             self.state = HostState.GAVE_UP
             self._log.error("{why}; gave up on {host}", why=why, host=self.label)
-            self._report(self.label, "%s; gave up after %d quick failures in a row"
-                         % (why, self.quick_failures))
+            self._report(
+                self.label,
+                "%s; gave up after %d quick failures in a row" % (why, self.quick_failures),
+            )
             return
         self.state = HostState.RECONNECTING
         delay = self._delay_for(self.quick_failures)
@@ -653,8 +446,9 @@ class HostSlot:
         if process is None or process.ended.called or previous is HostState.STOPPED:
             self.state = HostState.STOPPED
         else:
-            if self._ticker is not None and self._ticker.active():
-                self._ticker.cancel()
+            for call in (self._ticker, self._silence):
+                if call is not None and call.active():
+                    call.cancel()
             process.close_stdin()
             term = self._reactor.callLater(self._grace + 3.0, process.signal, signal.SIGTERM)
             kill = self._reactor.callLater(self._grace + 5.0, process.kill)
@@ -688,12 +482,22 @@ class HostSlot:
 #: The launcher's options, `usage.Options.optParameters` style: name,
 #: short, default, help (and a coerce function).
 OPTIONS = [
-    ["hosts", None, None, "HOST[:COUNT],... the hosts and engines per host, e.g. node1:4,me@node2:8"],
+    [
+        "hosts",
+        None,
+        None,
+        "HOST[:COUNT],... the hosts and engines per host, e.g. node1:4,me@node2:8",
+    ],
     ["ssh-python", None, None, "the Python on the hosts (default: this one's path)"],
     ["ssh-taskfarm", None, None, "a folder on the hosts holding taskfarm, put on their PYTHONPATH"],
     ["ssh-identity", None, None, "ssh -i: the private key to log in with"],
     ["ssh-port", None, None, "ssh -p: the port of the hosts' sshd", int],
-    ["ssh-known-hosts", None, None, "a known_hosts file to check host keys with (default: the user's)"],
+    [
+        "ssh-known-hosts",
+        None,
+        None,
+        "a known_hosts file to check host keys with (default: the user's)",
+    ],
 ]
 #: Repeatable: ``--ssh-option OPTION=VALUE`` (as ``ssh -o``), collected in a list.
 REPEATED_OPTIONS = [["ssh-option", "ssh -o OPTION=VALUE, repeatable"]]
@@ -757,7 +561,9 @@ class SSHLauncher:
         return sum(h.count for h in self.hosts)
 
     def start(self, count, furl_file, engine_options) -> defer.Deferred:
-        return defer.Deferred.fromCoroutine(self._start(count, furl_file, list(engine_options or ())))
+        return defer.Deferred.fromCoroutine(
+            self._start(count, furl_file, list(engine_options or ()))
+        )
 
     async def _start(self, count, furl_file, engine_options) -> None:
         placed = place(self.hosts, count)
@@ -773,8 +579,15 @@ class SSHLauncher:
             first = self._next_index.get(host.destination, 0)
             self._next_index[host.destination] = first + n
             slot = HostSlot(
-                host, list(range(first, first + n)), self.settings, furl, engine_options,
-                self._reactor, self._log_dir, self._tell, **self._slot_options,
+                host,
+                list(range(first, first + n)),
+                self.settings,
+                furl,
+                engine_options,
+                self._reactor,
+                self._log_dir,
+                self._tell,
+                **self._slot_options,
             )
             self.slots.append(slot)
             new.append(slot)

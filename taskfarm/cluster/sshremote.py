@@ -170,8 +170,15 @@ class _Channel(LineOnlyReceiver):
         engine = _Engine(index, self)
         self.engines[index] = engine
         argv = [
-            sys.executable, "-m", "twisted", "--log-format", "text", "taskengine",
-            "--furl-file", self._furl_file, *self._options,
+            sys.executable,
+            "-m",
+            "twisted",
+            "--log-format",
+            "text",
+            "taskengine",
+            "--furl-file",
+            self._furl_file,
+            *self._options,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env[lifeline.LAUNCHER_PID] = str(os.getpid())

@@ -115,8 +115,18 @@ class SSHHosts:
         self._made.append(("link", "del", self.bridge))
         _ip("addr", "add", self.controller_address + "/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
-        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "taskfarm-test-client",
-             "-f", str(self.client_key))
+        _run(
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "taskfarm-test-client",
+            "-f",
+            str(self.client_key),
+        )
         if not os.path.isdir("/run/sshd"):  # sshd's privilege separation folder
             os.makedirs("/run/sshd", mode=0o755)
             self._made_run_sshd = True
@@ -189,7 +199,9 @@ class SSHHosts:
         try:
             host.sshd = subprocess.Popen(
                 ["ip", "netns", "exec", host.namespace, SSHD, "-D", "-e", "-f", str(config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         finally:
             log.close()
@@ -201,8 +213,11 @@ class SSHHosts:
             if host.sshd.poll() is not None:
                 raise HarnessError(
                     "sshd of %s exited (%s): %s"
-                    % (host.namespace, host.sshd.returncode,
-                       (host.folder / "sshd.log").read_text(errors="replace")[-2000:])
+                    % (
+                        host.namespace,
+                        host.sshd.returncode,
+                        (host.folder / "sshd.log").read_text(errors="replace")[-2000:],
+                    )
                 )
             try:
                 with socket.create_connection((host.address, 22), timeout=1.0) as s:
