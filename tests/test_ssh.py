@@ -64,14 +64,14 @@ class SSHLauncherTests(ClusterTestCase):
             taskfarm=str(REPO),
             identity_file=str(hosts.client_key),
             known_hosts=str(hosts.known_hosts),
-            options=("IdentitiesOnly=yes", "GlobalKnownHostsFile=/dev/null", "ConnectTimeout=5"),
+            options=("IdentitiesOnly=yes", "GlobalKnownHostsFile=/dev/null", "ConnectTimeout=2"),
         )
         launcher = SSHLauncher(
-            spec,
             reactor,
-            settings,
-            log_dir=self.cluster.profile.log_dir,
-            timeout=self.LINK_TIMEOUT,
+            self.cluster.profile,
+            engine_timeout=self.LINK_TIMEOUT,
+            hosts=spec,
+            settings=settings,
             start_timeout=30.0,
             grace=2.0,
             **options,
@@ -110,10 +110,14 @@ class SSHLauncherTests(ClusterTestCase):
         reports = []
         launcher.watch(lambda label, reason: reports.append((label, reason)))
         began = reactor.seconds()
-        await launcher.start(None, self.cluster.profile.furl_file(ENGINE), [])
+        await launcher.start(
+            None, self.cluster.profile.furl_file(ENGINE), ["--property", "site=ssh"]
+        )
         await self.cluster.wait_for_engines(4, timeout=40)
         registered = reactor.seconds() - began
         described = launcher.describe()
+        registered_engines = self.cluster.controller.registry.engines.values()
+        self.assertEqual({e.properties["site"] for e in registered_engines}, {"ssh"})
         self.assertEqual(
             sorted(e.properties["pid"] for e in self.cluster.controller.registry.engines.values()),
             sorted(d["pid"] for d in described),
@@ -177,6 +181,8 @@ class SSHLauncherTests(ClusterTestCase):
         registry = self.cluster.controller.registry
         cut_slot = launcher.slots[0]
         cut_pid = cut_slot.engines[0].pid
+        cut_remote, cut_folder = cut_slot.remote_pid, cut_slot.folder
+        self.assertTrue({cut_pid, cut_remote} <= hosts.pids(0))
         (cut_id,) = [e for e, r in registry.engines.items() if r.properties["pid"] == cut_pid]
         marks = self.tmp / "attempts"
         code = (
@@ -214,11 +220,13 @@ class SSHLauncherTests(ClusterTestCase):
             15,
         )
         self.assertNotIn(hosts.hosts[1].address, " ".join(label for label, _ in reports))
-        # The host side ended its engine by itself: only sshd is left there.
+        # The host side, cut off, ended its engine and itself (sshd's own
+        # session process goes when sshd notices the client gone).
         await wait_until(
-            lambda: hosts.pids(0) == {hosts.sshd_pid(0)}, "the cut host to end its engine", 15
+            lambda: not {cut_pid, cut_remote} & hosts.pids(0), "the cut host to end its engine", 15
         )
         cleaned_after = reactor.seconds() - cut
+        self.assertFalse(os.path.exists(cut_folder))
         hosts.restore(0)
         await self.cluster.wait_for_engines(3, timeout=30)
         back_after = reactor.seconds() - cut
@@ -303,7 +311,7 @@ class SSHLauncherTests(ClusterTestCase):
             known_hosts=str(unknown),
             options=("IdentitiesOnly=yes", "GlobalKnownHostsFile=/dev/null"),
         )
-        launcher = SSHLauncher(spec, reactor, settings, log_dir=self.cluster.profile.log_dir)
+        launcher = SSHLauncher(reactor, self.cluster.profile, hosts=spec, settings=settings)
         self.addCleanup(launcher.stop)
         error = await self.assertFailure(
             launcher.start(None, self.cluster.profile.furl_file(ENGINE), []), ClusterError
@@ -317,7 +325,7 @@ class SSHLauncherTests(ClusterTestCase):
             known_hosts=str(hosts.known_hosts),
             options=("IdentitiesOnly=yes", "GlobalKnownHostsFile=/dev/null"),
         )
-        launcher = SSHLauncher(spec, reactor, settings, log_dir=self.cluster.profile.log_dir)
+        launcher = SSHLauncher(reactor, self.cluster.profile, hosts=spec, settings=settings)
         self.addCleanup(launcher.stop)
         error = await self.assertFailure(
             launcher.start(None, self.cluster.profile.furl_file(ENGINE), []), ClusterError

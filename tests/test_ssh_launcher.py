@@ -5,9 +5,12 @@ command line, the loopback check, and each host's restart policy on a
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 from twisted.internet import error, task
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -24,6 +27,7 @@ from taskfarm.cluster.sshhosts import (
     place,
 )
 from taskfarm.interfaces import IEngineLauncher
+from taskfarm.profile import Profile
 
 FURL = "pb://abcdefghijklmnopqrstuvwxyz234567@tcp:10.77.0.1:4321/SECRETSWISSNUMBER"
 
@@ -148,24 +152,46 @@ class SettingsTests(unittest.SynchronousTestCase):
         check_reachable(FURL)
         check_reachable("pb://x@tcp:127.0.0.1:1234,tcp:ctl.lab.org:1234/s")
 
-    def test_from_options(self):
-        """The command-line options make the launcher; --hosts is required."""
-        launcher = SSHLauncher.from_options(
-            {
-                "hosts": "n1:2,n2",
-                "ssh-python": "/usr/bin/python3",
-                "ssh-option": ["A=b"],
-                "ssh-port": 22,
-            },
-            task.Clock(),
-        )
+    def test_options(self):
+        """The launcher table's way: its own options make the launcher;
+        --hosts is required; bad values are usage errors at parse time."""
+        options = {
+            "hosts": "n1:2,n2",
+            "ssh-python": "/usr/bin/python3",
+            "ssh-options": "ConnectTimeout=5 'Ciphers=aes128-ctr,aes256-ctr'",
+            "ssh-port": 22,
+        }
+        SSHLauncher.check_options(options)
+        launcher = SSHLauncher(task.Clock(), Profile(Path("/nowhere")), options, 4.0)
         self.assertEqual(launcher.capacity, 3)
-        self.assertEqual(launcher.settings.options, ("A=b",))
+        self.assertEqual(
+            launcher.settings.options, ("ConnectTimeout=5", "Ciphers=aes128-ctr,aes256-ctr")
+        )
         self.assertEqual(launcher.settings.python, "/usr/bin/python3")
+        self.assertEqual(launcher.settings.port, 22)
         self.assertTrue(verifyObject(IEngineLauncher, launcher))
         self.assertEqual((launcher.name, launcher.remote), ("ssh", True))
-        e = self.assertRaises(HostsError, SSHLauncher.from_options, {}, task.Clock())
-        self.assertIn("needs --hosts", str(e))
+        self.assertEqual(
+            [row[0] for row in SSHLauncher.optParameters],
+            [
+                "hosts",
+                "ssh-python",
+                "ssh-taskfarm",
+                "ssh-options",
+                "ssh-identity",
+                "ssh-port",
+                "ssh-known-hosts",
+            ],
+        )
+        for bad, message in [
+            ({}, "needs --hosts"),
+            ({"hosts": "n1:0"}, "must be a whole number >= 1"),
+            ({"hosts": "n1", "ssh-options": "StrictHostKeyChecking=no"}, "host keys must be"),
+            ({"hosts": "n1", "ssh-options": "'A=b"}, "No closing quotation"),
+        ]:
+            e = self.assertRaises(usage.UsageError, SSHLauncher.check_options, bad)
+            self.assertIn(message, str(e))
+            self.assertRaises(HostsError, SSHLauncher, task.Clock(), None, bad)
 
 
 # -- a host's policy, on a clock --------------------------------------------------------
@@ -444,3 +470,19 @@ class HostSlotTests(unittest.SynchronousTestCase):
         self.assertEqual(slot.state, HostState.STOPPED)
         self.reactor.advance(120)
         self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_describe_and_clean_up_by_pid_and_start_time(self):
+        """describe() names the ssh client's pid and start time; clean_up
+        signals only a live process whose start time matches (never a later
+        process given the same pid), and skips entries without one."""
+        slot = self.make()
+        self.connect(slot)
+        entry = slot.describe()[0]
+        self.assertEqual(entry["host"], "node1")
+        self.assertEqual(entry["ssh_pid"], 1000)
+        me = os.getpid()
+        described = [
+            {"label": "x", "host": "n", "pid": 1, "ssh_pid": me, "ssh_started": "not-mine"},
+            {"label": "y", "host": "n", "pid": 2},
+        ]
+        self.successResultOf(SSHLauncher.clean_up(self.reactor, None, described, {}))

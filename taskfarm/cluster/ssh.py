@@ -39,7 +39,6 @@ import enum
 import json
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,10 +51,11 @@ from taskfarm import exitcodes
 from taskfarm.childprocess import ChildProcess
 from taskfarm.cluster.launcher import DEFAULT_START_TIMEOUT, ClusterError
 from taskfarm.cluster.sshhosts import (
-    HostsError,
+    OPTIONS,
     SSHHost,
     SSHSettings,
     check_reachable,
+    hosts_and_settings,
     parse_hosts,
     place,
 )
@@ -66,7 +66,7 @@ from taskfarm.interfaces import IEngineLauncher
 LONG_LIFE = 60.0
 
 #: Quick failures in a row after which an engine or a host is given up.
-DEFAULT_MAX_QUICK_FAILURES = 5
+DEFAULT_MAX_QUICK_FAILURES = 8
 
 #: Seconds between two ticks to each host.
 TICK_PERIOD = 1.0
@@ -76,6 +76,16 @@ _TAIL_BYTES = 4096
 
 
 # -- one host -----------------------------------------------------------------------------
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot, /proc/PID/stat), to
+    tell it from a later process given the same pid; None if gone."""
+    try:
+        text = Path("/proc/%d/stat" % pid).read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()[19]
 
 
 class HostState(enum.Enum):
@@ -197,6 +207,8 @@ class HostSlot:
         self.process: _SSHProcess | None = None
         #: The host's private folder (its furl file), while connected.
         self.folder: str | None = None
+        #: The pid of `taskfarm.cluster.sshremote` on the host, while connected.
+        self.remote_pid: int | None = None
         self.quick_failures = 0
         self.connects = 0
         self._connected_at = 0.0
@@ -294,6 +306,7 @@ class HostSlot:
             return
         if "ready" in message:
             self.folder = str(message["ready"])
+            self.remote_pid = message.get("pid")
         elif "started" in message:
             self._engine_started(int(message["started"]), int(message["pid"]))
         elif "ended" in message:
@@ -391,7 +404,7 @@ class HostSlot:
         else:
             how = "signal %s" % getattr(reason, "signal", None)
         why = "ssh to %s ended (%s)%s" % (self.label, how, ": %s" % words if words else "")
-        self.folder = None
+        self.folder = self.remote_pid = None
         if self.state in (HostState.STOPPING, HostState.STOPPED):
             self.state = HostState.STOPPED
             return
@@ -465,6 +478,7 @@ class HostSlot:
 
     def describe(self) -> list[dict]:
         ssh_pid = self.process.pid if self.process is not None else None
+        ssh_started = _start_time(ssh_pid) if ssh_pid else None
         return [
             {
                 "label": e.label,
@@ -472,6 +486,7 @@ class HostSlot:
                 "pid": e.pid,
                 "state": e.state.value,
                 "ssh_pid": ssh_pid,
+                "ssh_started": ssh_started,
             }
             for e in self.engines.values()
         ]
@@ -479,57 +494,50 @@ class HostSlot:
 
 # -- the launcher -------------------------------------------------------------------------
 
-#: The launcher's options, `usage.Options.optParameters` style: name,
-#: short, default, help (and a coerce function).
-OPTIONS = [
-    [
-        "hosts",
-        None,
-        None,
-        "HOST[:COUNT],... the hosts and engines per host, e.g. node1:4,me@node2:8",
-    ],
-    ["ssh-python", None, None, "the Python on the hosts (default: this one's path)"],
-    ["ssh-taskfarm", None, None, "a folder on the hosts holding taskfarm, put on their PYTHONPATH"],
-    ["ssh-identity", None, None, "ssh -i: the private key to log in with"],
-    ["ssh-port", None, None, "ssh -p: the port of the hosts' sshd", int],
-    [
-        "ssh-known-hosts",
-        None,
-        None,
-        "a known_hosts file to check host keys with (default: the user's)",
-    ],
-]
-#: Repeatable: ``--ssh-option OPTION=VALUE`` (as ``ssh -o``), collected in a list.
-REPEATED_OPTIONS = [["ssh-option", "ssh -o OPTION=VALUE, repeatable"]]
-
 
 @implementer(IEngineLauncher)
 class SSHLauncher:
-    """Engines on other hosts over ssh (see the module's docstring)."""
+    """Engines on other hosts over ssh (see the module's docstring).
+
+    Made as the launcher table makes every launcher: ``SSHLauncher(reactor,
+    profile, options, engine_timeout)`` with `options` its own parsed
+    options (`optParameters`); `engine_timeout`, the controller's heartbeat
+    timeout, is also how long either end of a host's connection waits for a
+    word from the other.  Tests pass `hosts` and `settings` directly.
+    Engine output goes to ``PROFILE/log/ssh-HOST-engine-N.out``, ssh's own
+    to ``PROFILE/log/ssh-HOST.out``.
+    """
 
     name = "ssh"
     remote = True
+    optParameters = OPTIONS
+    optFlags: list = []
 
     _log = Logger()
 
     def __init__(
         self,
-        hosts: str | tuple[SSHHost, ...],
         reactor,
+        profile,
+        options: dict | None = None,
+        engine_timeout: float | None = None,
+        *,
+        hosts: str | tuple[SSHHost, ...] | None = None,
         settings: SSHSettings | None = None,
-        log_dir: Path | None = None,
-        timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         start_timeout: float = DEFAULT_START_TIMEOUT,
         backoff: tuple[float, float] = (0.5, 30.0),
         max_quick_failures: int = DEFAULT_MAX_QUICK_FAILURES,
         grace: float = 5.0,
     ) -> None:
+        if hosts is None:
+            hosts, settings = hosts_and_settings(options or {})
         self.hosts = parse_hosts(hosts) if isinstance(hosts, str) else tuple(hosts)
         self.settings = settings or SSHSettings()
         self._reactor = reactor
-        self._log_dir = Path(log_dir) if log_dir is not None else None
+        self.profile = profile
+        self._log_dir = Path(profile.log_dir) if profile is not None else None
         self._slot_options = dict(
-            timeout=timeout,
+            timeout=engine_timeout or DEFAULT_HEARTBEAT_TIMEOUT,
             start_timeout=start_timeout,
             backoff=backoff,
             max_quick_failures=max_quick_failures,
@@ -541,19 +549,28 @@ class SSHLauncher:
         self._next_index: dict[str, int] = {}
 
     @classmethod
-    def from_options(cls, options, reactor, log_dir: Path | None = None, **kwargs):
-        """The launcher for parsed command-line `options` (`OPTIONS`)."""
-        if not options.get("hosts"):
-            raise HostsError("--launcher ssh needs --hosts HOST[:COUNT],...")
-        settings = SSHSettings(
-            python=options.get("ssh-python") or sys.executable,
-            taskfarm=options.get("ssh-taskfarm"),
-            options=tuple(options.get("ssh-option") or ()),
-            identity_file=options.get("ssh-identity"),
-            port=options.get("ssh-port"),
-            known_hosts=options.get("ssh-known-hosts"),
-        )
-        return cls(options["hosts"], reactor, settings, log_dir, **kwargs)
+    def check_options(cls, options) -> None:
+        """At parse time: `HostsError` (a usage error) for a bad value."""
+        hosts_and_settings(options)
+
+    @classmethod
+    def clean_up(cls, reactor, profile, described, options) -> defer.Deferred:
+        """For `taskfarm stop` when the launcher's process is gone: SIGTERM
+        the ssh clients it left (by pid and start time).  Their hosts then
+        see the connection end and end their engines.  (A launcher killed
+        with -9 needs even this not: its ssh clients see stdin close.)"""
+        seen = set()
+        for entry in described or []:
+            pid, started = entry.get("ssh_pid"), entry.get("ssh_started")
+            if not pid or pid in seen:
+                continue
+            seen.add(pid)
+            if started is not None and _start_time(pid) == started:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        return defer.succeed(None)
 
     @property
     def capacity(self) -> int:

@@ -15,13 +15,15 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
+from twisted.python import usage
+
 from taskfarm.cluster.launcher import ClusterError
 
 #: The module the hosts run.
 REMOTE_MODULE = "taskfarm.cluster.sshremote"
 
 
-class HostsError(ClusterError):
+class HostsError(ClusterError, usage.UsageError):
     """A ``--hosts`` value, or an ssh option, that cannot be used."""
 
 
@@ -201,10 +203,12 @@ class SSHSettings:
         for option in self.options:
             name, sep, value = option.partition("=")
             if not sep or not name.strip().isalnum():
-                raise HostsError("--ssh-option takes OPTION=VALUE (as ssh -o), not %r" % option)
+                raise HostsError(
+                    "--ssh-options takes OPTION=VALUE items (as ssh -o), not %r" % option
+                )
             refused = _REFUSED_OPTIONS.get(name.strip().lower())
             if refused and value.strip().lower() in refused[0]:
-                raise HostsError("--ssh-option %s refused: %s" % (option, refused[1]))
+                raise HostsError("--ssh-options %s refused: %s" % (option, refused[1]))
         if self.port is not None and not 0 < self.port < 65536:
             raise HostsError("--ssh-port must be 1..65535, not %r" % self.port)
 
@@ -233,3 +237,44 @@ class SSHSettings:
             argv += ["-o", option]
         argv += ["-o", "BatchMode=yes", "-o", "ForwardX11=no"]
         return argv + ["--", host.destination, self.remote_command()]
+
+
+# -- the command line ----------------------------------------------------------------
+
+#: The ssh launcher's options, `usage.Options.optParameters` style: long
+#: name, short name, default, help (, coerce).
+OPTIONS = [
+    ["hosts", None, None, "HOST[:COUNT],... hosts and engines per host, e.g. node1:4,me@node2:8"],
+    ["ssh-python", None, None, "the Python on the hosts (default: this one's path)"],
+    ["ssh-taskfarm", None, None, "a folder on the hosts holding taskfarm, put on their PYTHONPATH"],
+    ["ssh-options", None, None, "ssh -o options: 'OPTION=VALUE [OPTION=VALUE ...]'"],
+    ["ssh-identity", None, None, "ssh -i: the private key to log in with"],
+    ["ssh-port", None, None, "ssh -p: the port of the hosts' sshd", int],
+    [
+        "ssh-known-hosts",
+        None,
+        None,
+        "a known_hosts file to check host keys with (default: the user's)",
+    ],
+]
+
+
+def hosts_and_settings(options) -> tuple[tuple[SSHHost, ...], SSHSettings]:
+    """The hosts and settings that parsed `OPTIONS` values ask for;
+    `HostsError` naming a bad one."""
+    if not options.get("hosts"):
+        raise HostsError("--launcher ssh needs --hosts HOST[:COUNT],... e.g. node1:4,node2:8")
+    hosts = parse_hosts(options["hosts"])
+    try:
+        ssh_options = tuple(shlex.split(options.get("ssh-options") or ""))
+    except ValueError as e:
+        raise HostsError("--ssh-options %r: %s" % (options["ssh-options"], e)) from None
+    settings = SSHSettings(
+        python=options.get("ssh-python") or sys.executable,
+        taskfarm=options.get("ssh-taskfarm"),
+        options=ssh_options,
+        identity_file=options.get("ssh-identity"),
+        port=options.get("ssh-port"),
+        known_hosts=options.get("ssh-known-hosts"),
+    )
+    return hosts, settings

@@ -11,7 +11,7 @@ so the furl is never in an argv or an environment: it is written to a 0600
 file in a private (0700) temporary folder, and each engine is started as
 ``PYTHON -m twisted taskengine --furl-file THAT-FILE OPTIONS``.  Then the
 launcher sends ``{"start": K}`` to start engine K again, and ``{"tick": 1}``
-every second or so.  This side answers with ``{"ready": FOLDER}``,
+every second or so.  This side answers with ``{"ready": FOLDER, "pid": ITS-PID}``,
 ``{"started": K, "pid": PID}``, ``{"ended": K, "status": N, "signal": S}``,
 ``{"out": K, "text": LINE}`` (each line an engine writes) and ticks.
 
@@ -157,7 +157,7 @@ class _Channel(LineOnlyReceiver):
         self._ticker = task.LoopingCall(self.send, {"tick": 1})
         self._ticker.clock = self._reactor
         self._ticker.start(TICK_PERIOD, now=False)
-        self.send({"ready": self._folder})
+        self.send({"ready": self._folder, "pid": os.getpid()})
         for index in config.get("engines", []):
             self._start(int(index))
 
