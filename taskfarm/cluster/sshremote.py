@@ -41,7 +41,8 @@ from taskfarm.childprocess import ChildProcess
 #: The longest line the launcher may send (a configuration with its furl).
 MAX_LINE = 1 << 20
 
-#: Seconds between two ticks to the launcher.
+#: Seconds between two ticks to the launcher (at most; a quarter of the
+#: timeout if that is shorter).
 TICK_PERIOD = 1.0
 
 
@@ -156,7 +157,7 @@ class _Channel(LineOnlyReceiver):
         self._silence = self._reactor.callLater(self._timeout, self._silent)
         self._ticker = task.LoopingCall(self.send, {"tick": 1})
         self._ticker.clock = self._reactor
-        self._ticker.start(TICK_PERIOD, now=False)
+        self._ticker.start(min(TICK_PERIOD, self._timeout / 4), now=False)
         self.send({"ready": self._folder, "pid": os.getpid()})
         for index in config.get("engines", []):
             self._start(int(index))

@@ -24,6 +24,7 @@ system and process table: only the network is theirs.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -35,6 +36,9 @@ from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"
 INSTALL = "apt-get install -y openssh-server iproute2"
+
+
+_instances = itertools.count()
 
 
 class HarnessError(AssertionError):
@@ -77,9 +81,11 @@ class SSHHosts:
     def __init__(self, n: int, folder: Path) -> None:
         self.n = n
         self.folder = Path(folder)
-        tag = os.getpid() % 100000
+        # Names unique to this process and instance (interface names have
+        # at most 15 characters).
+        tag = "%d%d" % (os.getpid() % 100000, next(_instances) % 10)
         self._tag = tag
-        self.bridge = "tfs%dbr" % tag
+        self.bridge = "tfs%sbr" % tag
         self.hosts: list[NamespaceHost] = []
         self.controller_address: str | None = None
         self.client_key = self.folder / "client_ed25519"
@@ -102,7 +108,7 @@ class SSHHosts:
     def _free_subnet(self) -> int:
         used = _ip("-o", "-4", "addr", "show").stdout
         for step in range(250):
-            octet = (self._tag + step) % 250 + 1
+            octet = (int(self._tag) + step) % 250 + 1
             if "10.77.%d." % octet not in used:
                 return octet
         raise HarnessError("no free 10.77.x.0/24 subnet")
@@ -134,10 +140,10 @@ class SSHHosts:
         for i in range(self.n):
             host = NamespaceHost(
                 index=i,
-                namespace="tfssh%d-%d" % (self._tag, i),
+                namespace="tfssh%s-%d" % (self._tag, i),
                 address="10.77.%d.%d" % (octet, 10 + i),
-                inside="tfs%dn%d" % (self._tag, i),
-                outside="tfs%dh%d" % (self._tag, i),
+                inside="tfs%sn%d" % (self._tag, i),
+                outside="tfs%sh%d" % (self._tag, i),
                 folder=self.folder / ("host%d" % i),
             )
             self.hosts.append(host)
