@@ -127,7 +127,8 @@ class SSHLauncherTests(ClusterTestCase):
             for engine in slot.engines.values():
                 self.assertIn(engine.pid, hosts.pids(host.index))
         # The quick-start, on the hosts.
-        ids = [await tc.run(Task("a = %i" % n, pull="a")) for n in range(200)]
+        # Submitted at once, so that every engine's slots fill at the start.
+        ids = await tc.run_many([Task("a = %i" % n, pull="a") for n in range(200)])
         await tc.barrier(ids)
         results = await tc.get_task_results(ids)
         self.assertEqual([r.ns.a for r in results], list(range(200)))
