@@ -486,3 +486,25 @@ class HostSlotTests(unittest.SynchronousTestCase):
             {"label": "y", "host": "n", "pid": 2},
         ]
         self.successResultOf(SSHLauncher.clean_up(self.reactor, None, described, {}))
+
+    def test_lines_not_ours_are_logged_not_fatal(self):
+        """Lines that are not the host side's JSON (a login script's echo,
+        a bare number) go to the ssh log; the connection carries on."""
+        slot = self.make()
+        protocol = slot.process
+        protocol.outReceived(b'Welcome to node1\n5\n[1]\n{"started": "x"}\n')
+        self.connect(slot)
+        self.assertEqual(slot.state, HostState.RUNNING)
+
+    def test_no_engine_left_no_reconnect(self):
+        """A connection that ends when every engine there is down for good
+        is not made again."""
+        slot = self.make()
+        protocol = self.connect(slot)
+        for index in (0, 1):
+            say(protocol, ended=index, status=exitcodes.EXIT_KILLED, signal=None)
+        end(protocol, status=0)
+        self.assertEqual(slot.state, HostState.GAVE_UP)
+        self.assertIn("no engine left to start there", self.reports[-1][1])
+        self.reactor.advance(120)
+        self.assertEqual(len(self.reactor.spawned), 1)

@@ -301,18 +301,22 @@ class HostSlot:
             )
         try:
             message = json.loads(line)
-        except ValueError:
+            if not isinstance(message, dict):
+                raise ValueError(line)
+            if "ready" in message:
+                self.folder = str(message["ready"])
+                self.remote_pid = message.get("pid")
+            elif "started" in message:
+                self._engine_started(int(message["started"]), int(message["pid"]))
+            elif "ended" in message:
+                self._engine_ended(
+                    int(message["ended"]), message.get("status"), message.get("signal")
+                )
+            elif "out" in message:
+                self._engine_output(int(message["out"]), str(message.get("text", "")))
+        except (ValueError, TypeError, KeyError):
+            # Not ours: a login script's chatter on stdout, say.
             self.ssh_output(b"[not from taskfarm] " + line + b"\n")
-            return
-        if "ready" in message:
-            self.folder = str(message["ready"])
-            self.remote_pid = message.get("pid")
-        elif "started" in message:
-            self._engine_started(int(message["started"]), int(message["pid"]))
-        elif "ended" in message:
-            self._engine_ended(int(message["ended"]), message.get("status"), message.get("signal"))
-        elif "out" in message:
-            self._engine_output(int(message["out"]), str(message.get("text", "")))
 
     def _engine_started(self, index: int, pid: int) -> None:
         engine = self.engines.get(index)
@@ -421,6 +425,10 @@ class HostSlot:
             # a login, a missing python), not to retry.
             self.state = HostState.GAVE_UP
             self.started.errback(ClusterError(why))
+            return
+        if all(e.state is EngineState.DOWN for e in self.engines.values()):
+            self.state = HostState.GAVE_UP  # nothing left to run there
+            self._report(self.label, "%s; no engine left to start there" % why)
             return
         lived = self._reactor.seconds() - self._connected_at
         self.quick_failures = 0 if lived > LONG_LIFE else self.quick_failures + 1
