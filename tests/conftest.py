@@ -32,6 +32,7 @@ PROCESS_MODULES = {
     "test_launcher",
     "test_multiengine",
     "test_quickstart",
+    "test_ssh",
 }
 
 #: (module, class) pairs, bases included, of tests with real processes or sockets.
