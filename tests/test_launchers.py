@@ -99,7 +99,11 @@ class TableTests(unittest.SynchronousTestCase):
             error = self.assertRaises(
                 usage.UsageError, options.parseOptions, command + ["--launcher", "nope"]
             )
-            self.assertIn("unknown launcher 'nope': --launcher takes one of local", str(error))
+            self.assertIn(
+                "unknown launcher 'nope': --launcher takes one of %s"
+                % ", ".join(sorted(launchers.LAUNCHERS)),
+                str(error),
+            )
 
     def test_options_go_to_their_launcher_alone(self):
         """Each launcher gets exactly its own options; another's given is a

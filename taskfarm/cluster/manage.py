@@ -286,8 +286,13 @@ async def stop_cluster(reactor, profile: Profile, timeout: float = 30.0) -> tupl
                 "started it (no cluster.json); stop it where it was started (kill %d)"
                 % (holder.pid, profile.root, holder.pid)
             )
-        profile.state_file.unlink(missing_ok=True)
-        return 1, "taskfarm stop: no cluster runs on profile %s" % profile.root
+        text = "taskfarm stop: no cluster runs on profile %s" % profile.root
+        if state is not None:
+            text += " (its cluster.json names launcher pid %s, gone with all it started)" % (
+                (state.get("launcher") or {}).get("pid"),
+            )
+            profile.state_file.unlink(missing_ok=True)
+        return 1, text
     launcher = state.get("launcher") or {}
     pid, started = launcher.get("pid"), launcher.get("started")
     recorded = _recorded_processes(state)
