@@ -211,6 +211,12 @@ class Options(usage.Options):
             raise usage.UsageError("name a command: cluster, engines, status, stop or demo")
 
 
+def _launcher_note(options) -> str:
+    """The note ` (--launcher NAME)` for a launcher other than the default."""
+    name = options["launcher"]
+    return "" if name == launchers.DEFAULT_LAUNCHER else " (--launcher %s)" % name
+
+
 def _stop_on_shutdown(reactor, cluster, recorder=None) -> None:
     async def stop():
         if recorder is not None:
@@ -286,8 +292,8 @@ async def run_cluster(reactor, options) -> int:
         return 1
     recorder.record(RUNNING)
     print(
-        "taskfarm cluster: controller (pid %d) and %d engines running (--launcher %s)"
-        % (cluster.controller.pid, options["number"], options["launcher"])
+        "taskfarm cluster: controller (pid %d) and %d engines running%s"
+        % (cluster.controller.pid, options["number"], _launcher_note(options))
     )
     for interface in INTERFACES:
         print("  %-12s furl file: %s" % (interface, profile.furl_file(interface)))
@@ -333,8 +339,8 @@ async def run_engines(reactor, options) -> int:
         print("taskfarm engines: %s" % e, file=sys.stderr)
         return 1
     print(
-        "taskfarm engines: %d engines started (--launcher %s); logs in %s; Ctrl-C stops them"
-        % (options["number"], options["launcher"], profile.log_dir),
+        "taskfarm engines: %d engines started%s; logs in %s; Ctrl-C stops them"
+        % (options["number"], _launcher_note(options), profile.log_dir),
         flush=True,
     )
     await defer.Deferred()

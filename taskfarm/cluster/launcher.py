@@ -203,6 +203,7 @@ class Cluster:
         furl_file = self.profile.furl_file(TASK)
         last_error: Exception | None = None
         while self._reactor.seconds() < deadline:
+            self._check_not_finished()
             if self.controller.child.ended.called:
                 if self.refused is not None:
                     raise ClusterError("the controller refused to start: %s" % self.refused)
@@ -225,15 +226,36 @@ class Cluster:
             % (self._start_timeout, last_error, self.profile.log_dir / "controller.out")
         )
 
+    def _check_not_finished(self) -> None:
+        # The controller stopped for good while we wait: say why.
+        if self.finished.called:
+            if self.refused is not None:
+                raise ClusterError("the controller refused to start: %s" % self.refused)
+            raise ClusterError(self.stopped_by or "the controller stopped")
+
     async def _wait_for_engines(self, client, n: int) -> None:
         deadline = self._reactor.seconds() + self._start_timeout
+        registered, last_error = 0, None
         while self._reactor.seconds() < deadline:
-            if len(await client.engine_ids()) >= n:
-                return
+            self._check_not_finished()
+            try:
+                registered = len(await client.engine_ids())
+            except TaskfarmError as e:
+                # Restarting after a crash, or stopped: the loop tells.
+                last_error = e
+            else:
+                if registered >= n:
+                    return
             await task.deferLater(self._reactor, 0.1, lambda: None)
         raise ClusterError(
-            "only %d of %d engines registered within %g s; see the logs in %s"
-            % (len(await client.engine_ids()), n, self._start_timeout, self.profile.log_dir)
+            "only %d of %d engines registered within %g s%s; see the logs in %s"
+            % (
+                registered,
+                n,
+                self._start_timeout,
+                " (%s)" % last_error if last_error is not None else "",
+                self.profile.log_dir,
+            )
         )
 
     def _controller_exited(self) -> None:
