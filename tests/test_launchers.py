@@ -242,6 +242,49 @@ class LockFileTests(unittest.SynchronousTestCase):
         self.assertEqual(event["location"], "127.0.0.1:999")
 
 
+class CleanUpTests(unittest.TestCase):
+    async def _stop(self, profile):
+        from twisted.internet import reactor
+
+        from taskfarm.cluster.manage import stop_cluster
+
+        return await stop_cluster(reactor, profile, timeout=1)
+
+    def test_stop_calls_the_launcher_class_clean_up_when_the_launcher_is_gone(self):
+        """Engines elsewhere of a launcher that is gone: `taskfarm stop` hands
+        the last describe() and the options to its class's clean_up."""
+        calls = []
+
+        class WithCleanUp(RemoteLauncher):
+            @classmethod
+            def clean_up(cls, reactor, profile, described, options):
+                calls.append((described, options))
+                return defer.succeed(None)
+
+        self.patch(launchers, "LAUNCHERS", {"local": LocalLauncher, "faraway": WithCleanUp})
+        profile = Profile(temp_dir(self) / "p")
+        profile.ensure()
+        jobs = [{"label": "job 7_0", "host": "node1", "job": "7_0"}]
+        from taskfarm.cluster.manage import write_state
+
+        write_state(profile, {
+            "launcher": {"pid": 2**22 + 17, "started": "1", "name": "faraway"},
+            "controller": {"pid": None},
+            "engines": jobs,
+            "options": {"far-hosts": "node1"},
+        })
+        d = defer.Deferred.fromCoroutine(self._stop(profile))
+
+        def check(result):
+            code, text = result
+            self.assertEqual(code, 0, text)
+            self.assertIn("the faraway launcher cleaned up its engines", text)
+            self.assertEqual(calls, [(jobs, {"far-hosts": "node1"})])
+            self.assertFalse(profile.state_file.exists())
+
+        return d.addCallback(check)
+
+
 class StateFileTests(unittest.SynchronousTestCase):
     def test_state_file_is_0600_and_names_launcher_and_engines(self):
         profile = Profile(temp_dir(self) / "p")

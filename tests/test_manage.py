@@ -32,7 +32,7 @@ from twisted.internet import reactor
 
 from taskfarm.asyncclient import TaskClient
 from taskfarm.cluster.launchers import LAUNCHERS
-from taskfarm.cluster.manage import read_state
+from taskfarm.cluster.manage import read_state, write_state
 from taskfarm.profile import TASK, Profile, read_holder
 from taskfarm.task import Task
 from taskfarm.testing.helpers import async_test as run
@@ -45,6 +45,23 @@ REPO = Path(__file__).resolve().parent.parent
 def report(name: str, **numbers) -> None:
     """One line of numbers per test (pytest shows it with -rP)."""
     print("MANAGE %s %s" % (name, json.dumps(numbers, sort_keys=True)), flush=True)
+
+
+def processes_naming(text: str) -> list[int]:
+    """The live processes whose command line names `text` (a temporary
+    profile folder: unique to the test)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path("/proc/%s/cmdline" % entry).read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        fields = proc_stat(int(entry))
+        if text in cmdline and fields is not None and fields[0] != "Z":
+            found.append(int(entry))
+    return found
 
 
 def _started(pid: int) -> str | None:
@@ -179,6 +196,7 @@ class DaemonStatusStopTests(_ManageTestCase):
         self.assertIn("stopped the cluster on profile %s" % profile.root, out)
         self.assertIn("launcher pid %d stopped its controller and engines" % launcher, out)
         self.assertEqual(self.alive(cluster), [])
+        self.assertEqual(processes_naming(str(profile.root)), [])
         self.assertFalse(profile.state_file.exists())
         self.assertIsNone(read_holder(profile))
 
@@ -225,6 +243,50 @@ class DaemonStatusStopTests(_ManageTestCase):
             "no cluster runs on profile %s (its cluster.json names launcher pid %d, gone with all "
             "it started)" % (self.profile.root, launcher),
             out,
+        )
+        self.assertFalse(self.profile.state_file.exists())
+
+
+class FallbackTests(_ManageTestCase):
+    @run
+    async def test_stop_kills_named_processes_a_gone_launcher_left(self):
+        """A launcher gone while a process it started still runs (here a
+        stand-in whose pid and start time the state file names): `stop`
+        kills that process by pid, and says so."""
+        leftover = self.spawn(["sleep", "60"], "leftover")
+        started = _started(leftover.pid)
+        self.profile.ensure()
+        write_state(
+            self.profile,
+            {
+                "phase": "running",
+                "launcher": {"pid": 2**22 + 17, "started": "1", "name": "local"},
+                "controller": {"pid": None},
+                "engines": [
+                    {"label": "engine 0", "host": os.uname().nodename, "pid": leftover.pid,
+                     "started": started}
+                ],
+            },
+        )
+        code, out = await self.command("stop", "stop", "--profile-dir", str(self.profile.root))
+        self.assertEqual(code, 0, out)
+        self.assertIn("launcher pid %d was gone; killed what was left: engine 0" % (2**22 + 17), out)
+        self.assertEqual(leftover.wait(5), -signal.SIGKILL)
+        self.assertFalse(self.profile.state_file.exists())
+
+    @run
+    async def test_daemon_that_cannot_start_says_why_and_leaves_nothing(self):
+        code, out = await self.command(
+            "daemon", "cluster", "-n", "1", "--daemon", "--start-timeout", "0.3",
+            "--profile-dir", str(self.profile.root),
+        )
+        self.assertEqual(code, 1, out)
+        self.assertIn("taskfarm cluster: the background cluster exited with status 1:", out)
+        self.assertIn("the controller did not answer within 0.3 s", out)
+        await wait_until(
+            lambda: processes_naming(str(self.profile.root)) == [],
+            "no process left on the profile",
+            10,
         )
         self.assertFalse(self.profile.state_file.exists())
 

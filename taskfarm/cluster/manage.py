@@ -277,9 +277,12 @@ async def stop_cluster(reactor, profile: Profile, timeout: float = 30.0) -> tupl
     could not be stopped."""
     state = read_state(profile)
     holder = read_holder(profile)
-    if state is None or (not _launcher_alive(state) and holder is None and not any(
-        process_alive(pid, started) for _, pid, started in _recorded_processes(state)
-    )):
+    if state is None or (
+        not _launcher_alive(state)
+        and holder is None
+        and not any(process_alive(pid, started) for _, pid, started in _recorded_processes(state))
+        and not (_clean_up_of(state) and state.get("engines"))
+    ):
         if holder is not None:
             return 1, (
                 "taskfarm stop: controller pid %d holds profile %s, but no `taskfarm cluster` "
@@ -297,8 +300,11 @@ async def stop_cluster(reactor, profile: Profile, timeout: float = 30.0) -> tupl
     pid, started = launcher.get("pid"), launcher.get("started")
     recorded = _recorded_processes(state)
     notes = []
+    # Whether the launcher stopped its engines itself (else: clean up here).
+    stopped_itself = False
     if _signal(pid, started, signal.SIGTERM):
         if await _gone(reactor, lambda: not process_alive(pid, started), timeout):
+            stopped_itself = True
             notes.append("launcher pid %d stopped its controller and engines" % pid)
         else:
             _signal(pid, started, signal.SIGKILL)
@@ -313,7 +319,8 @@ async def stop_cluster(reactor, profile: Profile, timeout: float = 30.0) -> tupl
     killed = [label for label, p, s in recorded if _signal(p, s, signal.SIGKILL)]
     if killed:
         notes.append("killed what was left: %s" % ", ".join(killed))
-    await _clean_up_elsewhere(reactor, profile, state, notes)
+    if not stopped_itself:
+        await _clean_up_elsewhere(reactor, profile, state, notes)
     await _gone(reactor, lambda: not any(process_alive(p, s) for _, p, s in recorded), 5.0)
     left = ["%s (pid %d)" % (label, p) for label, p, s in recorded if process_alive(p, s)]
     if left:
@@ -326,25 +333,26 @@ async def stop_cluster(reactor, profile: Profile, timeout: float = 30.0) -> tupl
     )
 
 
-async def _clean_up_elsewhere(reactor, profile: Profile, state: dict, notes: list) -> None:
-    """A launcher gone without stopping: its class's ``clean_up`` for
-    engines on other nodes or in jobs."""
+def _clean_up_of(state: dict):
+    """The ``clean_up`` of the state file's launcher class, or None."""
     from taskfarm.cluster.launchers import LAUNCHERS
 
-    launcher = state.get("launcher") or {}
-    cls = LAUNCHERS.get(launcher.get("name", ""))
-    clean_up = getattr(cls, "clean_up", None)
-    if clean_up is None or process_alive(launcher.get("pid"), launcher.get("started")):
+    name = (state.get("launcher") or {}).get("name", "")
+    return getattr(LAUNCHERS.get(name), "clean_up", None)
+
+
+async def _clean_up_elsewhere(reactor, profile: Profile, state: dict, notes: list) -> None:
+    """A launcher gone without stopping its engines: its class's
+    ``clean_up`` for engines on other nodes or in jobs, if it has one."""
+    name = (state.get("launcher") or {}).get("name", "")
+    clean_up = _clean_up_of(state)
+    if clean_up is None:
         return
-    if "launcher pid %s was gone" % launcher.get("pid") not in notes and not any(
-        "did not stop" in note for note in notes
-    ):
-        return  # the launcher stopped its engines itself
     try:
         await clean_up(reactor, profile, state.get("engines") or [], state.get("options") or {})
-        notes.append("%s launcher cleaned up its engines" % launcher["name"])
+        notes.append("the %s launcher cleaned up its engines" % name)
     except Exception as e:  # noqa: BLE001  (reported, not raised)
-        notes.append("%s launcher clean-up failed: %s" % (launcher["name"], e))
+        notes.append("the %s launcher's clean-up failed: %s" % (name, e))
 
 
 # -- taskfarm cluster --daemon -------------------------------------------------------
