@@ -1,8 +1,13 @@
-"""The ``taskfarm`` command: ``cluster``, ``engines`` and ``demo``.
+"""The ``taskfarm`` command: ``cluster``, ``engines``, ``status``, ``stop``, ``demo``.
 
     taskfarm cluster -n 4          controller + 4 engines; Ctrl-C stops them all
+    taskfarm cluster -n 4 --daemon the same in the background
+    taskfarm status / stop         what runs on the profile / stop it all
     taskfarm engines -n 4 --furl-file F   4 engines for a controller elsewhere
     taskfarm demo                  a cluster, the quick-start job, a clean stop
+
+``--launcher NAME`` (cluster, engines) picks how engines start
+(`taskfarm.cluster.launchers`).
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from twisted.python import usage
 
 import taskfarm
 from taskfarm.childprocess import ChildProcess
+from taskfarm.cluster import launchers
 from taskfarm.controller import tap as controller_tap
 from taskfarm.controller.registry import DEFAULT_HEARTBEAT_TIMEOUT
+from taskfarm.errors import TaskfarmError
 from taskfarm.profile import ENGINE, INTERFACES, Profile
 
 
@@ -54,12 +61,37 @@ class _EngineCount:
     opt_n = opt_number
 
 
-class ClusterOptions(_EngineCount, controller_tap.Options):
+_LAUNCHER_PARAMETERS, _LAUNCHER_FLAGS = launchers.option_table()
+
+
+class _LauncherChoice:
+    """``--launcher NAME`` and every launcher's own options."""
+
+    optParameters = [
+        [
+            "launcher",
+            None,
+            launchers.DEFAULT_LAUNCHER,
+            "How engines start: %s." % ", ".join(sorted(launchers.LAUNCHERS)),
+        ],
+        *_LAUNCHER_PARAMETERS,
+    ]
+    optFlags = list(_LAUNCHER_FLAGS)
+
+    def check_launcher(self) -> None:
+        launchers.launcher_class(self["launcher"])  # an unknown name: a usage error
+        self["launcher-options"] = launchers.check_launcher_options(self["launcher"], self)
+
+
+class ClusterOptions(_EngineCount, _LauncherChoice, controller_tap.Options):
     """``taskfarm cluster``: every controller option, plus the engines'."""
 
-    synopsis = "[-n N] [--profile-dir DIR] [--engine-property KEY=VALUE ...] [controller options]"
+    synopsis = "[-n N] [--launcher NAME] [--daemon] [--profile-dir DIR] [--engine-property KEY=VALUE ...] [controller options]"
     optParameters = [
         ["start-timeout", None, 60.0, "Seconds to wait for the controller and engines.", float],
+    ]
+    optFlags = [
+        ["daemon", None, "Start in the background; return once all engines registered."],
     ]
 
     def __init__(self) -> None:
@@ -74,6 +106,7 @@ class ClusterOptions(_EngineCount, controller_tap.Options):
     def postOptions(self) -> None:
         if self["number"] < 0:
             raise usage.UsageError("-n must be >= 0")
+        self.check_launcher()
         super().postOptions()  # the controller's own checks, before anything starts
 
     def controller_options(self) -> list[str]:
@@ -94,8 +127,8 @@ class ClusterOptions(_EngineCount, controller_tap.Options):
         return argv
 
 
-class EnginesOptions(_EngineCount, usage.Options):
-    synopsis = "-n N --furl-file FILE [--engine-property KEY=VALUE ...]"
+class EnginesOptions(_EngineCount, _LauncherChoice, usage.Options):
+    synopsis = "-n N [--launcher NAME] --furl-file FILE [--engine-property KEY=VALUE ...]"
     optParameters = [
         ["furl-file", "f", None, "The controller's engine furl file (copied from its profile)."],
         ["profile-dir", "p", None, "Profile folder for logs (default ~/.taskfarm or $TASKFARM_PROFILE)."],
@@ -116,6 +149,7 @@ class EnginesOptions(_EngineCount, usage.Options):
             raise usage.UsageError("-n must be >= 1")
         if self["heartbeat-timeout"] < 0:
             raise usage.UsageError("--heartbeat-timeout must be >= 0")
+        self.check_launcher()
         if self["furl-file"] is None:
             self["furl-file"] = str(Profile.from_option(self["profile-dir"]).furl_file(ENGINE))
 
@@ -138,11 +172,32 @@ class DemoOptions(_EngineCount, usage.Options):
             raise usage.UsageError("-n must be >= 1")
 
 
+class _ProfileOnly(usage.Options):
+    optParameters = [
+        ["profile-dir", "p", None, "The cluster's profile folder (default ~/.taskfarm or $TASKFARM_PROFILE)."],
+        ["timeout", None, 30.0, "Seconds to wait for the controller (status) or for everything to stop (stop).", float],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["timeout"] > 0:
+            raise usage.UsageError("--timeout must be > 0")
+
+
+class StatusOptions(_ProfileOnly):
+    synopsis = "[--profile-dir DIR]"
+
+
+class StopOptions(_ProfileOnly):
+    synopsis = "[--profile-dir DIR]"
+
+
 class Options(usage.Options):
     synopsis = "taskfarm COMMAND [options]"
     subCommands = [
-        ["cluster", None, ClusterOptions, "Run a controller and N engines until Ctrl-C."],
+        ["cluster", None, ClusterOptions, "Run a controller and N engines until Ctrl-C (or --daemon)."],
         ["engines", None, EnginesOptions, "Run N engines for a controller elsewhere."],
+        ["status", None, StatusOptions, "Show the cluster running on a profile."],
+        ["stop", None, StopOptions, "Stop the cluster running on a profile, leaving nothing behind."],
         ["demo", None, DemoOptions, "Start a cluster, run the quick-start job, stop."],
     ]
 
@@ -153,12 +208,22 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("name a command: cluster, engines or demo")
+            raise usage.UsageError("name a command: cluster, engines, status, stop or demo")
 
 
-def _stop_on_shutdown(reactor, cluster) -> None:
+def _launcher_note(options) -> str:
+    """The note ` (--launcher NAME)` for a launcher other than the default."""
+    name = options["launcher"]
+    return "" if name == launchers.DEFAULT_LAUNCHER else " (--launcher %s)" % name
+
+
+def _stop_on_shutdown(reactor, cluster, recorder=None) -> None:
     async def stop():
+        if recorder is not None:
+            recorder.stopping()
         await cluster.stop()
+        if recorder is not None:
+            recorder.remove()
         if cluster.controller is None:
             return  # refused before starting anything: nothing to report
         print(
@@ -172,8 +237,30 @@ def _stop_on_shutdown(reactor, cluster) -> None:
 
 async def run_cluster(reactor, options) -> int:
     from taskfarm.cluster.launcher import Cluster, ClusterError
+    from taskfarm.cluster.manage import (
+        DAEMON_ENV,
+        RUNNING,
+        StateRecorder,
+        run_daemon,
+        without_daemon,
+    )
 
     profile = Profile.from_option(options["profile-dir"])
+    if options["daemon"]:
+        # Both the controller and the engines must come up: two start timeouts.
+        return await run_daemon(
+            reactor, without_daemon(options.raw_argv), profile, 2 * options["start-timeout"] + 15
+        )
+    # Engines hung for as long as the controller's heartbeat allows are
+    # killed and replaced; no heartbeat, no such kills.
+    engine_timeout = options["heartbeat-timeout"] if options["heartbeat-period"] else None
+    try:
+        launcher = launchers.make_launcher(
+            options["launcher"], reactor, profile, options, engine_timeout=engine_timeout
+        )
+    except usage.UsageError as e:
+        print("taskfarm cluster: %s" % e, file=sys.stderr)
+        return 2
     cluster = Cluster(
         profile,
         options["number"],
@@ -181,19 +268,32 @@ async def run_cluster(reactor, options) -> int:
         controller_options=options.controller_options(),
         engine_options=options.engine_options(),
         start_timeout=options["start-timeout"],
-        # Engines hung for as long as the controller's heartbeat allows are
-        # killed and replaced; no heartbeat, no such kills.
-        engine_timeout=options["heartbeat-timeout"] if options["heartbeat-period"] else None,
+        engine_timeout=engine_timeout,
+        launcher=launcher,
     )
-    _stop_on_shutdown(reactor, cluster)
+    # Not for the processes it starts.
+    detached = os.environ.pop(DAEMON_ENV, "") == "1"
+    recorder = StateRecorder(
+        profile,
+        cluster,
+        options["launcher"],
+        reactor,
+        daemon=detached,
+        options=options["launcher-options"],
+    )
+    # Recorded once the controller holds the profile (not before: the
+    # file may be another cluster's until then).
+    cluster.on_controller_up.append(recorder.start)
+    _stop_on_shutdown(reactor, cluster, recorder)
     try:
         await cluster.start()
     except ClusterError as e:
         print("taskfarm cluster: %s" % e, file=sys.stderr)
         return 1
+    recorder.record(RUNNING)
     print(
-        "taskfarm cluster: controller (pid %d) and %d engines running"
-        % (cluster.controller.pid, options["number"])
+        "taskfarm cluster: controller (pid %d) and %d engines running%s"
+        % (cluster.controller.pid, options["number"], _launcher_note(options))
     )
     for interface in INTERFACES:
         print("  %-12s furl file: %s" % (interface, profile.furl_file(interface)))
@@ -203,36 +303,68 @@ async def run_cluster(reactor, options) -> int:
     if cluster.refused is not None:
         print("taskfarm cluster: the controller refused to start: %s" % cluster.refused,
               file=sys.stderr, flush=True)
+    elif cluster.stopped_by is not None:
+        print("taskfarm cluster: %s; stopping the cluster" % cluster.stopped_by, flush=True)
     return status
 
 
 async def run_engines(reactor, options) -> int:
-    from taskfarm.cluster.launcher import ProcessSlot, twisted_argv
+    from taskfarm.cluster.launcher import ClusterError, check_reachable
+    from taskfarm.profile import read_furl_file
 
     profile = Profile.from_option(options["profile-dir"])
     profile.ensure()
-    slots = [
-        ProcessSlot(
-            "engine %d" % i,
-            twisted_argv(
-                "taskengine", "--furl-file", options["furl-file"], *options.engine_options()
-            ),
-            profile.log_dir / ("remote-engine-%d.out" % i),
+    try:
+        launcher = launchers.make_launcher(
+            options["launcher"],
             reactor,
-            liveness_timeout=options["heartbeat-timeout"] or None,
+            profile,
+            options,
+            engine_timeout=options["heartbeat-timeout"] or None,
         )
-        for i in range(options["number"])
-    ]
+        if hasattr(launcher, "log_prefix"):
+            launcher.log_prefix = "remote-engine"  # not the cluster's engine-N.out
+        check_reachable(launcher, read_furl_file(options["furl-file"]))
+    except usage.UsageError as e:
+        print("taskfarm engines: %s" % e, file=sys.stderr)
+        return 2
+    except (ClusterError, TaskfarmError) as e:
+        print("taskfarm engines: %s" % e, file=sys.stderr)
+        return 1
 
-    async def stop():
-        await defer.gatherResults([defer.Deferred.fromCoroutine(s.stop()) for s in slots])
-
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.Deferred.fromCoroutine(stop()))
-    for slot in slots:
-        slot.start()
-    print("taskfarm engines: %d engines started; logs in %s; Ctrl-C stops them" % (len(slots), profile.log_dir), flush=True)
+    reactor.addSystemEventTrigger("before", "shutdown", launcher.stop)
+    try:
+        await launcher.start(options["number"], options["furl-file"], options.engine_options())
+    except ClusterError as e:
+        print("taskfarm engines: %s" % e, file=sys.stderr)
+        return 1
+    print(
+        "taskfarm engines: %d engines started%s; logs in %s; Ctrl-C stops them"
+        % (options["number"], _launcher_note(options), profile.log_dir),
+        flush=True,
+    )
     await defer.Deferred()
     return 0
+
+
+async def run_status(reactor, options) -> int:
+    from taskfarm.cluster.manage import cluster_status
+
+    status, text = await cluster_status(
+        reactor, Profile.from_option(options["profile-dir"]), options["timeout"]
+    )
+    print(text, file=sys.stdout if status == 0 else sys.stderr, flush=True)
+    return status
+
+
+async def run_stop(reactor, options) -> int:
+    from taskfarm.cluster.manage import stop_cluster
+
+    status, text = await stop_cluster(
+        reactor, Profile.from_option(options["profile-dir"]), options["timeout"]
+    )
+    print(text, file=sys.stdout if status == 0 else sys.stderr, flush=True)
+    return status
 
 
 async def run_demo(reactor, options) -> int:
@@ -291,7 +423,13 @@ class _Job(ChildProcess):
         sys.stderr.write(data.decode(errors="replace"))
 
 
-_COMMANDS = {"cluster": run_cluster, "engines": run_engines, "demo": run_demo}
+_COMMANDS = {
+    "cluster": run_cluster,
+    "engines": run_engines,
+    "status": run_status,
+    "stop": run_stop,
+    "demo": run_demo,
+}
 
 
 def _info_and_up(event) -> PredicateResult:
@@ -303,15 +441,18 @@ def _info_and_up(event) -> PredicateResult:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``taskfarm`` command."""
     options = Options()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        options.parseOptions(sys.argv[1:] if argv is None else argv)
+        options.parseOptions(argv)
     except usage.UsageError as e:
         print("%s\n\ntaskfarm: %s" % (options, e), file=sys.stderr)
         sys.exit(2)
     command = _COMMANDS[options.subCommand]
     sub = options.subOptions
+    # The subcommand's own arguments, as given (`--daemon` starts them again).
+    sub.raw_argv = argv[argv.index(options.subCommand) + 1 :]
 
-    if options.subCommand in ("cluster", "engines"):
+    if options.subCommand in ("cluster", "engines") and not sub.get("daemon"):
         # The launcher's own news (restarts, clean exits) goes to stdout.
         globalLogBeginner.beginLoggingTo(
             [FilteringLogObserver(textFileLogObserver(sys.stdout), [_info_and_up])],

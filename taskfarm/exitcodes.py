@@ -13,6 +13,11 @@ status alone whether to start a process again:
   not help (its profile is in use by another controller, its journal
   cannot be read).  The launcher stops, quoting the process's message.
 
+- `EXIT_TERMINATED`: the controller got a SIGTERM while a launcher runs it,
+  and its launcher (which marks its own stop first) did not send it: a
+  person (``kill PID``) or the system asked it to stop.  It stays down and
+  the launcher stops the cluster, saying so.
+
 Any other status (0 included, a signal included) is a death, and the
 launcher starts the process again after its back-off.
 """
@@ -30,6 +35,9 @@ EXIT_STUCK = 75
 
 #: Refused to start (profile in use, journal corrupt): do not retry.
 EXIT_REFUSED = 78
+
+#: Stopped by a SIGTERM from outside its launcher: stays down, the cluster stops.
+EXIT_TERMINATED = 79
 
 
 def stop_reactor_and_exit(reactor, status: int) -> None:

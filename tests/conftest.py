@@ -30,6 +30,7 @@ PROCESS_MODULES = {
     "test_chaos",
     "test_cluster",
     "test_launcher",
+    "test_manage",
     "test_multiengine",
     "test_quickstart",
     "test_ssh",

@@ -36,7 +36,7 @@ from taskfarm.asyncclient import MultiEngineClient, TaskClient
 from taskfarm.controller.service import create_controller
 from taskfarm.errors import EngineLost, ProfileInUse
 from taskfarm.exitcodes import EXIT_REFUSED
-from taskfarm.profile import MULTIENGINE, TASK, Profile
+from taskfarm.profile import MULTIENGINE, TASK, Profile, read_holder
 from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
 from taskfarm.testing.helpers import async_test as run
@@ -229,7 +229,7 @@ class OneControllerPerProfileTests(_LauncherTestCase):
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(cluster.stop()))
         await cluster.start(0)
         profile = cluster.profile
-        self.assertEqual(profile.lock_file.read_text().strip(), str(os.getpid()))
+        self.assertEqual(read_holder(profile).pid, os.getpid())
         self.assertEqual(profile.lock_file.stat().st_mode & 0o777, 0o600)
         for journal in (True, False):
             error = self.assertRaises(
@@ -250,9 +250,11 @@ class OneControllerPerProfileTests(_LauncherTestCase):
         code = await self.wait_for_exit(controller, "controller", 30)
         self.assertEqual(code, EXIT_REFUSED, self.output("controller"))
         self.assertIn(
-            "in use by another controller (pid %d)" % os.getpid(), self.output("controller")
+            "already running: pid %d since " % os.getpid(), self.output("controller")
         )
 
+        holder = read_holder(profile)
+        self.assertNotEqual(holder.location, "not listening yet")
         asked = reactor.seconds()
         second = self.spawn(
             TASKFARM + ["cluster", "-n", "1", "--profile-dir", str(profile.root)], "second"
@@ -262,13 +264,15 @@ class OneControllerPerProfileTests(_LauncherTestCase):
         out = self.output("second")
         self.assertEqual(code, 1, out)
         self.assertIn(
-            "profile %s is in use by another controller (pid %d)" % (profile.root, os.getpid()), out
+            "profile %s: already running: pid %d since %s, listening on %s"
+            % (profile.root, os.getpid(), holder.since, holder.location),
+            out,
         )
         self.assertNotIn("Press Ctrl-C", out)
         self.assertFalse((profile.log_dir / "engine-0.out").exists())
         # The holder still serves.
         self.assertEqual(await cluster.task_client().engine_ids(), [])
-        self.assertEqual(profile.lock_file.read_text().strip(), str(os.getpid()))
+        self.assertEqual(read_holder(profile).pid, os.getpid())
         report("second-cluster-refused", seconds=round(took, 2))
 
     @run

@@ -61,6 +61,9 @@ class _Lock:
     def __init__(self, log: list) -> None:
         self._log = log
 
+    def record_location(self, location: str) -> None:
+        pass  # the profile lock names where the controller listens
+
     def release(self) -> None:
         self._log.append("release lock")
 

@@ -1,397 +1,114 @@
-"""Start a controller and engines as child processes, and keep them running.
+"""`Cluster`: a controller on this machine and engines from a launcher.
 
-`Cluster` starts the controller, waits until it answers, starts N engines,
-waits until all have registered, and then watches its children: one that
-dies is started again after a back-off that doubles with each quick death,
-unless its exit status says otherwise (`taskfarm.exitcodes`).  An engine
-whose liveness ticks stop (hung) is SIGKILLed with its process group and so
-started again.  `stop()` sends SIGTERM to every child (by PID) and SIGKILL
-to its process group if it is still alive after a grace period, so nothing
-is left behind, not even processes that tasks forked.  Children die with
-the launcher (`taskfarm.lifeline`).
+`Cluster` starts the controller (a `ProcessSlot`: started again after a
+crash), waits until it answers, has its launcher (`IEngineLauncher`, by
+default `taskfarm.cluster.local.LocalLauncher`) start N engines, and waits
+until all have registered.  A controller stopped for a MultiEngine
+``kill(controller=True)``, or by a person's SIGTERM, stays down and ends
+the cluster; one that refuses to start ends it too.  `stop()` stops the
+engines through the launcher, then the controller.
+
+The process machinery lives in `taskfarm.cluster.slots` (re-exported here).
 """
 
 from __future__ import annotations
 
-import enum
+import ipaddress
 import os
-import signal
-import sys
-from pathlib import Path
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from taskfarm import backoff as backoffs
-from taskfarm import exitcodes, lifeline
-from taskfarm.childprocess import ChildProcess, exit_status
+from taskfarm.cluster.local import LocalLauncher
+from taskfarm.cluster.slots import (  # noqa: F401  (re-exported)
+    DEFAULT_START_TIMEOUT,
+    ClusterError,
+    InvalidSlotTransition,
+    ProcessSlot,
+    SlotState,
+    process_start_time,
+    twisted_argv,
+)
 from taskfarm.controller.registry import DEFAULT_HEARTBEAT_TIMEOUT
 from taskfarm.errors import TaskfarmError
-from taskfarm.profile import ENGINE, TASK, Profile, in_use_error, profile_holder
-
-#: Seconds to wait for the controller, and for the engines, to come up.
-DEFAULT_START_TIMEOUT = 60.0
+from taskfarm.profile import ENGINE, TASK, Profile, in_use_error, read_holder
 
 
-class ClusterError(TaskfarmError):
-    """The cluster could not be started."""
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host in ("localhost", "") or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assumed reachable
 
 
-#: The child's file descriptor for liveness ticks (see `taskfarm.lifeline`).
-_LIVENESS_FD = 3
-
-#: The last bytes of a child's output kept in memory, to quote its last words.
-_TAIL_BYTES = 4096
-
-#: Seconds the launcher keeps reading a child's pipes after it exited
-#: before it closes them (processes it forked may hold them for good).
-_PIPE_GRACE = 1.0
-
-
-class _Child(ChildProcess):
-    """One child process; `ended` fires with its exit reason when it exits.
-
-    `ended` follows the process itself (``processExited``), never its pipes,
-    which processes it forked may keep open.  On exit whatever is left of
-    its process group is SIGKILLed, and its pipes are closed shortly after.
-    With `liveness_timeout`, the child ticks on a pipe of its own and is
-    SIGKILLed (with its group) when no tick came for that long.
-    """
-
-    _log = Logger()
-
-    def __init__(
-        self,
-        name: str,
-        log_path: Path,
-        reactor,
-        liveness_timeout: float | None = None,
-        start_timeout: float = DEFAULT_START_TIMEOUT,
-    ) -> None:
-        super().__init__()
-        self.name = name
-        self.last_pid: int | None = None
-        #: Set when the launcher killed the child for not ticking.
-        self.silenced = False
-        self._reactor = reactor
-        self._log_file = open(log_path, "ab")
-        self._tail = bytearray()
-        self._liveness_timeout = liveness_timeout
-        self._start_timeout = start_timeout
-        self._watchdog = None
-        self._close_pipes = None
-
-    def connectionMade(self) -> None:
-        #: The pid, kept after the process ended (for the logs).
-        self.last_pid = self.transport.pid
-        # Its own process group, from this side too: whichever of us comes
-        # first (it also does so itself at start; after its exec we may not).
-        try:
-            os.setpgid(self.last_pid, self.last_pid)
-        except OSError:
-            pass
-        if self._liveness_timeout is not None:
-            # Until the first tick the process is starting (imports, ...).
-            self._watchdog = self._reactor.callLater(self._start_timeout, self._silent)
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == _LIVENESS_FD:
-            if self._watchdog is not None and self._watchdog.active():
-                self._watchdog.reset(self._liveness_timeout)
-            return
-        self._tail += data
-        del self._tail[:-_TAIL_BYTES]
-        if not self._log_file.closed:
-            self._log_file.write(data)
-            self._log_file.flush()
-
-    def last_words(self) -> str:
-        """The last non-empty line the child wrote."""
-        lines = [x for x in self._tail.decode(errors="replace").splitlines() if x.strip()]
-        return lines[-1].strip() if lines else ""
-
-    def _silent(self) -> None:
-        self._watchdog = None
-        self.silenced = True
-        self._log.warn(
-            "{name} (pid {pid}) sent no liveness tick for {timeout:.1f} s (hung: C code "
-            "holding the GIL, or stopped); killing its process group",
-            name=self.name,
-            pid=self.last_pid,
-            timeout=self._liveness_timeout,
-        )
-        self.kill()
-
-    def kill(self) -> None:
-        """SIGKILL the child and its process group."""
-        self.signal_group(signal.SIGKILL)
-        super().kill()
-
-    def signal_group(self, signum: int) -> None:
-        """Send `signum` to the child's process group, if there is one."""
-        if self.last_pid is None:
-            return
-        try:
-            os.killpg(self.last_pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass  # no such group (it never made one, or it is all gone)
-
-    def processExited(self, reason) -> None:
-        if self._watchdog is not None and self._watchdog.active():
-            self._watchdog.cancel()
-        self._watchdog = None
-        # Processes its tasks forked end with it: now, while the group id
-        # cannot yet name anyone else's group.
-        self.signal_group(signal.SIGKILL)
-        self._close_pipes = self._reactor.callLater(_PIPE_GRACE, self._close_all_pipes)
-        self._end(reason.value)
-
-    def _close_all_pipes(self) -> None:
-        self._close_pipes = None
-        transport = self.transport
-        if transport is not None:
-            for fd in list(getattr(transport, "pipes", {})):
-                transport.closeChildFD(fd)
-
-    def processEnded(self, reason) -> None:
-        if self._close_pipes is not None and self._close_pipes.active():
-            self._close_pipes.cancel()
-        self._close_pipes = None
-        self._log_file.close()
-        super().processEnded(reason)
+def furl_locations(furl: str) -> list[str]:
+    """The HOST:PORT connection hints of a furl (``pb://TUB@HINTS/NAME``)."""
+    hints = furl.partition("@")[2].partition("/")[0]
+    found = []
+    for hint in hints.split(","):
+        if hint.startswith("tcp:"):  # tcp:HOST:PORT (or tcp:host=H:port=P)
+            hint = hint[4:].replace("host=", "").replace("port=", "")
+        if hint:
+            found.append(hint)
+    return found
 
 
-class SlotState(enum.Enum):
-    """Where a `ProcessSlot` is in its child's lifecycle."""
-
-    #: Made, not started yet.
-    IDLE = "idle"
-    #: Its child process runs (or is starting).
-    RUNNING = "running"
-    #: Its child ended; a fresh one starts after the back-off delay.
-    RESTARTING = "restarting"
-    #: `stop()` was called; waiting for the child to exit.
-    STOPPING = "stopping"
-    #: Stopped by `stop()`; nothing runs.
-    STOPPED = "stopped"
-    #: The child exited with `EXIT_KILLED` (a MultiEngine kill): stays down.
-    KILLED = "killed"
-    #: The child exited with `EXIT_REFUSED`: the slot gave up on it.
-    REFUSED = "refused"
-    #: The child exited and the slot restarts nothing (``restart=False``).
-    EXITED = "exited"
+def _unreachable(launcher, location: str) -> ClusterError:
+    return ClusterError(
+        "the %s launcher starts engines on other machines, but the controller's location is "
+        "%s (loopback), which they cannot reach: start the controller listening on an address "
+        "of this machine that the nodes can reach, e.g. --listen tcp:10105:interface=ADDRESS "
+        "(and --location HOST:PORT if they dial it by another name)"
+        % (getattr(launcher, "name", type(launcher).__name__), location)
+    )
 
 
-class InvalidSlotTransition(Exception):
-    """An event the slot's state table does not allow in its state: a bug."""
+def check_options_reach(launcher, controller_options: list[str]) -> None:
+    """Before the controller starts: `ClusterError` when `launcher` is
+    remote and the controller options (``--listen``/``--location``, default
+    loopback) give it a loopback location."""
+    if not getattr(launcher, "remote", False):
+        return
+    values = dict(zip(controller_options[::2], controller_options[1::2], strict=False))
+    if "--location" in values:
+        where = values["--location"]
+        host = where.rpartition(":")[0] or where
+    elif "--listen" in values:
+        where = values["--listen"]
+        interfaces = [p[len("interface="):] for p in where.split(":") if p.startswith("interface=")]
+        host = interfaces[0] if interfaces else "127.0.0.1"
+    else:
+        where = host = "127.0.0.1 (the default --listen)"
+        host = "127.0.0.1"
+    if _is_loopback(host):
+        raise _unreachable(launcher, where)
 
 
-#: The slot's lifecycle: (state, event) -> the next state.  Every other
-#: pair is a bug (`InvalidSlotTransition`).  The down states take `stop`
-#: and stay what they are.
-_SLOT_TRANSITIONS = {
-    (SlotState.IDLE, "start"): SlotState.RUNNING,
-    (SlotState.IDLE, "stop"): SlotState.STOPPED,
-    (SlotState.RUNNING, "died"): SlotState.RESTARTING,
-    (SlotState.RUNNING, "exited"): SlotState.EXITED,
-    (SlotState.RUNNING, "killed"): SlotState.KILLED,
-    (SlotState.RUNNING, "refused"): SlotState.REFUSED,
-    (SlotState.RUNNING, "stop"): SlotState.STOPPING,
-    (SlotState.RESTARTING, "restart"): SlotState.RUNNING,
-    (SlotState.RESTARTING, "stop"): SlotState.STOPPED,
-    (SlotState.STOPPING, "ended"): SlotState.STOPPED,
-    (SlotState.STOPPING, "stop"): SlotState.STOPPING,
-    (SlotState.STOPPED, "stop"): SlotState.STOPPED,
-    (SlotState.KILLED, "stop"): SlotState.KILLED,
-    (SlotState.REFUSED, "stop"): SlotState.REFUSED,
-    (SlotState.EXITED, "stop"): SlotState.EXITED,
-}
-
-#: The states in which a slot never starts its child again.
-_DOWN = frozenset(
-    {SlotState.STOPPING, SlotState.STOPPED, SlotState.KILLED, SlotState.REFUSED, SlotState.EXITED}
-)
-
-
-class ProcessSlot:
-    """Keeps one kind of child running: starts it, restarts it when it dies.
-
-    The exit protocol (`taskfarm.exitcodes`) decides: `EXIT_KILLED` stays
-    down (`on_killed` callbacks), `EXIT_REFUSED` stays down (`on_refused`
-    callbacks, with the child's last words); any other exit, 0 and signals
-    included, is started again after a back-off that doubles with each
-    quick death (`taskfarm.backoff`), unless `restart` is False.  With
-    `liveness_timeout`, a child that stops ticking for that long is
-    SIGKILLed (its process group with it) and so restarted.  The lifecycle
-    is the state table `_SLOT_TRANSITIONS`; `state` says where it is.
-    """
-
-    _log = Logger()
-
-    #: A child that lived longer than this many seconds gets a fresh back-off.
-    LONG_LIFE = 60.0
-
-    def __init__(
-        self,
-        name: str,
-        argv: list[str],
-        log_path: Path,
-        reactor,
-        env: dict | None = None,
-        backoff: tuple[float, float] = (0.5, 30.0),
-        liveness_timeout: float | None = None,
-        restart: bool = True,
-    ) -> None:
-        self.name = name
-        self._argv = argv
-        self._log_path = log_path
-        self._reactor = reactor
-        self._env = env
-        self._delay_for = backoffs.policy(*backoff)
-        #: Quick deaths in a row: the back-off attempt of the next restart.
-        self._quick_deaths = 0
-        self._liveness_timeout = liveness_timeout
-        self._restart = restart
-        self._restart_call = None
-        self.state = SlotState.IDLE
-        self.child: _Child | None = None
-        self.restarts = 0
-        #: Called with this slot when its child exits with `EXIT_KILLED`.
-        self.on_killed: list = []
-        #: Called with this slot and the child's last words when it exits
-        #: with `EXIT_REFUSED`.
-        self.on_refused: list = []
-        #: Times the child was killed for sending no liveness tick.
-        self.hung_kills = 0
-
-    @property
-    def stopping(self) -> bool:
-        """True once this slot will not start its child again."""
-        return self.state in _DOWN
-
-    def _move(self, event: str) -> SlotState:
-        try:
-            self.state = _SLOT_TRANSITIONS[(self.state, event)]
-        except KeyError:
-            raise InvalidSlotTransition(
-                "%s: %r in state %s" % (self.name, event, self.state.name)
-            ) from None
-        return self.state
-
-    def start(self) -> None:
-        """Start the child (once; the slot restarts it by itself)."""
-        self._move("start")
-        self._spawn()
-
-    def _spawn(self) -> None:
-        self.child = _Child(self.name, self._log_path, self._reactor, self._liveness_timeout)
-        env = dict(self._env if self._env is not None else os.environ)
-        env[lifeline.LAUNCHER_PID] = str(os.getpid())
-        env.pop(lifeline.LIVENESS_FD, None)
-        child_fds = {0: "w", 1: "r", 2: "r"}
-        if self._liveness_timeout is not None:
-            child_fds[_LIVENESS_FD] = "r"
-            env[lifeline.LIVENESS_FD] = str(_LIVENESS_FD)
-            env[lifeline.LIVENESS_PERIOD] = repr(min(1.0, self._liveness_timeout / 4))
-        self._reactor.spawnProcess(
-            self.child, self._argv[0], self._argv, env=env, childFDs=child_fds
-        )
-        started = self._reactor.seconds()
-        self.child.ended.addCallback(self._ended, self.child, started)
-
-    def _ended(self, reason, ended: _Child, started: float) -> None:
-        if ended.silenced:
-            self.hung_kills += 1
-        if self.state is SlotState.STOPPING:
-            self._move("ended")
-            return
-        status = exit_status(reason)
-        if status == exitcodes.EXIT_KILLED:
-            self._move("killed")
-            self._log.info(
-                "{name} (pid {pid}) stopped as a MultiEngine kill asked; it stays down",
-                name=self.name,
-                pid=ended.last_pid,
-            )
-            for callback in self.on_killed:
-                callback(self)
-            return
-        if status == exitcodes.EXIT_REFUSED:
-            self._move("refused")
-            words = ended.last_words()
-            self._log.error(
-                "{name} (pid {pid}) refused to start: {words}",
-                name=self.name,
-                pid=ended.last_pid,
-                words=words,
-            )
-            for callback in self.on_refused:
-                callback(self, words)
-            return
-        if not self._restart:
-            self._move("exited")
-            return
-        self._move("died")
-        lived = self._reactor.seconds() - started
-        # A child that lived a while gets a fresh back-off.
-        self._quick_deaths = 0 if lived > self.LONG_LIFE else self._quick_deaths + 1
-        delay = self._delay_for(self._quick_deaths)
-        self._log.warn(
-            "{name} (pid {pid}) ended ({reason}); starting it again in {delay:.1f} s",
-            name=self.name,
-            pid=ended.last_pid,
-            reason=reason,
-            delay=delay,
-        )
-        self._restart_call = self._reactor.callLater(delay, self._restart_now)
-
-    def _restart_now(self) -> None:
-        self._restart_call = None
-        self._move("restart")
-        self.restarts += 1
-        self._spawn()
-
-    @property
-    def pid(self) -> int | None:
-        return self.child.pid if self.child is not None else None
-
-    def signal(self, signum: int) -> None:
-        """Send `signum` to this child, if it is alive."""
-        if self.child is not None:
-            self.child.signal(signum)
-
-    async def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL (to its process group) after `grace`
-        seconds; waits for the process to exit, not for its pipes."""
-        if self._restart_call is not None and self._restart_call.active():
-            self._restart_call.cancel()
-        self._restart_call = None
-        child = self.child
-        if self._move("stop") is not SlotState.STOPPING or child is None or child.ended.called:
-            return
-        self.signal(signal.SIGTERM)
-        kill = self._reactor.callLater(grace, child.kill)
-        waiter: defer.Deferred = defer.Deferred()
-        child.ended.addBoth(lambda r: waiter.callback(None) or r)
-        await waiter
-        if kill.active():
-            kill.cancel()
-
-
-def twisted_argv(tapname: str, *options: str) -> list[str]:
-    """The command line that runs a twistd plugin in the foreground."""
-    return [sys.executable, "-m", "twisted", "--log-format", "text", tapname, *options]
+def check_reachable(launcher, furl: str) -> None:
+    """`ClusterError` when `launcher` is remote and every location of the
+    controller's `furl` is loopback: engines elsewhere could not reach it."""
+    if not getattr(launcher, "remote", False):
+        return
+    locations = furl_locations(furl)
+    if all(_is_loopback(where.rpartition(":")[0]) for where in locations):
+        raise _unreachable(launcher, ",".join(locations) or "unknown")
 
 
 class Cluster:
-    """A controller and `n` engines on this machine, in one profile.
+    """A controller on this machine and `n` engines from `launcher` (an
+    `IEngineLauncher`; default: a `LocalLauncher`), in one profile.
 
-    Engines are watched by liveness ticks: one silent for `engine_timeout`
-    seconds (the controller's heartbeat timeout) is SIGKILLed and started
-    again; None turns that off.  `finished` fires with the exit status the
-    launcher should end with, once the cluster cannot go on by itself: 0
-    after the controller stopped for a MultiEngine ``kill(controller=True)``,
-    1 after a restarted controller refused to start (its message logged).
+    With the default launcher, engines are watched by liveness ticks: one
+    silent for `engine_timeout` seconds (the controller's heartbeat
+    timeout) is SIGKILLed and started again; None turns that off.
+    `finished` fires with the exit status the launcher should end with,
+    once the cluster cannot go on by itself: 0 after the controller stopped
+    for a MultiEngine ``kill(controller=True)`` or for a SIGTERM from
+    outside (`stopped_by` says which), 1 after a restarted controller
+    refused to start (its message logged).
     """
 
     _log = Logger()
@@ -405,6 +122,7 @@ class Cluster:
         engine_options: list[str] | None = None,
         start_timeout: float = DEFAULT_START_TIMEOUT,
         engine_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
+        launcher=None,
     ) -> None:
         if n < 0:
             raise ValueError("the number of engines must be >= 0")
@@ -414,20 +132,35 @@ class Cluster:
         self._controller_options = controller_options or []
         self._engine_options = engine_options or []
         self._start_timeout = start_timeout
-        self._engine_timeout = engine_timeout
+        #: Starts, watches and stops the engines (`IEngineLauncher`).
+        self.launcher = (
+            launcher
+            if launcher is not None
+            else LocalLauncher(reactor, profile, {}, engine_timeout=engine_timeout)
+        )
         self.controller: ProcessSlot | None = None
-        self.engines: list[ProcessSlot] = []
         self.finished: defer.Deferred = defer.Deferred()
         #: The controller's last words if it refused to start.
         self.refused: str | None = None
+        #: Why the controller stopped for good, once it did (for the user).
+        self.stopped_by: str | None = None
+        #: Called (no arguments) once the controller holds the profile and
+        #: answers, before the engines start.
+        self.on_controller_up: list = []
+
+    @property
+    def engines(self) -> list[ProcessSlot]:
+        """The engine slots of a local launcher (empty for others)."""
+        return list(getattr(self.launcher, "slots", []))
 
     async def start(self) -> None:
         """Start everything; fires once all engines have registered."""
         self.profile.ensure()
-        holder = profile_holder(self.profile)
+        holder = read_holder(self.profile)
         if holder is not None:
             # Say so at once: its furl files would lead us to the other one.
             raise ClusterError(str(in_use_error(self.profile, holder)))
+        check_options_reach(self.launcher, self._controller_options)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.controller = ProcessSlot(
             "controller",
@@ -441,46 +174,27 @@ class Cluster:
             self._reactor,
             env,
         )
-        # kill(controller=True): the whole cluster goes with it.
+        # kill(controller=True), or a person's SIGTERM: the cluster goes with it.
         self.controller.on_killed.append(lambda _: self._controller_exited())
+        self.controller.on_terminated.append(self._controller_terminated)
         self.controller.on_refused.append(self._controller_refused)
         self.controller.start()
         client = await self._wait_for_controller()
         try:
-            for _ in range(self.n):
-                self.add_engine(env)
+            for callback in self.on_controller_up:
+                callback()
+            furl_file = self.profile.furl_file(ENGINE)
+            check_reachable(self.launcher, furl_file.read_text().strip())
+            await self.launcher.start(self.n, furl_file, list(self._engine_options))
             await self._wait_for_engines(client, self.n)
         finally:
             await client.disconnect()
 
-    def add_engine(self, env: dict | None = None) -> ProcessSlot:
-        """Start one more engine (kept running like the others)."""
-        index = len(self.engines)
-        slot = ProcessSlot(
-            "engine %d" % index,
-            twisted_argv(
-                "taskengine",
-                "--furl-file",
-                str(self.profile.furl_file(ENGINE)),
-                *self._engine_options,
-            ),
-            self.profile.log_dir / ("engine-%d.out" % index),
-            self._reactor,
-            env or dict(os.environ, PYTHONUNBUFFERED="1"),
-            liveness_timeout=self._engine_timeout,
-        )
-        slot.start()
-        self.engines.append(slot)
-        return slot
-
     def _ours(self) -> bool:
         # The lock file names the controller holding the profile: until it
         # names ours, the furl files may still be another controller's.
-        try:
-            holder = self.profile.lock_file.read_text().strip()
-        except OSError:
-            return False
-        return holder == str(self.controller.pid)
+        holder = read_holder(self.profile)
+        return holder is not None and holder.pid == self.controller.pid
 
     async def _wait_for_controller(self):
         from taskfarm.asyncclient import TaskClient
@@ -489,6 +203,7 @@ class Cluster:
         furl_file = self.profile.furl_file(TASK)
         last_error: Exception | None = None
         while self._reactor.seconds() < deadline:
+            self._check_not_finished()
             if self.controller.child.ended.called:
                 if self.refused is not None:
                     raise ClusterError("the controller refused to start: %s" % self.refused)
@@ -511,19 +226,50 @@ class Cluster:
             % (self._start_timeout, last_error, self.profile.log_dir / "controller.out")
         )
 
+    def _check_not_finished(self) -> None:
+        # The controller stopped for good while we wait: say why.
+        if self.finished.called:
+            if self.refused is not None:
+                raise ClusterError("the controller refused to start: %s" % self.refused)
+            raise ClusterError(self.stopped_by or "the controller stopped")
+
     async def _wait_for_engines(self, client, n: int) -> None:
         deadline = self._reactor.seconds() + self._start_timeout
+        registered, last_error = 0, None
         while self._reactor.seconds() < deadline:
-            if len(await client.engine_ids()) >= n:
-                return
+            self._check_not_finished()
+            try:
+                registered = len(await client.engine_ids())
+            except TaskfarmError as e:
+                # Restarting after a crash, or stopped: the loop tells.
+                last_error = e
+            else:
+                if registered >= n:
+                    return
             await task.deferLater(self._reactor, 0.1, lambda: None)
         raise ClusterError(
-            "only %d of %d engines registered within %g s; see the logs in %s"
-            % (len(await client.engine_ids()), n, self._start_timeout, self.profile.log_dir)
+            "only %d of %d engines registered within %g s%s; see the logs in %s"
+            % (
+                registered,
+                n,
+                self._start_timeout,
+                " (%s)" % last_error if last_error is not None else "",
+                self.profile.log_dir,
+            )
         )
 
     def _controller_exited(self) -> None:
+        self.stopped_by = "the controller stopped as a MultiEngine kill asked"
         self._log.info("the controller stopped as a MultiEngine kill asked; stopping the cluster")
+        if not self.finished.called:
+            self.finished.callback(0)
+
+    def _controller_terminated(self, slot: ProcessSlot) -> None:
+        self.stopped_by = (
+            "the controller (pid %s) was stopped by a SIGTERM from outside (kill); "
+            "it is not restarted" % slot.child.last_pid
+        )
+        self._log.info("{why}; stopping the cluster", why=self.stopped_by)
         if not self.finished.called:
             self.finished.callback(0)
 
@@ -536,12 +282,10 @@ class Cluster:
     @property
     def engine_restarts(self) -> int:
         """How many times engines were started again after dying."""
-        return sum(slot.restarts for slot in self.engines)
+        return getattr(self.launcher, "restarts", 0)
 
     async def stop(self) -> None:
         """Stop the engines, then the controller; leaves no process behind."""
-        await defer.gatherResults(
-            [defer.Deferred.fromCoroutine(slot.stop()) for slot in self.engines]
-        )
+        await self.launcher.stop()
         if self.controller is not None:
             await self.controller.stop()

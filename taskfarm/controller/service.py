@@ -82,6 +82,8 @@ class ControllerService(OrderedServices):
 
     def startService(self) -> None:
         super().startService()
+        if self.lock is not None:
+            self.lock.record_location(str(self.server.location))
         self._log.info(
             "controller serving at {location}; furl files in {folder}",
             location=self.server.location,

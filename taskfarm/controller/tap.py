@@ -91,6 +91,28 @@ class Options(usage.Options):
             raise usage.UsageError("--max-message-size must be at least 1024 bytes")
 
 
+def _stay_down_on_sigterm(reactor) -> None:
+    """After the reactor's own handlers: SIGTERM stops the controller as
+    usual, but it exits with `EXIT_TERMINATED`, so that its launcher leaves
+    it down (a crash or SIGKILL still gets it restarted)."""
+    import signal
+
+    from twisted.logger import Logger
+
+    from taskfarm.exitcodes import EXIT_TERMINATED, stop_reactor_and_exit
+
+    asked = []
+
+    def terminated(signum, frame) -> None:
+        if asked:
+            return  # already stopping
+        asked.append(signum)
+        Logger().info("SIGTERM: stopping; the launcher will not restart this controller")
+        reactor.callFromThread(stop_reactor_and_exit, reactor, EXIT_TERMINATED)
+
+    signal.signal(signal.SIGTERM, terminated)
+
+
 def makeService(options: Options):
     """The controller service for parsed `options`, logging to the profile."""
     from twisted.internet import reactor
@@ -103,7 +125,10 @@ def makeService(options: Options):
     from taskfarm.exitcodes import refuse_to_start
     from taskfarm.profile import Profile
 
-    follow_launcher(reactor)
+    if follow_launcher(reactor):
+        # Its launcher marks its own stops first; a SIGTERM it gets
+        # otherwise is a person's (or the system's) and must stick.
+        reactor.callWhenRunning(_stay_down_on_sigterm, reactor)
     profile = Profile.from_option(options["profile-dir"])
     profile.ensure()
     logfile = LogFile("controller.log", str(profile.log_dir), rotateLength=10_000_000)

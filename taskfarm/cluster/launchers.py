@@ -1,0 +1,147 @@
+"""The launcher table: every engine launcher by name, and its options.
+
+A launcher is a class implementing `taskfarm.interfaces.IEngineLauncher`,
+registered by one line in `LAUNCHERS`.  The class declares::
+
+    name = "ssh"              # the name in LAUNCHERS and in --launcher NAME
+    remote = True             # engines on other machines (see check_reachable)
+    optParameters = [         # its own options, twisted.python.usage style:
+        ["hosts", None, None, "HOST[:N],... to start engines on."],
+    ]                         # [long name, short name or None, default, help(, coerce)]
+    optFlags = [["ssh-verbose", None, "..."]]   # [long name, short or None, help]
+
+    def __init__(self, reactor, profile, options, engine_timeout=None): ...
+
+`options` is a dict holding exactly its own options' values, keyed by long
+name as `usage.Options` keeps them (``options["hosts"]``; a flag is 0 or
+1).  The constructor does no I/O and raises `usage.UsageError` for a bad
+value.  `engine_timeout` is the controller's heartbeat timeout (None: no
+heartbeat), for a launcher that watches its engines' liveness.
+
+Two optional class methods:
+
+- ``check_options(options)`` checks the values at parse time, before
+  anything starts (raise `usage.UsageError`);
+- ``clean_up(reactor, profile, described, options)`` is what `taskfarm
+  stop` calls when the launcher's process is gone: `described` is the last
+  ``describe()`` it saved; a Deferred.  Without it, `taskfarm stop` kills
+  the described processes of this machine by pid.
+
+``taskfarm cluster`` and ``taskfarm engines`` take every launcher's options
+(`option_table`); an option of a launcher other than the chosen one is a
+usage error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from twisted.python import usage
+
+from taskfarm.cluster.local import LocalLauncher
+from taskfarm.interfaces import IEngineLauncher
+from taskfarm.profile import Profile
+
+#: Every launcher, by the name that --launcher takes.
+LAUNCHERS: dict[str, type] = {
+    "local": LocalLauncher,
+}
+
+#: The launcher used when none is named.
+DEFAULT_LAUNCHER = "local"
+
+
+def launcher_class(name: str, table: Mapping[str, type] | None = None) -> type:
+    """The launcher class called `name`; `usage.UsageError` listing the
+    known ones when there is none."""
+    table = LAUNCHERS if table is None else table
+    try:
+        return table[name]
+    except KeyError:
+        raise usage.UsageError(
+            "unknown launcher %r: --launcher takes one of %s" % (name, ", ".join(sorted(table)))
+        ) from None
+
+
+def option_table(table: Mapping[str, type] | None = None) -> tuple[list, list]:
+    """(optParameters, optFlags): every launcher's options, each once, for a
+    `usage.Options` that takes them all.  Two launchers may share an option
+    only if they declare it alike (else `ValueError`: a bug of the table)."""
+    table = LAUNCHERS if table is None else table
+    seen: dict[str, tuple] = {}
+    parameters: list = []
+    flags: list = []
+    for name in sorted(table):
+        cls = table[name]
+        for kind, rows, declared in (
+            ("parameter", parameters, getattr(cls, "optParameters", [])),
+            ("flag", flags, getattr(cls, "optFlags", [])),
+        ):
+            for row in declared:
+                key = row[0]
+                if key in seen:
+                    if seen[key][1:] != (kind, list(row)):
+                        raise ValueError(
+                            "launchers %s and %s declare --%s differently" % (seen[key][0], name, key)
+                        )
+                    continue
+                seen[key] = (name, kind, list(row))
+                rows.append(list(row))
+    return parameters, flags
+
+
+def _own_names(cls) -> list[tuple[str, object]]:
+    """(long name, default) of each option of launcher class `cls`."""
+    names = [(row[0], row[2]) for row in getattr(cls, "optParameters", [])]
+    names += [(row[0], 0) for row in getattr(cls, "optFlags", [])]
+    return names
+
+
+def launcher_options(
+    name: str, values: Mapping, table: Mapping[str, type] | None = None
+) -> dict:
+    """The values of launcher `name`'s own options, taken from `values` (a
+    parsed `usage.Options` holding every launcher's options); a usage error
+    when an option of another launcher was given."""
+    table = LAUNCHERS if table is None else table
+    cls = launcher_class(name, table)
+    own = dict(_own_names(cls))
+    for other in sorted(table):
+        if other == name:
+            continue
+        for key, default in _own_names(table[other]):
+            if key not in own and key in values and values[key] != default:
+                raise usage.UsageError(
+                    "--%s is an option of the %s launcher, not of --launcher %s"
+                    % (key, other, name)
+                )
+    return {key: values.get(key, default) for key, default in own.items()}
+
+
+def check_launcher_options(name: str, values: Mapping, table: Mapping[str, type] | None = None) -> dict:
+    """`launcher_options`, then the class's own ``check_options`` if any."""
+    options = launcher_options(name, values, table)
+    cls = launcher_class(name, table)
+    check = getattr(cls, "check_options", None)
+    if check is not None:
+        check(options)
+    return options
+
+
+def make_launcher(
+    name: str,
+    reactor,
+    profile: Profile,
+    values: Mapping | None = None,
+    engine_timeout: float | None = None,
+    table: Mapping[str, type] | None = None,
+):
+    """The launcher `name`, built with its own options out of `values`
+    (`usage.UsageError` for an unknown name or a bad option)."""
+    options = check_launcher_options(name, values or {}, table)
+    launcher = launcher_class(name, table)(
+        reactor, profile, options, engine_timeout=engine_timeout
+    )
+    if not IEngineLauncher.providedBy(launcher):
+        raise TypeError("launcher %r does not provide IEngineLauncher" % (name,))
+    return launcher
