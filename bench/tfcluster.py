@@ -9,7 +9,7 @@ in profile D, then prints ONE JSON line on stdout::
     {"ready": true, "controller_pid": P, "engine_pids": [...], "launcher_pid": L}
 
 (or {"ready": false, "error": "..."} and exit 1).  A line ``add K`` on its
-stdin starts K more engines (`Cluster.add_engine`) and answers
+stdin starts K more engines (`Cluster.add_engines`) and answers
 ``{"added": [pids]}``.  It runs until its stdin closes or it gets
 SIGTERM/SIGINT, and then stops every child with
 `Cluster.stop()` (SIGTERM, SIGKILL after a grace period).  The benchmark
@@ -70,8 +70,11 @@ def main() -> int:
         def lineReceived(self, line: bytes) -> None:
             words = line.decode(errors="replace").split()
             if len(words) == 2 and words[0] == "add" and words[1].isdigit():
-                slots = [cluster.add_engine() for _ in range(int(words[1]))]
-                say({"added": [slot.pid for slot in slots]})
+                count = int(words[1])
+                d = cluster.add_engines(count)
+                d.addCallback(lambda _: say(
+                    {"added": [slot.pid for slot in cluster.engines[-count:]]}))
+                d.addErrback(lambda f: say({"error": str(f.value)}))
             else:
                 say({"error": "unknown command %r" % line})
 

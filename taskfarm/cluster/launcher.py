@@ -279,6 +279,12 @@ class Cluster:
         if self.controller is not None and not self.finished.called:
             self.finished.callback(1)
 
+    def add_engines(self, count: int) -> defer.Deferred:
+        """Start `count` more engines with this cluster's launcher, once it
+        runs; fires when they were started (they register later)."""
+        furl_file = self.profile.furl_file(ENGINE)
+        return self.launcher.start(count, furl_file, list(self._engine_options))
+
     @property
     def engine_restarts(self) -> int:
         """How many times engines were started again after dying."""

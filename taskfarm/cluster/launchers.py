@@ -39,12 +39,14 @@ from collections.abc import Mapping
 from twisted.python import usage
 
 from taskfarm.cluster.local import LocalLauncher
+from taskfarm.cluster.ssh import SSHLauncher
 from taskfarm.interfaces import IEngineLauncher
 from taskfarm.profile import Profile
 
 #: Every launcher, by the name that --launcher takes.
 LAUNCHERS: dict[str, type] = {
     "local": LocalLauncher,
+    "ssh": SSHLauncher,
 }
 
 #: The launcher used when none is named.
