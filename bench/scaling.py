@@ -7,7 +7,8 @@ One controller (bench/tfcluster.py, journal on, as a user runs it) and
 engines added in steps up to each size, on this machine.  At each size:
 
 * registration: seconds from asking the launcher for the step's engines
-  until the controller lists them all, and per engine;
+  until the controller lists them all, per engine, and the controller's CPU
+  per engine registered;
 * idle heartbeat: the controller's CPU over `--idle` seconds with every
   engine idle, less its CPU over as long with no engine, per heartbeat per
   engine (the heartbeat period is 1 s);
@@ -74,6 +75,7 @@ def wait_for_engines(tc, count: int, timeout: float) -> float:
 
 def measure(size: int, step: int, args, emit, cl, tc) -> dict:
     row = {"engines": size}
+    cpu0 = cpu_ns(cl.controller_pid)
     t0 = time.perf_counter()
     # In chunks: a 2-core machine starting 64 Pythons at once spends
     # minutes importing, and the numbers would say more about that.
@@ -84,8 +86,10 @@ def measure(size: int, step: int, args, emit, cl, tc) -> dict:
         have += chunk
         wait_for_engines(tc, have, args.timeout)
     row["register_s"] = time.perf_counter() - t0
+    row["register_cpu_ms"] = (cpu_ns(cl.controller_pid) - cpu0) / 1e6 / step
     emit("register_s", row["register_s"], "s", engines=size, added=step,
-         per_engine_ms=round(row["register_s"] / step * 1000, 1))
+         per_engine_ms=round(row["register_s"] / step * 1000, 1),
+         controller_cpu_ms_per_engine=round(row["register_cpu_ms"], 2))
 
     time.sleep(2.0)  # let the registrations' own work settle
     idle_cpu = idle_seconds(cl.controller_pid, args.idle) - args.idle_base
@@ -161,16 +165,18 @@ def main() -> int:
         leftovers = cl.stop(keep_logs=len(rows) < len(sizes))
         benchlib.append_results(args.results, lines)
     base = rows[0]["task_cpu_us"] if rows else 1.0
-    print("\n| engines | registration (s) | per engine (ms) | controller CPU per heartbeat "
+    print("\n| engines | registration (s) | per engine (ms) | controller CPU per registration "
+          "(ms) | controller CPU per heartbeat "
           "per engine (µs) | controller RSS (MiB) | engine RSS (MiB) | bulk no-op (tasks/s) "
           "| controller CPU per task (µs) | vs smallest |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     have = 0
     for row in rows:
         step = row["engines"] - have
         have = row["engines"]
-        print("| %d | %.1f | %.0f | %.0f | %.0f | %.0f | %.0f | %.1f | %.2fx |" % (
+        print("| %d | %.1f | %.0f | %.1f | %.0f | %.0f | %.0f | %.0f | %.1f | %.2fx |" % (
             row["engines"], row["register_s"], row["register_s"] / step * 1000,
+            row["register_cpu_ms"],
             row["heartbeat_us"], row["controller_rss_mib"], row["engine_rss_mib"],
             row["tasks_s"], row["task_cpu_us"], row["task_cpu_us"] / base))
     if leftovers:
