@@ -29,6 +29,7 @@ PROCESS_MODULES = {
     "test_chaos",
     "test_cluster",
     "test_launcher",
+    "test_mpi",
     "test_multiengine",
     "test_quickstart",
 }

@@ -205,6 +205,9 @@ class _JobProcess(ChildProcess):
         self._log_file = open(log_path, "ab")
         self._tail = bytearray()
         self.last_pid: int | None = None
+        self._close_call = None
+        #: Fires once its pipes are closed too (at most 1 s after `ended`).
+        self.closed: defer.Deferred = defer.Deferred()
 
     def connectionMade(self) -> None:
         self.last_pid = self.transport.pid
@@ -235,18 +238,24 @@ class _JobProcess(ChildProcess):
 
     def processExited(self, reason) -> None:
         self.signal_group(signal.SIGKILL)  # its proxies, while the group is still its
-        self._reactor.callLater(1.0, self._close_pipes)
+        self._close_call = self._reactor.callLater(1.0, self._close_pipes)
         self._end(reason.value)
 
     def _close_pipes(self) -> None:
+        self._close_call = None
         transport = self.transport
         if transport is not None:
             for fd in list(getattr(transport, "pipes", {})):
                 transport.closeChildFD(fd)
 
     def processEnded(self, reason) -> None:
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()
+        self._close_call = None
         self._log_file.close()
         super().processEnded(reason)
+        if not self.closed.called:
+            self.closed.callback(None)
 
 
 # -- the launcher ---------------------------------------------------------------------------
@@ -373,8 +382,8 @@ class MPIExecLauncher:
         self._poll: task.LoopingCall | None = None
         #: The ranks of this machine seen in the running job: pid -> (rank, start time).
         self.ranks: dict[int, tuple[int | None, str]] = {}
-        #: Every process of the job seen (pid -> start time), for `stop`.
-        self._seen: dict[int, str] = {}
+        #: Every process of the running job seen (pid -> start time), for `stop`.
+        self.processes: dict[int, str] = {}
 
     @classmethod
     def check_options(cls, options: dict) -> None:
@@ -456,7 +465,7 @@ class MPIExecLauncher:
             env.pop(name, None)
         env[MPI_LAUNCHER_PID] = str(os.getpid())
         self.ranks = {}
-        self._seen = {}
+        self.processes = {}
         self.last_reason = None
         self.job = _JobProcess(self.log_path, self._reactor)
         self._reactor.spawnProcess(
@@ -481,10 +490,14 @@ class MPIExecLauncher:
         pids = descendants(job.last_pid, table)
         engines = {pid for pid in pids if _is_engine(pid)}
         for pid in pids:
-            self._seen.setdefault(pid, table[pid][2])
-            # A rank is an engine whose parent is none (not one its tasks forked).
+            self.processes.setdefault(pid, table[pid][2])
+            # A rank runs the engine with a rank in its environment (a fork
+            # of mpiexec not yet exec'ed has its command line, not a rank),
+            # and its parent is no engine (not a process its tasks forked).
             if pid in engines and pid not in self.ranks and table[pid][0] not in engines:
-                self.ranks[pid] = (rank_from_environment(_environ(pid)), table[pid][2])
+                rank = rank_from_environment(_environ(pid))
+                if rank is not None:
+                    self.ranks[pid] = (rank, table[pid][2])
         for pid, (rank, started) in list(self.ranks.items()):
             if pid not in table or table[pid][2] != started or table[pid][1] == "Z":
                 del self.ranks[pid]
@@ -568,7 +581,7 @@ class MPIExecLauncher:
         if self._move("stop") is not JobState.STOPPING:
             return
         self._look()  # the latest processes of the job, before it goes
-        seen = dict(self._seen)
+        seen = dict(self.processes)
         if not job.ended.called:
             job.signal(signal.SIGTERM)  # mpiexec passes it on to the ranks
             kill = self._reactor.callLater(grace, self._kill, job, seen)
@@ -590,6 +603,10 @@ class MPIExecLauncher:
                 break
             self._kill_pids(left)
             await task.deferLater(self._reactor, 0.05, lambda: None)
+        if not job.closed.called:
+            waiter = defer.Deferred()
+            job.closed.addBoth(lambda r: waiter.callback(None) or r)
+            await waiter  # within 1 s: its pipes are closed then
         self._move("ended")
 
     def _kill(self, job: _JobProcess, seen: dict[int, str]) -> None:
