@@ -8,7 +8,8 @@ started directly, as ``taskfarm cluster --launcher mpiexec -n 4`` does:
 - `stop()` leaves no process of the job (mpiexec, its proxy, the ranks),
   checked by pid, and `watch` heard of each rank's end;
 - a rank whose id another engine holds gets another one;
-- a job killed from outside is started again as a whole, with the same ids.
+- a job killed from outside is started again as a whole, with the same ids;
+- a MultiEngine kill of one rank ends the whole job, which stays down.
 
 mpiexec comes from Debian's ``mpich`` package, mpi4py and its MPI library
 (libmpi.so.12) from the ``mpi4py`` and ``mpich`` wheels of the test extra.
@@ -156,3 +157,19 @@ class MPIExecTests(ClusterTestCase):
         )
         self.assertEqual(self.ranks(), {0: 0, 1: 1, 2: 2, 3: 3})
         self.assertIs(launcher.state, JobState.RUNNING)
+
+    @run
+    async def test_a_multiengine_kill_of_one_rank_leaves_the_job_down(self):
+        """kill(targets=[1]) ends the MPI world (MPI aborts it when a rank
+        leaves); the launcher does not start it again, and no process of
+        the job is left."""
+        launcher = await self.start_mpi()
+        processes = {launcher.job.last_pid: proc_stat(launcher.job.last_pid)[19],
+                     **launcher.processes}
+        client = self.cluster.multiengine_client()
+        await client.kill(targets=[1])
+        await wait_until(lambda: launcher.state is JobState.EXITED, "the job to end", timeout=15)
+        await self.cluster.wait_for_engines(0, timeout=15)
+        self.assertEqual(launcher.restarts, 0)
+        await launcher.stop()
+        self.assertEqual([pid for pid, since in processes.items() if is_alive(pid, since)], [])

@@ -21,6 +21,7 @@ from taskfarm.cluster.mpi import (
     JOB_TRANSITIONS,
     JobState,
     MPIExecLauncher,
+    _JobProcess,
     after_job_end,
     descendants,
     mpiexec_argv,
@@ -123,6 +124,27 @@ class RestartPolicyTests(unittest.SynchronousTestCase):
         self.assertEqual(after_job_end(1, 1, 0), "gave up")
         self.assertEqual(after_job_end(exitcodes.EXIT_KILLED, 1, 3), "exited")
         self.assertEqual(after_job_end(exitcodes.EXIT_REFUSED, 1, 3), "exited")
+        # A rank stopped by a MultiEngine kill: whatever mpiexec's status.
+        self.assertEqual(after_job_end(9, 1, 3, rank_killed=True), "exited")
+
+    def test_a_rank_killed_is_read_from_the_output(self):
+        """The job's output is logged and its last words kept; the line a
+        rank writes as it ends for a MultiEngine kill is noticed, also when
+        it arrives in two pieces, and another status's line is not."""
+        log = temp_dir(self) / "mpiexec.out"
+        job = _JobProcess(log, task.Clock())
+        line = (exitcodes.EXIT_LINE % exitcodes.EXIT_KILLED).encode()
+        job.childDataReceived(1, b"[stderr#error] " + line[:10])
+        self.assertFalse(job.rank_killed)
+        job.childDataReceived(2, line[10:] + b"\nbye\n")
+        self.assertTrue(job.rank_killed)
+        self.assertEqual(job.last_words(), "bye")
+        other = _JobProcess(log, task.Clock())
+        other.childDataReceived(1, (exitcodes.EXIT_LINE % exitcodes.EXIT_STUCK).encode())
+        self.assertFalse(other.rank_killed)
+        for process in (job, other):
+            process._log_file.close()
+        self.assertIn(line, log.read_bytes())
 
     def test_state_table(self):
         """Every state takes `stop`; only a running job dies or exits, and

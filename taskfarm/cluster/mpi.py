@@ -32,8 +32,12 @@ cannot grow a rank back).  When the whole job ends without `stop()`, it is
 started again after a back-off (`taskfarm.backoff`, doubling from
 ``RESTART_BACKOFF[0]`` to ``RESTART_BACKOFF[1]`` seconds), at most
 ``--mpi-restarts`` times in a row (default 3; a job that lived
-``LONG_LIFE`` seconds starts the count afresh).  A job whose mpiexec exits
-with `EXIT_KILLED` (MultiEngine kill) or `EXIT_REFUSED` stays down.
+``LONG_LIFE`` seconds starts the count afresh).  A job stays down when
+mpiexec exits with `EXIT_KILLED` or `EXIT_REFUSED`, or when any of its
+ranks said it stopped for a MultiEngine kill (`exitcodes.EXIT_LINE` in the
+job's output: mpiexec's own exit status need not be the rank's).  A
+MultiEngine kill of one rank so ends the whole job, as MPI aborts the
+world when one rank leaves it.
 """
 
 from __future__ import annotations
@@ -79,6 +83,10 @@ DEFAULT_RESTARTS = 3
 
 #: The last bytes of mpiexec's output kept in memory, to quote its last words.
 _TAIL_BYTES = 4096
+
+#: What a rank stopped by a MultiEngine kill says as it goes (its exit status
+#: does not reach us: mpiexec exits with its own).
+_KILLED_LINE = (exitcodes.EXIT_LINE % exitcodes.EXIT_KILLED).encode()
 
 
 class MPIExecError(TaskfarmError):
@@ -206,6 +214,8 @@ class _JobProcess(ChildProcess):
         self._tail = bytearray()
         self.last_pid: int | None = None
         self._close_call = None
+        #: Set once a rank said it ends for a MultiEngine kill.
+        self.rank_killed = False
         #: Fires once its pipes are closed too (at most 1 s after `ended`).
         self.closed: defer.Deferred = defer.Deferred()
 
@@ -219,6 +229,8 @@ class _JobProcess(ChildProcess):
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         self._tail += data
+        if _KILLED_LINE in self._tail[-(len(data) + len(_KILLED_LINE)) :]:
+            self.rank_killed = True
         del self._tail[:-_TAIL_BYTES]
         if not self._log_file.closed:
             self._log_file.write(data)
@@ -300,11 +312,14 @@ JOB_TRANSITIONS = {
 }
 
 
-def after_job_end(status: int | None, quick_deaths: int, restarts: int) -> str:
+def after_job_end(
+    status: int | None, quick_deaths: int, restarts: int, rank_killed: bool = False
+) -> str:
     """What a job that ended by itself leads to: ``"exited"`` (stays down:
-    a MultiEngine kill, or a refusal), ``"gave up"`` (after `restarts`
-    quick deaths in a row) or ``"died"`` (start it again)."""
-    if status in (exitcodes.EXIT_KILLED, exitcodes.EXIT_REFUSED):
+    a MultiEngine kill of any of its ranks, or a refusal), ``"gave up"``
+    (after `restarts` quick deaths in a row) or ``"died"`` (start it
+    again)."""
+    if rank_killed or status in (exitcodes.EXIT_KILLED, exitcodes.EXIT_REFUSED):
         return "exited"
     if quick_deaths > restarts:
         return "gave up"
@@ -524,12 +539,15 @@ class MPIExecLauncher:
         self._quick_deaths = 0 if lived > LONG_LIFE else self._quick_deaths
         self._quick_deaths += 1
         status = exit_status(reason)
-        event = after_job_end(status, self._quick_deaths, self.restarts_allowed)
+        event = after_job_end(
+            status, self._quick_deaths, self.restarts_allowed, job.rank_killed
+        )
         self._move(event)
         if event == "exited":
             self._log.info(
-                "mpiexec job (pid {pid}) exited with status {status}; it stays down",
-                pid=job.last_pid, status=status,
+                "mpiexec job (pid {pid}) exited with status {status} (a rank stopped for "
+                "a MultiEngine kill: {killed}); it stays down",
+                pid=job.last_pid, status=status, killed=job.rank_killed,
             )
         elif event == "gave up":
             self._log.error(
