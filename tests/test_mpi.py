@@ -9,7 +9,8 @@ started directly, as ``taskfarm cluster --launcher mpiexec -n 4`` does:
   checked by pid, and `watch` heard of each rank's end;
 - a rank whose id another engine holds gets another one;
 - a job killed from outside is started again as a whole, with the same ids;
-- a MultiEngine kill of one rank ends the whole job, which stays down.
+- a MultiEngine kill of one rank ends the whole job, which stays down;
+- a launcher killed with kill -9 takes its job with it.
 
 mpiexec comes from Debian's ``mpich`` package, mpi4py and its MPI library
 (libmpi.so.12) from the ``mpi4py`` and ``mpich`` wheels of the test extra.
@@ -25,13 +26,30 @@ import sys
 
 from twisted.internet import reactor
 
-from taskfarm.cluster.mpi import JobState, MPIExecLauncher
+from taskfarm.cluster.mpi import JobState, MPIExecLauncher, descendants, process_table
 from taskfarm.profile import ENGINE
 from taskfarm.testing.cluster import ClusterTestCase
 from taskfarm.testing.helpers import async_test as run
 from taskfarm.testing.helpers import is_alive, proc_stat, wait_until
 
 RANKS = 4
+
+#: A launcher in a process of its own: starts the job, prints mpiexec's pid.
+LAUNCHER = """\
+import sys
+from pathlib import Path
+from twisted.internet import reactor
+from taskfarm.cluster.mpi import MPIExecLauncher
+from taskfarm.profile import ENGINE, Profile
+profile = Profile(Path(sys.argv[1]))
+launcher = MPIExecLauncher(reactor, profile, {})
+def go():
+    d = launcher.start(%d, profile.furl_file(ENGINE), [])
+    d.addCallback(lambda _: print("job", launcher.job.last_pid, flush=True))
+    d.addErrback(lambda f: (print(f, flush=True), reactor.stop()))
+reactor.callWhenRunning(go)
+reactor.run()
+"""
 
 
 def require_mpi() -> None:
@@ -173,3 +191,37 @@ class MPIExecTests(ClusterTestCase):
         self.assertEqual(launcher.restarts, 0)
         await launcher.stop()
         self.assertEqual([pid for pid, since in processes.items() if is_alive(pid, since)], [])
+
+    @run
+    async def test_a_launcher_killed_takes_its_job_with_it(self):
+        """kill -9 of the launcher's process: the ranks notice within about
+        a second (TASKFARM_MPI_LAUNCHER_PID) and exit, and so does mpiexec;
+        no process of the job is left."""
+        require_mpi()
+        await self.start_cluster(0)
+        process = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER % RANKS, str(self.cluster.profile.root)],
+            stdout=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+        )
+
+        def end_launcher():
+            process.kill()
+            process.wait()
+            process.stdout.close()
+
+        self.addCleanup(end_launcher)
+        await self.cluster.wait_for_engines(RANKS, timeout=30)
+        job = int(process.stdout.readline().split()[1])
+        table = process_table()
+        processes = {pid: table[pid][2] for pid in [job, *descendants(job, table)]}
+        for i in range(RANKS):
+            self.assertIn(self.cluster.engine_pid(i), processes)
+        process.kill()
+        process.wait()
+        killed = reactor.seconds()
+        await wait_until(
+            lambda: not any(is_alive(pid, since) for pid, since in processes.items()),
+            "the job to end after its launcher", timeout=15,
+        )
+        print("MPI job gone %.2f s after its launcher" % (reactor.seconds() - killed))

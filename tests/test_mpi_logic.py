@@ -5,6 +5,7 @@ launcher lifeline).  The real mpiexec runs in tests/test_mpi.py."""
 
 from __future__ import annotations
 
+import io
 import sys
 import tempfile
 from pathlib import Path
@@ -325,6 +326,8 @@ class LifelineTests(unittest.SynchronousTestCase):
                 raise ProcessLookupError(pid)
 
         self.patch(engine_mpi.os, "kill", kill)
+        said = io.StringIO()
+        self.patch(engine_mpi.sys, "stderr", said)
         exits = []
         environ = {engine_mpi.MPI_LAUNCHER_PID: "4242"}
         loop = engine_mpi.follow_mpi_launcher(clock, environ, exit=exits.append)
@@ -335,4 +338,5 @@ class LifelineTests(unittest.SynchronousTestCase):
         alive[4242] = False
         clock.advance(engine_mpi.LAUNCHER_CHECK_PERIOD)
         self.assertEqual(exits, [1])
+        self.assertIn("launcher (pid 4242) is gone", said.getvalue())
         self.assertIsNone(engine_mpi.follow_mpi_launcher(clock, {}, exit=exits.append))
