@@ -10,7 +10,8 @@ started directly, as ``taskfarm cluster --launcher mpiexec -n 4`` does:
 - a rank whose id another engine holds gets another one;
 - a job killed from outside is started again as a whole, with the same ids;
 - a MultiEngine kill of one rank ends the whole job, which stays down;
-- a launcher killed with kill -9 takes its job with it.
+- a launcher killed with kill -9 takes its job with it;
+- mpiexec refusing its options fails the start, and nothing is retried.
 
 mpiexec comes from Debian's ``mpich`` package, mpi4py and its MPI library
 (libmpi.so.12) from the ``mpi4py`` and ``mpich`` wheels of the test extra.
@@ -26,6 +27,7 @@ import sys
 
 from twisted.internet import reactor
 
+from taskfarm.cluster.launcher import ClusterError
 from taskfarm.cluster.mpi import JobState, MPIExecLauncher, descendants, process_table
 from taskfarm.profile import ENGINE
 from taskfarm.testing.cluster import ClusterTestCase
@@ -39,6 +41,7 @@ LAUNCHER = """\
 import sys
 from pathlib import Path
 from twisted.internet import reactor
+from taskfarm.cluster.launcher import ClusterError
 from taskfarm.cluster.mpi import MPIExecLauncher
 from taskfarm.profile import ENGINE, Profile
 profile = Profile(Path(sys.argv[1]))
@@ -225,3 +228,21 @@ class MPIExecTests(ClusterTestCase):
             "the job to end after its launcher", timeout=15,
         )
         print("MPI job gone %.2f s after its launcher" % (reactor.seconds() - killed))
+
+    @run
+    async def test_mpiexec_exiting_at_start_fails_the_start(self):
+        """An option mpiexec refuses: start() fails with a ClusterError
+        quoting mpiexec and naming its log, and the job is not retried."""
+        require_mpi()
+        await self.start_cluster(0)
+        launcher = MPIExecLauncher(
+            reactor, self.cluster.profile, {"mpi-option": "-no-such-option"}
+        )
+        self.addCleanup(launcher.stop)
+        with self.assertRaises(ClusterError) as caught:
+            await launcher.start(RANKS, self.cluster.profile.furl_file(ENGINE), [])
+        self.assertIn("mpiexec exited at start", str(caught.exception))
+        self.assertIn("mpiexec.out", str(caught.exception))
+        self.assertIn("no-such-option", str(caught.exception))  # mpiexec's complaint
+        self.assertIs(launcher.state, JobState.EXITED)
+        self.assertEqual(launcher.restarts, 0)

@@ -211,6 +211,7 @@ class _JobProcess(ChildProcess):
         super().__init__()
         self._reactor = reactor
         self._log_file = open(log_path, "ab")
+        self._head = bytearray()
         self._tail = bytearray()
         self.last_pid: int | None = None
         self._close_call = None
@@ -228,6 +229,8 @@ class _JobProcess(ChildProcess):
         self.transport.closeStdin()  # mpiexec would pass it on to rank 0
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if len(self._head) < _TAIL_BYTES:
+            self._head += data[: _TAIL_BYTES - len(self._head)]
         self._tail += data
         if _KILLED_LINE in self._tail[-(len(data) + len(_KILLED_LINE)) :]:
             self.rank_killed = True
@@ -237,8 +240,14 @@ class _JobProcess(ChildProcess):
             self._log_file.flush()
 
     def last_words(self) -> str:
+        """The last non-empty line of its output."""
         lines = [x for x in self._tail.decode(errors="replace").splitlines() if x.strip()]
         return lines[-1].strip() if lines else ""
+
+    def first_words(self) -> str:
+        """The first non-empty line of its output (mpiexec's complaint)."""
+        lines = [x for x in self._head.decode(errors="replace").splitlines() if x.strip()]
+        return lines[0].strip() if lines else ""
 
     def signal_group(self, signum: int) -> None:
         if self.last_pid is None:
@@ -466,9 +475,12 @@ class MPIExecLauncher:
         finally:
             self._starting = False
         if job.ended.called and self.state is JobState.EXITED:
+            await _fired(job.closed)  # its output read (within 1 s)
+            first, last = job.first_words(), job.last_words()
+            words = " ... ".join(dict.fromkeys(x for x in (first, last) if x)) or "no output"
             raise _cluster_error(
                 "mpiexec exited at start (%s): %s; see %s"
-                % (self.last_reason, job.last_words() or "no output", self.log_path)
+                % (self.last_reason, words, self.log_path)
             )
 
     def _spawn(self) -> None:
@@ -490,11 +502,13 @@ class MPIExecLauncher:
             "mpiexec job (pid {pid}) started: {argv}", pid=self.job.last_pid,
             argv=" ".join(self.argv),
         )
-        started = self._reactor.seconds()
-        self.job.ended.addCallback(self._ended, self.job, started)
         self._poll = task.LoopingCall(self._look)
         self._poll.clock = self._reactor
         self._poll.start(POLL_PERIOD, now=False)
+        # Last: a job that already ended calls `_ended` at once, which
+        # stops the looking.
+        started = self._reactor.seconds()
+        self.job.ended.addCallback(self._ended, self.job, started)
 
     def _look(self) -> None:
         """Note the job's processes; report ranks gone since last time."""
@@ -532,6 +546,10 @@ class MPIExecLauncher:
         self.last_reason = reason
         if self.state is not JobState.RUNNING:
             return  # stopping: `stop` finishes
+        # Ranks are session leaders of their own: one whose proxy died
+        # before it could end it would live on as an engine.  The job is
+        # over, so whatever is left of it goes now, by pid.
+        self._kill_pids(self.processes)
         if self._starting:
             self._move("exited")  # `start` fails: a restart would fail alike
             return
@@ -603,9 +621,7 @@ class MPIExecLauncher:
         if not job.ended.called:
             job.signal(signal.SIGTERM)  # mpiexec passes it on to the ranks
             kill = self._reactor.callLater(grace, self._kill, job, seen)
-            waiter: defer.Deferred = defer.Deferred()
-            job.ended.addBoth(lambda r: waiter.callback(None) or r)
-            await waiter
+            await _fired(job.ended)
             if kill.active():
                 kill.cancel()
         # The ranks are session leaders of their own: end them by pid.
@@ -621,10 +637,7 @@ class MPIExecLauncher:
                 break
             self._kill_pids(left)
             await task.deferLater(self._reactor, 0.05, lambda: None)
-        if not job.closed.called:
-            waiter = defer.Deferred()
-            job.closed.addBoth(lambda r: waiter.callback(None) or r)
-            await waiter  # within 1 s: its pipes are closed then
+        await _fired(job.closed)  # within 1 s: its pipes are closed then
         self._move("ended")
 
     def _kill(self, job: _JobProcess, seen: dict[int, str]) -> None:
@@ -641,6 +654,14 @@ class MPIExecLauncher:
                     os.kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
+
+
+async def _fired(deferred: defer.Deferred) -> None:
+    """Wait until `deferred` has fired, leaving its result to others."""
+    if not deferred.called:
+        waiter: defer.Deferred = defer.Deferred()
+        deferred.addBoth(lambda r: waiter.callback(None) or r)
+        await waiter
 
 
 def _rank_label(rank: int | None, pid: int | None) -> str:
