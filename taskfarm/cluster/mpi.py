@@ -59,8 +59,12 @@ from zope.interface import implementer
 from taskfarm import backoff as backoffs
 from taskfarm import exitcodes, lifeline
 from taskfarm.childprocess import ChildProcess, exit_status
+
+# After issue 10's split ClusterError lives in taskfarm.cluster.slots (import
+# it from there: the launcher module imports the launcher table, so this
+# import would close a cycle).
+from taskfarm.cluster.launcher import ClusterError
 from taskfarm.engine.mpi import MPI_LAUNCHER_PID, rank_from_environment
-from taskfarm.errors import TaskfarmError
 from taskfarm.interfaces import IEngineLauncher
 
 #: What to say when there is no mpiexec.
@@ -87,20 +91,6 @@ _TAIL_BYTES = 4096
 #: What a rank stopped by a MultiEngine kill says as it goes (its exit status
 #: does not reach us: mpiexec exits with its own).
 _KILLED_LINE = (exitcodes.EXIT_LINE % exitcodes.EXIT_KILLED).encode()
-
-
-class MPIExecError(TaskfarmError):
-    """The MPI job could not be started (the `ClusterError` of this launcher)."""
-
-
-def _cluster_error(message: str) -> Exception:
-    # `ClusterError` lives with the Cluster; imported here, not at the top,
-    # since the cluster module may come to import the launcher table.
-    try:
-        from taskfarm.cluster.launcher import ClusterError
-    except ImportError:  # pragma: no cover - the cluster module moved
-        return MPIExecError(message)
-    return ClusterError(message)
 
 
 def engine_argv(furl_file, engine_options) -> list[str]:
@@ -405,7 +395,7 @@ class MPIExecLauncher:
         self._watchers: list = []
         self._poll: task.LoopingCall | None = None
         #: The ranks of this machine seen in the running job: pid -> (rank, start time).
-        self.ranks: dict[int, tuple[int | None, str]] = {}
+        self.ranks: dict[int, tuple[int, str]] = {}
         #: Every process of the running job seen (pid -> start time), for `stop`.
         self.processes: dict[int, str] = {}
 
@@ -445,15 +435,15 @@ class MPIExecLauncher:
 
     async def _start(self, count: int, furl_file, engine_options: list[str]) -> None:
         if self.state is not JobState.IDLE:
-            raise _cluster_error(
+            raise ClusterError(
                 "this mpiexec launcher already holds a job (%s); start another "
                 "launcher for more engines" % self.state.value
             )
         if not isinstance(count, int) or count < 1:
-            raise _cluster_error("the mpiexec launcher needs -n 1 or more, not %r" % (count,))
+            raise ClusterError("the mpiexec launcher needs -n 1 or more, not %r" % (count,))
         program = shutil.which(self.mpiexec)
         if program is None:
-            raise _cluster_error(
+            raise ClusterError(
                 "mpiexec not found (%r): %s, or name it with --mpiexec PATH"
                 % (self.mpiexec, INSTALL_HINT)
             )
@@ -478,7 +468,7 @@ class MPIExecLauncher:
             await _fired(job.closed)  # its output read (within 1 s)
             first, last = job.first_words(), job.last_words()
             words = " ... ".join(dict.fromkeys(x for x in (first, last) if x)) or "no output"
-            raise _cluster_error(
+            raise ClusterError(
                 "mpiexec exited at start (%s): %s; see %s"
                 % (self.last_reason, words, self.log_path)
             )
@@ -554,6 +544,16 @@ class MPIExecLauncher:
             self._move("exited")  # `start` fails: a restart would fail alike
             return
         lived = self._reactor.seconds() - started
+        defer.Deferred.fromCoroutine(self._after_end(reason, job, lived)).addErrback(
+            lambda f: self._log.failure("deciding about the mpiexec job's end", f)
+        )
+
+    async def _after_end(self, reason, job: _JobProcess, lived: float) -> None:
+        # A rank's last line (`EXIT_LINE`) may still be in the pipe: read
+        # all of the job's output first (within 1 s).
+        await _fired(job.closed)
+        if self.state is not JobState.RUNNING or self.job is not job:
+            return  # stopped meanwhile
         self._quick_deaths = 0 if lived > LONG_LIFE else self._quick_deaths
         self._quick_deaths += 1
         status = exit_status(reason)
