@@ -123,6 +123,8 @@ class MPIExecTests(ClusterTestCase):
         self.assertEqual(await client.pull("again", targets="all"), [6] * 4)
         described = launcher.describe()
         self.assertEqual(described[0]["label"], "mpiexec job")
+        self.assertEqual(described[0]["pid"], launcher.job.last_pid)
+        self.assertEqual(described[0]["started"], proc_stat(launcher.job.last_pid)[19])
         self.assertEqual(
             {entry["rank"]: entry["pid"] for entry in described[1:]},
             {i: self.cluster.engine_pid(i) for i in range(RANKS)},
@@ -172,11 +174,10 @@ class MPIExecTests(ClusterTestCase):
         )
         # The old engines are lost (their connections closed), new ones register.
         await wait_until(
-            lambda: sorted(self.ranks().values()) == [0, 1, 2, 3]
+            lambda: self.ranks() == {0: 0, 1: 1, 2: 2, 3: 3}
             and all(self.cluster.engine_pid(i) in launcher.ranks for i in range(RANKS)),
             "the ranks registered again", timeout=30,
         )
-        self.assertEqual(self.ranks(), {0: 0, 1: 1, 2: 2, 3: 3})
         self.assertIs(launcher.state, JobState.RUNNING)
 
     @run

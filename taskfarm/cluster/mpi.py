@@ -530,7 +530,7 @@ class MPIExecLauncher:
         if self._poll is not None and self._poll.running:
             self._poll.stop()
         self._poll = None
-        for pid, (rank, _) in sorted(self.ranks.items(), key=lambda item: item[1][0] or 0):
+        for pid, (rank, _) in sorted(self.ranks.items(), key=lambda item: item[1][0]):
             self._tell(_rank_label(rank, pid), "the mpiexec job ended (%s)" % reason)
         self.ranks = {}
         self.last_reason = reason
@@ -596,9 +596,16 @@ class MPIExecLauncher:
         job = self.job
         if job is None or job.ended.called:
             return []
-        entries = [{"label": "mpiexec job", "host": host, "pid": job.last_pid,
-                    "ranks": len(self.ranks)}]
-        for pid, (rank, started) in sorted(self.ranks.items(), key=lambda item: item[1][0] or 0):
+        try:
+            job_started = parse_stat(Path("/proc/%d/stat" % job.last_pid).read_text())[2]
+        except (OSError, ValueError, IndexError):
+            job_started = None
+        # "started" tells each process from a later one given its pid.
+        entries = [
+            {"label": "mpiexec job", "host": host, "pid": job.last_pid, "started": job_started,
+             "state": self.state.value, "restarts": self.restarts, "ranks": len(self.ranks)}
+        ]
+        for pid, (rank, started) in sorted(self.ranks.items(), key=lambda item: item[1][0]):
             entries.append(
                 {"label": _rank_label(rank, None), "host": host, "pid": pid, "rank": rank,
                  "started": started}
