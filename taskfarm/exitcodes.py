@@ -40,11 +40,21 @@ EXIT_REFUSED = 78
 EXIT_TERMINATED = 79
 
 
+#: The line a process writes on stderr as it ends by `stop_reactor_and_exit`,
+#: for a launcher that cannot see its exit status (mpiexec's ranks).
+EXIT_LINE = "taskfarm: exiting with status %d"
+
+
 def stop_reactor_and_exit(reactor, status: int) -> None:
     """Stop `reactor` (services stop as usual), then end the process with
-    `status` instead of the 0 the runner would give."""
+    `status` instead of the 0 the runner would give (saying so on stderr:
+    `EXIT_LINE`)."""
 
     def exit_now() -> None:
+        try:
+            print(EXIT_LINE % status, file=sys.stderr)
+        except (OSError, ValueError):
+            pass
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

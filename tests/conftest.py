@@ -31,6 +31,7 @@ PROCESS_MODULES = {
     "test_cluster",
     "test_launcher",
     "test_manage",
+    "test_mpi",
     "test_multiengine",
     "test_quickstart",
     "test_ssh",

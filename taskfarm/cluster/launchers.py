@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from twisted.python import usage
 
 from taskfarm.cluster.local import LocalLauncher
+from taskfarm.cluster.mpi import MPIExecLauncher
 from taskfarm.cluster.ssh import SSHLauncher
 from taskfarm.interfaces import IEngineLauncher
 from taskfarm.profile import Profile
@@ -46,6 +47,7 @@ from taskfarm.profile import Profile
 #: Every launcher, by the name that --launcher takes.
 LAUNCHERS: dict[str, type] = {
     "local": LocalLauncher,
+    "mpiexec": MPIExecLauncher,
     "ssh": SSHLauncher,
 }
 

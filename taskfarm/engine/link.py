@@ -92,6 +92,7 @@ class EngineLink(service.Service):
         retry_delays: tuple[float, float] = RETRY_DELAYS,
         tub=None,
         transport: IControllerLink | None = None,
+        requested_id: int | None = None,
     ) -> None:
         self._read_furl = read_furl
         self._worker = worker
@@ -106,7 +107,9 @@ class EngineLink(service.Service):
         self._lost: defer.Deferred | None = None
         #: Where the link is (`EngineLinkState`).
         self.state = EngineLinkState.STOPPED
-        self.engine_id: int | None = None
+        #: The id asked for at each registration: `requested_id` (an MPI
+        #: rank) at first, then the one the controller gave.
+        self.engine_id: int | None = requested_id
         #: How many times this engine has registered (1 + reconnections).
         self.registrations = 0
         #: Fires each time the engine registers, with its id (for tests).

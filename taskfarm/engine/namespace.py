@@ -101,8 +101,12 @@ class Namespace:
     #: How many `execute` results `get_result` can still return.
     HISTORY_LENGTH = 100
 
-    def __init__(self, engine_id: int = -1, properties: dict | None = None) -> None:
+    def __init__(
+        self, engine_id: int = -1, properties: dict | None = None, names: dict | None = None
+    ) -> None:
         self.engine_id = engine_id
+        #: Names every fresh namespace holds besides `id` (``mpi`` on an MPI engine).
+        self.preset_names: dict = dict(names or {})
         #: The engine's properties, as the controller last set them.
         self.properties: dict = dict(properties or {})
         self.user_ns: dict = {}
@@ -122,10 +126,12 @@ class Namespace:
         }
 
     def reset(self) -> None:
-        """Start from an empty namespace that holds only `id`."""
+        """Start from an empty namespace that holds only `id` (and the
+        preset names, such as ``mpi``)."""
         self.user_ns = {
             "__name__": "__main__",
             "__builtins__": builtins,
+            **self.preset_names,
             "id": self.engine_id,
         }
 

@@ -57,13 +57,22 @@ class EngineService(OrderedServices):
         super().startService()
 
 
-def create_engine(furl_file: Path, properties: dict, reactor) -> EngineService:
-    """Build an engine that registers through the furl in `furl_file`."""
+def create_engine(
+    furl_file: Path,
+    properties: dict,
+    reactor,
+    requested_id: int | None = None,
+    names: dict | None = None,
+) -> EngineService:
+    """Build an engine that registers through the furl in `furl_file`,
+    asking for `requested_id` (an MPI rank) the first time; `names` are in
+    its user namespace from the start (``mpi``), also after a reset."""
     props = machine_facts()
     props.update(properties)
-    worker = CommandWorker(Namespace(properties=props), reactor)
+    worker = CommandWorker(Namespace(properties=props, names=names), reactor)
     link = EngineLink(
         lambda: read_furl_file(furl_file), worker, reactor,
         transport=FoolscapControllerLink(reactor),
+        requested_id=requested_id,
     )
     return EngineService(worker, link)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ast
+import os
 
 from twisted.python import usage
 
+from taskfarm.engine import mpi
 from taskfarm.lifeline import follow_launcher
 from taskfarm.profile import ENGINE, Profile
 
@@ -28,7 +30,15 @@ def parse_property(text: str) -> tuple[str, object]:
 class Options(usage.Options):
     """Options of ``twistd taskengine``."""
 
-    synopsis = "[--furl-file FILE] [--property KEY=VALUE ...]"
+    synopsis = "[--furl-file FILE] [--property KEY=VALUE ...] [--mpi]"
+    optFlags = [
+        [
+            "mpi",
+            None,
+            "This engine is an MPI rank (started by mpiexec): ask for the engine id "
+            "equal to the rank, and bind mpi4py.MPI as `mpi` when it is importable.",
+        ],
+    ]
     optParameters = [
         ["furl-file", "f", None, "The engine furl file (default: the profile's)."],
         ["profile-dir", "p", None, "The profile folder (default ~/.taskfarm)."],
@@ -44,6 +54,11 @@ class Options(usage.Options):
         self["properties"][key] = value
 
     def postOptions(self) -> None:
+        if self["mpi"] and mpi.rank_from_environment(os.environ) is None:
+            raise usage.UsageError(
+                "--mpi: this engine is no MPI rank (none of %s is set); start it with "
+                "mpiexec, or leave out --mpi" % ", ".join(mpi.RANK_VARIABLES)
+            )
         if self["furl-file"] is None:
             self["furl-file"] = str(
                 Profile.from_option(self["profile-dir"]).furl_file(ENGINE)
@@ -59,4 +74,13 @@ def makeService(options: Options):
     from taskfarm.engine.service import create_engine
 
     follow_launcher(reactor)
-    return create_engine(Path(options["furl-file"]), options["properties"], reactor)
+    properties = dict(options["properties"])
+    requested_id, names = None, {}
+    if options["mpi"]:
+        mpi.follow_mpi_launcher(reactor)
+        requested_id, names = mpi.mpi_engine_setup()
+        properties.setdefault("mpi_rank", requested_id)
+    return create_engine(
+        Path(options["furl-file"]), properties, reactor,
+        requested_id=requested_id, names=names,
+    )
