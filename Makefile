@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test unit bench lint clean
+.PHONY: demo test unit bench scaling lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ unit: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The controller's costs at 4, 16, 64 and 128 engines (docs/capacity.md):
+# about 3 minutes and 7 GiB of memory for the engines.
+scaling: $(STAMP)
+	$(BIN)/python bench/scaling.py $(SCALING_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/pip install --quiet ruff
