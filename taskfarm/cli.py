@@ -61,6 +61,14 @@ class _EngineCount:
     opt_n = opt_number
 
 
+def engine_count(number: int | None, launcher, default: int) -> int:
+    """``-n`` when given; else what the launcher's own options ask for (its
+    `capacity`: ``--hosts node1:4,node2:8`` is 12), else `default`."""
+    if number is not None:
+        return number
+    return getattr(launcher, "capacity", None) or default
+
+
 _LAUNCHER_PARAMETERS, _LAUNCHER_FLAGS = launchers.option_table()
 
 
@@ -96,7 +104,8 @@ class ClusterOptions(_EngineCount, _LauncherChoice, controller_tap.Options):
 
     def __init__(self) -> None:
         super().__init__()
-        self["number"] = 4
+        # None: as many as the launcher's own options ask for (--hosts), or 4.
+        self["number"] = None
         self["engine-properties"] = []
 
     def opt_engine_property(self, text: str) -> None:
@@ -104,7 +113,7 @@ class ClusterOptions(_EngineCount, _LauncherChoice, controller_tap.Options):
         _engine_property(self, text)
 
     def postOptions(self) -> None:
-        if self["number"] < 0:
+        if self["number"] is not None and self["number"] < 0:
             raise usage.UsageError("-n must be >= 0")
         self.check_launcher()
         super().postOptions()  # the controller's own checks, before anything starts
@@ -137,7 +146,8 @@ class EnginesOptions(_EngineCount, _LauncherChoice, usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
-        self["number"] = 1
+        # None: as many as the launcher's own options ask for (--hosts), or 1.
+        self["number"] = None
         self["engine-properties"] = []
 
     def opt_engine_property(self, text: str) -> None:
@@ -145,7 +155,7 @@ class EnginesOptions(_EngineCount, _LauncherChoice, usage.Options):
         _engine_property(self, text)
 
     def postOptions(self) -> None:
-        if self["number"] < 1:
+        if self["number"] is not None and self["number"] < 1:
             raise usage.UsageError("-n must be >= 1")
         if self["heartbeat-timeout"] < 0:
             raise usage.UsageError("--heartbeat-timeout must be >= 0")
@@ -261,6 +271,7 @@ async def run_cluster(reactor, options) -> int:
     except usage.UsageError as e:
         print("taskfarm cluster: %s" % e, file=sys.stderr)
         return 2
+    options["number"] = engine_count(options["number"], launcher, 4)
     cluster = Cluster(
         profile,
         options["number"],
@@ -332,6 +343,7 @@ async def run_engines(reactor, options) -> int:
         print("taskfarm engines: %s" % e, file=sys.stderr)
         return 1
 
+    options["number"] = engine_count(options["number"], launcher, 1)
     reactor.addSystemEventTrigger("before", "shutdown", launcher.stop)
     try:
         await launcher.start(options["number"], options["furl-file"], options.engine_options())

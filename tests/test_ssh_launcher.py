@@ -16,7 +16,9 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from taskfarm import exitcodes
+from taskfarm.cli import engine_count
 from taskfarm.cluster.launcher import ClusterError
+from taskfarm.cluster.local import LocalLauncher
 from taskfarm.cluster.ssh import EngineState, HostSlot, HostState, SSHLauncher
 from taskfarm.cluster.sshhosts import (
     HostsError,
@@ -164,6 +166,10 @@ class SettingsTests(unittest.SynchronousTestCase):
         SSHLauncher.check_options(options)
         launcher = SSHLauncher(task.Clock(), Profile(Path("/nowhere")), options, 4.0)
         self.assertEqual(launcher.capacity, 3)
+        # Without -n, `taskfarm cluster` and `taskfarm engines` start them all.
+        self.assertEqual(engine_count(None, launcher, 4), 3)
+        self.assertEqual(engine_count(2, launcher, 4), 2)
+        self.assertEqual(engine_count(None, LocalLauncher(task.Clock(), Profile(Path("/nowhere"))), 4), 4)
         self.assertEqual(
             launcher.settings.options, ("ConnectTimeout=5", "Ciphers=aes128-ctr,aes256-ctr")
         )
