@@ -10,7 +10,8 @@ import time
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from taskfarm.cluster.batch import SLURM, BatchLauncher
+from taskfarm.cluster.batch import BatchLauncher
+from taskfarm.cluster.batchsystems import SLURM
 from taskfarm.profile import ENGINE
 from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
