@@ -172,7 +172,6 @@ class BatchLauncher:
         #: default; unit tests pass an in-memory batch system).
         self._runner = runner or (lambda argv, env: run_command(reactor, argv, env))
 
-
     # -- rendering ---------------------------------------------------------------
 
     def engine_argv(self, furl_file: Path, engine_options: list[str]) -> list[str]:
@@ -465,9 +464,7 @@ class _TableBatchLauncher(BatchLauncher):
     def __init__(self, reactor, profile, options=None, engine_timeout=None, **kw) -> None:
         settings = self.settings(options or {})
         settings.update(kw)
-        super().__init__(
-            self.system, reactor, Path(profile.log_dir) / self.system.name, **settings
-        )
+        super().__init__(self.system, reactor, Path(profile.log_dir) / self.system.name, **settings)
 
     @classmethod
     def settings(cls, options) -> dict:

@@ -306,6 +306,7 @@ def directives(
 
 # -- cancelling -------------------------------------------------------------------------
 
+
 async def cancel_jobs(
     system: BatchSystem,
     runner,
