@@ -34,6 +34,7 @@ PROCESS_MODULES = {
     "test_multiengine",
     "test_quickstart",
     "test_ssh",
+    "test_ssh_cli",
 }
 
 #: (module, class) pairs, bases included, of tests with real processes or sockets.
