@@ -8,6 +8,7 @@ import fcntl
 import ipaddress
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -252,8 +253,10 @@ class SlurmCommandLineTests(ProcessTestCase):
     async def test_cluster_launcher_slurm_daemon_status_task_stop(self):
         """--launcher slurm with the default --listen is refused (loopback);
         on this machine's address, --daemon returns once the 2 engines of
-        one job array registered; status shows them; a task runs; stop
-        cancels the jobs (squeue lists none) and leaves no process."""
+        one job array registered; status shows them; a task runs; `taskfarm
+        engines --launcher slurm -n 1` adds a third as a job of its own and
+        cancels it at SIGTERM; stop cancels the jobs (squeue lists none)
+        and leaves no process."""
         began = time.monotonic()
         slurm = SlurmHarness(reactor, temp_dir(self, "taskfarm-slurm-"), cpus=4)
 
@@ -324,6 +327,30 @@ class SlurmCommandLineTests(ProcessTestCase):
         [tid] = await tc.run_many([Task(code, pull="a")])
         [result] = await tc.get_task_results([tid], block=True)
         self.assertIn(result.ns.a, jobs)  # it ran in one of the array's jobs
+
+        # `taskfarm engines --launcher slurm` adds one, as a job of its own,
+        # and cancels it when SIGTERMed.
+        added = self.spawn(
+            TASKFARM + ["engines", "--launcher", "slurm", "-n", "1", *where],
+            "engines",
+            self.taskfarm_env,
+        )
+
+        async def three():
+            return len(await tc.engine_ids()) == 3
+
+        await wait_until(three, "the added engine to register", 30, 0.1)
+        more = await slurm.jobs()
+        self.assertEqual(len(more), 3, more)
+        [extra] = set(more) - set(jobs)
+        added.send_signal(signal.SIGTERM)
+        self.assertEqual(await self.wait_for_exit(added, "engines", 30), 0, self.output("engines"))
+        self.assertEqual(await slurm.jobs(), jobs)  # its job is gone, the cluster's stay
+
+        async def two():
+            return len(await tc.engine_ids()) == 2
+
+        await wait_until(two, "the added engine to go", 20, 0.1)
         await tc.disconnect()
 
         asked = time.monotonic()

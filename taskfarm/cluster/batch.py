@@ -233,7 +233,9 @@ class BatchLauncher:
         for _ in range(count // per_submission):
             script = self.render(per_submission, self._furl_file, self._engine_options)
             self._scripts += 1
-            path = self.work_dir / ("%s-%d.sh" % (self.system.name, self._scripts))
+            # The pid: a `taskfarm engines` of the same profile writes here too.
+            name = "%s-%d-%d.sh" % (self.system.name, os.getpid(), self._scripts)
+            path = self.work_dir / name
             path.write_text(script)
             argv = [item.format(user=getpass.getuser()) for item in self.system.submit]
             result = await self._runner([*argv, str(path)], self._env)
