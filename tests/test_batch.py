@@ -26,7 +26,7 @@ from taskfarm.cluster.manage import read_state
 from taskfarm.profile import ENGINE, TASK, Profile, read_holder
 from taskfarm.task import Task
 from taskfarm.testing.cluster import RealCluster
-from taskfarm.testing.helpers import async_test, proc_stat, temp_dir, wait_until
+from taskfarm.testing.helpers import async_test, is_alive, proc_stat, temp_dir, wait_until
 from taskfarm.testing.processes import TASKFARM, ProcessTestCase, processes_naming
 from taskfarm.testing.slurm import SlurmHarness
 
@@ -220,6 +220,11 @@ class SlurmLauncherTests(unittest.TestCase):
         return states == ["PENDING"] * 2 + ["RUNNING"] * 8
 
 
+def _start_time(pid: int) -> str | None:
+    fields = proc_stat(pid)
+    return None if fields is None else fields[19]
+
+
 class SlurmCommandLineTests(ProcessTestCase):
     """``taskfarm cluster --launcher slurm`` as a user runs it, against the
     real SLURM, with the controller on a non-loopback address of this
@@ -249,6 +254,47 @@ class SlurmCommandLineTests(ProcessTestCase):
         code = await self.wait_for_exit(process, name, within)
         return code, self.output(name)
 
+    async def _slurm(self):
+        """The test SLURM, up; this machine's address; a profile and its
+        --profile-dir."""
+        slurm = SlurmHarness(reactor, temp_dir(self, "taskfarm-slurm-"), cpus=4)
+
+        async def stop_slurm():
+            await slurm.stop()
+            self.assertEqual(slurm.leftovers, {}, "processes left behind")
+
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(stop_slurm()))
+        await slurm.start()
+        profile = Profile(self.root / "profile")
+        self.taskfarm_env = self.env(
+            SLURM_CONF=slurm.env["SLURM_CONF"], PYTHONPATH=os.pathsep.join(sys.path)
+        )
+        return slurm, self.address(), profile, ("--profile-dir", str(profile.root))
+
+    async def _daemon(self, address: str, where: tuple, n: int = 2) -> tuple[dict, str]:
+        """``taskfarm cluster --launcher slurm -n N --daemon`` on `address`:
+        (its cluster.json, its output); its launcher and controller are
+        killed at cleanup if still alive."""
+        code, out = await self.command(
+            "daemon",
+            "cluster",
+            "--launcher",
+            "slurm",
+            "-n",
+            str(n),
+            "--daemon",
+            "--listen",
+            "tcp:0:interface=%s" % address,
+            *where,
+        )
+        self.assertEqual(code, 0, out)
+        state = read_state(Profile(Path(where[1])))
+        for pid in (state["launcher"]["pid"], state["controller"]["pid"]):
+            started = _start_time(pid)
+            self.assertIsNotNone(started, "pid %d of cluster.json is not running" % pid)
+            self.seen_children[pid] = started  # killed at cleanup if still alive
+        return state, out
+
     @async_test
     async def test_cluster_launcher_slurm_daemon_status_task_stop(self):
         """--launcher slurm with the default --listen is refused (loopback);
@@ -258,20 +304,7 @@ class SlurmCommandLineTests(ProcessTestCase):
         cancels it at SIGTERM; stop cancels the jobs (squeue lists none)
         and leaves no process."""
         began = time.monotonic()
-        slurm = SlurmHarness(reactor, temp_dir(self, "taskfarm-slurm-"), cpus=4)
-
-        async def stop_slurm():
-            await slurm.stop()
-            self.assertEqual(slurm.leftovers, {}, "processes left behind")
-
-        self.addCleanup(lambda: defer.Deferred.fromCoroutine(stop_slurm()))
-        await slurm.start()
-        address = self.address()
-        profile = Profile(self.root / "profile")
-        self.taskfarm_env = self.env(
-            SLURM_CONF=slurm.env["SLURM_CONF"], PYTHONPATH=os.pathsep.join(sys.path)
-        )
-        where = ("--profile-dir", str(profile.root))
+        slurm, address, profile, where = await self._slurm()
 
         code, out = await self.command(
             "loopback", "cluster", "--launcher", "slurm", "-n", "2", *where
@@ -285,28 +318,12 @@ class SlurmCommandLineTests(ProcessTestCase):
         self.assertEqual(await slurm.jobs(), {})
 
         asked = time.monotonic()
-        code, out = await self.command(
-            "daemon",
-            "cluster",
-            "--launcher",
-            "slurm",
-            "-n",
-            "2",
-            "--daemon",
-            "--listen",
-            "tcp:0:interface=%s" % address,
-            *where,
-        )
+        state, out = await self._daemon(address, where)
         up = time.monotonic() - asked
-        self.assertEqual(code, 0, out)
-        state = read_state(profile)
         holder = read_holder(profile)
+        self.assertEqual(state["controller"]["pid"], holder.pid)
         self.assertRegex(holder.location, r"^%s:\d+$" % re.escape(address))
         self.assertIn("listening on %s, 2 engines registered" % holder.location, out)
-        for pid in (state["launcher"]["pid"], holder.pid):
-            started = _start_time(pid)
-            self.assertIsNotNone(started, "pid %d of cluster.json is not running" % pid)
-            self.seen_children[pid] = started  # killed at cleanup if still alive
         jobs = await slurm.jobs()
         self.assertEqual(set(jobs.values()), {"RUNNING"})
         self.assertEqual(sorted(entry["job"] for entry in state["engines"]), sorted(jobs))
@@ -368,7 +385,31 @@ class SlurmCommandLineTests(ProcessTestCase):
             "%.1f s in all" % (up, took, time.monotonic() - began)
         )
 
-
-def _start_time(pid: int) -> str | None:
-    fields = proc_stat(pid)
-    return None if fields is None else fields[19]
+    @async_test
+    async def test_stop_after_the_launcher_was_killed_cancels_its_jobs(self):
+        """The launcher killed -9 takes its controller along, but its jobs
+        stay queued (SLURM runs them, not it): `taskfarm stop` cancels the
+        jobs cluster.json names (SlurmLauncher.clean_up), and squeue lists
+        none after it."""
+        slurm, address, profile, where = await self._slurm()
+        state, _ = await self._daemon(address, where)
+        jobs = await slurm.jobs()
+        self.assertEqual(len(jobs), 2)
+        launcher, controller = state["launcher"]["pid"], state["controller"]["pid"]
+        started = {pid: self.seen_children[pid] for pid in (launcher, controller)}
+        os.kill(launcher, signal.SIGKILL)
+        await wait_until(
+            lambda: not any(is_alive(pid, s) for pid, s in started.items()),
+            "the launcher and its controller to be gone",
+            10,
+        )
+        self.assertEqual(await slurm.jobs(), jobs)  # the engines' jobs outlive it
+        code, out = await self.command("stop", "stop", *where)
+        self.assertEqual(code, 0, out)
+        self.assertIn("launcher pid %d was gone" % launcher, out)
+        self.assertIn("the slurm launcher cleaned up its engines", out)
+        self.assertEqual(await slurm.jobs(), {})
+        await wait_until(
+            lambda: processes_naming(str(profile.root)) == [], "the engines to end", 10
+        )
+        self.assertFalse(profile.state_file.exists())
