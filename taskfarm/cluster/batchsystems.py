@@ -206,9 +206,6 @@ PBS = BatchSystem(
     option_example="-l mem=4gb",
 )
 
-SYSTEMS = {system.name: system for system in (SLURM, PBS)}
-
-
 def find_job_id(system: BatchSystem, output: str) -> str:
     """The job id in a submit command's `output`; `ClusterError` if none."""
     found = re.search(system.job_id_pattern, output, re.MULTILINE)
@@ -372,7 +369,6 @@ __all__ = [
     "PBS",
     "PLACEHOLDERS",
     "SLURM",
-    "SYSTEMS",
     "cancel_jobs",
     "check_template",
     "directives",

@@ -15,7 +15,8 @@ registered by one line in `LAUNCHERS`.  The class declares::
 
 `options` is a dict holding exactly its own options' values, keyed by long
 name as `usage.Options` keeps them (``options["hosts"]``; a flag is 0 or
-1; a repeatable option is the list of its values in order, [] if none).  The constructor does no I/O and raises `usage.UsageError` for a bad
+1; a repeatable option is the list of its values in order, [] if none).
+The constructor does no I/O and raises `usage.UsageError` for a bad
 value.  `engine_timeout` is the controller's heartbeat timeout (None: no
 heartbeat), for a launcher that watches its engines' liveness.
 
@@ -29,8 +30,8 @@ Two optional class methods:
   the described processes of this machine by pid.
 
 ``taskfarm cluster`` and ``taskfarm engines`` take every launcher's options
-(`option_table`, and `repeated_handlers` for the repeatable ones); an option of a launcher other than the chosen one is a
-usage error.
+(`option_table`, and `repeated_handlers` for the repeatable ones); an
+option of a launcher other than the chosen one is a usage error.
 """
 
 from __future__ import annotations
