@@ -91,6 +91,10 @@ class _LauncherChoice:
         self["launcher-options"] = launchers.check_launcher_options(self["launcher"], self)
 
 
+for _name, _handler in launchers.repeated_handlers().items():  # --slurm-option ...
+    setattr(_LauncherChoice, _name, _handler)
+
+
 class ClusterOptions(_EngineCount, _LauncherChoice, controller_tap.Options):
     """``taskfarm cluster``: every controller option, plus the engines'."""
 

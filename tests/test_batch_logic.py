@@ -4,6 +4,7 @@ an in-memory batch system on a `task.Clock`."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -14,25 +15,28 @@ from twisted.python import usage
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from taskfarm import lifeline
+from taskfarm import cli, lifeline
+from taskfarm.cluster import launchers
 from taskfarm.cluster.batch import (
-    PBS,
-    SLURM,
     BatchLauncher,
-    BatchTemplateError,
-    CommandResult,
     JobState,
     LauncherState,
-    PbsOptions,
-    SlurmOptions,
+    PbsLauncher,
+    SlurmLauncher,
+)
+from taskfarm.cluster.batchsystems import (
+    PBS,
+    SLURM,
+    BatchTemplateError,
+    CommandResult,
     cancel_jobs,
     check_template,
     find_job_id,
     parse_status,
-    slurm_launcher,
 )
 from taskfarm.cluster.launcher import ClusterError
 from taskfarm.interfaces import IEngineLauncher
+from taskfarm.profile import Profile
 from taskfarm.testing.helpers import temp_dir
 
 SECRET_FURL = "pb://secret-tub-id@tcp:10.0.0.1:5555/secret-swiss-number"
@@ -51,6 +55,8 @@ class FakeBatchSystem:
         self.scripts: list[str] = []
         self.refuse_submit = False
         self.status_down = False
+        #: scancel/qdel say yes and cancel nothing.
+        self.ignore_cancel = False
 
     async def __call__(self, argv, env) -> CommandResult:
         self.commands.append((list(argv), dict(env)))
@@ -81,7 +87,7 @@ class FakeBatchSystem:
                 )
             return CommandResult(tuple(argv), 0, out, "")
         if program in ("scancel", "qdel"):
-            for target in argv[1:]:
+            for target in argv[1:] if not self.ignore_cancel else ():
                 for job in list(self.jobs):
                     if job == target or job.split("_")[0] == target:
                         del self.jobs[job]
@@ -235,10 +241,33 @@ class TemplateTests(unittest.SynchronousTestCase):
 
 
 class OptionsTests(unittest.SynchronousTestCase):
-    def parse(self, argv, options_class=SlurmOptions):
-        options = options_class()
-        options.parseOptions(argv)
-        return options
+    """The options as ``taskfarm cluster --launcher slurm|pbs`` parses them
+    (the launcher table's rows), and the launcher the table makes of them."""
+
+    def setUp(self):
+        self.profile = Profile(temp_dir(self))
+
+    def parse(self, argv, launcher="slurm"):
+        """``taskfarm cluster --launcher NAME ARGV``'s parsed options."""
+        options = cli.Options()
+        options.parseOptions(
+            ["cluster", "--launcher", launcher, "--listen", "tcp:0:interface=10.0.0.1", *argv]
+        )
+        return options.subOptions
+
+    def launcher(self, options):
+        return launchers.make_launcher(options["launcher"], task.Clock(), self.profile, options)
+
+    def test_table_entries(self):
+        """--launcher slurm and pbs are SlurmLauncher and PbsLauncher:
+        remote, IEngineLauncher, their scripts under PROFILE/log/NAME."""
+        for name, cls in (("slurm", SlurmLauncher), ("pbs", PbsLauncher)):
+            self.assertIs(launchers.LAUNCHERS[name], cls)
+            self.assertEqual((cls.name, cls.remote), (name, True))
+            launcher = self.launcher(self.parse([], name))
+            self.assertTrue(verifyObject(IEngineLauncher, launcher))
+            self.assertEqual(launcher.work_dir, self.profile.log_dir / name)
+            self.assertEqual(launcher.system.name, name)
 
     def test_slurm_options(self):
         """--slurm-partition, --slurm-time, --slurm-option (repeatable),
@@ -258,26 +287,39 @@ class OptionsTests(unittest.SynchronousTestCase):
                 "2",
             ]
         )
-        self.assertEqual(options["slurm-partition"], "debug")
-        self.assertEqual(options["slurm-time"], "1:00:00")
-        self.assertEqual(options["slurm-option"], ["--mem=4G", "--gres=gpu:1"])
-        self.assertEqual(options["slurm-poll"], 2.0)
-        self.assertTrue(options["keep-engines"])
-        launcher = slurm_launcher(options, task.Clock(), temp_dir(self))
+        self.assertEqual(
+            options["launcher-options"],
+            {
+                "slurm-partition": "debug",
+                "slurm-time": "1:00:00",
+                "slurm-option": ["--mem=4G", "--gres=gpu:1"],
+                "slurm-template": None,
+                "slurm-poll": 2.0,
+                "keep-engines": 1,
+            },
+        )
+        launcher = self.launcher(options)
         self.assertEqual(launcher.name, "slurm")
         self.assertTrue(launcher.keep_engines)
-        self.assertTrue(launcher.remote)
+        self.assertEqual(launcher._poll_interval, 2.0)
         script = launcher.render(2, Path("/shared/engine.furl"), [])
-        self.assertIn("#SBATCH --partition=debug\n#SBATCH --time=1:00:00\n#SBATCH --mem=4G", script)
+        self.assertIn(
+            "#SBATCH --partition=debug\n#SBATCH --time=1:00:00\n#SBATCH --mem=4G\n"
+            "#SBATCH --gres=gpu:1\n",
+            script,
+        )
 
     def test_defaults(self):
         """No option: no partition or time lines, one status check every 5 s,
         engines not kept."""
-        options = self.parse([])
+        options = self.parse([])["launcher-options"]
         self.assertEqual(options["slurm-option"], [])
         self.assertEqual(options["slurm-poll"], 5.0)
         self.assertFalse(options["keep-engines"])
         self.assertIsNone(options["slurm-partition"])
+        launcher = SlurmLauncher(task.Clock(), self.profile, {})
+        self.assertFalse(launcher.keep_engines)
+        self.assertNotIn("--partition", launcher.render(1, Path("/f"), []))
 
     def test_template_file(self):
         """--slurm-template reads the file; one with unknown placeholders is a
@@ -285,8 +327,7 @@ class OptionsTests(unittest.SynchronousTestCase):
         folder = temp_dir(self)
         good = folder / "good.sh"
         good.write_text("#!/bin/sh\n#SBATCH --array=${array}\nexec ${engine_command}\n")
-        options = self.parse(["--slurm-template", str(good)])
-        launcher = slurm_launcher(options, task.Clock(), folder)
+        launcher = self.launcher(self.parse(["--slurm-template", str(good)]))
         self.assertEqual(launcher.template, good.read_text())
         bad = folder / "bad.sh"
         bad.write_text("#!/bin/sh\nexec ${engine_cmd} $HOME\n")
@@ -299,23 +340,34 @@ class OptionsTests(unittest.SynchronousTestCase):
         self.assertIn("cannot read", str(error))
 
     def test_bad_values(self):
-        """A poll interval <= 0 or an option spanning lines is refused."""
+        """A poll interval <= 0 or an option spanning lines is refused; so
+        is an option of the other batch launcher."""
         self.assertRaises(usage.UsageError, self.parse, ["--slurm-poll", "0"])
         error = self.assertRaises(
             usage.UsageError, self.parse, ["--slurm-option", "--mem=4G\nrm -rf /"]
         )
         self.assertIn("--slurm-option takes one option", str(error))
+        error = self.assertRaises(usage.UsageError, self.parse, ["--pbs-queue", "workq"])
+        self.assertEqual(
+            str(error), "--pbs-queue is an option of the pbs launcher, not of --launcher slurm"
+        )
+        error = self.assertRaises(
+            usage.UsageError, self.parse, ["--slurm-option", "--mem=4G"], "local"
+        )
+        self.assertIn("--slurm-option is an option of the slurm launcher", str(error))
 
     def test_pbs_options(self):
         """The PBS launcher's flags are --pbs-queue, --pbs-time, --pbs-option ..."""
         options = self.parse(
-            ["--pbs-queue", "workq", "--pbs-time", "01:00:00", "--pbs-option", "-A lab"],
-            PbsOptions,
-        )
+            ["--pbs-queue", "workq", "--pbs-time", "01:00:00", "--pbs-option", "-A lab",
+             "--keep-engines"],
+            "pbs",
+        )["launcher-options"]
         self.assertEqual(
             (options["pbs-queue"], options["pbs-time"], options["pbs-option"]),
             ("workq", "01:00:00", ["-A lab"]),
         )
+        self.assertEqual(options["keep-engines"], 1)
 
 
 class OutputParsingTests(unittest.SynchronousTestCase):
@@ -535,6 +587,35 @@ class SlurmBookkeepingTests(_LauncherCase):
         self.assertEqual(self.successResultOf(d), [])
         self.assertIn(["scancel", "100_0", "100_1", "100_2"], [a for a, _ in self.batch.commands])
         self.assertEqual(list(self.batch.jobs), ["999_0"])
+
+
+    def test_clean_up_cancels_what_describe_saved(self):
+        """SlurmLauncher.clean_up, what `taskfarm stop` calls when the
+        launcher's process is gone, cancels the jobs its saved describe()
+        named (another job stays) and waits until squeue lists none; jobs
+        still listed after 30 s are a ClusterError naming them."""
+        batch = self.batch
+
+        class Here(SlurmLauncher):
+            @classmethod
+            def command_runner(cls, reactor):
+                return batch
+
+        launcher = Here(self.clock, Profile(self.folder), {}, runner=batch)
+        self.start(launcher, 2)
+        described = json.loads(json.dumps(launcher.describe()))  # as cluster.json keeps it
+        batch.jobs["999_0"] = "RUNNING"
+        self.successResultOf(Here.clean_up(self.clock, None, described, {}))
+        self.assertIn(["scancel", "100_0", "100_1"], [a for a, _ in batch.commands])
+        self.assertEqual(list(batch.jobs), ["999_0"])
+        self.successResultOf(Here.clean_up(self.clock, None, [], {}))  # nothing to cancel
+
+        batch.ignore_cancel = True
+        d = Here.clean_up(self.clock, None, [{"label": "job 999_0", "job": "999_0"}], {})
+        for _ in range(70):
+            self.clock.advance(0.5)
+        failure = self.failureResultOf(d, ClusterError)
+        self.assertEqual(str(failure.value), "jobs still listed by squeue: 999_0")
 
 
 class PbsBookkeepingTests(_LauncherCase):

@@ -143,6 +143,31 @@ class TableTests(unittest.SynchronousTestCase):
         parameters, _ = launchers.option_table({"faraway": RemoteLauncher, "same": same})
         self.assertEqual(len(parameters), 1)
 
+    def test_repeatable_options_are_lists(self):
+        """A launcher's optRepeated option: each use appends to its list (in
+        order; [] when not given); it is the launcher's own like any other,
+        and two launchers declaring it differently is a bug of the table."""
+
+        class Repeating(RemoteLauncher):
+            name = "repeating"
+            optRepeated = [["far-option", None, "One more option (repeatable)."]]
+
+        table = {"faraway": RemoteLauncher, "repeating": Repeating}
+        handlers = launchers.repeated_handlers(table)
+        self.assertEqual(list(handlers), ["opt_far_option"])
+        options = type("Options", (usage.Options,), dict(handlers))()
+        options.parseOptions(["--far-option", "a=1", "--far-option", "b"])
+        self.assertEqual(options["far-option"], ["a=1", "b"])
+        self.assertIn("One more option", options.__str__())
+        own = launchers.launcher_options("repeating", {"far-hosts": "h"}, table)
+        self.assertEqual(own["far-option"], [])
+        error = self.assertRaises(
+            usage.UsageError, launchers.launcher_options, "faraway", options, table
+        )
+        self.assertIn("--far-option is an option of the repeating launcher", str(error))
+        other = type("Other", (Repeating,), {"optRepeated": [["far-option", None, "Else."]]})
+        self.assertRaises(ValueError, launchers.repeated_handlers, {"r": Repeating, "o": other})
+
     def test_daemon_flag_is_taken_out_of_the_argv(self):
         self.assertEqual(
             without_daemon(["-n", "2", "--daemon", "--profile-dir", "P", "--daem"]),

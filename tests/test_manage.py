@@ -37,7 +37,7 @@ from taskfarm.profile import TASK, Profile, read_holder
 from taskfarm.task import Task
 from taskfarm.testing.helpers import async_test as run
 from taskfarm.testing.helpers import is_alive, proc_stat, wait_until
-from taskfarm.testing.processes import TASKFARM, ProcessTestCase, kill_if_alive
+from taskfarm.testing.processes import TASKFARM, ProcessTestCase, kill_if_alive, processes_naming
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,23 +45,6 @@ REPO = Path(__file__).resolve().parent.parent
 def report(name: str, **numbers) -> None:
     """One line of numbers per test (pytest shows it with -rP)."""
     print("MANAGE %s %s" % (name, json.dumps(numbers, sort_keys=True)), flush=True)
-
-
-def processes_naming(text: str) -> list[int]:
-    """The live processes whose command line names `text` (a temporary
-    profile folder: unique to the test)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path("/proc/%s/cmdline" % entry).read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        fields = proc_stat(int(entry))
-        if text in cmdline and fields is not None and fields[0] != "Z":
-            found.append(int(entry))
-    return found
 
 
 def _started(pid: int) -> str | None:

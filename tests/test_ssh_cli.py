@@ -1,14 +1,6 @@
 """`taskfarm cluster --launcher ssh` as a user runs it, against real sshd
 hosts in network namespaces (`taskfarm.testing.netns`): --daemon, status,
 a task, stop; and the refusals before anything starts.
-
-PENDING the launcher table (helper A's `taskfarm/cluster/launchers.py`,
-`taskfarm.cluster.manage`, `--daemon`/`status`/`stop`): not collected
-under this name.  When merging, register the launcher with the one line
-``"ssh": SSHLauncher,`` in `LAUNCHERS` (plus its import), rename this file
-to tests/test_ssh_cli.py and add "test_ssh_cli" to PROCESS_MODULES in
-tests/conftest.py.  Checked on a trial merge of i10-ssh with i10-manage
-(088565f): both tests pass, 28 s together.
 """
 
 from __future__ import annotations

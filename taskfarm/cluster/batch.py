@@ -1,17 +1,12 @@
-"""Engines as batch jobs: one launcher for SLURM, PBS/Torque and the like.
+"""Engines as batch jobs: the launcher for SLURM, PBS/Torque and the like.
 
-A batch system is a `BatchSystem`: a job-script template, a submit
-command, a cancel command, a pattern that finds the job id in what the
-submit command prints, and a status command whose lines say which jobs
-still exist.  `SLURM` and `PBS` are the two that ship; another is one more
-`BatchSystem` value.
-
-`BatchLauncher` renders the template (`string.Template`: ``${name}``
-placeholders, ``$$`` for a shell's own ``$``), writes the script into its
-work folder and submits it.  On SLURM one submission is a job array, one
-array task per engine (``1234_0`` ... ``1234_3``): every engine is a job of
-its own for ``squeue`` and ``scancel``, and N engines cost one ``sbatch``.
-A system without arrays (`PBS`) gets one submission per engine.
+`BatchLauncher` keeps engines running as jobs of a batch system (a
+`taskfarm.cluster.batchsystems.BatchSystem`: `SLURM`, `PBS`, ...).  It
+renders the system's job-script template, writes the script into its work
+folder and submits it.  On SLURM one submission is a job array, one array
+task per engine (``1234_0`` ... ``1234_3``): every engine is a job of its
+own for ``squeue`` and ``scancel``, and N engines cost one ``sbatch``.  A
+system without arrays (`PBS`) gets one submission per engine.
 
 The job script runs ``taskengine --furl-file FILE``: the engine reads the
 furl from the profile's furl file, on the filesystem the nodes share.  The
@@ -25,6 +20,14 @@ launcher submits a replacement after a back-off (`taskfarm.backoff`) that
 grows with each job that ended soon after it started.  `stop()` cancels
 every job it submitted and waits, bounded, until the status command lists
 none of them.
+
+`SlurmLauncher` and `PbsLauncher` are its entries in the launcher table
+(`taskfarm.cluster.launchers`): ``--launcher slurm`` with
+``--slurm-partition``, ``--slurm-time``, ``--slurm-option`` (repeatable),
+``--slurm-template``, ``--slurm-poll`` and ``--keep-engines``; ``--launcher
+pbs`` with the same options spelled ``--pbs-`` (``--pbs-queue`` for the
+partition).  Their scripts and the jobs' output go to ``PROFILE/log/slurm``
+(``PROFILE/log/pbs``).
 """
 
 from __future__ import annotations
@@ -32,9 +35,7 @@ from __future__ import annotations
 import enum
 import getpass
 import os
-import re
 import shlex
-import string
 import sys
 from pathlib import Path
 
@@ -46,346 +47,22 @@ from zope.interface import implementer
 
 from taskfarm import backoff as backoffs
 from taskfarm import lifeline
-from taskfarm.childprocess import ChildProcess, exit_status
+from taskfarm.cluster.batchsystems import (
+    PBS,
+    SLURM,
+    BatchSystem,
+    BatchTemplateError,
+    ListedJob,
+    cancel_jobs,
+    check_template,
+    directives,
+    find_job_id,
+    parse_status,
+    render_template,
+    run_command,
+)
 from taskfarm.cluster.launcher import ClusterError, twisted_argv
 from taskfarm.interfaces import IEngineLauncher
-
-#: The package folder of the shipped job-script templates.
-TEMPLATES = Path(__file__).parent / "templates"
-
-_log = Logger()
-
-#: Seconds a batch command (submit, cancel, status) may take.
-COMMAND_TIMEOUT = 30.0
-
-
-class BatchTemplateError(ClusterError):
-    """A job-script template names placeholders the launcher does not fill,
-    or is not a template at all."""
-
-
-# -- commands -------------------------------------------------------------------------
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class CommandResult:
-    """What a finished command said: its exit status (None for a signal)
-    and its output."""
-
-    argv: tuple
-    status: int | None
-    out: str
-    err: str
-
-    @property
-    def ok(self) -> bool:
-        return self.status == 0
-
-    def describe(self) -> str:
-        said = (self.err.strip() or self.out.strip()).splitlines()
-        return "%s exited with status %s%s" % (
-            shlex.join(self.argv),
-            self.status,
-            (": " + said[-1]) if said else "",
-        )
-
-
-class _Command(ChildProcess):
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.err = bytearray()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.err += data
-
-
-async def run_command(
-    reactor, argv: list[str], env: dict | None = None, timeout: float = COMMAND_TIMEOUT
-) -> CommandResult:
-    """Run `argv` to its end (SIGKILLed after `timeout` seconds); raises
-    `ClusterError` when the program cannot be started."""
-    child = _Command()
-    try:
-        reactor.spawnProcess(
-            child, argv[0], list(argv), env=dict(os.environ if env is None else env)
-        )
-    except OSError as e:
-        raise ClusterError("cannot run %s: %s" % (argv[0], e)) from None
-    killer = reactor.callLater(timeout, child.kill)
-    reason = await child.ended
-    if killer.active():
-        killer.cancel()
-        timed_out = False
-    else:
-        timed_out = True
-    status = exit_status(reason)
-    err = child.err.decode(errors="replace")
-    if timed_out:
-        err += "\n(killed after %g s)" % timeout
-    return CommandResult(tuple(argv), status, child.out.decode(errors="replace"), err)
-
-
-# -- batch systems ----------------------------------------------------------------------
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class BatchSystem:
-    """How to talk to one kind of batch system.
-
-    Commands are argv lists whose items may hold ``{user}``; submit gets the
-    script's path appended, cancel the job ids, status nothing.
-    """
-
-    #: The launcher's name ('slurm', 'pbs').
-    name: str
-    #: The file name of the default template in `TEMPLATES`.
-    template_file: str
-    #: The argv of the submit command, before the script's path.
-    submit: tuple
-    #: The argv of the cancel command, before the job ids.
-    cancel: tuple
-    #: The argv of a command listing the user's jobs, one a line.
-    status: tuple
-    #: A regex with a group ``job``: the job id in the submit output.
-    job_id_pattern: str
-    #: A regex with groups ``job``, ``state`` and maybe ``host``, matched
-    #: on each line of the status output; other lines are skipped.
-    status_pattern: str
-    #: States in which a listed job counts as ended (its engine is gone).
-    ended_states: frozenset
-    #: States in which a listed job runs (and so its engine may).
-    running_states: frozenset
-    #: With arrays, one submission holds many engines: the id of engine
-    #: `index` of submission `job`; None: one submission per engine.
-    array_element: str | None = None
-    #: The directive prefix of the script's extra option lines.
-    directive: str = "#SBATCH"
-
-    def default_template(self) -> str:
-        return (TEMPLATES / self.template_file).read_text()
-
-
-SLURM = BatchSystem(
-    name="slurm",
-    template_file="slurm.sh",
-    submit=("sbatch",),
-    cancel=("scancel",),
-    status=("squeue", "--noheader", "--array", "--user={user}", "--format=%i %T %N"),
-    job_id_pattern=r"Submitted batch job (?P<job>\d+)",
-    status_pattern=r"^\s*(?P<job>\d+(?:_\d+)?)\s+(?P<state>[A-Z_]+)(?:\s+(?P<host>\S+))?\s*$",
-    ended_states=frozenset(
-        {
-            "COMPLETING",
-            "COMPLETED",
-            "CANCELLED",
-            "FAILED",
-            "TIMEOUT",
-            "NODE_FAIL",
-            "PREEMPTED",
-            "OUT_OF_MEMORY",
-            "BOOT_FAIL",
-            "DEADLINE",
-        }
-    ),
-    running_states=frozenset({"RUNNING"}),
-    array_element="{job}_{index}",
-    directive="#SBATCH",
-)
-
-#: PBS Pro and Torque: ``qsub`` prints the job id (``123.server``); the
-#: default ``qstat`` lists ``ID NAME USER TIME STATE QUEUE``.  One job per
-#: engine: PBS Pro arrays (``-J``) need two jobs at least and Torque spells
-#: them ``-t``.  Tested only up to the rendered script (no PBS server here).
-PBS = BatchSystem(
-    name="pbs",
-    template_file="pbs.sh",
-    submit=("qsub",),
-    cancel=("qdel",),
-    status=("qstat",),
-    job_id_pattern=r"^\s*(?P<job>\d+(?:\.\S+)?)\s*$",
-    status_pattern=r"^\s*(?P<job>\d+(?:\.\S+)?)\s+\S+\s+\S+\s+\S+\s+(?P<state>[A-Z])\s+\S+",
-    ended_states=frozenset({"C", "E", "F"}),
-    running_states=frozenset({"R"}),
-    array_element=None,
-    directive="#PBS",
-)
-
-SYSTEMS = {system.name: system for system in (SLURM, PBS)}
-
-
-def find_job_id(system: BatchSystem, output: str) -> str:
-    """The job id in a submit command's `output`; `ClusterError` if none."""
-    found = re.search(system.job_id_pattern, output, re.MULTILINE)
-    if found is None:
-        raise ClusterError(
-            "%s printed no job id (pattern %r): %r"
-            % (system.submit[0], system.job_id_pattern, output.strip()[-200:])
-        )
-    return found.group("job")
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class ListedJob:
-    job: str
-    state: str
-    host: str
-
-
-def parse_status(system: BatchSystem, output: str) -> dict[str, ListedJob]:
-    """{job id: ListedJob} of the lines of a status command's `output`."""
-    pattern = re.compile(system.status_pattern)
-    jobs = {}
-    for line in output.splitlines():
-        found = pattern.match(line)
-        if found is not None:
-            host = found.groupdict().get("host") or ""
-            jobs[found.group("job")] = ListedJob(found.group("job"), found.group("state"), host)
-    return jobs
-
-
-# -- templates ---------------------------------------------------------------------------
-
-
-#: The placeholders a template may use, each with what it holds.
-PLACEHOLDERS = {
-    "job_name": "the job's name (taskfarm-engine)",
-    "array": "SLURM's array range, 0-(N-1), of the engines in this submission",
-    "count": "the number of engines in this submission",
-    "directives": "the option lines: partition/queue, time, and each extra option",
-    "engine_command": "the engine's command line, quoted for the shell",
-    "log_dir": "the folder for the jobs' output",
-    "work_dir": "the launcher's folder for its scripts",
-    "python": "the Python interpreter that runs the engine",
-    "furl_file": "the path of the engine furl file (the path, never the furl)",
-}
-
-
-def template_names(text: str) -> tuple[list[str], list[str]]:
-    """The placeholder names used in `text`, and the bad ``$`` uses
-    (a ``$`` followed by no name), each in order of appearance."""
-    names, bad = [], []
-    for found in string.Template.pattern.finditer(text):
-        name = found.group("named") or found.group("braced")
-        if name is not None:
-            if name not in names:
-                names.append(name)
-        elif found.group("invalid") is not None:
-            line = text.count("\n", 0, found.start()) + 1
-            bad.append("a lone $ on line %d" % line)
-    return names, bad
-
-
-def check_template(text: str, source: str = "the template") -> None:
-    """Raise `BatchTemplateError` naming every unknown placeholder of `text`."""
-    names, bad = template_names(text)
-    unknown = [name for name in names if name not in PLACEHOLDERS]
-    if unknown or bad:
-        problems = ["$%s" % name for name in unknown] + bad
-        raise BatchTemplateError(
-            "%s has placeholders the launcher does not fill: %s (known: %s; write $$ for "
-            "a shell's own $, as in $${SLURM_JOB_ID})"
-            % (source, ", ".join(problems), ", ".join("$" + name for name in PLACEHOLDERS))
-        )
-
-
-def render_template(text: str, values: dict, source: str = "the template") -> str:
-    """`text` with its placeholders filled from `values`."""
-    check_template(text, source)
-    return string.Template(text).substitute(values)
-
-
-# -- options -----------------------------------------------------------------------------
-
-
-def options_class(system: BatchSystem) -> type[usage.Options]:
-    """The ``usage.Options`` of a batch launcher's own flags, named after its
-    system: ``--slurm-partition``, ``--slurm-time``, ``--slurm-option``
-    (repeatable), ``--slurm-template``; and ``--keep-engines``."""
-    prefix = system.name
-    queue_word = "partition" if system is SLURM else "queue"
-
-    class Options(usage.Options):
-        optFlags = [
-            [
-                "keep-engines",
-                None,
-                "Keep the requested number of engines: submit a job for each one that "
-                "ended (walltime, cancel, node failure), after a back-off.",
-            ],
-        ]
-        optParameters = [
-            ["%s-%s" % (prefix, queue_word), None, None, "The %s to submit to." % queue_word],
-            [
-                "%s-time" % prefix,
-                None,
-                None,
-                "The jobs' walltime, as %s takes it." % system.submit[0],
-            ],
-            ["%s-template" % prefix, None, None, "A job-script template file of your own."],
-            ["%s-poll" % prefix, None, 5.0, "Seconds between two job status checks.", float],
-        ]
-
-        def __init__(self) -> None:
-            super().__init__()
-            self["%s-option" % prefix] = []
-
-        def postOptions(self) -> None:
-            path = self["%s-template" % prefix]
-            if path is not None:
-                try:
-                    text = Path(path).read_text()
-                except OSError as e:
-                    raise usage.UsageError(
-                        "--%s-template: cannot read %s: %s" % (prefix, path, e.strerror or e)
-                    ) from None
-                try:
-                    check_template(text, "--%s-template %s" % (prefix, path))
-                except BatchTemplateError as e:
-                    raise usage.UsageError(str(e)) from None
-            if self["%s-poll" % prefix] <= 0:
-                raise usage.UsageError("--%s-poll must be > 0" % prefix)
-            for text in self["%s-option" % prefix]:
-                if "\n" in text or not text.strip():
-                    raise usage.UsageError(
-                        "--%s-option takes one option, as %r" % (prefix, "--mem=4G")
-                    )
-
-    def opt_option(self, text: str) -> None:
-        self["%s-option" % prefix].append(text)
-
-    opt_option.__doc__ = "An extra %s line (repeatable), as --mem=4G." % system.directive
-    setattr(Options, "opt_%s_option" % prefix.replace("-", "_"), opt_option)
-    Options.__name__ = "%sOptions" % prefix.capitalize()
-    return Options
-
-
-SlurmOptions = options_class(SLURM)
-PbsOptions = options_class(PBS)
-
-
-def directives(
-    system: BatchSystem, queue: str | None, walltime: str | None, extra: list[str]
-) -> list[str]:
-    """The option lines of a job script."""
-    if system is PBS:
-        lines = []
-        if queue:
-            lines.append("%s -q %s" % (system.directive, queue))
-        if walltime:
-            lines.append("%s -l walltime=%s" % (system.directive, walltime))
-    else:
-        lines = []
-        if queue:
-            lines.append("%s --partition=%s" % (system.directive, queue))
-        if walltime:
-            lines.append("%s --time=%s" % (system.directive, walltime))
-    lines += ["%s %s" % (system.directive, option.strip()) for option in extra]
-    return lines
-
 
 # -- the launcher -------------------------------------------------------------------------
 
@@ -495,27 +172,6 @@ class BatchLauncher:
         #: default; unit tests pass an in-memory batch system).
         self._runner = runner or (lambda argv, env: run_command(reactor, argv, env))
 
-    @classmethod
-    def from_options(cls, system: BatchSystem, options, reactor, work_dir: Path, **kw):
-        """A launcher for parsed `options_class(system)` options."""
-        prefix = system.name
-        queue_word = "partition" if system is SLURM else "queue"
-        template = None
-        if options["%s-template" % prefix] is not None:
-            template = Path(options["%s-template" % prefix]).read_text()
-        return cls(
-            system,
-            reactor,
-            work_dir,
-            queue=options["%s-%s" % (prefix, queue_word)],
-            walltime=options["%s-time" % prefix],
-            extra_options=options["%s-option" % prefix],
-            template=template,
-            keep_engines=bool(options["keep-engines"]),
-            poll_interval=options["%s-poll" % prefix],
-            **kw,
-        )
-
     # -- rendering ---------------------------------------------------------------
 
     def engine_argv(self, furl_file: Path, engine_options: list[str]) -> list[str]:
@@ -577,7 +233,9 @@ class BatchLauncher:
         for _ in range(count // per_submission):
             script = self.render(per_submission, self._furl_file, self._engine_options)
             self._scripts += 1
-            path = self.work_dir / ("%s-%d.sh" % (self.system.name, self._scripts))
+            # The pid: a `taskfarm engines` of the same profile writes here too.
+            name = "%s-%d-%d.sh" % (self.system.name, os.getpid(), self._scripts)
+            path = self.work_dir / name
             path.write_text(script)
             argv = [item.format(user=getpass.getuser()) for item in self.system.submit]
             result = await self._runner([*argv, str(path)], self._env)
@@ -760,90 +418,150 @@ class BatchLauncher:
                     job.state = JobState.CANCELLED
 
 
-async def cancel_jobs(
-    system: BatchSystem,
-    runner,
-    reactor,
-    job_ids: list[str],
-    env: dict | None = None,
-    timeout: float = 30.0,
-    ours=None,
-) -> list[str]:
-    """Cancel `job_ids` (submissions or array elements) and wait, at most
-    `timeout` seconds, until the status command lists none of them (or,
-    with `ours`, no job for which ``ours(job_id)`` is true); the ids still
-    listed then ([] when all are gone).  What `taskfarm stop` needs for the
-    jobs a launcher's `describe` named (``runner(argv, env)`` as for
-    `BatchLauncher`)."""
-    if ours is None:
-        wanted = set(job_ids)
+# -- the launcher table's entries ----------------------------------------------------------
 
-        def ours(listed: str) -> bool:
-            return listed in wanted or listed.split("_")[0] in wanted
+#: ``--keep-engines``, the same for every batch launcher.
+KEEP_ENGINES = [
+    "keep-engines",
+    None,
+    "Keep the requested number of engines: submit a job for each one that "
+    "ended (walltime, cancel, node failure), after a back-off.",
+]
 
-    user = getpass.getuser()
-    argv = [item.format(user=user) for item in system.cancel]
-    status = [item.format(user=user) for item in system.status]
-    deadline = reactor.seconds() + timeout
-    targets = list(job_ids)
-    left: list[str] | None = None
-    while True:
-        if targets:
-            result = await runner([*argv, *targets], env)
-            if not result.ok:
-                _log.warn("cancelling: {error}", error=result.describe())
-        try:
-            result = await runner(status, env)
-        except ClusterError as e:
-            result = None
-            _log.warn("job status unknown: {error}", error=str(e))
-        if result is not None and result.ok:
-            left = sorted(j for j in parse_status(system, result.out) if ours(j))
-            if not left:
-                _log.info(
-                    "cancelled {count} job(s) of {system}; none is left",
-                    count=len(job_ids),
-                    system=system.name,
+
+def option_rows(system: BatchSystem) -> tuple[list, list, list]:
+    """(optParameters, optFlags, optRepeated) of the launcher of `system`,
+    named after it: ``--slurm-partition`` (``--pbs-queue``), ``--slurm-time``,
+    ``--slurm-template``, ``--slurm-poll``, ``--keep-engines`` and the
+    repeatable ``--slurm-option``."""
+    prefix = system.name
+    word = system.queue_word
+    parameters = [
+        ["%s-%s" % (prefix, word), None, None, "The %s to submit to." % word],
+        ["%s-time" % prefix, None, None, "The jobs' walltime, as %s takes it." % system.submit[0]],
+        ["%s-template" % prefix, None, None, "A job-script template file of your own."],
+        ["%s-poll" % prefix, None, 5.0, "Seconds between two job status checks.", float],
+    ]
+    repeated = [
+        [
+            "%s-option" % prefix,
+            None,
+            "An extra %s line (repeatable), as %s." % (system.directive, system.option_example),
+        ]
+    ]
+    return parameters, [KEEP_ENGINES], repeated
+
+
+class _TableBatchLauncher(BatchLauncher):
+    """`BatchLauncher` in the launcher table's shape, for one `system`:
+    ``Launcher(reactor, profile, options, engine_timeout)`` with `options`
+    its own parsed options.  `engine_timeout` is not used: a hung engine
+    is the controller's heartbeat's to find, a gone job the status
+    command's.  Tests may pass `BatchLauncher`'s keywords (``env``,
+    ``runner``, ``backoff`` ...)."""
+
+    system: BatchSystem
+    remote = True
+
+    def __init__(self, reactor, profile, options=None, engine_timeout=None, **kw) -> None:
+        settings = self.settings(options or {})
+        settings.update(kw)
+        super().__init__(self.system, reactor, Path(profile.log_dir) / self.system.name, **settings)
+
+    @classmethod
+    def settings(cls, options) -> dict:
+        """`BatchLauncher`'s keywords for parsed `options` (a missing one has
+        its default); `usage.UsageError` naming a bad value."""
+        prefix = cls.system.name
+        parameters, _, _ = option_rows(cls.system)
+        values = {row[0]: row[2] for row in parameters}
+        values.update(options)
+        template = None
+        path = values["%s-template" % prefix]
+        if path is not None:
+            try:
+                template = Path(path).read_text()
+            except OSError as e:
+                raise usage.UsageError(
+                    "--%s-template: cannot read %s: %s" % (prefix, path, e.strerror or e)
+                ) from None
+            try:
+                check_template(template, "--%s-template %s" % (prefix, path))
+            except BatchTemplateError as e:
+                raise usage.UsageError(str(e)) from None
+        poll = values["%s-poll" % prefix]
+        if not poll > 0:
+            raise usage.UsageError("--%s-poll must be > 0" % prefix)
+        extra = list(values.get("%s-option" % prefix) or [])
+        for text in extra:
+            if "\n" in text or not text.strip():
+                raise usage.UsageError(
+                    "--%s-option takes one option, as %r" % (prefix, cls.system.option_example)
                 )
-                return []
-        if reactor.seconds() > deadline:
-            _log.error(
-                "jobs still listed {timeout} s after cancelling: {jobs}",
-                timeout=timeout,
-                jobs=left,
-            )
-            return left if left is not None else list(job_ids)
-        # Cancel again what is still listed (a request may be lost).
-        targets = left or []
-        await task.deferLater(reactor, 0.5, lambda: None)
+        return dict(
+            queue=values["%s-%s" % (prefix, cls.system.queue_word)],
+            walltime=values["%s-time" % prefix],
+            extra_options=extra,
+            template=template,
+            keep_engines=bool(values.get("keep-engines")),
+            poll_interval=poll,
+        )
+
+    @classmethod
+    def check_options(cls, options) -> None:
+        """At parse time: a usage error for a template that cannot be read or
+        names unknown placeholders, a poll interval <= 0, or an option that
+        is not one line."""
+        cls.settings(options)
+
+    @classmethod
+    def command_runner(cls, reactor):
+        """``runner(argv, env)`` of the batch commands that `clean_up` runs."""
+        return lambda argv, env: run_command(reactor, argv, env)
+
+    @classmethod
+    def clean_up(cls, reactor, profile, described, options) -> defer.Deferred:
+        """For `taskfarm stop` when the launcher's process is gone: cancel
+        the jobs its last `describe()` named and wait, bounded, until the
+        status command lists none of them (`ClusterError` naming those
+        still listed)."""
+
+        async def clean_up() -> None:
+            jobs = [entry["job"] for entry in described or [] if entry.get("job")]
+            if not jobs:
+                return
+            runner = cls.command_runner(reactor)
+            left = await cancel_jobs(cls.system, runner, reactor, jobs, dict(os.environ))
+            if left:
+                raise ClusterError(
+                    "jobs still listed by %s: %s" % (cls.system.status[0], " ".join(left))
+                )
+
+        return defer.Deferred.fromCoroutine(clean_up())
 
 
-def slurm_launcher(options, reactor, work_dir: Path, **kw) -> BatchLauncher:
-    """The SLURM launcher for parsed `SlurmOptions`."""
-    return BatchLauncher.from_options(SLURM, options, reactor, work_dir, **kw)
+class SlurmLauncher(_TableBatchLauncher):
+    """``--launcher slurm``: engines as a SLURM job array."""
+
+    name = "slurm"
+    system = SLURM
+    optParameters, optFlags, optRepeated = option_rows(SLURM)
 
 
-def pbs_launcher(options, reactor, work_dir: Path, **kw) -> BatchLauncher:
-    """The PBS/Torque launcher for parsed `PbsOptions`."""
-    return BatchLauncher.from_options(PBS, options, reactor, work_dir, **kw)
+class PbsLauncher(_TableBatchLauncher):
+    """``--launcher pbs``: engines as PBS Pro / Torque jobs, one job per
+    engine (tested only up to the rendered script: no PBS server here)."""
 
-
-#: The batch launchers for the launcher table (`taskfarm.cluster.launchers`):
-#: name -> (factory(options, reactor, work_dir, **kw), its options class).
-BATCH_LAUNCHERS = {
-    "slurm": (slurm_launcher, SlurmOptions),
-    "pbs": (pbs_launcher, PbsOptions),
-}
+    name = "pbs"
+    system = PBS
+    optParameters, optFlags, optRepeated = option_rows(PBS)
 
 
 __all__ = [
-    "BATCH_LAUNCHERS",
     "BatchLauncher",
-    "BatchSystem",
-    "BatchTemplateError",
-    "cancel_jobs",
-    "PBS",
-    "PbsOptions",
-    "SLURM",
-    "SlurmOptions",
+    "JobState",
+    "LauncherState",
+    "PbsLauncher",
+    "SlurmLauncher",
+    "option_rows",
 ]

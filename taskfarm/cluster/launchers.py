@@ -9,12 +9,14 @@ registered by one line in `LAUNCHERS`.  The class declares::
         ["hosts", None, None, "HOST[:N],... to start engines on."],
     ]                         # [long name, short name or None, default, help(, coerce)]
     optFlags = [["ssh-verbose", None, "..."]]   # [long name, short or None, help]
+    optRepeated = [["slurm-option", None, "..."]]  # repeatable: a list of values
 
     def __init__(self, reactor, profile, options, engine_timeout=None): ...
 
 `options` is a dict holding exactly its own options' values, keyed by long
 name as `usage.Options` keeps them (``options["hosts"]``; a flag is 0 or
-1).  The constructor does no I/O and raises `usage.UsageError` for a bad
+1; a repeatable option is the list of its values in order, [] if none).
+The constructor does no I/O and raises `usage.UsageError` for a bad
 value.  `engine_timeout` is the controller's heartbeat timeout (None: no
 heartbeat), for a launcher that watches its engines' liveness.
 
@@ -28,8 +30,8 @@ Two optional class methods:
   the described processes of this machine by pid.
 
 ``taskfarm cluster`` and ``taskfarm engines`` take every launcher's options
-(`option_table`); an option of a launcher other than the chosen one is a
-usage error.
+(`option_table`, and `repeated_handlers` for the repeatable ones); an
+option of a launcher other than the chosen one is a usage error.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from collections.abc import Mapping
 
 from twisted.python import usage
 
+from taskfarm.cluster.batch import PbsLauncher, SlurmLauncher
 from taskfarm.cluster.local import LocalLauncher
 from taskfarm.cluster.mpi import MPIExecLauncher
 from taskfarm.cluster.ssh import SSHLauncher
@@ -49,6 +52,8 @@ LAUNCHERS: dict[str, type] = {
     "local": LocalLauncher,
     "mpiexec": MPIExecLauncher,
     "ssh": SSHLauncher,
+    "slurm": SlurmLauncher,
+    "pbs": PbsLauncher,
 }
 
 #: The launcher used when none is named.
@@ -67,21 +72,21 @@ def launcher_class(name: str, table: Mapping[str, type] | None = None) -> type:
         ) from None
 
 
-def option_table(table: Mapping[str, type] | None = None) -> tuple[list, list]:
-    """(optParameters, optFlags): every launcher's options, each once, for a
-    `usage.Options` that takes them all.  Two launchers may share an option
-    only if they declare it alike (else `ValueError`: a bug of the table)."""
+def _declared(table: Mapping[str, type] | None) -> dict[str, list]:
+    """{kind: rows} of every launcher's options ("parameter", "flag",
+    "repeated"), each once.  Two launchers may share an option only if they
+    declare it alike (else `ValueError`: a bug of the table)."""
     table = LAUNCHERS if table is None else table
     seen: dict[str, tuple] = {}
-    parameters: list = []
-    flags: list = []
+    rows: dict[str, list] = {"parameter": [], "flag": [], "repeated": []}
     for name in sorted(table):
         cls = table[name]
-        for kind, rows, declared in (
-            ("parameter", parameters, getattr(cls, "optParameters", [])),
-            ("flag", flags, getattr(cls, "optFlags", [])),
+        for kind, attribute in (
+            ("parameter", "optParameters"),
+            ("flag", "optFlags"),
+            ("repeated", "optRepeated"),
         ):
-            for row in declared:
+            for row in getattr(cls, attribute, []):
                 key = row[0]
                 if key in seen:
                     if seen[key][1:] != (kind, list(row)):
@@ -90,14 +95,42 @@ def option_table(table: Mapping[str, type] | None = None) -> tuple[list, list]:
                         )
                     continue
                 seen[key] = (name, kind, list(row))
-                rows.append(list(row))
-    return parameters, flags
+                rows[kind].append(list(row))
+    return rows
+
+
+def option_table(table: Mapping[str, type] | None = None) -> tuple[list, list]:
+    """(optParameters, optFlags): every launcher's options, each once, for a
+    `usage.Options` that takes them all (`ValueError` for two launchers
+    declaring one option differently)."""
+    rows = _declared(table)
+    return rows["parameter"], rows["flag"]
+
+
+def repeated_handlers(table: Mapping[str, type] | None = None) -> dict:
+    """{``opt_NAME``: handler} for a `usage.Options` that takes every
+    launcher's repeatable options: each use appends its value to the list
+    ``options[NAME]``."""
+    handlers = {}
+    for key, _short, doc in _declared(table)["repeated"]:
+        handlers["opt_" + key.replace("-", "_")] = _appender(key, doc)
+    return handlers
+
+
+def _appender(key: str, doc: str):
+    # One parameter besides self: usage.Options reads it as taking a value.
+    def handler(self, value: str) -> None:
+        self[key] = [*self.get(key, []), value]
+
+    handler.__doc__ = doc
+    return handler
 
 
 def _own_names(cls) -> list[tuple[str, object]]:
     """(long name, default) of each option of launcher class `cls`."""
     names = [(row[0], row[2]) for row in getattr(cls, "optParameters", [])]
     names += [(row[0], 0) for row in getattr(cls, "optFlags", [])]
+    names += [(row[0], []) for row in getattr(cls, "optRepeated", [])]
     return names
 
 

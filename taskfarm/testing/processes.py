@@ -6,14 +6,32 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from twisted.trial import unittest
 
 from taskfarm.profile import Profile
-from taskfarm.testing.helpers import children_of, is_alive, temp_dir, wait_until
+from taskfarm.testing.helpers import children_of, is_alive, proc_stat, temp_dir, wait_until
 
 #: How to run the `taskfarm` command with this interpreter.
 TASKFARM = [sys.executable, "-c", "from taskfarm.cli import main; main()"]
+
+
+def processes_naming(text: str) -> list[int]:
+    """The live processes whose command line names `text` (a temporary
+    profile folder: unique to the test)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path("/proc/%s/cmdline" % entry).read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        fields = proc_stat(int(entry))
+        if text in cmdline and fields is not None and fields[0] != "Z":
+            found.append(int(entry))
+    return found
 
 
 def kill_if_alive(pid: int, started: str, signum: int = signal.SIGKILL) -> bool:

@@ -27,7 +27,7 @@ from pathlib import Path
 from twisted.internet import defer, task
 
 from taskfarm.childprocess import ChildProcess
-from taskfarm.cluster.batch import run_command
+from taskfarm.cluster.batchsystems import run_command
 from taskfarm.testing.helpers import is_alive, proc_stat
 
 #: The command that installs what this harness needs.
