@@ -15,6 +15,7 @@ from taskfarm.engine.link import REPLY_OVERHEAD, EngineLink, EngineLinkState, Wo
 from taskfarm.errors import ControllerUnreachable
 from taskfarm.interfaces import IControllerLink, IEngineCommands, IEngineSession
 from taskfarm.remote.engine import FoolscapControllerLink
+from taskfarm.states import InvalidTransition
 
 
 class _Namespace:
@@ -243,7 +244,7 @@ class EngineLinkTests(unittest.SynchronousTestCase):
         without passing through stopping."""
         link, _, _ = self.make([4096])
         link.startService()
-        self.assertRaises(RuntimeError, link._enter, EngineLinkState.STOPPED)
+        self.assertRaises(InvalidTransition, link._enter, EngineLinkState.STOPPED)
         self.stop(link)
 
     def test_replies_are_batched_under_the_controller_limit(self):

@@ -9,7 +9,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from taskfarm import backoff, exitcodes
-from taskfarm.cluster.launcher import InvalidSlotTransition, ProcessSlot, SlotState
+from taskfarm.cluster.launcher import ProcessSlot, SlotState
+from taskfarm.states import InvalidTransition
 from taskfarm.testing.helpers import temp_dir
 
 
@@ -176,7 +177,7 @@ class ProcessSlotStateTests(unittest.SynchronousTestCase):
         self.assertIs(slot.state, SlotState.STOPPED)
         self.successResultOf(defer.Deferred.fromCoroutine(slot.stop()))
         self.assertIs(slot.state, SlotState.STOPPED)
-        self.assertRaises(InvalidSlotTransition, slot.start)
+        self.assertRaises(InvalidTransition, slot.start)
         self.assertEqual(self.clock.spawned, [])
         killed = self.slot()
         killed.start()
@@ -188,7 +189,7 @@ class ProcessSlotStateTests(unittest.SynchronousTestCase):
         """A running slot refuses a second `start()` (it restarts by itself)."""
         slot = self.slot()
         slot.start()
-        self.assertRaises(InvalidSlotTransition, slot.start)
+        self.assertRaises(InvalidTransition, slot.start)
         self.assertEqual(len(self.clock.spawned), 1)
 
 

@@ -23,7 +23,6 @@ from taskfarm.cluster.local import LocalLauncher
 from taskfarm.cluster.slots import (  # noqa: F401  (re-exported)
     DEFAULT_START_TIMEOUT,
     ClusterError,
-    InvalidSlotTransition,
     ProcessSlot,
     SlotState,
     process_start_time,

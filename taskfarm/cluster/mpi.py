@@ -57,7 +57,7 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from taskfarm import backoff as backoffs
-from taskfarm import exitcodes, lifeline
+from taskfarm import exitcodes, lifeline, states
 from taskfarm.childprocess import ChildProcess, exit_status
 from taskfarm.cluster.slots import ClusterError
 from taskfarm.engine.mpi import MPI_LAUNCHER_PID, rank_from_environment
@@ -285,10 +285,6 @@ class JobState(enum.Enum):
     FAILED = "failed"
 
 
-class InvalidJobTransition(Exception):
-    """An event the job's state table does not allow in its state: a bug."""
-
-
 #: (state, event) -> the next state; every other pair is a bug.
 JOB_TRANSITIONS = {
     (JobState.IDLE, "start"): JobState.RUNNING,
@@ -412,10 +408,7 @@ class MPIExecLauncher:
             ) from None
 
     def _move(self, event: str) -> JobState:
-        try:
-            self.state = JOB_TRANSITIONS[(self.state, event)]
-        except KeyError:
-            raise InvalidJobTransition("mpiexec job: %r in state %s" % (event, self.state.name)) from None
+        self.state = states.move(JOB_TRANSITIONS, self.state, event, "mpiexec job")
         return self.state
 
     @property

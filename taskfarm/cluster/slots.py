@@ -26,7 +26,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from taskfarm import backoff as backoffs
-from taskfarm import exitcodes, lifeline
+from taskfarm import exitcodes, lifeline, states
 from taskfarm.childprocess import ChildProcess, exit_status
 from taskfarm.errors import TaskfarmError
 
@@ -209,12 +209,8 @@ class SlotState(enum.Enum):
     TERMINATED = "terminated"
 
 
-class InvalidSlotTransition(Exception):
-    """An event the slot's state table does not allow in its state: a bug."""
-
-
 #: The slot's lifecycle: (state, event) -> the next state.  Every other
-#: pair is a bug (`InvalidSlotTransition`).  The down states take `stop`
+#: pair is a bug (`states.InvalidTransition`).  The down states take `stop`
 #: and stay what they are.
 _SLOT_TRANSITIONS = {
     (SlotState.IDLE, "start"): SlotState.RUNNING,
@@ -312,12 +308,7 @@ class ProcessSlot:
         return self.state in _DOWN
 
     def _move(self, event: str) -> SlotState:
-        try:
-            self.state = _SLOT_TRANSITIONS[(self.state, event)]
-        except KeyError:
-            raise InvalidSlotTransition(
-                "%s: %r in state %s" % (self.name, event, self.state.name)
-            ) from None
+        self.state = states.move(_SLOT_TRANSITIONS, self.state, event, self.name)
         return self.state
 
     def start(self) -> None:

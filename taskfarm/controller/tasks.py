@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 
 from taskfarm import wire
+from taskfarm.states import InvalidTransition
 from taskfarm.wire import CALL, EXEC
 
 
@@ -47,10 +48,6 @@ _ALLOWED = {
     TaskState.FAILED: set(),
     TaskState.ABORTED: set(),
 }
-
-
-class InvalidTransition(Exception):
-    """A bug: a task was moved along an edge the state machine does not have."""
 
 
 class TaskSpec:

@@ -29,6 +29,7 @@ from taskfarm.errors import MessageTooLarge, to_wire
 from taskfarm.interfaces import IControllerLink, IEngineCommands, IEngineSession
 from taskfarm.remote.client import describe_error
 from taskfarm.remote.engine import FoolscapControllerLink
+from taskfarm.states import InvalidTransition
 
 #: Seconds before the first retry and the most between two (doubling).
 RETRY_DELAYS = (0.2, 5.0)
@@ -120,7 +121,7 @@ class EngineLink(service.Service):
     def _enter(self, new: EngineLinkState) -> None:
         old = self.state
         if new not in _TRANSITIONS[old]:
-            raise RuntimeError("engine link: no transition from %s to %s" % (old, new))
+            raise InvalidTransition("engine link: no transition from %s to %s" % (old, new))
         self.state = new
         for callback in self.on_state:
             callback(old, new)
