@@ -3,13 +3,17 @@
 `ChildProcess` is what every child of ours has in common: `ended` fires
 once, with the exit reason (`exit_status` reads the status out of it), and
 `signal` / `kill` reach the process by its PID and say nothing when it is
-already gone.  Subclasses add what their child speaks: the launcher's
+already gone.  `GroupChild` puts its process in a process group of its own,
+so that what it forks can be signalled with it (`signal_group`), and
+`OutputChild` keeps what its process writes.  Subclasses add what their child speaks: the launcher's
 slots (`taskfarm.cluster.launcher`), the depend evaluators
 (`taskfarm.controller.predicates`), the `taskfarm demo` job
 (`taskfarm.cli`).
 """
 
 from __future__ import annotations
+
+import os
 
 from twisted.internet import defer, error, protocol
 
@@ -52,3 +56,47 @@ class ChildProcess(protocol.ProcessProtocol):
     def kill(self) -> None:
         """SIGKILL the process, if it is still there."""
         self.signal("KILL")
+
+
+class GroupChild(ChildProcess):
+    """A child in a process group of its own, whose pid stays known
+    (`last_pid`) after it ended, for the logs and for `signal_group`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: The pid, kept after the process ended.
+        self.last_pid: int | None = None
+
+    def connectionMade(self) -> None:
+        self.last_pid = self.transport.pid
+        # Its own group, from this side too: whichever of us comes first
+        # (a child of ours also does so itself at start; after its exec,
+        # we may no longer).
+        try:
+            os.setpgid(self.last_pid, self.last_pid)
+        except OSError:
+            pass
+
+    def signal_group(self, signum: int) -> None:
+        """Send `signum` to the child's process group, if there is one."""
+        if self.last_pid is None:
+            return
+        try:
+            os.killpg(self.last_pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass  # no such group (it never made one, or it is all gone)
+
+
+class OutputChild(ChildProcess):
+    """A child whose output is kept: stdout in `out`, stderr in `err`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.err = bytearray()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data

@@ -27,7 +27,7 @@ import attr
 from twisted.internet import task
 from twisted.logger import Logger
 
-from taskfarm.childprocess import ChildProcess, exit_status
+from taskfarm.childprocess import OutputChild, exit_status
 from taskfarm.cluster.launcher import ClusterError
 
 #: The package folder of the shipped job-script templates.
@@ -70,25 +70,12 @@ class CommandResult:
         )
 
 
-class _Command(ChildProcess):
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.err = bytearray()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.err += data
-
-
 async def run_command(
     reactor, argv: list[str], env: dict | None = None, timeout: float = COMMAND_TIMEOUT
 ) -> CommandResult:
     """Run `argv` to its end (SIGKILLed after `timeout` seconds); raises
     `ClusterError` when the program cannot be started."""
-    child = _Command()
+    child = OutputChild()
     try:
         reactor.spawnProcess(
             child, argv[0], list(argv), env=dict(os.environ if env is None else env)

@@ -58,7 +58,7 @@ from zope.interface import implementer
 
 from taskfarm import backoff as backoffs
 from taskfarm import exitcodes, lifeline, states
-from taskfarm.childprocess import ChildProcess, exit_status
+from taskfarm.childprocess import GroupChild, exit_status
 from taskfarm.cluster.slots import ClusterError
 from taskfarm.engine.mpi import MPI_LAUNCHER_PID, rank_from_environment
 from taskfarm.interfaces import IEngineLauncher
@@ -189,7 +189,7 @@ def _alive(pid: int, started: str) -> bool:
 # -- mpiexec, the child ---------------------------------------------------------------------
 
 
-class _JobProcess(ChildProcess):
+class _JobProcess(GroupChild):
     """The mpiexec process: its output goes to the log; `ended` follows the
     process (not its pipes)."""
 
@@ -199,7 +199,6 @@ class _JobProcess(ChildProcess):
         self._log_file = open(log_path, "ab")
         self._head = bytearray()
         self._tail = bytearray()
-        self.last_pid: int | None = None
         self._close_call = None
         #: Set once a rank said it ends for a MultiEngine kill.
         self.rank_killed = False
@@ -207,11 +206,7 @@ class _JobProcess(ChildProcess):
         self.closed: defer.Deferred = defer.Deferred()
 
     def connectionMade(self) -> None:
-        self.last_pid = self.transport.pid
-        try:
-            os.setpgid(self.last_pid, self.last_pid)  # a group of its own
-        except OSError:
-            pass
+        super().connectionMade()  # a group of its own
         self.transport.closeStdin()  # mpiexec would pass it on to rank 0
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
@@ -234,14 +229,6 @@ class _JobProcess(ChildProcess):
         """The first non-empty line of its output (mpiexec's complaint)."""
         lines = [x for x in self._head.decode(errors="replace").splitlines() if x.strip()]
         return lines[0].strip() if lines else ""
-
-    def signal_group(self, signum: int) -> None:
-        if self.last_pid is None:
-            return
-        try:
-            os.killpg(self.last_pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def processExited(self, reason) -> None:
         self.signal_group(signal.SIGKILL)  # its proxies, while the group is still its

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 
 from taskfarm import backoff as backoffs
 from taskfarm import exitcodes, lifeline, states
-from taskfarm.childprocess import ChildProcess, exit_status
+from taskfarm.childprocess import GroupChild, exit_status
 from taskfarm.errors import TaskfarmError
 
 #: Seconds to wait for the controller, and for the engines, to come up.
@@ -72,7 +72,7 @@ _TAIL_BYTES = 4096
 _PIPE_GRACE = 1.0
 
 
-class _Child(ChildProcess):
+class _Child(GroupChild):
     """One child process; `ended` fires with its exit reason when it exits.
 
     `ended` follows the process itself (``processExited``), never its pipes,
@@ -94,7 +94,6 @@ class _Child(ChildProcess):
     ) -> None:
         super().__init__()
         self.name = name
-        self.last_pid: int | None = None
         #: Set when the launcher killed the child for not ticking.
         self.silenced = False
         self._reactor = reactor
@@ -106,14 +105,7 @@ class _Child(ChildProcess):
         self._close_pipes = None
 
     def connectionMade(self) -> None:
-        #: The pid, kept after the process ended (for the logs).
-        self.last_pid = self.transport.pid
-        # Its own process group, from this side too: whichever of us comes
-        # first (it also does so itself at start; after its exec we may not).
-        try:
-            os.setpgid(self.last_pid, self.last_pid)
-        except OSError:
-            pass
+        super().connectionMade()
         if self._liveness_timeout is not None:
             # Until the first tick the process is starting (imports, ...).
             self._watchdog = self._reactor.callLater(self._start_timeout, self._silent)
@@ -150,15 +142,6 @@ class _Child(ChildProcess):
         """SIGKILL the child and its process group."""
         self.signal_group(signal.SIGKILL)
         super().kill()
-
-    def signal_group(self, signum: int) -> None:
-        """Send `signum` to the child's process group, if there is one."""
-        if self.last_pid is None:
-            return
-        try:
-            os.killpg(self.last_pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass  # no such group (it never made one, or it is all gone)
 
     def processExited(self, reason) -> None:
         if self._watchdog is not None and self._watchdog.active():

@@ -36,7 +36,7 @@ from twisted.internet import defer, error, stdio, task
 from twisted.protocols.basic import LineOnlyReceiver
 
 from taskfarm import lifeline
-from taskfarm.childprocess import ChildProcess
+from taskfarm.childprocess import GroupChild
 
 #: The longest line the launcher may send (a configuration with its furl).
 MAX_LINE = 1 << 20
@@ -46,22 +46,17 @@ MAX_LINE = 1 << 20
 TICK_PERIOD = 1.0
 
 
-class _Engine(ChildProcess):
+class _Engine(GroupChild):
     """One engine process; its output goes to the launcher line by line."""
 
     def __init__(self, index: int, channel: _Channel) -> None:
         super().__init__()
         self.index = index
-        self.last_pid: int | None = None
         self._channel = channel
         self._partial = b""
 
     def connectionMade(self) -> None:
-        self.last_pid = self.transport.pid
-        try:
-            os.setpgid(self.last_pid, self.last_pid)
-        except OSError:
-            pass  # it made its group itself already (taskfarm.lifeline)
+        super().connectionMade()
         self._channel.send({"started": self.index, "pid": self.last_pid})
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
@@ -69,14 +64,6 @@ class _Engine(ChildProcess):
         self._partial = lines.pop()
         for line in lines:
             self._channel.send({"out": self.index, "text": line.decode(errors="replace")})
-
-    def signal_group(self, signum: int) -> None:
-        if self.last_pid is None:
-            return
-        try:
-            os.killpg(self.last_pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def processExited(self, reason) -> None:
         # What its tasks forked ends with it.

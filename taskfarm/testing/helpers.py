@@ -10,7 +10,7 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor, task
 
-from taskfarm.childprocess import ChildProcess
+from taskfarm.childprocess import OutputChild  # noqa: F401  (the tests' child, re-exported)
 from taskfarm.errors import CompositeError, RemoteTaskError
 
 
@@ -52,21 +52,6 @@ def temp_dir(testcase, prefix: str = "taskfarm-test-") -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     testcase.addCleanup(shutil.rmtree, path, True)
     return path
-
-
-class OutputChild(ChildProcess):
-    """A child process whose output is kept: stdout in `out`, stderr in `err`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.err = bytearray()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.err += data
 
 
 # -- processes, found through /proc ------------------------------------------------
