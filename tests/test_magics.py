@@ -128,14 +128,18 @@ class MagicsKernelTests(ClusterTestCase):
 
     @async_test
     async def test_px_autopx_result(self):
-        """`%px` runs code on every engine and shows each engine's output;
-        engine errors fail the cell with each engine's error and remote
-        traceback; `%autopx` sends plain cells to the engines until toggled
-        off, printing its state; `%result` shows the last result."""
+        """Before `activate()`, `%px` says to call it.  Then `%px` runs code
+        on every engine and shows each engine's output; engine errors fail
+        the cell with each engine's error and remote traceback (not the
+        client's frames); `%autopx` sends plain cells to the engines until
+        toggled off, printing its state; `%result` and `%result N` show
+        results from the history; the client's `targets` and `block` apply;
+        an empty `%px` and `%result x` are usage errors."""
         await self.start_cluster(2)
         furl_file = str(self.cluster.profile.furl_file(MULTIENGINE))
         cells = [
             "%load_ext taskfarm.magics",
+            "%px a = 1",
             "from taskfarm import client\n"
             "mec = client.MultiEngineClient(%r)\n"
             "mec.activate()" % furl_file,
@@ -151,13 +155,22 @@ class MagicsKernelTests(ClusterTestCase):
             "%result 1",
             "mec.targets = [1]",
             "%px print(id)",
+            "%px",
+            "mec.block = False",
+            "pr = %px print('later')",
+            "pr.r",
+            "%result x",
         ]
         folder = temp_dir(self)
-        (load, activate, px_set, px_print, px_fail, on, remote, off, local, result, pulled,
-         result_1, _, px_one) = await threads.deferToThread(run_kernel_session, cells, folder)
+        (load, inactive, activate, px_set, px_print, px_fail, on, remote, off, local, result,
+         pulled, result_1, _, px_one, px_empty, _, pending, pending_r, result_bad) = await threads.deferToThread(
+            run_kernel_session, cells, folder
+        )
         for cell in (load, activate, px_set, px_print, on, remote, off, local, result, pulled,
-                     result_1, px_one):
+                     result_1, px_one, pending, pending_r):
             self.assertEqual(cell.status, "ok", cell)
+        self.assertEqual(inactive.status, "error", inactive)
+        self.assertIn("call its activate()", inactive.stderr)
         self.assertIn("Parallel execution on engines: all", px_set.stdout)
         self.assertIn("[0] In [1]: a = 2 + 3", px_set.result)
         self.assertIn("[1] In [1]: a = 2 + 3", px_set.result)
@@ -171,6 +184,8 @@ class MagicsKernelTests(ClusterTestCase):
             self.assertIn("[%d:execute]: ZeroDivisionError: division by zero" % engine_id, px_fail.traceback)
             # The remote traceback, under that engine's line.
             self.assertIn('File "<engine %d>", line 1' % engine_id, px_fail.traceback)
+        # Not the local frames of the client's plumbing.
+        self.assertNotIn("reactorthread", px_fail.traceback)
 
         self.assertIn("Auto Parallel Enabled", on.stdout)
         self.assertIn("Type %autopx to disable", on.stdout)
@@ -189,6 +204,13 @@ class MagicsKernelTests(ClusterTestCase):
         self.assertIn("Parallel execution on engines: [1]", px_one.stdout)
         self.assertIn("[1] Out[5]: 1", px_one.result)
         self.assertNotIn("[0]", px_one.result)
+        self.assertEqual(px_empty.status, "error", px_empty)
+        self.assertIn("UsageError: %px needs code", px_empty.stderr)
+        # And the client's block: a PendingResult, whose answer comes later.
+        self.assertEqual(pending.result, "")
+        self.assertIn("[1] Out[6]: later", pending_r.result)
+        self.assertEqual(result_bad.status, "error", result_bad)
+        self.assertIn("UsageError: %result takes an execute number, not 'x'", result_bad.stderr)
 
 
 class NoActiveClientTests(unittest.TestCase):
