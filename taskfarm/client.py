@@ -172,3 +172,18 @@ class MultiEngineClient(_BlockingClient):
 
     def __setitem__(self, key: str, value) -> None:
         self.push({key: value}, block=True)
+
+    def activate(self) -> None:
+        """Make this client the one the IPython magics (``%load_ext
+        taskfarm.magics``: ``%px``, ``%autopx``, ``%result``) use."""
+        global _active
+        _active = self
+
+
+#: The client `activate` chose for the IPython magics, or None.
+_active: MultiEngineClient | None = None
+
+
+def active_client() -> MultiEngineClient | None:
+    """The MultiEngine client last `activate`d, or None."""
+    return _active

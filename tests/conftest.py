@@ -30,6 +30,7 @@ PROCESS_MODULES = {
     "test_chaos",
     "test_cluster",
     "test_launcher",
+    "test_magics",
     "test_manage",
     "test_mpi",
     "test_multiengine",
