@@ -223,8 +223,9 @@ class ExamplesTests(unittest.TestCase):
         self.assertLess(abs(mean - 0.5), 0.001)
 
     def test_twisted_client(self):
-        """The Deferred clients under `react`: 8 callbacks fire, the engines'
-        pids arrive meanwhile, and the longest chain equals one computed here."""
+        """The Deferred clients under `react`: 8 callbacks fire, the MultiEngine
+        call on the same reactor answers with 3 pids, and the longest chain
+        equals one computed here."""
         out = self.run_example("twisted_client")
         self.assertEqual(len(re.findall(r"^task +\d of 8 done", out, re.MULTILINE)), 8, out)
         self.find(r"^engines' process ids: \[\d+, \d+, \d+\]$", out)

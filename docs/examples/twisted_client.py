@@ -6,7 +6,7 @@ one, started by `twisted.internet.task.react`, finds the longest Collatz
 chain below a limit: it submits one `MapTask` per range of starting
 numbers, handles each result in a callback as soon as it arrives (in the
 order the tasks finish, not the order they were sent), and meanwhile asks
-the MultiEngine client for each engine's process id, all on one reactor.
+the MultiEngine client for each engine's process id: one reactor, both clients.
 
 Run a cluster first (``taskfarm cluster -n 4``), then::
 
@@ -62,7 +62,9 @@ async def main(reactor, profile_dir, limit, n_tasks):
         d.addTimeout(120, reactor)  # never wait forever
         waits.append(d)
 
-    # While the tasks run, the MultiEngine client works on the same reactor.
+    # The MultiEngine client shares the reactor: this call goes out while the
+    # tasks run, and each engine answers it between two tasks (an engine's
+    # MultiEngine commands and its tasks wait in one queue).
     pids = await mec.execute("import os; pid = os.getpid()").addCallback(lambda _: mec.pull("pid"))
     print("engines' process ids:", pids)
 
