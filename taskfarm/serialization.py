@@ -38,6 +38,15 @@ def dumps(value: object, what: str = "value") -> bytes:
         ) from None
 
 
+def dumps_exception(error: BaseException) -> bytes | None:
+    """An exception pickled with cloudpickle (so a class defined in
+    ``__main__`` travels by value), or None when it cannot be pickled."""
+    try:
+        return cloudpickle.dumps(error, protocol=_PROTOCOL)
+    except Exception:
+        return None
+
+
 def loads(blob: bytes, what: str = "value") -> object:
     """Unpickle a user value made by `dumps`; `what` names it in errors."""
     try:
