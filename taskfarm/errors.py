@@ -8,6 +8,7 @@ Errors cross the wire as data: a name from this module plus a message (see
 from __future__ import annotations
 
 import pickle
+import types
 
 
 class TaskfarmError(Exception):
@@ -192,10 +193,25 @@ def _as_dual(exception: BaseException) -> RemoteTaskError | None:
     dual = _dual_class(type(exception))
     if dual is None:
         return None
+    # The arguments and state the exception's own pickling uses: for some
+    # built-ins (an OSError's filename, an ImportError's name) more than
+    # its args and __dict__.
+    args, state = exception.args, {}
     try:
-        error = dual.__new__(dual, *exception.args)
+        reduced = exception.__reduce__()
+        if reduced[0] is type(exception) and isinstance(reduced[1], tuple):
+            args = reduced[1]
+            if len(reduced) > 2 and isinstance(reduced[2], dict):
+                state = reduced[2]
+    except Exception:
+        pass
+    try:
+        error = dual.__new__(dual, *args)
         error.args = exception.args
         error.__dict__.update(vars(exception))
+        for name, value in state.items():
+            if name not in error.__dict__:
+                setattr(error, name, value)
     except Exception:
         return None
     return error
@@ -361,13 +377,50 @@ def _pickled(exception: BaseException | None) -> bytes | None:
 
 
 def _unpickled(blob: bytes | None) -> BaseException | None:
+    # Either a pickled exception, or (class, args, __dict__, pickled
+    # exception) from `serialization.dumps_exception`.
     if not isinstance(blob, bytes):
         return None
     try:
-        exception = pickle.loads(blob)
+        loaded = pickle.loads(blob)
     except Exception:
         return None
-    return exception if isinstance(exception, BaseException) else None
+    if isinstance(loaded, BaseException):
+        return loaded
+    try:
+        cls, args, state, whole = loaded
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            return None
+    except (TypeError, ValueError):
+        return None
+    whole = whole if isinstance(whole, bytes) else None
+    if _rebuild_first(cls):
+        return _rebuilt(cls, args, state) or _unpickled(whole)
+    return _unpickled(whole) or _rebuilt(cls, args, state)
+
+
+def _rebuild_first(cls: type) -> bool:
+    # Plain pickle calls ``cls(*args)``: wrong for an __init__ of the user's
+    # that does not take its own args back (it fails, or changes them).  Such
+    # a class, when it keeps the default pickling, is rebuilt from its state.
+    return (
+        isinstance(getattr(cls, "__init__", None), types.FunctionType)
+        and getattr(cls, "__reduce__", None) is BaseException.__reduce__
+        and getattr(cls, "__reduce_ex__", None) is BaseException.__reduce_ex__
+        and getattr(cls, "__setstate__", None) is BaseException.__setstate__
+    )
+
+
+def _rebuilt(cls: type, args, state) -> BaseException | None:
+    """An instance of `cls` with these args and attributes, made without
+    calling its __init__."""
+    try:
+        exception = cls.__new__(cls, *args)
+        exception.args = tuple(args)
+        exception.__dict__.update(state)
+    except Exception:
+        return None
+    return exception
 
 
 def from_wire(data: tuple, task_id: int | None = None) -> BaseException:

@@ -39,12 +39,27 @@ def dumps(value: object, what: str = "value") -> bytes:
 
 
 def dumps_exception(error: BaseException) -> bytes | None:
-    """An exception pickled with cloudpickle (so a class defined in
-    ``__main__`` travels by value), or None when it cannot be pickled."""
+    """An engine's exception as bytes for the client, or None when it
+    cannot be pickled.
+
+    cloudpickle, so a class defined in ``__main__`` travels by value.  The
+    bytes hold ``(class, args, __dict__, pickled exception)``: the client
+    unpickles the exception itself, or, when that fails (an ``__init__``
+    that does not take its own ``args`` back), rebuilds it from the class,
+    args and attributes (`taskfarm.errors.remote_error`).
+    """
     try:
-        return cloudpickle.dumps(error, protocol=_PROTOCOL)
+        whole = cloudpickle.dumps(error, protocol=_PROTOCOL)
     except Exception:
-        return None
+        whole = None
+    for state in (vars(error), {}):
+        try:
+            return cloudpickle.dumps(
+                (type(error), error.args, state, whole), protocol=_PROTOCOL
+            )
+        except Exception:
+            continue
+    return whole
 
 
 def loads(blob: bytes, what: str = "value") -> object:

@@ -42,10 +42,34 @@ class MyError(Exception):
 
 
 class TwoArgs(Exception):
-    """Pickles, but cannot be unpickled: its args do not fit its __init__."""
+    """Plain pickle cannot rebuild it: its args do not fit its __init__."""
 
     def __init__(self, a, b):
         super().__init__("%s-%s" % (a, b))
+        self.b = b
+
+
+class Prefixed(Exception):
+    """Plain pickle would rebuild it wrong: ``Prefixed("no x")`` is "no no x"."""
+
+    def __init__(self, what):
+        super().__init__("no %s" % what)
+        self.what = what
+
+
+def open_missing():
+    return open("/nowhere/at/all")
+
+
+def _explode():
+    raise RuntimeError("cannot be rebuilt here")
+
+
+class Bomb:
+    """Pickles, but fails when unpickled."""
+
+    def __reduce__(self):
+        return (_explode, ())
 
 
 class Final(Exception):
@@ -216,11 +240,35 @@ class LocalGridTests(unittest.SynchronousTestCase):
         self.assertIn("Remote traceback (engine 0, task %d):" % taskid, error.__notes__[0])
 
     def test_exception_that_cannot_be_unpickled_falls_back(self):
-        """An exception that pickles but cannot be unpickled here (its args
-        do not fit its __init__) is a plain RemoteTaskError."""
-        taskid, error = self.map_failure(lambda: raise_instance(TwoArgs(1, 2)))
+        """An exception that pickles but cannot be unpickled here (an
+        argument that fails to load) is a plain RemoteTaskError."""
+        taskid, error = self.map_failure(lambda: raise_instance(ValueError(Bomb())))
         self.assertIs(type(error), RemoteTaskError)
-        self.assertEqual((error.ename, error.evalue), ("TwoArgs", "1-2"))
+        self.assertEqual(error.ename, "ValueError")
+        self.assertIsNone(error.exception)
+
+    def test_init_that_does_not_take_its_args_back(self):
+        """An exception whose __init__ does not take its own args back (which
+        plain pickle cannot rebuild) is rebuilt from its class, args and
+        attributes, without calling __init__."""
+        taskid, error = self.map_failure(lambda: raise_instance(TwoArgs(1, 2)))
+        self.assertIsInstance(error, TwoArgs)
+        self.assertIsInstance(error, RemoteTaskError)
+        self.assertEqual((error.args, str(error), error.b), (("1-2",), "1-2", 2))
+        self.assertIs(type(error.exception), TwoArgs)
+        taskid, error = self.map_failure(lambda: raise_instance(Prefixed("x")))
+        self.assertEqual((str(error), error.what), ("no x", "x"))
+
+    def test_builtin_state_survives(self):
+        """A built-in exception keeps the state its own pickling carries:
+        an OSError's errno and filename, an ImportError's name."""
+        taskid, error = self.map_failure(open_missing)
+        self.assertIsInstance(error, FileNotFoundError)
+        self.assertEqual((error.errno, error.filename), (2, "/nowhere/at/all"))
+        self.assertEqual(str(error), "[Errno 2] No such file or directory: '/nowhere/at/all'")
+        taskid, tr = self.task_result(Task("import no_such_module_here"))
+        self.assertIsInstance(tr.failure, ModuleNotFoundError)
+        self.assertEqual(tr.failure.name, "no_such_module_here")
 
     def test_no_dual_class_falls_back(self):
         """A class that refuses subclasses, or whose metaclass cannot make
@@ -257,10 +305,12 @@ class LocalGridTests(unittest.SynchronousTestCase):
 
 _USER_MODULE = '''
 class UserError(Exception):
-    pass
+    def __init__(self, what):
+        super().__init__("no %s" % what)
+        self.what = what
 
 def fail(v):
-    raise UserError("no %s" % v)
+    raise UserError(v)
 
 def fail_unpicklable():
     import threading
@@ -324,7 +374,7 @@ class RealEngineTests(ClusterTestCase):
             await tc.map(module.fail, ["x"])
         except module.UserError as e:
             self.assertIsInstance(e, RemoteTaskError)
-            self.assertEqual(str(e), "no x")
+            self.assertEqual((str(e), e.what), ("no x", "x"))
         else:
             self.fail("no UserError")
         taskid = await tc.run(MapTask(module.fail_unpicklable))
