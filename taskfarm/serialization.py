@@ -44,9 +44,10 @@ def dumps_exception(error: BaseException) -> bytes | None:
 
     cloudpickle, so a class defined in ``__main__`` travels by value.  The
     bytes hold ``(class, args, __dict__, pickled exception)``: the client
-    unpickles the exception itself, or, when that fails (an ``__init__``
-    that does not take its own ``args`` back), rebuilds it from the class,
-    args and attributes (`taskfarm.errors.remote_error`).
+    (`taskfarm.errors.from_wire`) unpickles the exception itself, or
+    rebuilds it from the class, args and attributes where plain pickle
+    would call an ``__init__`` of the user's that may not take its own
+    ``args`` back.
     """
     try:
         whole = cloudpickle.dumps(error, protocol=_PROTOCOL)
