@@ -8,6 +8,7 @@ Errors cross the wire as data: a name from this module plus a message (see
 from __future__ import annotations
 
 import pickle
+import types
 
 
 class TaskfarmError(Exception):
@@ -111,8 +112,13 @@ class RemoteTaskError(TaskfarmError):
     """User code raised on an engine.
 
     Carries the remote exception's type name (`ename`), message (`evalue`),
-    the remote traceback text (`traceback`), the engine id and, when it could
-    be unpickled here, the original exception object (`exception`).
+    the remote traceback text (`traceback`), the engine id, the task id (for
+    a task's failure) and, when it could be unpickled here, the original
+    exception object (`exception`).
+
+    A failure that comes back from an engine is, where it can be, an
+    instance of the original exception's class as well (see
+    `remote_error`), so ``except ZeroDivisionError`` catches it.
     """
 
     def __init__(
@@ -122,6 +128,7 @@ class RemoteTaskError(TaskfarmError):
         traceback: str = "",
         engine_id: int | None = None,
         exception: BaseException | None = None,
+        task_id: int | None = None,
     ) -> None:
         super().__init__(ename, evalue)
         self.ename = ename
@@ -129,6 +136,7 @@ class RemoteTaskError(TaskfarmError):
         self.traceback = traceback
         self.engine_id = engine_id
         self.exception = exception
+        self.task_id = task_id
 
     def __str__(self) -> str:
         return "%s: %s" % (self.ename, self.evalue)
@@ -136,8 +144,113 @@ class RemoteTaskError(TaskfarmError):
     def __reduce__(self):
         return (
             RemoteTaskError,
-            (self.ename, self.evalue, self.traceback, self.engine_id, None),
+            (self.ename, self.evalue, self.traceback, self.engine_id, None, self.task_id),
         )
+
+
+def _reduce_dual(self):
+    # A dual instance pickles as the call that made it.
+    return (
+        remote_error,
+        (self.ename, self.evalue, self.traceback, self.engine_id, self.exception, self.task_id),
+    )
+
+
+#: original exception class -> its dual subclass (None: none can be made).
+_DUALS: dict[type, type | None] = {}
+
+
+def _dual_class(cls: type) -> type | None:
+    """The class that is both `cls` and `RemoteTaskError` (made once per
+    class), or None when no such class can be made."""
+    if cls in _DUALS:
+        return _DUALS[cls]
+    dual = None
+    # Only Exception subclasses: a remote SystemExit or KeyboardInterrupt
+    # must not stop the client.
+    if issubclass(cls, Exception) and not issubclass(cls, RemoteTaskError):
+        try:
+            dual = type(
+                "Remote" + cls.__name__,
+                (cls, RemoteTaskError),
+                {
+                    "__module__": cls.__module__,
+                    "__qualname__": "Remote" + cls.__qualname__,
+                    "__doc__": "%s raised on an engine (also a RemoteTaskError)." % cls.__name__,
+                    # str() and repr() are the original's, not RemoteTaskError's.
+                    "__str__": cls.__str__,
+                    "__repr__": cls.__repr__,
+                    "__reduce__": _reduce_dual,
+                },
+            )
+        except Exception:
+            dual = None
+    _DUALS[cls] = dual
+    return dual
+
+
+def _as_dual(exception: BaseException) -> RemoteTaskError | None:
+    dual = _dual_class(type(exception))
+    if dual is None:
+        return None
+    # The arguments and state the exception's own pickling uses: for some
+    # built-ins (an OSError's filename, an ImportError's name) more than
+    # its args and __dict__.
+    args, state = exception.args, {}
+    try:
+        reduced = exception.__reduce__()
+        if reduced[0] is type(exception) and isinstance(reduced[1], tuple):
+            args = reduced[1]
+            if len(reduced) > 2 and isinstance(reduced[2], dict):
+                state = reduced[2]
+    except Exception:
+        pass
+    try:
+        error = dual.__new__(dual, *args)
+        error.args = exception.args
+        error.__dict__.update(vars(exception))
+        for name, value in state.items():
+            if name not in error.__dict__:
+                setattr(error, name, value)
+    except Exception:
+        return None
+    return error
+
+
+def remote_error(
+    ename: str,
+    evalue: str,
+    traceback: str = "",
+    engine_id: int | None = None,
+    exception: BaseException | None = None,
+    task_id: int | None = None,
+) -> RemoteTaskError:
+    """The exception to raise here for a failure on an engine.
+
+    An instance of the original exception's class and of `RemoteTaskError`
+    when `exception` is given and such a class can be made; else a plain
+    `RemoteTaskError`.  Either way it carries the name, message, remote
+    traceback text, engine id and task id, and the remote traceback is added
+    as a note, so it prints as part of the local traceback.
+    """
+    error = _as_dual(exception) if exception is not None else None
+    if error is None:
+        error = RemoteTaskError(ename, evalue, traceback, engine_id, exception, task_id)
+    else:
+        try:
+            error.ename, error.evalue, error.traceback = ename, evalue, traceback
+            error.engine_id, error.exception, error.task_id = engine_id, exception, task_id
+        except Exception:
+            error = RemoteTaskError(ename, evalue, traceback, engine_id, exception, task_id)
+    if traceback:
+        where = ["engine %s" % engine_id] if engine_id is not None else []
+        if task_id is not None:
+            where.append("task %s" % task_id)
+        head = "Remote traceback (%s):" % ", ".join(where) if where else "Remote traceback:"
+        error.__notes__ = [
+            n for n in getattr(error, "__notes__", []) if isinstance(n, str)
+        ] + [head + "\n" + traceback.rstrip("\n")]
+    return error
 
 
 # -- engines and the MultiEngine interface ------------------------------------
@@ -217,7 +330,7 @@ class CompositeError(TaskfarmError):
 
 def _describe(error: BaseException) -> str:
     if isinstance(error, RemoteTaskError):
-        return str(error)
+        return "%s: %s" % (error.ename, error.evalue)
     if isinstance(error, KeyError) and len(error.args) == 1:
         return "%s: %s" % (type(error).__name__, error.args[0])
     return "%s: %s" % (type(error).__name__, error)
@@ -229,9 +342,8 @@ def _describe(error: BaseException) -> str:
 def to_wire(error: BaseException) -> tuple:
     """Turn an exception into plain data that any peer can read."""
     if isinstance(error, RemoteTaskError):
-        return (
-            "RemoteTaskError",
-            (error.ename, error.evalue, error.traceback, error.engine_id, _pickled(error.exception)),
+        return remote_wire(
+            error.ename, error.evalue, error.traceback, error.engine_id, _pickled(error.exception)
         )
     if isinstance(error, CompositeError):
         # Each engine's error travels typed, so the far side can raise it.
@@ -245,6 +357,15 @@ def to_wire(error: BaseException) -> tuple:
     return (type(error).__name__, str(error))
 
 
+def remote_wire(
+    ename: str, evalue: str, traceback: str, engine_id: int | None, pickled: bytes | None
+) -> tuple:
+    """The wire form of a `RemoteTaskError`; `pickled` is the original
+    exception's bytes (the engine pickles it with cloudpickle, so classes
+    defined in ``__main__`` travel by value), or None."""
+    return ("RemoteTaskError", (ename, evalue, traceback, engine_id, pickled))
+
+
 def _pickled(exception: BaseException | None) -> bytes | None:
     # The original exception travels when it can; its type and text always do.
     if exception is None:
@@ -256,27 +377,66 @@ def _pickled(exception: BaseException | None) -> bytes | None:
 
 
 def _unpickled(blob: bytes | None) -> BaseException | None:
+    # Either a pickled exception, or (class, args, __dict__, pickled
+    # exception) from `serialization.dumps_exception`.
     if not isinstance(blob, bytes):
         return None
     try:
-        exception = pickle.loads(blob)
+        loaded = pickle.loads(blob)
     except Exception:
         return None
-    return exception if isinstance(exception, BaseException) else None
+    if isinstance(loaded, BaseException):
+        return loaded
+    try:
+        cls, args, state, whole = loaded
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            return None
+    except (TypeError, ValueError):
+        return None
+    whole = whole if isinstance(whole, bytes) else None
+    if _rebuild_first(cls):
+        return _rebuilt(cls, args, state) or _unpickled(whole)
+    return _unpickled(whole) or _rebuilt(cls, args, state)
 
 
-def from_wire(data: tuple) -> BaseException:
-    """Rebuild the exception `to_wire` described."""
+def _rebuild_first(cls: type) -> bool:
+    # Plain pickle calls ``cls(*args)``: wrong for an __init__ of the user's
+    # that does not take its own args back (it fails, or changes them).  Such
+    # a class, when it keeps the default pickling, is rebuilt from its state.
+    return (
+        isinstance(getattr(cls, "__init__", None), types.FunctionType)
+        and getattr(cls, "__reduce__", None) is BaseException.__reduce__
+        and getattr(cls, "__reduce_ex__", None) is BaseException.__reduce_ex__
+        and getattr(cls, "__setstate__", None) is BaseException.__setstate__
+    )
+
+
+def _rebuilt(cls: type, args, state) -> BaseException | None:
+    """An instance of `cls` with these args and attributes, made without
+    calling its __init__."""
+    try:
+        exception = cls.__new__(cls, *args)
+        exception.args = tuple(args)
+        exception.__dict__.update(state)
+    except Exception:
+        return None
+    return exception
+
+
+def from_wire(data: tuple, task_id: int | None = None) -> BaseException:
+    """Rebuild the exception `to_wire` described (a remote failure through
+    `remote_error`, so it keeps its class where it can; `task_id` names the
+    task it belongs to)."""
     name, detail = data
     if name == "RemoteTaskError":
         ename, evalue, traceback, engine_id, *pickled = detail
         exception = _unpickled(pickled[0]) if pickled else None
-        return RemoteTaskError(ename, evalue, traceback, engine_id, exception)
+        return remote_error(ename, evalue, traceback, engine_id, exception, task_id)
     if name == "CompositeError":
         if isinstance(detail, str):
             return CompositeError(detail, [])
         message, elist = detail
-        return CompositeError(message, [(e, m, from_wire(w)) for e, m, w in elist])
+        return CompositeError(message, [(e, m, from_wire(w, task_id)) for e, m, w in elist])
     cls = _WIRE_CLASSES.get(name)
     if cls is None:
         return TaskfarmError("%s: %s" % (name, detail))

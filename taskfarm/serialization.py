@@ -38,6 +38,31 @@ def dumps(value: object, what: str = "value") -> bytes:
         ) from None
 
 
+def dumps_exception(error: BaseException) -> bytes | None:
+    """An engine's exception as bytes for the client, or None when it
+    cannot be pickled.
+
+    cloudpickle, so a class defined in ``__main__`` travels by value.  The
+    bytes hold ``(class, args, __dict__, pickled exception)``: the client
+    (`taskfarm.errors.from_wire`) unpickles the exception itself, or
+    rebuilds it from the class, args and attributes where plain pickle
+    would call an ``__init__`` of the user's that may not take its own
+    ``args`` back.
+    """
+    try:
+        whole = cloudpickle.dumps(error, protocol=_PROTOCOL)
+    except Exception:
+        whole = None
+    for state in (vars(error), {}):
+        try:
+            return cloudpickle.dumps(
+                (type(error), error.args, state, whole), protocol=_PROTOCOL
+            )
+        except Exception:
+            continue
+    return whole
+
+
 def loads(blob: bytes, what: str = "value") -> object:
     """Unpickle a user value made by `dumps`; `what` names it in errors."""
     try:

@@ -432,7 +432,7 @@ def result_from_envelope(envelope: tuple) -> TaskResult:
         else:
             results = outcome
     else:
-        failure = from_wire(envelope.data)
+        failure = from_wire(envelope.data, envelope.taskid)
         if not isinstance(failure, TaskfarmError):
             failure = TaskfarmError(str(failure))
     return TaskResult(

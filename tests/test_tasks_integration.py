@@ -124,7 +124,9 @@ class RetryTests(_ClusterTestCase):
         self.assertIn("line 2", tr.failure.traceback)
         self.assertIn("ValueError: bad value 42", tr.failure.traceback)
         self.assertIn(tr.failure.engine_id, await tc.engine_ids())
-        self.assertEqual(str(tr.failure), "ValueError: bad value 42")
+        # Issue 11: the failure is a ValueError too, and str() is the original's.
+        self.assertIsInstance(tr.failure, ValueError)
+        self.assertEqual(str(tr.failure), "bad value 42")
         self.assertEqual(counter.read_text(), "x\n" * 3)
         with self.assertRaises(RemoteTaskError):
             _ = tr.ns.anything

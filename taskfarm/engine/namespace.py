@@ -19,7 +19,13 @@ import types
 from collections.abc import Callable
 
 from taskfarm import serialization
-from taskfarm.errors import RemoteTaskError, SerializationError, TaskfarmError, to_wire
+from taskfarm.errors import (
+    RemoteTaskError,
+    SerializationError,
+    TaskfarmError,
+    remote_wire,
+    to_wire,
+)
 from taskfarm.task import CALL, EXEC
 
 _THIS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -153,10 +159,14 @@ class Namespace:
                 RemoteTaskError(type(e).__name__, str(e), "", self.engine_id)
             )
         except BaseException as e:
-            return False, to_wire(
-                RemoteTaskError(
-                    type(e).__name__, str(e), _user_traceback(e), self.engine_id, e
-                )
+            # The exception itself travels too (cloudpickle: a class from
+            # the user's __main__ by value), so the client can raise its class.
+            return False, remote_wire(
+                type(e).__name__,
+                str(e),
+                _user_traceback(e),
+                self.engine_id,
+                serialization.dumps_exception(e),
             )
 
     # -- operations (each returns bytes, or raises) ----------------------------------
