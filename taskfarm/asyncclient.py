@@ -412,11 +412,19 @@ class TaskMapper:
             return getattr(_DEFAULT_TASK, name)
         raise AttributeError("%s has no attribute %r" % (type(self).__name__, name))
 
-    def map(self, function, *sequences):
-        """The results (or, when not `block`, the task ids) of the map."""
+    def map(self, function, *sequences, **kwargs):
+        """The results (or, when not `block`, the task ids) of the map;
+        `kwargs` go to every call of `function`."""
+        clash = sorted(set(kwargs) & TASK_OPTIONS)
+        if clash:
+            raise TypeError(
+                "%s: task options are the mapper's (tc.mapper(%s=...)), not its map's"
+                % (", ".join(clash), clash[0])
+            )
+        options = {**kwargs, **self.task_options}
         if self.block:
-            return self._client.map(function, *sequences, **self.task_options)
-        tasks = map_tasks(function, _zip_equal(sequences), self.task_options)
+            return self._client.map(function, *sequences, **options)
+        tasks = map_tasks(function, _zip_equal(sequences), options)
         return self._client.run_many(tasks)
 
 

@@ -276,6 +276,14 @@ class MismatchTests(GridTestCase):
         self.assertRaises(RemoteTaskError, result.__getitem__, "x")
         self.assertEqual(result.results, {})
 
+    def test_id_is_the_engine_id(self):
+        """`id` in an engine's namespace is the engine id, hiding the
+        builtin; builtins.id is still there."""
+        self.value(self.mec.execute("import builtins\nhidden = id is not builtins.id"))
+        self.assertEqual(self.value(self.mec.pull(["id", "hidden"])), [[0, True], [1, True]])
+        ran_on = self.value(self.tc.map(lambda _: id, range(4)))
+        self.assertTrue(set(ran_on) <= {0, 1}, ran_on)
+
     def test_map_keyword_arguments(self):
         """tc.map and mec.map (and their mappers) give keywords that are no
         task option to the function, in every call; task options still
@@ -288,6 +296,11 @@ class MismatchTests(GridTestCase):
         self.assertEqual(
             self.value(self.tc.map(scaled, [1, 2], scale=2, offset=1, retries=1)), [3, 5]
         )
+        mapper = self.tc.mapper(retries=1)
+        self.assertEqual(self.value(mapper.map(scaled, [1, 2], offset=3)), [4, 5])
+        ids = self.value(self.tc.mapper(block=False).map(scaled, [7], scale=2))
+        self.assertEqual(self.value(self.tc.get_task_result(ids[0], block=True)), 14)
+        self.assertRaises(TypeError, mapper.map, scaled, [1], retries=2)
         self.assertEqual(self.value(self.mec.map(scaled, [1, 2, 3], scale=10)), [10, 20, 30])
         self.assertEqual(
             self.value(self.mec.mapper(targets=[1]).map(scaled, [1, 2], offset=5)), [6, 7]
