@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from taskfarm import client
@@ -40,8 +40,9 @@ from taskfarm.errors import (
 from taskfarm.profile import MULTIENGINE, TASK
 from taskfarm.results import PendingResult
 from taskfarm.task import MapTask, Task, TaskResult
+from taskfarm.testing.cluster import ClusterTestCase
 from taskfarm.testing.grid import LocalGrid
-from taskfarm.testing.helpers import assert_composite
+from taskfarm.testing.helpers import assert_composite, async_test
 
 
 class GridTestCase(unittest.SynchronousTestCase):
@@ -306,3 +307,60 @@ class MismatchTests(GridTestCase):
             self.value(self.mec.mapper(targets=[1]).map(scaled, [1, 2], offset=5)), [6, 7]
         )
         self.assertEqual(self.value(self.mec.map(scaled, [4])), [4])
+
+
+class RealEnginesTests(ClusterTestCase):
+    """The same ways in and the deferred-id protocol against a real
+    controller and engine processes, over Foolscap."""
+
+    folder_prefix = "taskfarm-api-"
+
+    @async_test
+    async def test_original_api_on_real_engines(self):
+        """get_multiengine_client(furl file) and get_task_client(furl) fire
+        with connected clients; deferred ids, a taken id and a real
+        engine's error through get_pending_deferred; run(block=True), tr.ns
+        of a failed task, map keywords; the task furl file given to a
+        MultiEngine client is WrongInterface."""
+        await self.start_cluster(2)
+        profile = self.cluster.profile
+        tub = self.cluster._tub()
+        mec = await get_multiengine_client(
+            str(profile.furl_file(MULTIENGINE)), reactor, tub=tub
+        )
+        self.addCleanup(mec.disconnect)
+        first = await mec.execute("a = id + 1", block=False)
+        failing = await mec.execute("1 / 0", targets=1, block=False)
+        self.assertEqual((first, failing), (0, 1))
+        results = await mec.get_pending_deferred(first, True)
+        self.assertEqual([r["id"] for r in results], [0, 1])
+        try:
+            await mec.get_pending_deferred(first, True)
+        except InvalidDeferredID as e:
+            self.assertIn("already taken", str(e))
+        else:
+            self.fail("a taken result was handed out again")
+        try:
+            await mec.get_pending_deferred(failing, True)
+        except CompositeError as e:
+            assert_composite(self, e, "execute", {1: "ZeroDivisionError"})
+        else:
+            self.fail("the failed execute gave no CompositeError")
+        self.assertEqual(await mec.zip_pull(["id", "a"]), [(0, 1), (1, 2)])
+        self.assertEqual(await mec.clear_queue(), [None, None])
+
+        furl = profile.furl_file(TASK).read_text().strip()
+        tc = await get_task_client(furl, reactor, tub=tub)
+        self.addCleanup(tc.disconnect)
+        result = await tc.run(Task("b = 2 ** 10", pull="b"), block=True)
+        self.assertEqual(result.ns.b, 1024)
+        failed = await tc.run(Task("c = 1 / 0", pull="c"), block=True)
+        self.assertRaises(RemoteTaskError, getattr, failed, "ns")
+        self.assertEqual(await tc.map(pow, [2, 3], [3, 3]), [8, 27])
+        self.assertEqual(await tc.map(lambda x, k=0: x + k, [1, 2], k=10), [11, 12])
+        try:
+            await get_multiengine_client(str(profile.furl_file(TASK)), reactor, tub=tub)
+        except WrongInterface as e:
+            self.assertIn("'task' interface", str(e))
+        else:
+            self.fail("the task furl made a MultiEngine client")
