@@ -208,6 +208,15 @@ class PendingDeferredTests(GridTestCase):
         self.channels[1].release()
         later = self.value(self.mec.pull("c", targets=1, block=False))
         self.assertEqual(self.value(self.mec.get_pending_deferred(later, True)), [3])
+        flushed = self.value(self.mec.pull("c", targets=1, block=False))
+        self.value(self.mec.flush())
+        self.error(self.mec.get_pending_deferred(flushed, True), InvalidDeferredID)
+
+    def test_execute_keeps_empty_output_keys(self):
+        """A documented difference: an execute result has stdout and
+        stderr even when empty."""
+        (result,) = self.value(self.mec.execute("quiet = 1", targets=0))
+        self.assertEqual((result["stdout"], result["stderr"]), ("", ""))
 
     def test_the_default_client_still_hands_out_pending_results(self):
         """MultiEngineClient() without deferred_ids, and so the blocking
