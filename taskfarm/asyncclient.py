@@ -815,9 +815,11 @@ class MultiEngineClient(_Client):
             return defer.fail(e)
 
     def flush(self) -> defer.Deferred:
-        """Drop every non-blocking result not fetched yet."""
+        """Drop every non-blocking result not fetched yet (deferred ids
+        included, as `clear_pending_deferreds`)."""
+        cleared = self.clear_pending_deferreds()
         self._results.flush()
-        return self.clear_pending_deferreds()
+        return cleared
 
     clear_pending_results = flush
 

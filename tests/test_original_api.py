@@ -209,8 +209,13 @@ class PendingDeferredTests(GridTestCase):
         later = self.value(self.mec.pull("c", targets=1, block=False))
         self.assertEqual(self.value(self.mec.get_pending_deferred(later, True)), [3])
         flushed = self.value(self.mec.pull("c", targets=1, block=False))
+        self.channels[1].hold()
+        busy = self.value(self.mec.execute("e = 5", targets=1, block=False))
+        waiting = self.mec.get_pending_deferred(busy, True)
         self.value(self.mec.flush())
+        self.error(waiting, AbortedPendingDeferredError)
         self.error(self.mec.get_pending_deferred(flushed, True), InvalidDeferredID)
+        self.channels[1].release()
 
     def test_execute_keeps_empty_output_keys(self):
         """A documented difference: an execute result has stdout and
