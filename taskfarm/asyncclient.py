@@ -12,8 +12,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from taskfarm import serialization, wire
 from taskfarm.connection import (
@@ -22,12 +24,15 @@ from taskfarm.connection import (
     ControllerConnection,
 )
 from taskfarm.errors import (
+    AbortedPendingDeferredError,
     BadRequest,
     CompositeError,
     FurlError,
+    InvalidDeferredID,
     NoEnginesRegistered,
     NotAPendingResult,
     RemoteTaskError,
+    ResultNotCompleted,
     UnknownTask,
     from_wire,
 )
@@ -39,7 +44,13 @@ from taskfarm.results import barrier as results_barrier
 from taskfarm.submission import Submitter, pack_envelope
 from taskfarm.task import CALL, BaseTask, MapTask, result_from_envelope
 
-__all__ = ["TaskClient", "MultiEngineClient", "resolve_furl"]
+__all__ = [
+    "TaskClient",
+    "MultiEngineClient",
+    "resolve_furl",
+    "get_multiengine_client",
+    "get_task_client",
+]
 
 
 def resolve_furl(furl_or_file, interface: str) -> str:
@@ -125,8 +136,10 @@ class TaskClient(_Client):
 
     # -- submitting ---------------------------------------------------------------
 
-    def run(self, task: BaseTask) -> defer.Deferred:
-        """Submit one task; fires with its id.
+    def run(self, task: BaseTask, block: bool = False) -> defer.Deferred:
+        """Submit one task; fires with its id (with `block`, with what
+        ``get_task_result(id, block=True)`` gives: its `TaskResult`, or for
+        a `MapTask` its value, a failure raised).
 
         Usually at once: the id comes from a block the controller set aside
         for this client, and the task leaves with others at the end of the
@@ -140,7 +153,10 @@ class TaskClient(_Client):
             envelope = _envelope(task)
         except Exception as e:
             return defer.fail(e)
-        return self._submitter.run(envelope)
+        d = self._submitter.run(envelope)
+        if block:
+            d.addCallback(self.get_task_result, True)
+        return d
 
     def run_many(self, tasks: Iterable[BaseTask]) -> defer.Deferred:
         """Submit many tasks at once; fires with their ids, in order, once
@@ -286,15 +302,16 @@ class TaskClient(_Client):
 
     # -- function tasks -----------------------------------------------------------------
 
-    def map(self, function, *sequences, **task_options) -> defer.Deferred:
-        """Load-balanced ``[function(*args) for args in zip(*sequences)]``.
+    def map(self, function, *sequences, **options) -> defer.Deferred:
+        """Load-balanced ``[function(*args, **kwargs) for args in zip(*sequences)]``.
 
-        One `MapTask` per element, each with `task_options` (retries,
-        depend, ...); the function is pickled once.  Fires with the results
+        One `MapTask` per element; keywords that name task options
+        (retries, depend, ...) are the options of every task, the others
+        are `kwargs`, given to every call.  The function is pickled once.  Fires with the results
         in order, or fails with the first task's failure.  The results are
         cleared on the controller once fetched.
         """
-        return defer.Deferred.fromCoroutine(self._map(function, sequences, task_options))
+        return defer.Deferred.fromCoroutine(self._map(function, sequences, options))
 
     async def _map(self, function, sequences, task_options) -> list:
         arguments = _zip_equal(sequences)
@@ -377,12 +394,37 @@ class TaskMapper:
         self._client = client
         self.block = block
         self.task_options = task_options
+        # Checked now, as the original's mapper did: a bad option fails here.
+        unknown = sorted(set(task_options) - TASK_OPTIONS)
+        if unknown:
+            raise TypeError(
+                "unknown task option%s %s (the options are %s)"
+                % ("s" if len(unknown) > 1 else "", ", ".join(unknown), ", ".join(sorted(TASK_OPTIONS)))
+            )
 
-    def map(self, function, *sequences):
-        """The results (or, when not `block`, the task ids) of the map."""
+    def __getattr__(self, name: str):
+        # The settings, as attributes (`.retries`, `.depend`, ...): the
+        # given option, else the task's default.
+        if name in TASK_OPTIONS:
+            options = self.__dict__.get("task_options", {})
+            if name in options:
+                return options[name]
+            return getattr(_DEFAULT_TASK, name)
+        raise AttributeError("%s has no attribute %r" % (type(self).__name__, name))
+
+    def map(self, function, *sequences, **kwargs):
+        """The results (or, when not `block`, the task ids) of the map;
+        `kwargs` go to every call of `function`."""
+        clash = sorted(set(kwargs) & TASK_OPTIONS)
+        if clash:
+            raise TypeError(
+                "%s: task options are the mapper's (tc.mapper(%s=...)), not its map's"
+                % (", ".join(clash), clash[0])
+            )
+        options = {**kwargs, **self.task_options}
         if self.block:
-            return self._client.map(function, *sequences, **self.task_options)
-        tasks = map_tasks(function, _zip_equal(sequences), self.task_options)
+            return self._client.map(function, *sequences, **options)
+        tasks = map_tasks(function, _zip_equal(sequences), options)
         return self._client.run_many(tasks)
 
 
@@ -397,14 +439,26 @@ def _parallel(mapper):
     return decorate
 
 
+#: The keywords of `BaseTask`'s options; `map` gives other keywords to the function.
+TASK_OPTIONS = frozenset(field.name for field in attrs.fields(BaseTask))
+
+#: Where a mapper's unset options read their defaults.
+_DEFAULT_TASK = MapTask(abs)
+
+
 def map_tasks(function, arguments: list, task_options: dict) -> list[MapTask]:
-    """One MapTask per argument tuple, sharing one pickled copy of `function`."""
+    """One MapTask per argument tuple, sharing one pickled copy of `function`.
+
+    Keys of `task_options` that are not task options are keyword arguments
+    of every call."""
     if not callable(function):
         raise TypeError("map needs a callable, not %s" % type(function).__name__)
+    options = {k: v for k, v in task_options.items() if k in TASK_OPTIONS}
+    kwargs = {k: v for k, v in task_options.items() if k not in TASK_OPTIONS}
     blob = serialization.dumps(function, "function %r" % getattr(function, "__name__", "?"))
     tasks = []
     for args in arguments:
-        task = MapTask(function, args, **task_options)
+        task = MapTask(function, args, kwargs, **options)
         task._function_blob = blob
         tasks.append(task)
     return tasks
@@ -480,7 +534,9 @@ class MultiEngineClient(_Client):
 
     Every method takes `targets` (an engine id, a list of ids, or ``'all'``)
     and `block`; the attributes `targets` and `block` are the defaults.
-    With ``block=False`` the Deferred fires at once with a `PendingResult`.
+    With ``block=False`` the Deferred fires at once with a `PendingResult`;
+    with `deferred_ids` (the client `get_multiengine_client` gives, as the
+    original's), with a deferred id (an int) for `get_pending_deferred`.
     Errors from engines are gathered into one `CompositeError`.
     """
 
@@ -495,6 +551,7 @@ class MultiEngineClient(_Client):
         reconnect_timeout=DEFAULT_RECONNECT_TIMEOUT,
         targets="all",
         block: bool = True,
+        deferred_ids: bool = False,
     ):
         super().__init__(furl_or_file, reactor, connect_timeout, tub, reconnect_timeout)
         #: The default targets of every method.
@@ -502,6 +559,11 @@ class MultiEngineClient(_Client):
         #: The default of every method's `block`.
         self.block = block
         self._results = PendingResults()
+        self._deferred_ids = bool(deferred_ids)
+        #: Deferred id -> its PendingResult, held until taken or cleared.
+        self._deferreds: dict[int, object] = {}
+        #: Deferred ids taken with block=True whose result is not there yet.
+        self._waited: dict[int, defer.Deferred] = {}
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -509,7 +571,11 @@ class MultiEngineClient(_Client):
         d = defer.Deferred.fromCoroutine(coroutine)
         if (self.block if block is None else block):
             return d
-        return defer.succeed(self._results.new(d))
+        pending = self._results.new(d)
+        if not self._deferred_ids:
+            return defer.succeed(pending)
+        self._deferreds[pending.result_id] = pending
+        return defer.succeed(pending.result_id)
 
     async def _engine_call(self, method, op, targets, args, decode, per_target=None) -> list:
         targets = self.targets if targets is None else targets
@@ -579,13 +645,13 @@ class MultiEngineClient(_Client):
     pull_function = pull
 
     def zip_pull(self, keys, targets=None, block=None) -> defer.Deferred:
-        """`pull` of several keys, transposed: one list per key."""
+        """`pull` of several keys, transposed: one tuple per key."""
         if isinstance(keys, str):
             keys = [keys]
 
         async def go():
             values = await self._engine_call("pull", "pull", targets, (tuple(keys),), _decode_pull)
-            return [list(column) for column in zip(*values, strict=True)]
+            return list(zip(*values, strict=True))
 
         return self._answer(go(), block)
 
@@ -648,14 +714,15 @@ class MultiEngineClient(_Client):
 
         return self._answer(go(), block)
 
-    def map(self, function, *sequences, targets=None, block=None) -> defer.Deferred:
-        """``[function(*args) for args in zip(*sequences)]`` in contiguous
-        blocks over the targets (direct, not load-balanced)."""
+    def map(self, function, *sequences, targets=None, block=None, **kwargs) -> defer.Deferred:
+        """``[function(*args, **kwargs) for args in zip(*sequences)]`` in
+        contiguous blocks over the targets (direct, not load-balanced)."""
 
         async def go():
             arguments = _zip_equal(sequences)
             ids = await self._resolve(targets)
-            blob = serialization.dumps(function, "the mapped function")
+            call = functools.partial(function, **kwargs) if kwargs else function
+            blob = serialization.dumps(call, "the mapped function")
             per_target = {
                 engine_id: (blob, serialization.dumps(arguments[start:stop], "map arguments"))
                 for engine_id, (start, stop) in zip(ids, partition(len(arguments), len(ids)), strict=True)
@@ -667,13 +734,13 @@ class MultiEngineClient(_Client):
 
         return self._answer(go(), block)
 
-    def mapper(self, targets=None, block=None) -> MultiEngineMapper:
+    def mapper(self, targets=None, block=None, dist: str = "b") -> MultiEngineMapper:
         """An object whose `map` maps over these targets."""
-        return MultiEngineMapper(self, targets, block)
+        return MultiEngineMapper(self, targets, block, dist)
 
-    def parallel(self, targets=None, block=None):
+    def parallel(self, targets=None, block=None, dist: str = "b"):
         """A decorator: ``f(seq)`` becomes ``map(f, seq)`` over the targets."""
-        return _parallel(self.mapper(targets, block))
+        return _parallel(self.mapper(targets, block, dist))
 
     # -- properties --------------------------------------------------------------------
 
@@ -728,9 +795,15 @@ class MultiEngineClient(_Client):
 
     def clear_queue(self, targets=None, block=None):
         """Drop the queued MultiEngine commands of the targets (they fail
-        with `QueueCleared`); running commands and tasks are not touched."""
+        with `QueueCleared`); running commands and tasks are not touched.
+        Fires with one None per target, as the original."""
         targets = self.targets if targets is None else targets
-        return self._answer(self._connection.call("clear_queue", serialization.pack(targets)), block)
+
+        async def go():
+            await self._connection.call("clear_queue", serialization.pack(targets))
+            return [None] * len(await self._resolve(targets))
+
+        return self._answer(go(), block)
 
     # -- pending results -----------------------------------------------------------------
 
@@ -742,23 +815,94 @@ class MultiEngineClient(_Client):
             return defer.fail(e)
 
     def flush(self) -> defer.Deferred:
-        """Drop every non-blocking result not fetched yet."""
+        """Drop every non-blocking result not fetched yet (deferred ids
+        included, as `clear_pending_deferreds`)."""
+        cleared = self.clear_pending_deferreds()
         self._results.flush()
-        return defer.succeed(None)
+        return cleared
 
     clear_pending_results = flush
 
+    def get_pending_deferred(self, deferred_id: int, block: bool = True) -> defer.Deferred:
+        """The result of the non-blocking call that fired with `deferred_id`
+        (a client with `deferred_ids`); taking it frees it.
+
+        Not there yet: with `block`, a Deferred that fires when it is;
+        without, `ResultNotCompleted` (ask again later).  An id never handed
+        out, or one already taken or cleared, or one another
+        `get_pending_deferred` waits for already: `InvalidDeferredID`.
+        """
+        if isinstance(deferred_id, bool) or not isinstance(deferred_id, int):
+            return defer.fail(TypeError("a deferred id is an int, not %r" % (deferred_id,)))
+        if deferred_id in self._waited:
+            return defer.fail(
+                InvalidDeferredID(
+                    "deferred id %d is already waited for by another get_pending_deferred"
+                    % deferred_id
+                )
+            )
+        pending = self._deferreds.get(deferred_id)
+        if pending is None:
+            if 0 <= deferred_id < self._results.handed_out:
+                why = "its result was already taken (or cleared by clear_pending_deferreds)"
+            else:
+                why = "this client never handed it out"
+            return defer.fail(InvalidDeferredID("no pending result for deferred id %d: %s" % (deferred_id, why)))
+        if not pending.done and not block:
+            return defer.fail(
+                ResultNotCompleted("the result of deferred id %d is not ready yet" % deferred_id)
+            )
+        del self._deferreds[deferred_id]
+        if pending.done:
+            return pending.get_result(block=True)
+        waiter: defer.Deferred = defer.Deferred()
+        self._waited[deferred_id] = waiter
+
+        def arrived(outcome):
+            if self._waited.get(deferred_id) is waiter:
+                del self._waited[deferred_id]
+                if isinstance(outcome, Failure):
+                    waiter.errback(outcome)
+                else:
+                    waiter.callback(outcome)
+            return None
+
+        pending.get_result(block=True).addBoth(arrived)
+        return waiter
+
+    def clear_pending_deferreds(self) -> defer.Deferred:
+        """Drop every result of a deferred id not yet taken; a
+        `get_pending_deferred` still waiting fails with
+        `AbortedPendingDeferredError`."""
+        pending, self._deferreds = list(self._deferreds.values()), {}
+        waited, self._waited = self._waited, {}
+        for result in pending:
+            result._flush()
+        for deferred_id, waiter in waited.items():
+            waiter.errback(
+                AbortedPendingDeferredError(
+                    "deferred id %d was cleared by clear_pending_deferreds" % deferred_id
+                )
+            )
+        return defer.succeed(None)
+
 
 class MultiEngineMapper:
-    """Maps functions over explicit engines, in contiguous blocks."""
+    """Maps functions over explicit engines, in contiguous blocks; its
+    settings are the attributes `dist`, `targets` and `block`."""
 
-    def __init__(self, client, targets, block) -> None:
+    def __init__(self, client, targets, block, dist: str = "b") -> None:
+        if dist != "b":
+            raise ValueError("only dist='b' (contiguous blocks) is supported")
         self._client = client
+        self.dist = dist
         self.targets = targets
         self.block = block
 
-    def map(self, function, *sequences):
-        return self._client.map(function, *sequences, targets=self.targets, block=self.block)
+    def map(self, function, *sequences, **kwargs):
+        return self._client.map(
+            function, *sequences, targets=self.targets, block=self.block, **kwargs
+        )
 
 
 def _collect(method: str, outcomes: list, decode) -> list:
@@ -790,3 +934,37 @@ def _keys(keys):
     if keys is None or isinstance(keys, str):
         return keys
     return list(keys)
+
+
+# -- the original's way in: a Deferred of a connected client ----------------------------
+
+
+def get_multiengine_client(furl_or_file=None, reactor=None, **options) -> defer.Deferred:
+    """A Deferred firing with a connected Deferred `MultiEngineClient`
+    (its ``hello`` answered), as the original's ``get_multiengine_client``.
+
+    `furl_or_file` is a furl, a furl file, a profile folder, or None (or
+    ``''``) for the default profile.  The client hands out deferred ids for
+    ``block=False`` (see `MultiEngineClient.get_pending_deferred`).  Fails
+    with the typed error of the connection: `FurlError` for a bad furl or
+    file, `WrongInterface`, `ControllerUnreachable`.  `options` are the
+    constructor's (`connect_timeout`, `targets`, `block`, ...).
+    """
+    options.setdefault("deferred_ids", True)
+    return _connected(MultiEngineClient, furl_or_file, reactor, options)
+
+
+def get_task_client(furl_or_file=None, reactor=None, **options) -> defer.Deferred:
+    """A Deferred firing with a connected Deferred `TaskClient`, as the
+    original's ``get_task_client``; see `get_multiengine_client`."""
+    return _connected(TaskClient, furl_or_file, reactor, options)
+
+
+def _connected(cls, furl_or_file, reactor, options) -> defer.Deferred:
+    try:
+        client = cls(furl_or_file, reactor, **options)
+    except Exception as e:
+        return defer.fail(e)
+    d = client.connect()
+    d.addCallback(lambda _: client)
+    return d

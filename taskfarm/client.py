@@ -156,13 +156,13 @@ class MultiEngineClient(_BlockingClient):
             unwrapped.append(result._pending)
         reactorthread.call(self._async.barrier, unwrapped)
 
-    def mapper(self, targets=None, block=None) -> asyncclient.MultiEngineMapper:
+    def mapper(self, targets=None, block=None, dist: str = "b") -> asyncclient.MultiEngineMapper:
         """An object whose `map` maps over these targets."""
-        return asyncclient.MultiEngineMapper(self, targets, block)
+        return asyncclient.MultiEngineMapper(self, targets, block, dist)
 
-    def parallel(self, targets=None, block=None):
+    def parallel(self, targets=None, block=None, dist: str = "b"):
         """A decorator: ``f(seq)`` becomes ``map(f, seq)`` over the targets."""
-        return asyncclient._parallel(self.mapper(targets, block))
+        return asyncclient._parallel(self.mapper(targets, block, dist))
 
     def __len__(self) -> int:
         return len(self.get_ids())

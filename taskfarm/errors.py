@@ -286,6 +286,16 @@ class InvalidResultID(TaskfarmError, KeyError):
         return str(self.args[0]) if self.args else "invalid result id"
 
 
+class InvalidDeferredID(InvalidResultID):
+    """`get_pending_deferred` was given an id that has no result to hand
+    out: never handed out, already taken, cleared, or already waited for."""
+
+
+class AbortedPendingDeferredError(TaskfarmError):
+    """A `get_pending_deferred` waiter whose result was cleared by
+    `clear_pending_deferreds` before it arrived."""
+
+
 class NotAPendingResult(TaskfarmError, TypeError):
     """`barrier` was given something that is not a `PendingResult`."""
 

@@ -124,12 +124,19 @@ class PendingResults:
 
     def __init__(self) -> None:
         self._ids = itertools.count()
+        self._handed_out = 0
         self._pending: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     def new(self, deferred: defer.Deferred) -> PendingResult:
         result = PendingResult(self, next(self._ids), deferred)
+        self._handed_out = result.result_id + 1
         self._pending[result.result_id] = result
         return result
+
+    @property
+    def handed_out(self) -> int:
+        """How many results were handed out (their ids are 0 .. this - 1)."""
+        return self._handed_out
 
     def fetched(self, result: PendingResult) -> None:
         self._pending.pop(result.result_id, None)

@@ -374,7 +374,15 @@ class TaskResult:
         self.completed_at = completed_at
         #: A MapTask's return value (None for code-string tasks).
         self.value = value
-        self.ns = ResultNS(results, failure)
+        self._ns = ResultNS(results, failure)
+
+    @property
+    def ns(self) -> ResultNS:
+        """The pulled values as attributes (``tr.ns.a``); for a failed task,
+        reading it raises the failure, as the original."""
+        if self.failure is not None:
+            raise self.failure
+        return self._ns
 
     @property
     def submitted(self) -> str | None:
@@ -399,7 +407,7 @@ class TaskResult:
         return list(self.results)
 
     def __getitem__(self, key: str) -> object:
-        return self.ns[key]
+        return self._ns[key]
 
     def raise_exception(self) -> None:
         """Raise the task's failure, if it has one."""

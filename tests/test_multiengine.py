@@ -212,8 +212,8 @@ class DataTests(_ClusterTestCase):
         self.assertEqual(await mec.push({"c": "x"}, targets=[0, 2]), [None, None])
         self.assertEqual(await mec.pull("a"), [1, 10, 1])
         self.assertEqual(await mec.pull("c", targets=[2, 0]), ["x", "x"])
-        self.assertEqual(await mec.zip_pull(["a", "id"]), [[1, 10, 1], [0, 1, 2]])
-        self.assertEqual(await mec.zip_pull(["id", "b"], targets=[1]), [[1], [[1, 2]]])
+        self.assertEqual(await mec.zip_pull(["a", "id"]), [(1, 10, 1), (0, 1, 2)])
+        self.assertEqual(await mec.zip_pull(["id", "b"], targets=[1]), [(1,), ([1, 2],)])
         self.assertEqual(
             await mec.keys(), [["a", "b", "c", "id"], ["a", "b", "id"], ["a", "b", "c", "id"]]
         )

@@ -101,7 +101,7 @@ class DataTests(MultiEngineTestCase):
         self.assertEqual(self.value(self.mec.pull(["a", "b"])), [[1, [1, 2]]] * 3)
         self.assertEqual(self.value(self.mec.pull(("a", "id"), targets=[2, 1])), [[1, 2], [1, 1]])
         self.value(self.mec.push({"a": 10}, targets=1))
-        self.assertEqual(self.value(self.mec.zip_pull(["a", "id"])), [[1, 10, 1], [0, 1, 2]])
+        self.assertEqual(self.value(self.mec.zip_pull(["a", "id"])), [(1, 10, 1), (0, 1, 2)])
         self.error(self.mec.push([("a", 1)]), TypeError)
         self.error(self.mec.pull(["a", 3]), TypeError)
 
