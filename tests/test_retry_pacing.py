@@ -9,6 +9,10 @@ engines; `RealEnginesTests` runs the issue's scenario with engine processes.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 from twisted.internet import reactor, task
 from twisted.python import usage
 from twisted.trial import unittest
@@ -16,6 +20,7 @@ from twisted.trial import unittest
 from taskfarm import serialization, wire
 from taskfarm.controller import tap
 from taskfarm.controller.dispatcher import DEFAULT_FAILURE_PENALTY, DEFAULT_RETRY_DELAY
+from taskfarm.controller.journal import Journal
 from taskfarm.controller.registry import EngineRegistry
 from taskfarm.controller.scheduler import FIFOScheduler
 from taskfarm.controller.taskcontroller import TaskController
@@ -350,3 +355,46 @@ class RealEnginesTests(ClusterTestCase):
         # Each failed at least once while not ready, and none spent all
         # 21 attempts: about 5 within the first second.
         self.assertTrue(all(2 <= n <= 10 for n in attempts), attempts)
+
+
+class JournalTests(unittest.TestCase):
+    """A task waiting to retry restores from the journal as queued."""
+
+    timeout = 30
+
+    def controller(self, path, clock):
+        journal = Journal(path, reactor)
+        journal.open()
+        self.addCleanup(journal.close)
+        registry = EngineRegistry(clock, heartbeat_period=None)
+        controller = TaskController(
+            registry, FIFOScheduler(), clock, unmet_timeout=None, journal=journal, retention=None
+        )
+        controller.start()
+        self.addCleanup(controller.stop)
+        channel = ScriptedChannel()
+        channel.engine = registry.register(channel, {})
+        return journal, controller, channel
+
+    @async_test
+    async def test_waiting_task_restores_as_queued(self):
+        folder = Path(tempfile.mkdtemp(prefix="taskfarm-retry-"))
+        self.addCleanup(shutil.rmtree, folder, True)
+        clock = task.Clock()
+        journal, first, channel = self.controller(folder / "journal.sqlite", clock)
+        (tid,) = await first.submit_durably([Task("x", retries=3).to_envelope()])
+        clock.advance(0)
+        ((seq, _, _),) = channel.pending()
+        channel.fail(seq, _error())
+        self.assertEqual(first.queue_status(verbose=True)["waiting_retry"], [tid])
+        await journal.sync()
+        first.stop()
+        journal.close()
+
+        clock = task.Clock()
+        _, second, channel = self.controller(folder / "journal.sqlite", clock)
+        self.assertEqual(second.queue_status(verbose=True)["scheduled"], [tid])
+        record = second.store.tasks[tid]
+        self.assertEqual((record.retries_left, record.attempts), (2, 1))
+        clock.advance(0)  # a restart simply retries it, at once
+        self.assertEqual(len(channel.pending()), 1)
