@@ -145,13 +145,14 @@ class DelayTests(PacingTestCase):
         self.assertEqual(self.controller.dispatcher.pending_timers(), 0)
 
     def test_recovery_task_is_not_slowed(self):
-        """Once retries are spent the recovery task goes out at once."""
-        a = self.add_engine()
+        """Once retries are spent the recovery task goes out at once, with no
+        penalty: the failed engine takes it though another one is free."""
+        a, b = self.add_engine(), self.add_engine()
         (tid,) = self.submit(Task("x", recovery_task=Task("y")))
         self.clock.advance(0)
         self.fail_one(a)
         self.clock.advance(0)
-        self.assertEqual(self.running(a), ["y"])
+        self.assertEqual((self.running(a), self.running(b)), (["y"], []))
 
     def test_engine_loss_retries_at_once_elsewhere(self):
         """A task whose engine is lost runs again at once on another engine,

@@ -251,9 +251,10 @@ class Dispatcher(RegistryListener):
 
     def _attempt_failed(self, record, engine_id: int, error: tuple, started, finished) -> None:
         # Engine loss says nothing of the task: it goes out again at once.
-        paced = error[0] != _ENGINE_LOST
+        # A recovery task taking over is another task: not paced either.
+        paced = error[0] != _ENGINE_LOST and record.retries_left > 0
         delay = 0.0
-        if paced and record.retries_left > 0:
+        if paced:
             first = record.spec.retry_delay
             if first is None:
                 first = self._retry_delay
