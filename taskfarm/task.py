@@ -389,6 +389,7 @@ class TaskResult:
         started_at: float | None,
         completed_at: float | None,
         value: object = None,
+        attempts: int | None = None,
     ) -> None:
         self.taskid = taskid
         self.results = results
@@ -399,6 +400,9 @@ class TaskResult:
         self.completed_at = completed_at
         #: A MapTask's return value (None for code-string tasks).
         self.value = value
+        #: How many times the task (its recovery tasks included) was sent
+        #: to an engine: 1 + the retries it used (0 if it never ran).
+        self.attempts = attempts
         self.ns = ResultNS(results, failure)
 
     @property
@@ -469,4 +473,5 @@ def result_from_envelope(envelope: tuple) -> TaskResult:
         envelope.started,
         envelope.completed,
         value,
+        envelope.attempts,
     )

@@ -45,7 +45,8 @@ from taskfarm.errors import BadRequest, ProtocolVersionError
 
 #: The wire version this code speaks; a peer with another one is refused at
 #: `hello`.  2: a blocking `wait` or `results` may answer `NOT_YET`.
-#: 3: task options may carry a `retry_delay` (`TaskOptions` version 3).
+#: 3: task options may carry a `retry_delay` (`TaskOptions` version 3), and
+#: a result its number of attempts (`ResultEnvelope` version 3).
 WIRE_VERSION = 3
 
 #: What a blocking `wait` or `results` answers when its tasks are still
@@ -352,11 +353,29 @@ class ResultEnvelope(NamedTuple):
     submitted: float
     started: float | None
     completed: float | None
+    #: How many times the task was sent to an engine (version 3; None
+    #: from a controller that did not say).
+    attempts: int | None = None
 
     @classmethod
     def parse(cls, value: object) -> ResultEnvelope:
         what = "result envelope"
-        fields = _fields(cls, value, what)
+        attempts = None
+        if (
+            isinstance(value, tuple)
+            and len(value) == 10
+            and _is_int(value[8])
+            and value[8] == 3
+        ):
+            attempts = value[9]
+            if not _is_int(attempts) or attempts < 0:
+                raise _bad(what, "attempts", "an int >= 0", attempts)
+            fields = tuple(value[:8])
+        elif isinstance(value, cls):
+            fields = tuple(value[:8])
+            attempts = value.attempts
+        else:
+            fields = _fields(_ResultFieldsV1, value, what)
         taskid, kind, ok, data, engine_id, submitted, started, completed = fields
         if not _is_int(taskid):
             raise _bad(what, "taskid", "an int", taskid)
@@ -374,9 +393,19 @@ class ResultEnvelope(NamedTuple):
         for name, time in (("started", started), ("completed", completed)):
             if time is not None and not _is_number(time):
                 raise _bad(what, name, "a time or None", time)
-        return fields if type(fields) is cls else tuple.__new__(cls, fields)
+        return tuple.__new__(cls, tuple(fields) + (attempts,))
 
-    plain = _plain
+    def plain(self) -> tuple:
+        """Version 1 (eight fields) without `attempts`, else version 3."""
+        if self.attempts is None:
+            return tuple(self[:8])
+        return tuple(self[:8]) + (3, self.attempts)
+
+
+class _ResultFieldsV1:
+    """The version-1 fields of a `ResultEnvelope`, for `_fields`."""
+
+    _fields = ResultEnvelope._fields[:8]
 
 
 # -- errors and answers ----------------------------------------------------------------

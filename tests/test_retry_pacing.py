@@ -108,8 +108,9 @@ class DelayTests(PacingTestCase):
             self.assertIs(self.state(tid), TaskState.WAITING_RETRY)
             self.waits(a, delay)
         self.succeed_one(a)
-        self.assertIsNone(self.result(tid).failure)
-        self.assertEqual(self.controller.store.tasks[tid].attempts, 5)
+        result = self.result(tid)
+        self.assertIsNone(result.failure)
+        self.assertEqual(result.attempts, 5)
 
     def test_task_retry_delay_and_the_cap(self):
         """A task's own retry_delay replaces the default; doubling stops at
@@ -314,6 +315,17 @@ class OptionTests(unittest.SynchronousTestCase):
             with self.subTest(bad=bad):
                 self.assertRaises(BadRequest, wire.TaskOptions.parse, options[:6] + (bad,))
 
+    def test_result_attempts_on_the_wire(self):
+        """A result envelope of version 3 carries the attempts; version 1
+        (an older controller's) parses with attempts None."""
+        fields = (4, "call", True, b"r", 1, 10.0, 11.0, 12.0)
+        self.assertEqual(wire.ResultEnvelope.parse(fields + (3, 7)).attempts, 7)
+        self.assertEqual(wire.ResultEnvelope.parse(fields + (3, 7)).plain(), fields + (3, 7))
+        self.assertIsNone(wire.ResultEnvelope.parse(fields).attempts)
+        for bad in (-1, "7", None, True):
+            with self.subTest(bad=bad):
+                self.assertRaises(BadRequest, wire.ResultEnvelope.parse, fields + (3, bad))
+
     def test_controller_options(self):
         options = tap.Options()
         options.parseOptions(["--no-journal"])
@@ -351,8 +363,7 @@ class RealEnginesTests(ClusterTestCase):
         await mec.push({"ready": True})
         results = await tc.get_task_results(ids, block=True)
         self.assertEqual([r.ns.r for r in results], [1] * 10)
-        records = self.cluster.controller.tasks.store.tasks
-        attempts = [records[taskid].attempts for taskid in ids]
+        attempts = [r.attempts for r in results]
         # Each failed at least once while not ready, and none spent all
         # 21 attempts: about 5 within the first second.
         self.assertTrue(all(2 <= n <= 10 for n in attempts), attempts)

@@ -157,7 +157,7 @@ def _chain(length: int):
 
 
 def _result(**changes):
-    return tuple(EXAMPLES[wire.ResultEnvelope]._replace(**changes))
+    return EXAMPLES[wire.ResultEnvelope]._replace(**changes).plain()
 
 
 def _reply(**changes):

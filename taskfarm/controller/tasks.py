@@ -322,4 +322,5 @@ class TaskRecord:
             self.submitted,
             self.started,
             self.completed,
+            self.attempts,
         ).plain()
