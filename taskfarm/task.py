@@ -24,10 +24,17 @@ from taskfarm import serialization, wire
 from taskfarm.errors import BadRequest, RecoveryLoopError, TaskfarmError, from_wire
 
 # The envelope's kinds and limits are the wire's; named here for users.
-from taskfarm.wire import CALL, EXEC, MAX_RECOVERY_CHAIN, MAX_RETRIES, MAX_TIMEOUT
+from taskfarm.wire import (
+    CALL,
+    EXEC,
+    MAX_RECOVERY_CHAIN,
+    MAX_RETRIES,
+    MAX_RETRY_DELAY,
+    MAX_TIMEOUT,
+)
 
 __all__ = [
-    "CALL", "EXEC", "MAX_RECOVERY_CHAIN", "MAX_RETRIES", "MAX_TIMEOUT",
+    "CALL", "EXEC", "MAX_RECOVERY_CHAIN", "MAX_RETRIES", "MAX_RETRY_DELAY", "MAX_TIMEOUT",
     "BaseTask", "Task", "MapTask", "TaskResult", "ResultNS", "format_time",
     "result_from_envelope",
 ]
@@ -99,6 +106,19 @@ def _timeout(value: float | None) -> float | None:
     return float(value)
 
 
+def _retry_delay(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("retry_delay must be a number of seconds or None, not %r" % (value,))
+    if not 0 <= value <= MAX_RETRY_DELAY:  # NaN fails too
+        raise ValueError(
+            "retry_delay must be between 0 and %g seconds (MAX_RETRY_DELAY), not %r"
+            % (MAX_RETRY_DELAY, value)
+        )
+    return float(value)
+
+
 def _options_last(cls, fields: list) -> list:
     """attrs puts inherited fields first; the options of `BaseTask` go after
     a subclass's own fields, so ``Task(expression, pull, push, clear_before,
@@ -134,6 +154,10 @@ class BaseTask:
     priority: int = attrs.field(default=0, validator=_is_int)
     #: Seconds one attempt may run before it fails with `TaskTimeout`.
     timeout: float | None = attrs.field(default=None, converter=_timeout)
+    #: Seconds before the first retry (None: the controller's
+    #: ``--retry-delay``); each further retry waits twice as long, up to
+    #: `MAX_RETRY_DELAY`.
+    retry_delay: float | None = attrs.field(default=None, converter=_retry_delay)
 
     # -- encoding ------------------------------------------------------------
 
@@ -179,6 +203,7 @@ class BaseTask:
                 task.retries,
                 task.priority,
                 task.timeout,
+                task.retry_delay,
             )
             envelope = wire.TaskEnvelope(kind, payload, options, depend, envelope)
         return envelope.plain()
@@ -364,6 +389,7 @@ class TaskResult:
         started_at: float | None,
         completed_at: float | None,
         value: object = None,
+        attempts: int | None = None,
     ) -> None:
         self.taskid = taskid
         self.results = results
@@ -374,6 +400,9 @@ class TaskResult:
         self.completed_at = completed_at
         #: A MapTask's return value (None for code-string tasks).
         self.value = value
+        #: How many times the task (its recovery tasks included) was sent
+        #: to an engine: 1 + the retries it used (0 if it never ran).
+        self.attempts = attempts
         self._ns = ResultNS(results, failure)
 
     @property
@@ -452,4 +481,5 @@ def result_from_envelope(envelope: tuple) -> TaskResult:
         envelope.started,
         envelope.completed,
         value,
+        envelope.attempts,
     )

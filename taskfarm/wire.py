@@ -45,7 +45,9 @@ from taskfarm.errors import BadRequest, ProtocolVersionError
 
 #: The wire version this code speaks; a peer with another one is refused at
 #: `hello`.  2: a blocking `wait` or `results` may answer `NOT_YET`.
-WIRE_VERSION = 2
+#: 3: task options may carry a `retry_delay` (`TaskOptions` version 3), and
+#: a result its number of attempts (`ResultEnvelope` version 3).
+WIRE_VERSION = 3
 
 #: What a blocking `wait` or `results` answers when its tasks are still
 #: unfinished after the controller's bound: the client asks again.  Each
@@ -62,6 +64,10 @@ MAX_RETRIES = 2**63 - 1
 
 #: The longest timeout: any larger number cannot be a float number of seconds.
 MAX_TIMEOUT = sys.float_info.max
+
+#: The longest pause before a retry, in seconds: a task's `retry_delay` may
+#: not ask for more, and the back-off that doubles it per retry stops here.
+MAX_RETRY_DELAY = 30.0
 
 #: The most tasks in one recovery chain (the task itself included).  The
 #: envelope nests one level per task, and pickle recurses per level, so a
@@ -161,19 +167,45 @@ def parse_list(value: object, what: str) -> list:
 
 
 class TaskOptions(NamedTuple):
-    """What the controller reads of a task besides its kind."""
+    """What the controller reads of a task besides its kind.
+
+    Version 1 is the five fields up to `timeout` (what the journal of an
+    older controller holds, and what a task without a `retry_delay` still
+    sends); version 3 appends ``3, retry_delay``.
+    """
 
     clear_before: bool = False
     clear_after: bool = False
     retries: int = 0
     priority: int = 0
     timeout: float | None = None
+    #: Seconds before the first retry (None: the controller's default);
+    #: doubled for each further retry, up to `MAX_RETRY_DELAY`.
+    retry_delay: float | None = None
 
     @classmethod
     def parse(cls, value: object, what: str = "task options") -> TaskOptions:
-        fields = value if type(value) is tuple and len(value) == 5 else (
-            _fields(cls, value, what, _SEQUENCES)
-        )
+        retry_delay = None
+        if type(value) is tuple and len(value) == 5:
+            fields = value
+        elif (
+            isinstance(value, _SEQUENCES)
+            and len(value) == 7
+            and _is_int(value[5])
+            and value[5] == 3
+        ):
+            fields = tuple(value[:5])
+            retry_delay = value[6]
+            if retry_delay is not None and (
+                not _is_number(retry_delay) or not 0 <= retry_delay <= MAX_RETRY_DELAY
+            ):
+                raise _bad(
+                    what, "retry_delay",
+                    "None or a number of seconds in 0..%g (MAX_RETRY_DELAY)" % MAX_RETRY_DELAY,
+                    retry_delay,
+                )
+        else:
+            fields = _options_fields(cls, value, what)
         clear_before, clear_after, retries, priority, timeout = fields
         if not isinstance(clear_before, bool):
             raise _bad(what, "clear_before", "True or False", clear_before)
@@ -190,9 +222,25 @@ class TaskOptions(NamedTuple):
             raise _bad(what, "priority", "an int", priority)
         if timeout is not None:
             _check_timeout(what, timeout)
-        return tuple.__new__(cls, fields)
+        return tuple.__new__(cls, tuple(fields) + (retry_delay,))
 
-    plain = _plain
+    def plain(self) -> tuple:
+        """Version 1 (five fields) without a `retry_delay`, else version 3."""
+        if self.retry_delay is None:
+            return tuple(self[:5])
+        return tuple(self[:5]) + (3, self.retry_delay)
+
+
+def _options_fields(cls, value: object, what: str) -> tuple:
+    """The five version-1 fields of task options (`_fields` counts the
+    NamedTuple's six)."""
+    if isinstance(value, cls):
+        return tuple(value[:5])
+
+    class _V1:
+        _fields = cls._fields[:5]
+
+    return _fields(_V1, value, what, _SEQUENCES)
 
 
 class TaskEnvelope(NamedTuple):
@@ -234,7 +282,10 @@ class TaskEnvelope(NamedTuple):
 
     def plain(self) -> tuple:
         recovery = None if self.recovery is None else self.recovery.plain()
-        return (self.kind, self.payload, tuple(self.options), self.depend, recovery)
+        options = self.options
+        if isinstance(options, TaskOptions):
+            options = options.plain()
+        return (self.kind, self.payload, tuple(options), self.depend, recovery)
 
 
 class Submission(NamedTuple):
@@ -302,11 +353,29 @@ class ResultEnvelope(NamedTuple):
     submitted: float
     started: float | None
     completed: float | None
+    #: How many times the task was sent to an engine (version 3; None
+    #: from a controller that did not say).
+    attempts: int | None = None
 
     @classmethod
     def parse(cls, value: object) -> ResultEnvelope:
         what = "result envelope"
-        fields = _fields(cls, value, what)
+        attempts = None
+        if (
+            isinstance(value, tuple)
+            and len(value) == 10
+            and _is_int(value[8])
+            and value[8] == 3
+        ):
+            attempts = value[9]
+            if not _is_int(attempts) or attempts < 0:
+                raise _bad(what, "attempts", "an int >= 0", attempts)
+            fields = tuple(value[:8])
+        elif isinstance(value, cls):
+            fields = tuple(value[:8])
+            attempts = value.attempts
+        else:
+            fields = _fields(_ResultFieldsV1, value, what)
         taskid, kind, ok, data, engine_id, submitted, started, completed = fields
         if not _is_int(taskid):
             raise _bad(what, "taskid", "an int", taskid)
@@ -324,9 +393,19 @@ class ResultEnvelope(NamedTuple):
         for name, time in (("started", started), ("completed", completed)):
             if time is not None and not _is_number(time):
                 raise _bad(what, name, "a time or None", time)
-        return fields if type(fields) is cls else tuple.__new__(cls, fields)
+        return tuple.__new__(cls, tuple(fields) + (attempts,))
 
-    plain = _plain
+    def plain(self) -> tuple:
+        """Version 1 (eight fields) without `attempts`, else version 3."""
+        if self.attempts is None:
+            return tuple(self[:8])
+        return tuple(self[:8]) + (3, self.attempts)
+
+
+class _ResultFieldsV1:
+    """The version-1 fields of a `ResultEnvelope`, for `_fields`."""
+
+    _fields = ResultEnvelope._fields[:8]
 
 
 # -- errors and answers ----------------------------------------------------------------

@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 
 from taskfarm import serialization
 from taskfarm.controller import ledger as ledger_module
-from taskfarm.controller.dispatcher import Dispatcher
+from taskfarm.controller.dispatcher import DEFAULT_RETRY_DELAY, Dispatcher
 from taskfarm.controller.journal import Journal, NullJournal, StoredTask
 from taskfarm.controller.ledger import MAX_RESERVE, TOKEN_LIFETIME, SubmissionLedger
 from taskfarm.controller.registry import EngineRegistry
@@ -198,7 +198,7 @@ class TaskStoreTests(unittest.SynchronousTestCase):
         self.finish(two)
         self.assertEqual(
             self.store.queue_status(),
-            {"scheduled": 0, "pending": 1, "succeeded": 1, "failed": 0, "aborted": 0},
+            {"scheduled": 0, "pending": 1, "waiting_retry": 0, "succeeded": 1, "failed": 0, "aborted": 0},
         )
         self.assertEqual(self.store.queue_status(verbose=True)["succeeded"], [1])
         self.assertEqual(self.journal.calls, [("finished", 1, TaskState.SUCCEEDED)])
@@ -382,13 +382,18 @@ class DispatcherTests(unittest.SynchronousTestCase):
         self.assertIn(("finished", 0, TaskState.SUCCEEDED), self.journal.calls)
 
     def test_failed_attempt_is_queued_again_and_journaled(self):
-        """A failed try with a retry left is journaled as requeued and runs again."""
+        """A failed try with a retry left is journaled as requeued and runs
+        again once the default retry delay has passed (before issue 11: at
+        once)."""
         channel = self.engine()
         self.admit(_spec(retries=1))
         self.clock.advance(0)
         channel.fail(channel.pending()[0][0], RemoteTaskError("E", "e", "", 0))
         self.assertIn(("requeued", 0, 0, 0, 1), self.journal.calls)
         self.clock.advance(0)
+        self.assertEqual(len(channel.pending()), 0)
+        self.assertEqual(self.store.counts[TaskState.WAITING_RETRY], 1)
+        self.clock.advance(DEFAULT_RETRY_DELAY)
         self.assertEqual(len(channel.pending()), 1)
         self.assertEqual(self.store.counts[TaskState.RUNNING], 1)
 
@@ -456,6 +461,7 @@ class _ControllerJournalContract:
         self.controller = TaskController(
             self.registry, FIFOScheduler(), self.clock, unmet_timeout=None,
             journal=self.journal, retention=100.0, prefetch=None,
+            retry_delay=0.0,  # retries at once: these tests show the journal's part
         )
         self.controller.start()
         self.addCleanup(self.controller.stop)

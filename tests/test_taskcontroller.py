@@ -47,6 +47,11 @@ class ControllerTestCase(unittest.SynchronousTestCase):
     scheduler_class = FIFOScheduler
     #: Fixed task slots unless a test class turns adaptive prefetch on.
     prefetch = None
+    #: Retries go out at once here (``--retry-delay 0 --failure-penalty 0``):
+    #: these tests show where retries run; tests/test_retry_pacing.py shows
+    #: the pacing the defaults add.
+    retry_delay = 0.0
+    failure_penalty = 0.0
 
     def setUp(self):
         self.clock = task.Clock()
@@ -60,6 +65,8 @@ class ControllerTestCase(unittest.SynchronousTestCase):
             self.clock,
             unmet_timeout=self.unmet_timeout,
             prefetch=self.prefetch,
+            retry_delay=self.retry_delay,
+            failure_penalty=self.failure_penalty,
         )
         self.controller.start()
         self.addCleanup(self.controller.stop)
@@ -499,13 +506,14 @@ class QueueStatusTests(ControllerTestCase):
         self.controller.abort(ids[5])
         self.assertEqual(
             self.controller.queue_status(),
-            {"scheduled": 1, "pending": 2, "succeeded": 1, "failed": 1, "aborted": 1},
+            {"scheduled": 1, "pending": 2, "waiting_retry": 0, "succeeded": 1, "failed": 1, "aborted": 1},
         )
         self.assertEqual(
             self.controller.queue_status(verbose=True),
             {
                 "scheduled": [ids[4]],
                 "pending": [ids[2], ids[3]],
+                "waiting_retry": [],
                 "succeeded": [ids[0]],
                 "failed": [ids[1]],
                 "aborted": [ids[5]],
@@ -539,7 +547,7 @@ class ClearTests(ControllerTestCase):
         self.assertRaises(UnknownTask, self.controller.results, [ids[0]])
         self.assertEqual(
             self.controller.queue_status(),
-            {"scheduled": 1, "pending": 0, "succeeded": 0, "failed": 0, "aborted": 0},
+            {"scheduled": 1, "pending": 0, "waiting_retry": 0, "succeeded": 0, "failed": 0, "aborted": 0},
         )
         self.assertEqual(self.controller.queue_status(True)["scheduled"], [ids[2]])
 

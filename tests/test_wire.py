@@ -140,7 +140,7 @@ class RoundTripTests(unittest.SynchronousTestCase):
 
 
 def _options(**changes):
-    return tuple(_OPTIONS._replace(**changes))
+    return _OPTIONS._replace(**changes).plain()
 
 
 def _envelope(**changes):
@@ -152,12 +152,12 @@ def _envelope(**changes):
 def _chain(length: int):
     envelope = None
     for _ in range(length):
-        envelope = (EXEC, b"", tuple(wire.TaskOptions()), None, envelope)
+        envelope = (EXEC, b"", wire.TaskOptions().plain(), None, envelope)
     return envelope
 
 
 def _result(**changes):
-    return tuple(EXAMPLES[wire.ResultEnvelope]._replace(**changes))
+    return EXAMPLES[wire.ResultEnvelope]._replace(**changes).plain()
 
 
 def _reply(**changes):
@@ -203,11 +203,11 @@ BAD = [
     (wire.TaskEnvelope, _envelope(options=None), "task envelope options must be a tuple"),
     (wire.TaskEnvelope, _envelope(options=_options(retries=-1)), "task envelope options: retries"),
     (wire.TaskEnvelope, _envelope(depend="lambda p: True"), "depend"),
-    (wire.TaskEnvelope, _envelope(recovery=(EXEC, 3, tuple(_OPTIONS), None, None)), "recovery task 1: payload"),
+    (wire.TaskEnvelope, _envelope(recovery=(EXEC, 3, _OPTIONS.plain(), None, None)), "recovery task 1: payload"),
     (wire.TaskEnvelope, _envelope(recovery="retry"), "recovery task 1 must be a tuple"),
     (wire.TaskEnvelope, _chain(MAX_RECOVERY_CHAIN + 1), "longer than %d tasks" % MAX_RECOVERY_CHAIN),
     (wire.TaskEnvelope, _chain(5 * MAX_RECOVERY_CHAIN), "MAX_RECOVERY_CHAIN"),
-    (wire.TaskEnvelope, (EXEC, b"", tuple(_OPTIONS), None), "task envelope must have 5 fields"),
+    (wire.TaskEnvelope, (EXEC, b"", _OPTIONS.plain(), None), "task envelope must have 5 fields"),
     (wire.TaskEnvelope, {"kind": EXEC}, "task envelope must be a tuple"),
     # submissions
     (wire.Submission, (3, [], None), "submission: token"),
@@ -303,7 +303,7 @@ GOOD = [
     (wire.TaskOptions, _options(timeout=MAX_TIMEOUT)),
     (wire.TaskOptions, _options(timeout=sys.float_info.min)),
     (wire.TaskOptions, _options(timeout=1)),
-    (wire.TaskOptions, list(_OPTIONS)),
+    (wire.TaskOptions, list(_OPTIONS.plain())),
     (wire.TaskEnvelope, _chain(MAX_RECOVERY_CHAIN)),
     (wire.Submission, (None, [])),
     (wire.Submission, (None, [_envelope()], None)),
@@ -446,7 +446,7 @@ class VersionTests(unittest.SynchronousTestCase):
 
     def test_newer_parts_inside_a_message(self):
         """A newer part nested in an old message is found too."""
-        newer_options = _newer(tuple(_OPTIONS))
+        newer_options = _newer(_OPTIONS.plain())
         newer_recovery = _newer(_envelope(recovery=None))
         for envelope in (_envelope(options=newer_options), _envelope(recovery=newer_recovery)):
             self.assertRaises(ProtocolVersionError, wire.TaskEnvelope.parse, envelope)
@@ -483,7 +483,7 @@ class OldFormTests(unittest.SynchronousTestCase):
 
     def test_list_envelopes(self):
         """Envelopes and options as lists are read as the tuples they stand for."""
-        envelope = [EXEC, b"", list(_OPTIONS), None, None]
+        envelope = [EXEC, b"", list(_OPTIONS.plain()), None, None]
         self.assertEqual(wire.TaskEnvelope.parse(envelope).options, _OPTIONS)
 
 
@@ -521,7 +521,8 @@ class JournalCompatibilityTests(unittest.TestCase):
         clock = task.Clock()
         registry = EngineRegistry(clock, heartbeat_period=None)
         controller = TaskController(
-            registry, FIFOScheduler(), clock, unmet_timeout=None, journal=journal, retention=None
+            registry, FIFOScheduler(), clock, unmet_timeout=None, journal=journal, retention=None,
+            retry_delay=0.0,  # the old options' retries, at once
         )
         controller.start()
         self.addCleanup(controller.stop)

@@ -9,6 +9,16 @@ dispatcher also sizes each engine's prefetch from its task times, fails
 tasks whose depend cannot be loaded, and times out tasks whose depend no
 engine satisfies (the unmet-depend timer, which needs the scheduler's
 groups, so it lives here and not in the store).
+
+**Paced retries.**  A failed attempt that will be retried waits in
+``waiting_retry`` for its delay: the task's `retry_delay` (or the
+controller's `retry_delay`) for the first retry, twice as long for each
+further one, at most `MAX_RETRY_DELAY` (`taskfarm.backoff.policy`).  The
+engine it failed on sits out `failure_penalty` seconds for that task: the
+scheduler gives it to another engine with a free slot, or to that engine
+after all when no other has one.  A task with no retries left fails at
+once; a recovery task and a retry after engine loss (`EngineLost`) go out
+at once, with no delay and no penalty.
 """
 
 from __future__ import annotations
@@ -18,17 +28,20 @@ from functools import partial
 from twisted.internet import task
 from twisted.logger import Logger
 
+from taskfarm import backoff
 from taskfarm.controller.registry import EngineRegistry, RegistryListener
 from taskfarm.controller.store import TaskStore
 from taskfarm.controller.tasks import TaskRecord, TaskState
 from taskfarm.errors import (
     DependError,
+    EngineLost,
     TaskAborted,
     TaskAlreadyAborted,
     TaskAlreadyCompleted,
     TaskTimeout,
     to_wire,
 )
+from taskfarm.wire import MAX_RETRY_DELAY
 
 #: How long a task may wait when no engine's properties satisfy its `depend`.
 DEFAULT_UNMET_TIMEOUT = 60.0
@@ -37,6 +50,17 @@ DEFAULT_UNMET_TIMEOUT = 60.0
 #: batches, long ones one at a time, so load stays balanced.
 DEFAULT_PREFETCH = 0.005
 MAX_TASK_SLOTS = 256
+
+#: Seconds before a task's first retry unless the task says otherwise
+#: (`Task.retry_delay`); doubled per further retry, up to `MAX_RETRY_DELAY`.
+DEFAULT_RETRY_DELAY = 0.1
+
+#: Seconds the engine an attempt failed on sits out for that task (the
+#: original's ``failurePenalty``).
+DEFAULT_FAILURE_PENALTY = 1.0
+
+#: The error a lost engine's tasks fail with: retried at once, elsewhere.
+_ENGINE_LOST = EngineLost.__name__
 
 
 class Dispatcher(RegistryListener):
@@ -52,7 +76,15 @@ class Dispatcher(RegistryListener):
         clock,
         unmet_timeout: float | None = DEFAULT_UNMET_TIMEOUT,
         prefetch: float | None = DEFAULT_PREFETCH,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
+        failure_penalty: float = DEFAULT_FAILURE_PENALTY,
     ) -> None:
+        if not 0 <= retry_delay <= MAX_RETRY_DELAY:
+            raise ValueError(
+                "retry_delay must be in 0..%g seconds, not %r" % (MAX_RETRY_DELAY, retry_delay)
+            )
+        if not 0 <= failure_penalty < float("inf"):
+            raise ValueError("failure_penalty must be >= 0 seconds, not %r" % (failure_penalty,))
         self._registry = registry
         self._scheduler = scheduler
         self._store = store
@@ -63,6 +95,12 @@ class Dispatcher(RegistryListener):
         self._dispatch_call = None
         self._unmet_since: dict[bytes, float] = {}
         self._unmet_loop: task.LoopingCall | None = None
+        self._retry_delay = retry_delay
+        self._failure_penalty = failure_penalty
+        #: taskid -> the call that queues a waiting retry again.
+        self._retry_calls: dict[int, object] = {}
+        #: taskid -> the call that ends its engine's failure penalty.
+        self._penalty_calls: dict[int, object] = {}
         registry.add_listener(self)
         # Depend verdicts arrive from the evaluator: they may place tasks.
         scheduler.watch(self.kick)
@@ -83,6 +121,15 @@ class Dispatcher(RegistryListener):
         if self._dispatch_call is not None and self._dispatch_call.active():
             self._dispatch_call.cancel()
         self._dispatch_call = None
+        for calls in (self._retry_calls, self._penalty_calls):
+            for call in calls.values():
+                if call.active():
+                    call.cancel()
+            calls.clear()
+
+    def pending_timers(self) -> int:
+        """How many retry and penalty timers are set (0 after `stop`)."""
+        return len(self._retry_calls) + len(self._penalty_calls)
 
     # -- tasks in and out ---------------------------------------------------------------
 
@@ -101,8 +148,11 @@ class Dispatcher(RegistryListener):
         if record.is_final:
             raise TaskAlreadyCompleted()
         error = to_wire(TaskAborted("task %d was aborted" % record.taskid))
+        self._end_timers(record.taskid)
         if record.is_queued:
             self._scheduler.remove_task(record)
+        elif record.state is TaskState.WAITING_RETRY:
+            pass  # in no queue and on no engine: only its timer, ended above
         else:
             engine = self._registry.engines.get(record.engine_id)
             if engine is not None:
@@ -200,18 +250,63 @@ class Dispatcher(RegistryListener):
         )
 
     def _attempt_failed(self, record, engine_id: int, error: tuple, started, finished) -> None:
-        if self._store.move(record, record.fail_attempt, error, started, finished):
-            self._store.requeued(record)
-            self._log.info(
-                "task {taskid} attempt {attempt} failed on engine {engine_id}; "
-                "queued again",
-                taskid=record.taskid,
-                attempt=record.attempts,
-                engine_id=engine_id,
-            )
-            self._scheduler.add_task(record)
-        else:
+        # Engine loss says nothing of the task: it goes out again at once.
+        # A recovery task taking over is another task: not paced either.
+        paced = error[0] != _ENGINE_LOST and record.retries_left > 0
+        delay = 0.0
+        if paced:
+            first = record.spec.retry_delay
+            if first is None:
+                first = self._retry_delay
+            delay = backoff.policy(first, max(first, MAX_RETRY_DELAY))(record.retries_spent)
+        if not self._store.move(record, record.fail_attempt, error, started, finished, delay > 0):
+            self._end_timers(record.taskid)
             self._store.finished(record)
+            return
+        self._store.requeued(record)
+        self._log.info(
+            "task {taskid} attempt {attempt} failed on engine {engine_id}; "
+            "queued again in {delay} s",
+            taskid=record.taskid,
+            attempt=record.attempts,
+            engine_id=engine_id,
+            delay=delay,
+        )
+        self._end_timers(record.taskid)
+        record.avoid_engine = None
+        if paced and self._failure_penalty:
+            record.avoid_engine = engine_id
+            self._penalty_calls[record.taskid] = self._clock.callLater(
+                self._failure_penalty, self._penalty_over, record
+            )
+        if record.state is TaskState.WAITING_RETRY:
+            self._retry_calls[record.taskid] = self._clock.callLater(
+                delay, self._retry_due, record
+            )
+        else:
+            self._scheduler.add_task(record)
+
+    def _retry_due(self, record: TaskRecord) -> None:
+        """A waiting retry's delay has passed: queue it."""
+        self._retry_calls.pop(record.taskid, None)
+        if record.state is not TaskState.WAITING_RETRY or not self._store.is_current(record):
+            return
+        self._store.move(record, record.retry_now)
+        self._scheduler.add_task(record)
+        self.kick()
+
+    def _penalty_over(self, record: TaskRecord) -> None:
+        """The failed engine may take this task again."""
+        self._penalty_calls.pop(record.taskid, None)
+        record.avoid_engine = None
+        if record.is_queued:
+            self.kick()
+
+    def _end_timers(self, taskid: int) -> None:
+        for calls in (self._retry_calls, self._penalty_calls):
+            call = calls.pop(taskid, None)
+            if call is not None and call.active():
+                call.cancel()
 
     def _task_overdue(self, record: TaskRecord, engine_id: int, seq: int) -> None:
         """The engine has not answered a task long past its timeout: the

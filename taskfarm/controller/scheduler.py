@@ -11,6 +11,11 @@ Decisions stay synchronous: a verdict not known yet is asked for and counts
 as "not yet" (the group is neither served nor unmet); when verdicts arrive
 the scheduler calls its `watch` callback, and the controller runs a pass.
 
+A task that just failed on an engine may name it in ``avoid_engine`` (the
+failure penalty, set and cleared by the dispatcher): the scheduler does not
+give it to that engine while another engine that accepts it has a free
+slot; when none has, the avoided engine takes it after all.
+
 To write another policy, subclass `FIFOScheduler` and override
 `new_queue` (and, for a different order, `order_key`); see
 `PriorityScheduler`.
@@ -137,6 +142,7 @@ class FIFOScheduler:
         self._arrivals = itertools.count()
         self._changed: Callable[[], None] = lambda: None
         self.ntasks = 0
+        self._passed_over = False
 
     # -- the policy hooks -------------------------------------------------------
 
@@ -220,16 +226,25 @@ class FIFOScheduler:
             if free > 0
         ]
         heapq.heapify(heap)
+        #: Engines passed over for a penalized head task: they may take the
+        #: next task once that one went elsewhere.
+        passed: list = []
         while heap and self.ntasks:
             inflight, engine_id = heapq.heappop(heap)
             engine = self._engines[engine_id]
+            self._passed_over = False
             task = self._take_for(engine)
             if task is None:
+                if self._passed_over:
+                    passed.append((inflight, engine_id))
                 continue  # nothing queued suits this engine now
             assignments.append((engine, task))
             self._free[engine_id] -= 1
             if self._free[engine_id] > 0:
                 heapq.heappush(heap, (inflight + 1, engine_id))
+            for entry in passed:
+                heapq.heappush(heap, entry)
+            passed.clear()
         return assignments
 
     def unmet_groups(self) -> list:
@@ -286,8 +301,14 @@ class FIFOScheduler:
             if not group.size or not self._accepts(group, engine):
                 continue  # False, or not known yet
             head = group.queue.peek()
-            if head is not None and (best is None or head[0] < best[0][0]):
-                best = (head, group)
+            if head is None or (best is not None and head[0] >= best[0][0]):
+                continue
+            if getattr(head[1], "avoid_engine", None) == engine.engine_id and self._free_elsewhere(
+                group, engine.engine_id
+            ):
+                self._passed_over = True
+                continue  # the failure penalty: another engine takes it
+            best = (head, group)
         if best is None:
             return None
         group = best[1]
@@ -297,6 +318,13 @@ class FIFOScheduler:
         task.group = None
         self._forget_if_empty(group)
         return task
+
+    def _free_elsewhere(self, group: DependGroup, engine_id: int) -> bool:
+        """Whether an engine other than `engine_id` with a free slot accepts `group`."""
+        return any(
+            free > 0 and eid != engine_id and self._accepts(group, self._engines[eid]) is True
+            for eid, free in self._free.items()
+        )
 
     def _accepts(self, group: DependGroup, engine) -> bool | None:
         """True or False once known; None while the verdict is asked for."""

@@ -16,8 +16,10 @@ from taskfarm.controller.registry import (
 )
 from taskfarm.controller.scheduler import FIFOScheduler
 from taskfarm.controller.taskcontroller import (
+    DEFAULT_FAILURE_PENALTY,
     DEFAULT_PREFETCH,
     DEFAULT_RETENTION,
+    DEFAULT_RETRY_DELAY,
     DEFAULT_UNMET_TIMEOUT,
     TaskController,
 )
@@ -133,6 +135,8 @@ def build_controller(
     prefetch: float | None = DEFAULT_PREFETCH,
     timeout_grace: float = DEFAULT_TIMEOUT_GRACE,
     depend_timeout: float = DEFAULT_DEPEND_TIMEOUT,
+    retry_delay: float = DEFAULT_RETRY_DELAY,
+    failure_penalty: float = DEFAULT_FAILURE_PENALTY,
 ) -> ControllerService:
     """Build a controller for `profile`; it listens once started.  Use
     `create_controller`, which first takes the profile's lock.
@@ -164,6 +168,8 @@ def build_controller(
         journal=task_journal,
         retention=retention,
         prefetch=prefetch,
+        retry_delay=retry_delay,
+        failure_penalty=failure_penalty,
     )
     multiengine = MultiEngine(registry, reactor)
     server = ControllerServer(

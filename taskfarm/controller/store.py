@@ -228,6 +228,7 @@ class TaskStore:
             return {
                 "scheduled": self.counts[TaskState.QUEUED],
                 "pending": self.counts[TaskState.RUNNING],
+                "waiting_retry": self.counts[TaskState.WAITING_RETRY],
                 "succeeded": self.counts[TaskState.SUCCEEDED],
                 "failed": self.counts[TaskState.FAILED],
                 "aborted": self.counts[TaskState.ABORTED],

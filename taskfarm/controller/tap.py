@@ -11,13 +11,16 @@ from taskfarm.controller.registry import (
     DEFAULT_TIMEOUT_GRACE,
 )
 from taskfarm.controller.taskcontroller import (
+    DEFAULT_FAILURE_PENALTY,
     DEFAULT_PREFETCH,
     DEFAULT_RETENTION,
+    DEFAULT_RETRY_DELAY,
     DEFAULT_UNMET_TIMEOUT,
 )
 from taskfarm.interfaces import IScheduler
 from taskfarm.lifeline import follow_launcher
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
+from taskfarm.wire import MAX_RETRY_DELAY
 
 
 def load_scheduler(dotted: str):
@@ -51,6 +54,8 @@ class Options(usage.Options):
         ["heartbeat-period", None, DEFAULT_HEARTBEAT_PERIOD, "Seconds between pings of each engine (0: no heartbeat).", float],
         ["heartbeat-timeout", None, DEFAULT_HEARTBEAT_TIMEOUT, "Seconds of silence after which an engine counts as lost.", float],
         ["timeout-grace", None, DEFAULT_TIMEOUT_GRACE, "Seconds past a task's timeout that the controller waits for its engine's answer before failing it itself.", float],
+        ["retry-delay", None, DEFAULT_RETRY_DELAY, "Seconds before a failed task's first retry, unless the task sets retry_delay; doubled per further retry, up to %g s (0: retry at once)." % MAX_RETRY_DELAY, float],
+        ["failure-penalty", None, DEFAULT_FAILURE_PENALTY, "Seconds the engine a task failed on sits out for that task while another engine is free (0: none).", float],
         ["retention", None, DEFAULT_RETENTION, "Seconds finished tasks are kept unless cleared (0: until cleared).", float],
     ]
     optFlags = [
@@ -85,6 +90,10 @@ class Options(usage.Options):
             raise usage.UsageError("--heartbeat-timeout must be longer than --heartbeat-period")
         if self["timeout-grace"] <= 0:
             raise usage.UsageError("--timeout-grace must be > 0")
+        if not 0 <= self["retry-delay"] <= MAX_RETRY_DELAY:
+            raise usage.UsageError("--retry-delay must be in 0..%g seconds" % MAX_RETRY_DELAY)
+        if not 0 <= self["failure-penalty"] < float("inf"):
+            raise usage.UsageError("--failure-penalty must be >= 0 seconds")
         if self["retention"] < 0:
             raise usage.UsageError("--retention must be >= 0")
         if self["max-message-size"] < 1024:
@@ -150,6 +159,8 @@ def makeService(options: Options):
             prefetch=options["prefetch"] or None,
             timeout_grace=options["timeout-grace"],
             depend_timeout=options["depend-timeout"],
+            retry_delay=options["retry-delay"],
+            failure_penalty=options["failure-penalty"],
         )
     except (JournalCorrupt, ProfileInUse) as e:
         # Starting again would not help: say why, with EXIT_REFUSED.

@@ -26,7 +26,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskfarm.controller.dispatcher import (
+    DEFAULT_FAILURE_PENALTY,
     DEFAULT_PREFETCH,
+    DEFAULT_RETRY_DELAY,
     DEFAULT_UNMET_TIMEOUT,
     MAX_TASK_SLOTS,
     Dispatcher,
@@ -39,8 +41,10 @@ from taskfarm.controller.tasks import TaskRecord, TaskSpec
 from taskfarm.errors import JournalError
 
 __all__ = [
+    "DEFAULT_FAILURE_PENALTY",
     "DEFAULT_PREFETCH",
     "DEFAULT_RETENTION",
+    "DEFAULT_RETRY_DELAY",
     "DEFAULT_UNMET_TIMEOUT",
     "MAX_RESERVE",
     "MAX_TASK_SLOTS",
@@ -64,6 +68,8 @@ class TaskController:
         journal=None,
         retention: float | None = DEFAULT_RETENTION,
         prefetch: float | None = DEFAULT_PREFETCH,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
+        failure_penalty: float = DEFAULT_FAILURE_PENALTY,
     ) -> None:
         self._registry = registry
         #: The clock every part runs on (the reactor, or a `task.Clock`).
@@ -74,7 +80,14 @@ class TaskController:
         self.store = TaskStore(clock, self._journal, retention)
         self.store.sweep_hooks.append(self.ledger.forget_old_tokens)
         self.dispatcher = Dispatcher(
-            registry, scheduler, self.store, clock, unmet_timeout=unmet_timeout, prefetch=prefetch
+            registry,
+            scheduler,
+            self.store,
+            clock,
+            unmet_timeout=unmet_timeout,
+            prefetch=prefetch,
+            retry_delay=retry_delay,
+            failure_penalty=failure_penalty,
         )
 
     @property

@@ -3,11 +3,13 @@
 ::
 
     queued ──► running ──► succeeded
-      │  ▲        │ │
-      │  └────────┘ └────► failed      (a failed attempt goes back to
-      │   retry or recovery            queued while retries or a recovery
-      ▼                                task remain)
-    aborted ◄── (from queued or running)
+      │  ▲ ▲      │ │
+      │  │ └──────┘ └────► failed      (a failed attempt goes back to
+      │  │ retry or recovery           queued while retries or a recovery
+      │  │        │                    task remain)
+      │  └─ waiting_retry ◄┘           (a retry that is paced waits here
+      ▼          │                     for its delay first)
+    aborted ◄────┘ (from queued, running or waiting_retry)
 
 A recovery task runs under the same task id: the record swaps its spec for
 the recovery spec and starts again with that spec's retries.
@@ -29,6 +31,8 @@ class TaskState(enum.Enum):
 
     QUEUED = "scheduled"
     RUNNING = "pending"
+    #: A failed attempt whose retry waits out its delay (not in the scheduler).
+    WAITING_RETRY = "waiting_retry"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     ABORTED = "aborted"
@@ -40,10 +44,12 @@ _ALLOWED = {
     TaskState.QUEUED: {TaskState.RUNNING, TaskState.ABORTED, TaskState.FAILED},
     TaskState.RUNNING: {
         TaskState.QUEUED,
+        TaskState.WAITING_RETRY,
         TaskState.SUCCEEDED,
         TaskState.FAILED,
         TaskState.ABORTED,
     },
+    TaskState.WAITING_RETRY: {TaskState.QUEUED, TaskState.ABORTED},
     TaskState.SUCCEEDED: set(),
     TaskState.FAILED: set(),
     TaskState.ABORTED: set(),
@@ -63,6 +69,7 @@ class TaskSpec:
         "timeout",
         "depend",
         "recovery",
+        "retry_delay",
     )
 
     def __init__(
@@ -76,6 +83,7 @@ class TaskSpec:
         timeout: float | None = None,
         depend: bytes | None = None,
         recovery: TaskSpec | None = None,
+        retry_delay: float | None = None,
     ) -> None:
         self.kind = kind
         self.payload = payload
@@ -86,6 +94,8 @@ class TaskSpec:
         self.timeout = timeout
         self.depend = depend
         self.recovery = recovery
+        #: Seconds before the first retry; None: the controller's default.
+        self.retry_delay = retry_delay
 
     @classmethod
     def from_envelope(cls, envelope: object) -> TaskSpec:
@@ -107,6 +117,7 @@ class TaskSpec:
             options.timeout,
             envelope.depend,
             None if recovery is None else cls._from_parsed(recovery),
+            options.retry_delay,
         )
 
     def command_args(self) -> tuple:
@@ -153,6 +164,7 @@ class TaskRecord:
         "data",
         "group",
         "link",
+        "avoid_engine",
     )
 
     def __init__(self, taskid: int, spec: TaskSpec, submitted: float) -> None:
@@ -173,6 +185,9 @@ class TaskRecord:
         self.data: object = None
         #: The scheduler's depend group while queued.
         self.group = None
+        #: The engine this task's last attempt failed on, while it sits out
+        #: the failure penalty for this task (None: no engine avoided).
+        self.avoid_engine: int | None = None
 
     @property
     def is_queued(self) -> bool:
@@ -204,16 +219,23 @@ class TaskRecord:
         self.spec = self.spec.finished()
 
     def fail_attempt(
-        self, error: tuple, started: float | None, completed: float
+        self, error: tuple, started: float | None, completed: float, wait: bool = False
     ) -> bool:
-        """A running attempt failed.  Returns True when the task is queued again.
+        """A running attempt failed.  Returns True when the task will run again.
 
         Retries are spent first; then the recovery task takes over the id
-        with its own retries; after that the task fails with `error`.
+        with its own retries; after that the task fails with `error`.  With
+        `wait`, a retry (not a recovery task) goes to ``waiting_retry``
+        rather than ``queued``; `retry_now` queues it once its delay passed.
         """
         if self.retries_left > 0:
             self.retries_left -= 1
-            self._requeue()
+            if wait:
+                self._move(TaskState.WAITING_RETRY)
+                self.engine_id = None
+                self.seq = None
+            else:
+                self._requeue()
             return True
         if self.spec.recovery is not None:
             self._next_link()
@@ -221,6 +243,15 @@ class TaskRecord:
             return True
         self.fail(error, started, completed)
         return False
+
+    @property
+    def retries_spent(self) -> int:
+        """Retries of the current link's spec used so far."""
+        return self.spec.retries - self.retries_left
+
+    def retry_now(self) -> None:
+        """waiting_retry -> queued: the retry's delay has passed."""
+        self._requeue()
 
     def _next_link(self) -> None:
         self.spec = self.spec.recovery
@@ -247,7 +278,7 @@ class TaskRecord:
         self.spec = self.spec.finished()
 
     def abort(self, error: tuple, now: float) -> None:
-        """queued or running -> aborted."""
+        """queued, running or waiting_retry -> aborted."""
         self._move(TaskState.ABORTED)
         self.ok, self.data = False, error
         self.completed = now
@@ -260,7 +291,8 @@ class TaskRecord:
 
     @classmethod
     def restore(cls, stored, spec: TaskSpec) -> TaskRecord:
-        """A record as the journal kept it; one that was not final is queued."""
+        """A record as the journal kept it; one that was not final is
+        queued (one that waited to retry, too: it simply runs again)."""
         record = cls(stored.taskid, spec, stored.submitted)
         for _ in range(stored.link):
             record.spec = record.spec.recovery
@@ -287,4 +319,5 @@ class TaskRecord:
             self.submitted,
             self.started,
             self.completed,
+            self.attempts,
         ).plain()

@@ -172,7 +172,7 @@ def fit_results(envelopes: list, limit: int) -> list:
 
 
 def _too_large(envelope: tuple, size: int, limit: int) -> tuple:
-    envelope = wire.ResultEnvelope._make(envelope)
+    envelope = wire.ResultEnvelope.parse(envelope)
     error = MessageTooLarge(
         "the result of task %d (%d bytes) exceeds the controller's message limit "
         "of %d bytes (--max-message-size)" % (envelope.taskid, size, limit)
