@@ -329,3 +329,42 @@ class StateFileTests(unittest.SynchronousTestCase):
         self.assertEqual(read_state(profile)["phase"], "stopping")
         recorder.remove()
         self.assertFalse(profile.state_file.exists())
+
+
+class _StartingReactor:
+    """What `_stay_down_on_sigterm` uses of a reactor that does not run yet."""
+
+    def __init__(self) -> None:
+        self.from_thread: list = []
+        self.when_running: list = []
+
+    def callFromThread(self, function, *args) -> None:
+        self.from_thread.append((function, args))
+
+    def callWhenRunning(self, function, *args) -> None:
+        self.when_running.append((function, args))
+
+
+class PersonsSigtermTests(unittest.SynchronousTestCase):
+    """A controller run by a launcher takes a SIGTERM as a person's from the
+    moment it is made, not only once its reactor runs: before this, one that
+    held its profile but was still opening its journal died of the signal,
+    and its launcher started it again (test_manage flaked under load)."""
+
+    def test_sigterm_before_the_reactor_runs_exits_terminated(self):
+        import signal
+
+        from taskfarm.controller.tap import _stay_down_on_sigterm
+        from taskfarm.exitcodes import EXIT_TERMINATED, stop_reactor_and_exit
+
+        previous = signal.getsignal(signal.SIGTERM)
+        self.addCleanup(signal.signal, signal.SIGTERM, previous)
+        reactor = _StartingReactor()
+        _stay_down_on_sigterm(reactor)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second one changes nothing
+        self.assertEqual(reactor.from_thread, [(stop_reactor_and_exit, (reactor, EXIT_TERMINATED))])
+        # ... and again after the reactor's own handlers, once it runs.
+        ((install, (signum, handler)),) = reactor.when_running
+        self.assertEqual((install, signum), (signal.signal, signal.SIGTERM))
+        self.assertIs(handler, signal.getsignal(signal.SIGTERM))

@@ -101,9 +101,13 @@ class Options(usage.Options):
 
 
 def _stay_down_on_sigterm(reactor) -> None:
-    """After the reactor's own handlers: SIGTERM stops the controller as
-    usual, but it exits with `EXIT_TERMINATED`, so that its launcher leaves
-    it down (a crash or SIGKILL still gets it restarted)."""
+    """SIGTERM stops the controller as usual, but it exits with
+    `EXIT_TERMINATED`, so that its launcher leaves it down (a crash or
+    SIGKILL still gets it restarted).  The handler goes in at once, not
+    only once the reactor runs: a controller already holding its profile
+    may still be opening its journal, and a SIGTERM then must stick too.
+    The reactor installs handlers of its own when it starts, so it goes in
+    again after those."""
     import signal
 
     from twisted.logger import Logger
@@ -117,9 +121,11 @@ def _stay_down_on_sigterm(reactor) -> None:
             return  # already stopping
         asked.append(signum)
         Logger().info("SIGTERM: stopping; the launcher will not restart this controller")
+        # Runs once the reactor runs, if it does not yet.
         reactor.callFromThread(stop_reactor_and_exit, reactor, EXIT_TERMINATED)
 
     signal.signal(signal.SIGTERM, terminated)
+    reactor.callWhenRunning(signal.signal, signal.SIGTERM, terminated)
 
 
 def makeService(options: Options):
@@ -137,7 +143,7 @@ def makeService(options: Options):
     if follow_launcher(reactor):
         # Its launcher marks its own stops first; a SIGTERM it gets
         # otherwise is a person's (or the system's) and must stick.
-        reactor.callWhenRunning(_stay_down_on_sigterm, reactor)
+        _stay_down_on_sigterm(reactor)
     profile = Profile.from_option(options["profile-dir"])
     profile.ensure()
     logfile = LogFile("controller.log", str(profile.log_dir), rotateLength=10_000_000)
