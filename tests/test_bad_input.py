@@ -465,8 +465,7 @@ class EntryPointTestCase(unittest.TestCase):
         self.multiengine_remote = RemoteMultiEngine(self.multiengine)
         self.channels = []
         for _ in range(2):
-            channel = ScriptedChannel()
-            channel.engine = self.registry.register(channel, {"hostname": "h", "pid": 1})
+            channel = ScriptedChannel.registered(self.registry, {"hostname": "h", "pid": 1})
             self.channels.append(channel)
         self.marker = temp_dir(self, "taskfarm-bad-input-") / "marker"
 

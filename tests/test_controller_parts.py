@@ -348,8 +348,7 @@ class DispatcherTests(unittest.SynchronousTestCase):
         self.addCleanup(self.dispatcher.stop)
 
     def engine(self, properties=None) -> ScriptedChannel:
-        channel = ScriptedChannel()
-        channel.engine = self.registry.register(channel, dict(properties or {}))
+        channel = ScriptedChannel.registered(self.registry, properties)
         return channel
 
     def admit(self, *specs):

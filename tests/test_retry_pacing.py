@@ -60,8 +60,7 @@ class PacingTestCase(unittest.SynchronousTestCase):
         self.addCleanup(self.registry.stop)
 
     def add_engine(self):
-        channel = ScriptedChannel()
-        channel.engine = self.registry.register(channel, {})
+        channel = ScriptedChannel.registered(self.registry)
         return channel
 
     def submit(self, *tasks):

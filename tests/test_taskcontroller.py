@@ -73,8 +73,7 @@ class ControllerTestCase(unittest.SynchronousTestCase):
         self.addCleanup(self.registry.stop)
 
     def add_engine(self, properties=None):
-        channel = ScriptedChannel()
-        channel.engine = self.registry.register(channel, dict(properties or {}))
+        channel = ScriptedChannel.registered(self.registry, properties)
         return channel
 
     def submit(self, *tasks):

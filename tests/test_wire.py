@@ -577,8 +577,7 @@ class ControllerRefusesNewerTests(unittest.SynchronousTestCase):
 
     def test_engine_call(self):
         """A newer MultiEngine request is refused before any engine sees it."""
-        channel = ScriptedChannel()
-        channel.engine = self.registry.register(channel, {})
+        channel = ScriptedChannel.registered(self.registry)
         remote = RemoteMultiEngine(MultiEngine(self.registry, self.clock))
         for blob in (
             serialization.pack(_newer(("execute", "all", ("a = 1",), None))),
@@ -595,8 +594,7 @@ class ControllerRefusesNewerTests(unittest.SynchronousTestCase):
     def test_replies_of_a_newer_engine(self):
         """Replies from a newer engine are dropped and the engine
         disconnected (its commands then fail over), not misread."""
-        channel = ScriptedChannel()
-        channel.engine = self.registry.register(channel, {})
+        channel = ScriptedChannel.registered(self.registry)
         self.controller.submit([Task("a = 1").to_envelope()])
         self.clock.advance(0)
         ((seq, _, _),) = channel.pending()

@@ -31,7 +31,15 @@ class ScriptedChannel:
         self.properties_sent: list[bytes] = []
         #: Set False to play a hung engine.
         self.answers_pings = True
-        self.engine = None  # the registry handle, set by the test
+        self.engine = None  # the registry handle (`registered` sets it)
+
+    @classmethod
+    def registered(cls, registry, properties: dict | None = None) -> ScriptedChannel:
+        """A new channel, registered with `registry` as an engine with these
+        properties; its handle is `channel.engine`."""
+        channel = cls()
+        channel.engine = registry.register(channel, dict(properties or {}))
+        return channel
 
     def send(self, commands: list, packed: bytes | None = None) -> None:
         self.messages.append(list(commands))
