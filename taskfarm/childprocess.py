@@ -14,6 +14,7 @@ slots (`taskfarm.cluster.launcher`), the depend evaluators
 from __future__ import annotations
 
 import os
+import signal
 
 from twisted.internet import defer, error, protocol
 
@@ -66,6 +67,7 @@ class GroupChild(ChildProcess):
         super().__init__()
         #: The pid, kept after the process ended.
         self.last_pid: int | None = None
+        self._close_call = None
 
     def connectionMade(self) -> None:
         self.last_pid = self.transport.pid
@@ -85,6 +87,32 @@ class GroupChild(ChildProcess):
             os.killpg(self.last_pid, signum)
         except (ProcessLookupError, PermissionError):
             pass  # no such group (it never made one, or it is all gone)
+
+    def end_with_process(self, reason, reactor=None, grace: float = 1.0) -> None:
+        """From ``processExited``: the child ends with its process, not with
+        its pipes, which processes it forked may hold open.  What is left of
+        its group is SIGKILLed now, while the group id cannot yet name anyone
+        else's group; its pipes are closed `grace` seconds later on `reactor`
+        (at once without one); `ended` fires now."""
+        self.signal_group(signal.SIGKILL)
+        if reactor is None:
+            self._close_pipes()
+        else:
+            self._close_call = reactor.callLater(grace, self._close_pipes)
+        self._end(reason.value)
+
+    def _close_pipes(self) -> None:
+        self._close_call = None
+        transport = self.transport
+        if transport is not None:
+            for fd in list(getattr(transport, "pipes", {})):
+                transport.closeChildFD(fd)
+
+    def processEnded(self, reason) -> None:
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()
+        self._close_call = None
+        super().processEnded(reason)
 
 
 class OutputChild(ChildProcess):

@@ -32,7 +32,7 @@ import time
 from twisted.internet import task
 from twisted.logger import Logger
 
-from taskfarm.cluster.slots import process_alive, process_start_time
+from taskfarm.cluster.slots import process_alive, process_start_time, signal_if_alive
 from taskfarm.profile import MULTIENGINE, TASK, Profile, in_use_error, read_holder, write_secret
 
 #: Seconds between two refreshes of the state file.
@@ -261,16 +261,6 @@ async def _gone(reactor, check, timeout: float) -> bool:
     return True
 
 
-def _signal(pid: int, started: str | None, signum: int) -> bool:
-    if not process_alive(pid, started):
-        return False
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 async def stop_cluster(reactor, profile: Profile, timeout: float = 30.0) -> tuple[int, str]:
     """(exit status, text) of ``taskfarm stop``: 0 once everything the
     cluster started is gone, 1 when there was nothing to stop or something
@@ -302,12 +292,12 @@ async def stop_cluster(reactor, profile: Profile, timeout: float = 30.0) -> tupl
     notes = []
     # Whether the launcher stopped its engines itself (else: clean up here).
     stopped_itself = False
-    if _signal(pid, started, signal.SIGTERM):
+    if signal_if_alive(pid, started, signal.SIGTERM):
         if await _gone(reactor, lambda: not process_alive(pid, started), timeout):
             stopped_itself = True
             notes.append("launcher pid %d stopped its controller and engines" % pid)
         else:
-            _signal(pid, started, signal.SIGKILL)
+            signal_if_alive(pid, started, signal.SIGKILL)
             notes.append("launcher pid %d did not stop within %g s: killed it" % (pid, timeout))
     else:
         notes.append("launcher pid %s was gone" % pid)
@@ -316,7 +306,7 @@ async def stop_cluster(reactor, profile: Profile, timeout: float = 30.0) -> tupl
     if any(process_alive(p, s) for _, p, s in recorded):
         # Its children die with it (parent-death signal): give them a moment.
         await _gone(reactor, lambda: not any(process_alive(p, s) for _, p, s in recorded), 2.0)
-    killed = [label for label, p, s in recorded if _signal(p, s, signal.SIGKILL)]
+    killed = [label for label, p, s in recorded if signal_if_alive(p, s, signal.SIGKILL)]
     if killed:
         notes.append("killed what was left: %s" % ", ".join(killed))
     if not stopped_itself:

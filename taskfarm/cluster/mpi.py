@@ -199,7 +199,6 @@ class _JobProcess(GroupChild):
         self._log_file = open(log_path, "ab")
         self._head = bytearray()
         self._tail = bytearray()
-        self._close_call = None
         #: Set once a rank said it ends for a MultiEngine kill.
         self.rank_killed = False
         #: Fires once its pipes are closed too (at most 1 s after `ended`).
@@ -231,21 +230,9 @@ class _JobProcess(GroupChild):
         return lines[0].strip() if lines else ""
 
     def processExited(self, reason) -> None:
-        self.signal_group(signal.SIGKILL)  # its proxies, while the group is still its
-        self._close_call = self._reactor.callLater(1.0, self._close_pipes)
-        self._end(reason.value)
-
-    def _close_pipes(self) -> None:
-        self._close_call = None
-        transport = self.transport
-        if transport is not None:
-            for fd in list(getattr(transport, "pipes", {})):
-                transport.closeChildFD(fd)
+        self.end_with_process(reason, self._reactor, 1.0)  # its proxies go with it
 
     def processEnded(self, reason) -> None:
-        if self._close_call is not None and self._close_call.active():
-            self._close_call.cancel()
-        self._close_call = None
         self._log_file.close()
         super().processEnded(reason)
         if not self.closed.called:

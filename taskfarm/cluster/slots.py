@@ -61,6 +61,18 @@ def process_alive(pid: int | None, started: str | None = None) -> bool:
     return now is not None and (started is None or now == started)
 
 
+def signal_if_alive(pid: int | None, started: str | None, signum: int) -> bool:
+    """Send `signum` to `pid` only if it is still the process that started
+    at `started` (see `process_alive`); whether it was sent."""
+    if not process_alive(pid, started):
+        return False
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 #: The child's file descriptor for liveness ticks (see `taskfarm.lifeline`).
 _LIVENESS_FD = 3
 
@@ -102,7 +114,6 @@ class _Child(GroupChild):
         self._liveness_timeout = liveness_timeout
         self._start_timeout = start_timeout
         self._watchdog = None
-        self._close_pipes = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -147,23 +158,10 @@ class _Child(GroupChild):
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
-        # Processes its tasks forked end with it: now, while the group id
-        # cannot yet name anyone else's group.
-        self.signal_group(signal.SIGKILL)
-        self._close_pipes = self._reactor.callLater(_PIPE_GRACE, self._close_all_pipes)
-        self._end(reason.value)
-
-    def _close_all_pipes(self) -> None:
-        self._close_pipes = None
-        transport = self.transport
-        if transport is not None:
-            for fd in list(getattr(transport, "pipes", {})):
-                transport.closeChildFD(fd)
+        # Processes its tasks forked end with it.
+        self.end_with_process(reason, self._reactor, _PIPE_GRACE)
 
     def processEnded(self, reason) -> None:
-        if self._close_pipes is not None and self._close_pipes.active():
-            self._close_pipes.cancel()
-        self._close_pipes = None
         self._log_file.close()
         super().processEnded(reason)
 

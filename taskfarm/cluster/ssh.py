@@ -50,6 +50,7 @@ from taskfarm import backoff as backoffs
 from taskfarm import exitcodes
 from taskfarm.childprocess import ChildProcess
 from taskfarm.cluster.launcher import DEFAULT_START_TIMEOUT, ClusterError
+from taskfarm.cluster.slots import process_start_time, signal_if_alive
 from taskfarm.cluster.sshhosts import (
     OPTIONS,
     SSHHost,
@@ -76,16 +77,6 @@ _TAIL_BYTES = 4096
 
 
 # -- one host -----------------------------------------------------------------------------
-
-
-def _start_time(pid: int) -> str | None:
-    """A process's start time (clock ticks since boot, /proc/PID/stat), to
-    tell it from a later process given the same pid; None if gone."""
-    try:
-        text = Path("/proc/%d/stat" % pid).read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()[19]
 
 
 class HostState(enum.Enum):
@@ -486,7 +477,7 @@ class HostSlot:
 
     def describe(self) -> list[dict]:
         ssh_pid = self.process.pid if self.process is not None else None
-        ssh_started = _start_time(ssh_pid) if ssh_pid else None
+        ssh_started = process_start_time(ssh_pid) if ssh_pid else None
         return [
             {
                 "label": e.label,
@@ -573,11 +564,8 @@ class SSHLauncher:
             if not pid or pid in seen:
                 continue
             seen.add(pid)
-            if started is not None and _start_time(pid) == started:
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            if started is not None:
+                signal_if_alive(pid, started, signal.SIGTERM)
         return defer.succeed(None)
 
     @property

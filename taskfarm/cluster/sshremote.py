@@ -66,8 +66,6 @@ class _Engine(GroupChild):
             self._channel.send({"out": self.index, "text": line.decode(errors="replace")})
 
     def processExited(self, reason) -> None:
-        # What its tasks forked ends with it.
-        self.signal_group(signal.SIGKILL)
         value = reason.value
         self._channel.send(
             {
@@ -76,13 +74,8 @@ class _Engine(GroupChild):
                 "signal": getattr(value, "signal", None),
             }
         )
-        self._end(value)
-        transport = self.transport
-        for fd in list(getattr(transport, "pipes", {})):
-            transport.closeChildFD(fd)
-
-    def processEnded(self, reason) -> None:
-        self._end(reason.value)
+        # What its tasks forked ends with it.
+        self.end_with_process(reason)
 
 
 class _Channel(LineOnlyReceiver):

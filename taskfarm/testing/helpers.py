@@ -11,6 +11,7 @@ from pathlib import Path
 from twisted.internet import defer, reactor, task
 
 from taskfarm.childprocess import OutputChild  # noqa: F401  (the tests' child, re-exported)
+from taskfarm.cluster.slots import process_alive
 from taskfarm.errors import CompositeError, RemoteTaskError
 
 
@@ -98,8 +99,7 @@ def descendants_of(parent: int) -> dict[int, str]:
 def is_alive(pid: int, started: str) -> bool:
     """Whether the process `pid` that started at `started` still runs
     (the start time tells a reused pid apart)."""
-    fields = proc_stat(pid)
-    return fields is not None and fields[19] == started and fields[0] != "Z"
+    return started is not None and process_alive(pid, started)
 
 
 def clock_controller(testcase, evaluator: bool = False):

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
+from taskfarm.cluster.slots import signal_if_alive
 from taskfarm.profile import Profile
-from taskfarm.testing.helpers import children_of, is_alive, proc_stat, temp_dir, wait_until
+from taskfarm.testing.helpers import children_of, proc_stat, temp_dir, wait_until
 
 #: How to run the `taskfarm` command with this interpreter.
 TASKFARM = [sys.executable, "-c", "from taskfarm.cli import main; main()"]
@@ -36,13 +37,7 @@ def processes_naming(text: str) -> list[int]:
 
 def kill_if_alive(pid: int, started: str, signum: int = signal.SIGKILL) -> bool:
     """Signal `pid` only if it is still the process that started at `started`."""
-    if not is_alive(pid, started):
-        return False
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        return False
-    return True
+    return started is not None and signal_if_alive(pid, started, signum)
 
 
 class ProcessTestCase(unittest.TestCase):
