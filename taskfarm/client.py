@@ -92,7 +92,7 @@ class TaskClient(_BlockingClient):
 
     def parallel(self, block: bool = True, **task_options):
         """A decorator: ``f(seq)`` becomes the load-balanced map of `f` over `seq`."""
-        return asyncclient._parallel(self.mapper(block=block, **task_options))
+        return asyncclient.parallel_decorator(self.mapper(block=block, **task_options))
 
 
 class PendingResult:
@@ -162,7 +162,7 @@ class MultiEngineClient(_BlockingClient):
 
     def parallel(self, targets=None, block=None, dist: str = "b"):
         """A decorator: ``f(seq)`` becomes ``map(f, seq)`` over the targets."""
-        return asyncclient._parallel(self.mapper(targets, block, dist))
+        return asyncclient.parallel_decorator(self.mapper(targets, block, dist))
 
     def __len__(self) -> int:
         return len(self.get_ids())
