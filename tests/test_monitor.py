@@ -84,31 +84,32 @@ class CounterTests(MonitorTestCase):
         self.assertEqual(
             (summary["succeeded_total"], summary["failed_total"], summary["retried_total"]), (1, 1, 1)
         )
-        self.assertEqual(summary["dispatched_total"], 3)
         self.assertEqual(summary["queue"]["failed"], 1)
         self.assertEqual(summary["engines"], 1)
         (row,) = self.monitor.engines()
         self.assertEqual((row["tasks_done"], row["current_task"], row["state"]), (3, None, "idle"))
 
     def test_rates_over_the_window(self):
-        """tasks/s and failures/s count what finished over the last samples."""
+        """tasks/s and failures/s count what finished since the oldest
+        counter sample inside the window; with nothing finishing they fall
+        to 0.  No timer is set for them."""
         a = self.engine()
-        self.clock.advance(1.0)  # samples at start and 1 s later, none done
+        self.clock.advance(1.0)  # the sample taken at start: none done
         for _ in range(4):
             self.submit(Task("x"))
             self.succeed(a, 0.25)  # 4 tasks in the next second
         self.submit(Task("y"))
         self.fail(a)
-        # Over the 2 s since the oldest sample.
         tasks_rate, failures_rate = self.monitor.rates()
         self.assertAlmostEqual(tasks_rate, 5 / 2.0)
         self.assertAlmostEqual(failures_rate, 1 / 2.0)
-        # Once the oldest samples are older than the window, they drop out.
-        self.clock.pump([1.0] * 9)
-        self.assertAlmostEqual(self.monitor.rates()[0], 5 / 10.0)
-        # Past the window, nothing new: the rates fall to 0.
-        self.clock.pump([1.0] * 12)
+        # 9 s later the start sample is out of the window; the one the
+        # first finished task took (at 1.25 s, none done yet) is the oldest.
+        self.clock.advance(9.0)
+        self.assertAlmostEqual(self.monitor.rates()[0], 5 / 9.75)
+        self.clock.advance(11.0)
         self.assertEqual(self.monitor.rates(), (0.0, 0.0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_timeline_runs_per_engine(self):
         """Each engine's lane holds its recent runs with how they ended, and
@@ -134,7 +135,7 @@ class CounterTests(MonitorTestCase):
         for i in range(count):
             self.submit(Task("x%d" % i))
             self.fail(a, "n%d" % i)
-        self.assertEqual(len(self.monitor._runs[a.engine.engine_id]), RUNS_PER_ENGINE)
+        self.assertEqual(len(self.monitor._lanes[a.engine.engine_id].runs), RUNS_PER_ENGINE)
         self.assertEqual(len(self.monitor._failures), RECENT_FAILURES)
         newest = self.monitor.failures(limit=1)[0]
         self.assertEqual(newest["message"], "n%d" % (count - 1))
@@ -262,3 +263,18 @@ class StatusOverTheWireTests(unittest.SynchronousTestCase):
         self.assertEqual(summary.queue["succeeded"], 1)
         tc.disconnect()
         grid.clock.pump([0.01] * 10)
+
+
+class StatusLinesTests(unittest.SynchronousTestCase):
+    def test_summary_lines(self):
+        """``taskfarm status`` prints the dashboard's summary: counts by
+        state, rates, totals, and where the dashboard is (or that it is off)."""
+        from taskfarm.cluster.manage import summary_lines
+
+        summary = wire.ClusterSummary(4, {"scheduled": 7, "succeeded": 3}, 12.25, 0.5, 3, 1, 0, 2)
+        lines = summary_lines(summary, None)
+        self.assertEqual(lines[0], "tasks:      scheduled 7, succeeded 3")
+        self.assertEqual(lines[1], "rates:      12.2 tasks/s, 0.5 failures/s (last 10 s)")
+        self.assertIn("3 succeeded, 1 failed, 0 aborted, 2 attempts retried", lines[2])
+        self.assertIn("dashboard:  off", lines[3])
+        self.assertEqual(summary_lines(summary, "http://127.0.0.1:1/?token=t")[3], "dashboard:  http://127.0.0.1:1/?token=t")

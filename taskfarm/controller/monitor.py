@@ -11,17 +11,16 @@ fixed bound, and nothing here does I/O or waits: the dashboard
 (`taskfarm.dashboard`), ``/metrics`` and ``taskfarm status`` read plain
 data out of it (`summary`, `engines`, `timeline`, `failures`, `task`).
 
-Rates (tasks/s, failures/s) come from counter samples taken once a second
-by `start`'s timer, over the last `RATE_WINDOW` seconds.
+Rates (tasks/s, failures/s) come from counter samples, at most one per
+`SAMPLE_PERIOD`, over the last `RATE_WINDOW` seconds; a sample is taken
+when one is due and a task finishes or someone reads the rates, so the
+monitor sets no timer.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
-import threading
-
-from twisted.internet import task
 
 from taskfarm.controller.registry import RegistryListener
 from taskfarm.controller.tasks import TaskState
@@ -58,8 +57,9 @@ RUN_OK, RUN_FAILED, RUN_RETRIED, RUN_ABORTED = "ok", "failed", "retried", "abort
 class Histogram:
     """Fixed buckets of observed values (seconds): counts, sum, total.
 
-    `observe` may be called from another thread (the journal's writer):
-    a lock keeps the three fields of one observation together.
+    Each histogram has one writer (the reactor thread, or the journal's
+    writer thread), so `observe` takes no lock; a reader may see an
+    observation counted in its bucket a moment before it is in the sum.
     """
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
@@ -68,25 +68,32 @@ class Histogram:
         self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
         self.count = 0
-        self._lock = threading.Lock()
 
     def observe(self, value: float) -> None:
         """Count one observation of `value` seconds."""
-        index = bisect.bisect_left(self.bounds, value)
-        with self._lock:
-            self.counts[index] += 1
-            self.sum += value
-            self.count += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
 
     def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
         """(cumulative (bound, count) pairs with +Inf last, sum, count)."""
-        with self._lock:
-            counts, total, count = list(self.counts), self.sum, self.count
+        counts, total = list(self.counts), self.sum
         cumulative, running = [], 0
         for bound, n in zip((*self.bounds, float("inf")), counts, strict=True):
             running += n
             cumulative.append((bound, running))
-        return cumulative, total, count
+        # The count is the +Inf bucket's, so the two always agree.
+        return cumulative, total, running
+
+
+class _Lane:
+    """One engine's recent runs and how many tasks it finished."""
+
+    __slots__ = ("runs", "done")
+
+    def __init__(self) -> None:
+        self.runs: collections.deque = collections.deque(maxlen=RUNS_PER_ENGINE)
+        self.done = 0
 
 
 def _error_parts(error) -> tuple[str, str, str]:
@@ -118,18 +125,17 @@ class Monitor(RegistryListener):
         self.aborted = 0
         #: Failed attempts that were queued again (retries and recoveries).
         self.retried = 0
-        #: Tasks sent to engines (every attempt).
-        self.dispatched = 0
         #: Seconds from a task's submission to its first dispatch.
         self.dispatch_latency = Histogram(DISPATCH_BUCKETS)
         #: Seconds each journal group commit took (its writer thread).
         self.journal_commit = Histogram(COMMIT_BUCKETS)
-        #: engine id -> its recent runs (taskid, started, ended, how), newest last.
-        self._runs: dict[int, collections.deque] = {}
-        #: engine id -> {seq: (taskid, dispatched at)} of its running tasks.
-        self._running: dict[int, dict[int, tuple[int, float]]] = {}
-        #: engine id -> tasks it finished (any outcome).
-        self._done: dict[int, int] = {}
+        self._seconds = clock.seconds
+        #: engine id -> its recent runs (taskid, started, ended, how) and
+        #: how many tasks it finished.
+        self._lanes: dict[int, _Lane] = {}
+        #: taskid -> (engine id, dispatched at) of every running task
+        #: (bounded by the engines' task slots).
+        self._started: dict[int, tuple[int, float]] = {}
         #: Recent final failures, newest last (plain dicts).
         self._failures: collections.deque = collections.deque(maxlen=RECENT_FAILURES)
         #: taskid -> its failed attempts (plain dicts), least recent task first.
@@ -138,28 +144,15 @@ class Monitor(RegistryListener):
         self._samples: collections.deque = collections.deque(
             maxlen=int(RATE_WINDOW / SAMPLE_PERIOD) + 1
         )
-        self._sampler: task.LoopingCall | None = None
+        self._next_sample = 0.0
+        self._sample(clock.seconds())
         registry.add_listener(self)
 
-    # -- lifecycle ----------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start sampling the counters for the rates."""
-        self._sample()
-        self._sampler = task.LoopingCall(self._sample)
-        self._sampler.clock = self._clock
-        self._sampler.start(SAMPLE_PERIOD, now=False)
-
-    def stop(self) -> None:
-        """Stop the sampler."""
-        if self._sampler is not None and self._sampler.running:
-            self._sampler.stop()
-        self._sampler = None
-
-    def _sample(self) -> None:
-        self._samples.append(
-            (self._clock.seconds(), self.succeeded + self.failed + self.aborted, self.failed)
-        )
+    def _sample(self, now: float) -> None:
+        # Taken when due by whoever looks at the clock next (a finishing
+        # task, or a reader): no timer of its own, nothing while idle.
+        self._next_sample = now + SAMPLE_PERIOD
+        self._samples.append((now, self.succeeded + self.failed + self.aborted, self.failed))
 
     # -- hooks (keep them cheap: they run per task) ------------------------------------------
 
@@ -168,19 +161,14 @@ class Monitor(RegistryListener):
         command `seq`, when it was running) to its present state."""
         after = record.state
         if after is _RUNNING:
-            self.dispatched += 1
-            now = self._clock.seconds()
-            running = self._running.get(record.engine_id)
-            if running is None:
-                running = self._running[record.engine_id] = {}
-            running[record.seq] = (record.taskid, now)
+            now = self._seconds()
+            self._started[record.taskid] = (record.engine_id, now)
             if record.attempts == 1:
                 self.dispatch_latency.observe(now - record.submitted)
             return
         if before is _RUNNING:
-            running = self._running.get(engine_id)
-            entry = None if running is None else running.pop(seq, None)
-            now = self._clock.seconds()
+            now = self._seconds()
+            entry = self._started.pop(record.taskid, None)
             if after is _SUCCEEDED:
                 how = RUN_OK
             elif after is _FAILED:
@@ -189,13 +177,14 @@ class Monitor(RegistryListener):
                 how = RUN_ABORTED
             else:
                 how = RUN_RETRIED
-            runs = self._runs.get(engine_id)
-            if runs is None:
-                runs = self._runs[engine_id] = collections.deque(maxlen=RUNS_PER_ENGINE)
-            runs.append((record.taskid, now if entry is None else entry[1], now, how))
-            self._done[engine_id] = self._done.get(engine_id, 0) + 1
-            if how == RUN_RETRIED:
                 self.retried += 1
+            lane = self._lanes.get(engine_id)
+            if lane is None:
+                lane = self._lanes[engine_id] = _Lane()
+            lane.runs.append((record.taskid, now if entry is None else entry[1], now, how))
+            lane.done += 1
+            if now >= self._next_sample:
+                self._sample(now)
         if after is _SUCCEEDED:
             self.succeeded += 1
         elif after is _FAILED:
@@ -242,10 +231,7 @@ class Monitor(RegistryListener):
 
     def engine_added(self, engine) -> None:
         # Engine ids are reused: a new engine starts with an empty record.
-        engine_id = engine.engine_id
-        self._runs.pop(engine_id, None)
-        self._running.pop(engine_id, None)
-        self._done.pop(engine_id, None)
+        self._lanes.pop(engine.engine_id, None)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -253,10 +239,16 @@ class Monitor(RegistryListener):
         """(tasks finished per second, failures per second) over the last
         `RATE_WINDOW` seconds, counting up to now."""
         now = self._clock.seconds()
+        if now >= self._next_sample:
+            self._sample(now)
         finished = self.succeeded + self.failed + self.aborted
-        if not self._samples:
-            return 0.0, 0.0
-        then, finished_then, failed_then = self._samples[0]
+        horizon = now - RATE_WINDOW
+        # The oldest sample inside the window (the newest if none is).
+        then, finished_then, failed_then = self._samples[-1]
+        for sample in self._samples:
+            if sample[0] >= horizon:
+                then, finished_then, failed_then = sample
+                break
         elapsed = now - then
         if elapsed <= 0:
             return 0.0, 0.0
@@ -275,21 +267,29 @@ class Monitor(RegistryListener):
             "failed_total": self.failed,
             "aborted_total": self.aborted,
             "retried_total": self.retried,
-            "dispatched_total": self.dispatched,
         }
+
+    def _running_by_engine(self) -> dict[int, list[tuple[float, int]]]:
+        """engine id -> (dispatched at, taskid) of its running tasks, oldest first."""
+        running: dict[int, list[tuple[float, int]]] = {}
+        for taskid, (engine_id, start) in list(self._started.items()):
+            running.setdefault(engine_id, []).append((start, taskid))
+        for runs in running.values():
+            runs.sort()
+        return running
 
     def engines(self, limit: int = 256) -> list[dict]:
         """One row per engine (the first `limit` by id): host, pid, state,
-        properties, current task, tasks done, seconds since last heard."""
+        properties, current task (the oldest of its running ones: an
+        engine runs its tasks in order), tasks done, seconds since heard."""
         now = self._clock.seconds()
+        running = self._running_by_engine()
         rows = []
         for engine_id in sorted(self._registry.engines)[:limit]:
             engine = self._registry.engines[engine_id]
             props = engine.properties
-            running = self._running.get(engine_id) or {}
-            current = running.get(engine.head) if engine.head is not None else None
-            if current is None and running:
-                current = running[min(running)]
+            mine = running.get(engine_id, ())
+            lane = self._lanes.get(engine_id)
             rows.append(
                 {
                     "engine_id": engine_id,
@@ -300,9 +300,9 @@ class Monitor(RegistryListener):
                         str(k): _short(v) for k, v in list(props.items())[:20]
                         if k not in ("hostname", "pid")
                     },
-                    "current_task": None if current is None else current[0],
-                    "running": len(running),
-                    "tasks_done": self._done.get(engine_id, 0),
+                    "current_task": mine[0][1] if mine else None,
+                    "running": len(mine),
+                    "tasks_done": 0 if lane is None else lane.done,
                     "heard_ago": max(0.0, now - engine.last_heard),
                 }
             )
@@ -310,20 +310,20 @@ class Monitor(RegistryListener):
 
     def timeline(self, window: float = 30.0, per_engine: int = 60) -> dict:
         """Recent runs per engine within the last `window` seconds (at
-        most `per_engine` each), running ones with no end; times relative
-        to now (negative seconds)."""
+        most `per_engine` each, and as many running ones), running ones
+        with no end; times relative to now (negative seconds)."""
         now = self._clock.seconds()
         since = now - window
+        running = self._running_by_engine()
         lanes = {}
         for engine_id in sorted(self._registry.engines)[:256]:
             runs = []
-            for taskid, start, end, how in reversed(self._runs.get(engine_id, ())):
+            lane = self._lanes.get(engine_id)
+            for taskid, start, end, how in reversed(lane.runs if lane is not None else ()):
                 if end < since or len(runs) >= per_engine:
                     break
                 runs.append([taskid, round(start - now, 4), round(end - now, 4), how])
-            for taskid, start in (self._running.get(engine_id) or {}).values():
-                if len(runs) >= per_engine * 2:
-                    break
+            for start, taskid in running.get(engine_id, ())[:per_engine]:
                 runs.append([taskid, round(start - now, 4), None, "running"])
             lanes[str(engine_id)] = runs
         return {"window": window, "lanes": lanes}

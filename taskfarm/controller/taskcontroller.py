@@ -131,13 +131,11 @@ class TaskController:
         self.dispatcher.admit(queued)
         self.dispatcher.start()
         self.store.start()
-        self.monitor.start()
 
     def stop(self) -> None:
         """Stop the timers; waiting clients are answered by their connection."""
         self.dispatcher.stop()
         self.store.stop()
-        self.monitor.stop()
 
     # -- the client API ---------------------------------------------------------------
 

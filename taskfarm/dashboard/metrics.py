@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 
-from taskfarm.controller.monitor import Histogram, Monitor
-
 #: The Content-Type of the text format.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -27,7 +25,7 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _histogram(lines: list[str], name: str, help_text: str, histogram: Histogram) -> None:
+def _histogram(lines: list[str], name: str, help_text: str, histogram) -> None:
     lines.append("# HELP %s %s" % (name, help_text))
     lines.append("# TYPE %s histogram" % name)
     cumulative, total, count = histogram.snapshot()
@@ -37,8 +35,9 @@ def _histogram(lines: list[str], name: str, help_text: str, histogram: Histogram
     lines.append("%s_count %d" % (name, count))
 
 
-def render(monitor: Monitor) -> bytes:
-    """The text of ``/metrics`` for `monitor`, as bytes."""
+def render(monitor) -> bytes:
+    """The text of ``/metrics`` for `monitor` (the controller's
+    `taskfarm.controller.monitor.Monitor`), as bytes."""
     summary = monitor.summary()
     lines = [
         "# HELP taskfarm_engines Engines registered with the controller.",
@@ -54,7 +53,6 @@ def render(monitor: Monitor) -> bytes:
         ("taskfarm_tasks_failed", "failed_total", "Tasks that failed for good."),
         ("taskfarm_tasks_aborted", "aborted_total", "Tasks that were aborted."),
         ("taskfarm_tasks_retried", "retried_total", "Failed attempts queued again (retries, recovery tasks)."),
-        ("taskfarm_tasks_dispatched", "dispatched_total", "Attempts sent to engines."),
     ):
         lines.append("# HELP %s %s" % (name, help_text))
         lines.append("# TYPE %s counter" % name)

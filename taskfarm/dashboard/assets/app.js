@@ -77,7 +77,11 @@ function showTimeline(timeline) {
   svg.setAttribute("height", height);
   svg.setAttribute("viewBox", "0 0 " + width + " " + height);
   const plot = width - labelWidth - 8;
-  const x = (t) => labelWidth + plot * (1 + Math.max(t, -timeline.window) / timeline.window);
+  // Zoom to the runs there are: short tasks would be specks in 30 s.
+  let oldest = 0;
+  for (const [, runs] of lanes) for (const run of runs) oldest = Math.min(oldest, run[1]);
+  const shown = Math.min(timeline.window, Math.max(2, Math.ceil(-oldest * 1.1)));
+  const x = (t) => labelWidth + plot * (1 + Math.max(t, -shown) / shown);
   const parts = [];
   lanes.forEach(([engineId, runs], row) => {
     const y = top + row * rowHeight;
@@ -101,17 +105,17 @@ function showTimeline(timeline) {
     }
   });
   for (let i = 0; i <= 6; i++) {
-    const t = -timeline.window + (timeline.window * i) / 6;
+    const t = -shown + (shown * i) / 6;
     const tick = document.createElementNS(SVG, "text");
     tick.setAttribute("x", x(t) - (i === 6 ? 20 : 8));
     tick.setAttribute("y", height - 4);
     tick.setAttribute("class", "tick");
     tick.setAttribute("font-size", "10");
-    tick.textContent = i === 6 ? "now" : t.toFixed(0) + "s";
+    tick.textContent = i === 6 ? "now" : t.toFixed(shown < 12 ? 1 : 0) + "s";
     parts.push(tick);
   }
   svg.replaceChildren(...parts);
-  setText("window", timeline.window);
+  setText("window", shown);
 }
 
 function showFailures(failures) {
