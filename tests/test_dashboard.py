@@ -260,3 +260,66 @@ class EndpointTests(unittest.SynchronousTestCase):
         argv = options.controller_options()
         self.assertIn("--dashboard", argv)
         self.assertEqual(argv[argv.index("--dashboard") + 1], "tcp:8765:interface=127.0.0.1")
+
+
+class DashboardServiceTests(unittest.TestCase):
+    """The service on a real loopback socket (marked `process` in conftest)."""
+
+    def setUp(self):
+        from pathlib import Path
+
+        from twisted.internet import reactor
+
+        from taskfarm.controller.registry import EngineRegistry
+        from taskfarm.controller.scheduler import FIFOScheduler
+        from taskfarm.controller.taskcontroller import TaskController
+
+        self.reactor = reactor
+        registry = EngineRegistry(reactor, heartbeat_period=None)
+        self.controller = TaskController(registry, FIFOScheduler(), reactor, unmet_timeout=None, retention=None)
+        self.url_file = Path(self.mktemp())
+        self.url_file.parent.mkdir(parents=True, exist_ok=True)
+        self.dashboard = Dashboard(self.controller, reactor, "tcp:0:interface=127.0.0.1", url_file=self.url_file)
+
+    async def get(self, url: str, headers=None) -> tuple[int, bytes, object]:
+        from twisted.web.client import Agent, readBody
+        from twisted.web.http_headers import Headers
+
+        response = await Agent(self.reactor).request(b"GET", url.encode(), Headers(headers or {}))
+        body = await readBody(response)
+        return response.code, body, response.headers
+
+    def test_listens_writes_the_url_and_guards_it(self):
+        """Started: listens on loopback, writes its URL 0600; over HTTP, no
+        token is 403, the token (URL or Bearer) opens the pages and a
+        /metrics that prometheus_client parses; a page over the limit of
+        event streams gets 503; stopped: the URL file is gone."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        async def run():
+            self.dashboard.startService()
+            url = await self.dashboard.listening
+            self.assertTrue(url.startswith("http://127.0.0.1:"))
+            self.assertEqual(self.url_file.read_text().strip(), url)
+            self.assertEqual(self.url_file.stat().st_mode & 0o777, 0o600)
+            base, token = url.split("/?token=")
+            code, body, _ = await self.get(base + "/")
+            self.assertEqual(code, 403)
+            code, body, _ = await self.get(base + "/metrics?token=" + token[:-1])
+            self.assertEqual(code, 403)
+            code, body, _ = await self.get(url)
+            self.assertEqual(code, 200)
+            self.assertIn(b"<title>taskfarm dashboard</title>", body)
+            code, body, headers = await self.get(
+                base + "/metrics", {b"authorization": [b"Bearer " + token.encode()]}
+            )
+            self.assertEqual(code, 200)
+            names = {f.name for f in text_string_to_metric_families(body.decode())}
+            self.assertIn("taskfarm_journal_commit_seconds", names)
+            self.dashboard.events.max_clients = 0
+            code, body, _ = await self.get(base + "/events?token=" + token)
+            self.assertEqual(code, 503)
+            await self.dashboard.stopService()
+            self.assertFalse(self.url_file.exists())
+
+        return defer.Deferred.fromCoroutine(run())
