@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from twisted.internet import threads
+from twisted.trial import unittest
 
 from taskfarm.task import Task
 from taskfarm.testing.cluster import ClusterTestCase
@@ -172,3 +174,15 @@ class DashboardBrowserTests(ClusterTestCase):
             Path(images).mkdir(parents=True, exist_ok=True)
             for name in shots:
                 shutil.copyfile(artifacts / name, Path(images) / name)
+
+
+class MissingBrowserTests(unittest.SynchronousTestCase):
+    """Without Chromium or its driver the browser test fails, naming the
+    install command: it never skips."""
+
+    def test_missing_programs_fail_with_the_install_command(self):
+        for name in ("CHROMIUM", "CHROMEDRIVER"):
+            self.patch(sys.modules[__name__], name, "no-such-program-for-taskfarm")
+            with self.assertRaises(AssertionError) as caught:
+                _programs()
+            self.assertIn("apt-get install -y chromium chromium-driver", str(caught.exception))

@@ -156,6 +156,10 @@ function mainPage() {
 
 // -- the task page -------------------------------------------------------------------
 
+function clock(epoch) {
+  return epoch === null ? null : new Date(epoch * 1000).toLocaleTimeString();
+}
+
 function fact(name, value) {
   return el("tr", {}, el("th", {}, name), el("td", { "data-fact": name }, value === null ? "–" : value));
 }
@@ -183,6 +187,8 @@ function showTask(info) {
     fact("recovery link", info.recovery_link),
     fact("engine", info.engine_id),
     fact("submitted", ago(info.submitted_ago)),
+    fact("started", clock(info.started)),
+    fact("finished", clock(info.completed)),
     fact("ran for", seconds(info.ran_for)));
   showWhy(info.why, info.state);
   const section = document.getElementById("error-section");
