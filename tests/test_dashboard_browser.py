@@ -110,7 +110,7 @@ class DashboardBrowserTests(ClusterTestCase):
     async def test_dashboard_in_chromium(self):
         """Refused without the token; with it, 4 engines and counts that
         change while tasks run; a failed task's page shows its traceback;
-        screenshots kept."""
+        a running task's page follows it to its end; screenshots kept."""
         chromium, driver = _programs()
         tc = await self.start_cluster(4, dashboard="tcp:0:interface=127.0.0.1")
         url = await self.cluster.controller.dashboard.listening
@@ -164,6 +164,12 @@ class DashboardBrowserTests(ClusterTestCase):
         self.assertIn("deep", traceback)
         self.assertIn("failed", await _run(browser.text, "#task-facts"))
         await _run(browser.screenshot, "task-failed.png")
+
+        # A running task's page follows it to its end without a reload.
+        (slow_id,) = await tc.run_many([Task("import time; time.sleep(1.5)")])
+        await _run(browser.open, "%s/task/%d?token=%s" % (base, slow_id, token))
+        await _run(browser.wait_for, "the task running", lambda: "pending" in browser.text("#task-facts"))
+        await _run(browser.wait_for, "the task done", lambda: "succeeded" in browser.text("#task-facts"))
 
         shots = sorted(p.name for p in artifacts.glob("*.png"))
         self.assertEqual(shots, ["dashboard-failure.png", "dashboard-running.png", "task-failed.png"])
