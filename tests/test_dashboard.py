@@ -298,7 +298,7 @@ class DashboardServiceTests(unittest.TestCase):
 
         async def run():
             self.dashboard.startService()
-            url = await self.dashboard.listening
+            url = await self.dashboard.listening()
             self.assertTrue(url.startswith("http://127.0.0.1:"))
             self.assertEqual(self.url_file.read_text().strip(), url)
             self.assertEqual(self.url_file.stat().st_mode & 0o777, 0o600)
@@ -321,5 +321,29 @@ class DashboardServiceTests(unittest.TestCase):
             self.assertEqual(code, 503)
             await self.dashboard.stopService()
             self.assertFalse(self.url_file.exists())
+
+        return defer.Deferred.fromCoroutine(run())
+
+    def test_port_taken(self):
+        """A dashboard whose port is taken says so (`listening` fails with
+        the reason) and writes no URL; the first one is untouched."""
+        from twisted.internet.error import CannotListenError
+
+        async def run():
+            self.dashboard.startService()
+            url = await self.dashboard.listening()
+            port = int(url.split(":")[2].split("/")[0])
+            other_file = self.url_file.with_name("other.url")
+            other = Dashboard(
+                self.controller, self.reactor, "tcp:%d:interface=127.0.0.1" % port, url_file=other_file
+            )
+            other.startService()
+            with self.assertRaises(CannotListenError):
+                await other.listening()
+            self.assertFalse(other_file.exists())
+            await other.stopService()
+            code, _, _ = await self.get(url)
+            self.assertEqual(code, 200)
+            await self.dashboard.stopService()
 
         return defer.Deferred.fromCoroutine(run())

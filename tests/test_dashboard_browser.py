@@ -113,7 +113,7 @@ class DashboardBrowserTests(ClusterTestCase):
         a running task's page follows it to its end; screenshots kept."""
         chromium, driver = _programs()
         tc = await self.start_cluster(4, dashboard="tcp:0:interface=127.0.0.1")
-        url = await self.cluster.controller.dashboard.listening
+        url = await self.cluster.controller.dashboard.listening()
         self.assertTrue(url.startswith("http://127.0.0.1:"))
         self.assertEqual(self.cluster.profile.dashboard_url_file.read_text().strip(), url)
         self.assertEqual(self.cluster.profile.dashboard_url_file.stat().st_mode & 0o777, 0o600)

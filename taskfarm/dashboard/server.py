@@ -161,6 +161,13 @@ class DashboardRoot(resource.Resource):
         return resource.NoResource("no such dashboard page")
 
 
+class _Site(server.Site):
+    """A Site without an access log: every URL carries the token."""
+
+    def log(self, request) -> None:
+        pass
+
+
 class Dashboard(Service):
     """The dashboard of one controller: `tasks` is its `TaskController`
     (its `monitor` is what the pages show), `endpoint` a twisted server
@@ -177,13 +184,14 @@ class Dashboard(Service):
         #: The secret every request must carry.
         self.token = token or secrets.token_urlsafe(32)
         self.events = EventStream(reactor, self.snapshot)
-        self.site = server.Site(DashboardRoot(self))
+        self.site = _Site(DashboardRoot(self))
         self.site.displayTracebacks = False
         self._port = None
         #: The URL with its token, once listening.
         self.url: str | None = None
-        #: Fires with the URL once listening.
-        self.listening: defer.Deferred = defer.Deferred()
+        #: The URL, or the Failure of listening, once known.
+        self._outcome = None
+        self._waiters: list[defer.Deferred] = []
 
     def startService(self) -> None:
         super().startService()
@@ -204,16 +212,32 @@ class Dashboard(Service):
         if self._url_file is not None:
             write_secret(self._url_file, self.url + "\n")
         self._log.info("dashboard at {url}", url=self.url)
-        self.listening.callback(self.url)
+        self._settle(self.url)
 
     def _not_listening(self, failure) -> None:
+        # The controller goes on serving its furls without a dashboard.
         self._log.error(
-            "the dashboard cannot listen on {endpoint}: {error}",
+            "the dashboard cannot listen on {endpoint}: {error}; the controller runs without it",
             endpoint=self._endpoint,
             error=failure.getErrorMessage(),
         )
-        self.listening.errback(failure)
-        self.listening.addErrback(lambda _: None)
+        self._settle(failure)
+
+    def _settle(self, outcome) -> None:
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(outcome)  # a Failure errbacks it
+
+    def listening(self) -> defer.Deferred:
+        """A Deferred (a new one for each caller) that fires with the URL
+        once the dashboard listens, or fails with why it cannot."""
+        d: defer.Deferred = defer.Deferred()
+        if self._outcome is None:
+            self._waiters.append(d)
+        else:
+            d.callback(self._outcome)
+        return d
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
@@ -284,4 +308,5 @@ class Dashboard(Service):
                 request.finish()
 
         d.addCallback(write)
+        d.addErrback(lambda failure: self._log.failure("answering a task page", failure))
         return server.NOT_DONE_YET
