@@ -21,7 +21,7 @@ from taskfarm.dashboard.server import Dashboard, DashboardRoot, dashboard_endpoi
 from taskfarm.errors import RemoteTaskError
 from taskfarm.task import Task
 from taskfarm.testing.fakes import ScriptedChannel
-from taskfarm.testing.helpers import clock_controller
+from taskfarm.testing.helpers import clock_controller, temp_dir
 
 TOKEN = "s3cret-token_value"
 
@@ -266,8 +266,6 @@ class DashboardServiceTests(unittest.TestCase):
     """The service on a real loopback socket (marked `process` in conftest)."""
 
     def setUp(self):
-        from pathlib import Path
-
         from twisted.internet import reactor
 
         from taskfarm.controller.registry import EngineRegistry
@@ -277,8 +275,7 @@ class DashboardServiceTests(unittest.TestCase):
         self.reactor = reactor
         registry = EngineRegistry(reactor, heartbeat_period=None)
         self.controller = TaskController(registry, FIFOScheduler(), reactor, unmet_timeout=None, retention=None)
-        self.url_file = Path(self.mktemp())
-        self.url_file.parent.mkdir(parents=True, exist_ok=True)
+        self.url_file = temp_dir(self) / "dashboard.url"
         self.dashboard = Dashboard(self.controller, reactor, "tcp:0:interface=127.0.0.1", url_file=self.url_file)
 
     async def get(self, url: str, headers=None) -> tuple[int, bytes, object]:
