@@ -104,12 +104,12 @@ def hook_cost_us(rounds: int = 200_000) -> float:
         t0 = time.perf_counter()
         for seq in range(rounds):
             record.state, record.seq = running, seq
-            moved(record, queued, None, None)
+            moved(record, queued, None)
             record.state = succeeded
-            moved(record, running, 0, seq)
+            moved(record, running, 0)
         return time.perf_counter() - t0
 
-    def nothing(record, before, engine_id, seq) -> None:
+    def nothing(record, before, engine_id) -> None:
         pass
 
     best = min(play(monitor.moved) - play(nothing) for _ in range(3))

@@ -155,9 +155,9 @@ class Monitor(RegistryListener):
 
     # -- hooks (keep them cheap: they run per task) ------------------------------------------
 
-    def moved(self, record, before: TaskState, engine_id: int | None, seq: int | None) -> None:
-        """The store moved `record` from `before` (on `engine_id` as
-        command `seq`, when it was running) to its present state."""
+    def moved(self, record, before: TaskState, engine_id: int | None) -> None:
+        """The store moved `record` from `before` (on `engine_id`, when it
+        was running) to its present state."""
         after = record.state
         if after is _RUNNING:
             now = self._seconds()
