@@ -278,3 +278,34 @@ class StatusLinesTests(unittest.SynchronousTestCase):
         self.assertIn("3 succeeded, 1 failed, 0 aborted, 2 attempts retried", lines[2])
         self.assertIn("dashboard:  off", lines[3])
         self.assertEqual(summary_lines(summary, "http://127.0.0.1:1/?token=t")[3], "dashboard:  http://127.0.0.1:1/?token=t")
+
+
+class JournalCommitTests(unittest.TestCase):
+    """The journal's writer thread feeds the commit histogram (real reactor)."""
+
+    timeout = 30
+
+    def test_commits_are_timed(self):
+        """Each group commit of a real journal lands in the histogram that
+        /metrics shows as taskfarm_journal_commit_seconds."""
+        from twisted.internet import defer, reactor
+
+        from taskfarm.controller.journal import Journal
+        from taskfarm.testing.helpers import temp_dir
+
+        journal = Journal(temp_dir(self) / "journal.sqlite", reactor)
+        journal.open()
+        self.addCleanup(journal.close)
+        registry = EngineRegistry(reactor, heartbeat_period=None)
+        controller = TaskController(
+            registry, FIFOScheduler(), reactor, unmet_timeout=None, retention=None, journal=journal
+        )
+
+        async def run():
+            await controller.submit_durably([Task("x").to_envelope(), Task("y").to_envelope()])
+            buckets, total, count = controller.monitor.journal_commit.snapshot()
+            self.assertGreaterEqual(count, 1)
+            self.assertGreater(total, 0.0)
+            self.assertEqual(buckets[-1], (float("inf"), count))
+
+        return defer.Deferred.fromCoroutine(run())
