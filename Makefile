@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test unit bench scaling lint clean
+.PHONY: demo test unit bench scaling lint clean dashboard-screenshots
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ bench: $(STAMP)
 # about 3 minutes and 7 GiB of memory for the engines.
 scaling: $(STAMP)
 	$(BIN)/python bench/scaling.py $(SCALING_ARGS)
+
+# The dashboard's browser test (headless Chromium), keeping its screenshots
+# in docs/images/ for docs/dashboard.md.  Needs Debian's chromium and
+# chromium-driver (.ci/run installs them).
+dashboard-screenshots: $(STAMP)
+	TASKFARM_DASHBOARD_IMAGES=docs/images $(BIN)/python -m pytest -q tests/test_dashboard_browser.py
 
 lint: $(STAMP)
 	$(BIN)/pip install --quiet ruff

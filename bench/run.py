@@ -194,8 +194,10 @@ def main() -> int:
                   share + 60, peers_results)
             peers_est = time.monotonic() - t0
 
-    # 3. the long ones, once
+    # 3. the long ones, once; first the dashboard's cost (bench/dashboard_cost.py)
     if do_tf:
+        stage("taskfarm dashboard cost", [sys.executable, os.path.join(HERE, "dashboard_cost.py"),
+                                          "--results", tf_results], min(300, left() - heavy_reserve), tf_results)
         stage("taskfarm memory per finished task", tf + ["--reps", "1", "--groups", "memory",
                                                           "--results", tf_results], min(150, left() - 60), tf_results)
         for i, group in enumerate(("queue", "queue_depend")):

@@ -7,6 +7,7 @@ Layout (folders 0700, secret files 0600)::
       security/engine.furl         lets an engine register
       security/task.furl           the Task interface, for clients
       security/multiengine.furl    the MultiEngine interface, for clients
+      security/dashboard.url       the dashboard's URL with its token (--dashboard)
       journal.sqlite               the task journal (unless --no-journal)
       controller.lock              held by the one controller using the
                                    profile; holds its pid, start time and
@@ -83,6 +84,11 @@ class Profile:
     def state_file(self) -> Path:
         """What `taskfarm cluster` records for `taskfarm status` and `stop`."""
         return self.root / "cluster.json"
+
+    @property
+    def dashboard_url_file(self) -> Path:
+        """The running controller's dashboard URL, token included (0600)."""
+        return self.security_dir / "dashboard.url"
 
     def furl_file(self, interface: str) -> Path:
         """The furl file of one of `INTERFACES`."""

@@ -295,6 +295,15 @@ class TaskClient(BaseClient):
         """The ids of the registered engines."""
         return self._call("engine_ids", retry=True)
 
+    def status(self) -> defer.Deferred:
+        """The cluster summary, as the dashboard shows it: a
+        `wire.ClusterSummary` (engines, queue counts by state, tasks/s,
+        failures/s, totals since the controller started)."""
+        return defer.Deferred.fromCoroutine(self._status())
+
+    async def _status(self) -> wire.ClusterSummary:
+        return wire.ClusterSummary.parse(await self._connection.call("status", retry=True))
+
 
 class TaskMapper:
     """Maps functions over sequences as load-balanced function tasks."""

@@ -446,6 +446,44 @@ class Answer(NamedTuple):
         return (self.ok, tuple(self.value) if not self.ok else self.value)
 
 
+class ClusterSummary(NamedTuple):
+    """What ``status`` answers: the cluster summary the dashboard shows.
+
+    `queue` maps each task state's name (`queue_status`'s keys) to its
+    count; the rates are over the controller's last few seconds; the
+    totals count since it started."""
+
+    engines: int
+    queue: dict
+    tasks_per_second: float
+    failures_per_second: float
+    succeeded_total: int
+    failed_total: int
+    aborted_total: int
+    retried_total: int
+
+    @classmethod
+    def parse(cls, value: object) -> ClusterSummary:
+        what = "cluster summary"
+        fields = _fields(cls, value, what)
+        engines, queue, tasks_rate, failures_rate = fields[:4]
+        if not _is_int(engines) or engines < 0:
+            raise _bad(what, "engines", "an int >= 0", engines)
+        if not isinstance(queue, dict) or not all(
+            isinstance(k, str) and _is_int(v) for k, v in queue.items()
+        ):
+            raise _bad(what, "queue", "a dict of state name to count", queue)
+        for name, rate in (("tasks_per_second", tasks_rate), ("failures_per_second", failures_rate)):
+            if not _is_number(rate):
+                raise _bad(what, name, "a number", rate)
+        for name, total in zip(cls._fields[4:], fields[4:], strict=True):
+            if not _is_int(total) or total < 0:
+                raise _bad(what, name, "an int >= 0", total)
+        return tuple.__new__(cls, tuple(fields))
+
+    plain = _plain
+
+
 class Hello(NamedTuple):
     """What every ``hello`` answers: which interface this is, the wire
     version, the controller's message limit and (Task interface) its

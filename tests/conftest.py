@@ -44,6 +44,7 @@ PROCESS_MODULES = {
 PROCESS_CLASSES = {
     ("test_channels", "FoolscapChannelTests"),
     ("test_depend", "DependTestCase"),
+    ("test_dashboard", "DashboardServiceTests"),
     ("test_journal", "CorruptJournalTests"),
     ("test_journal", "_RestartTestCase"),
     ("test_limits", "_LimitClusterTestCase"),

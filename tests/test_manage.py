@@ -141,6 +141,8 @@ class DaemonStatusStopTests(_ManageTestCase):
         self.assertEqual({r[1] for r in rows}, {os.uname().nodename}, out)
         self.assertIn("succeeded 3", out)
         self.assertIn("pending 0", out)
+        self.assertIn("totals:     3 succeeded, 0 failed", out)
+        self.assertIn("dashboard:  off", out)
 
         # A second cluster on the busy profile: at once, with the message.
         message = "already running: pid %d since %s, listening on %s" % (

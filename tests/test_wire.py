@@ -68,6 +68,7 @@ EXAMPLES = {
     wire.EngineCall: wire.EngineCall("push", [0, 1], (), {0: (b"a",), 1: (b"b",)}),
     wire.PropertiesRequest: wire.PropertiesRequest("get", "all", ["a"]),
     wire.EngineOutcome: wire.EngineOutcome(2, False, wire.WireError("KeyError", "x")),
+    wire.ClusterSummary: wire.ClusterSummary(4, {"scheduled": 3, "failed": 1}, 12.5, 0.5, 100, 1, 0, 2),
 }
 
 _PLAIN_TYPES = (type(None), bool, int, float, str, bytes, list, tuple, dict)
@@ -293,6 +294,11 @@ BAD = [
     (wire.EngineOutcome, ("2", True, b""), "engine outcome: engine_id"),
     (wire.EngineOutcome, (2, None, b""), "engine outcome: ok"),
     (wire.EngineOutcome, (2, False, b""), "wire error"),
+    (wire.ClusterSummary, (-1, {}, 0.0, 0.0, 0, 0, 0, 0), "cluster summary: engines"),
+    (wire.ClusterSummary, (4, {"scheduled": "3"}, 0.0, 0.0, 0, 0, 0, 0), "cluster summary: queue"),
+    (wire.ClusterSummary, (4, {}, "fast", 0.0, 0, 0, 0, 0), "cluster summary: tasks_per_second"),
+    (wire.ClusterSummary, (4, {}, 0.0, 0.0, 0, -1, 0, 0), "cluster summary: failed_total"),
+    (wire.ClusterSummary, (4, {}, 0.0, 0.0), "cluster summary must have 8 fields"),
 ]
 
 #: Values at each limit that are still accepted.

@@ -161,6 +161,27 @@ def _no_cluster(profile: Profile, state: dict | None) -> str:
     return text
 
 
+def summary_lines(summary, dashboard: str | None) -> list[str]:
+    """The cluster summary (a `wire.ClusterSummary`), as the dashboard's
+    summary panel shows it, in lines of ``taskfarm status``."""
+    return [
+        "tasks:      %s" % ", ".join("%s %s" % (k, v) for k, v in sorted(summary.queue.items())),
+        "rates:      %.1f tasks/s, %.1f failures/s (last 10 s)"
+        % (summary.tasks_per_second, summary.failures_per_second),
+        "totals:     %d succeeded, %d failed, %d aborted, %d attempts retried since the controller started"
+        % (summary.succeeded_total, summary.failed_total, summary.aborted_total, summary.retried_total),
+        "dashboard:  %s" % (dashboard or "off (start the controller with --dashboard tcp:8765)"),
+    ]
+
+
+def dashboard_url(profile: Profile) -> str | None:
+    """The running controller's dashboard URL (with its token), or None."""
+    try:
+        return profile.dashboard_url_file.read_text().strip() or None
+    except OSError:
+        return None
+
+
 async def cluster_status(reactor, profile: Profile, timeout: float = 10.0) -> tuple[int, str]:
     """(exit status, text) of ``taskfarm status``: 0 with the cluster's
     state, 1 when no cluster runs on `profile`."""
@@ -204,7 +225,7 @@ async def cluster_status(reactor, profile: Profile, timeout: float = 10.0) -> tu
         ids = await mec.get_ids()
         properties = await mec.get_properties(["hostname", "pid"], targets=ids) if ids else []
         queues = await mec.queue_status(targets=ids) if ids else []
-        counts = await tc.queue_status()
+        summary = await tc.status()
     except TaskfarmError as e:
         lines.append("the controller did not answer: %s" % e)
         return 1, "\n".join(lines)
@@ -221,9 +242,7 @@ async def cluster_status(reactor, profile: Profile, timeout: float = 10.0) -> tu
             "  %4d  %-20s %8s  %-16s %d"
             % (engine_id, props.get("hostname"), props.get("pid"), busy, ops.count("task"))
         )
-    lines.append(
-        "tasks:      %s" % ", ".join("%s %s" % (k, v) for k, v in sorted(counts.items()))
-    )
+    lines.extend(summary_lines(summary, dashboard_url(profile)))
     if state is not None and state.get("engines"):
         lines.append("launched by %s:" % state["launcher"]["name"])
         for entry in state["engines"]:

@@ -101,6 +101,8 @@ class Dispatcher(RegistryListener):
         self._retry_calls: dict[int, object] = {}
         #: taskid -> the call that ends its engine's failure penalty.
         self._penalty_calls: dict[int, object] = {}
+        #: Told of every failed attempt (`monitor.Monitor.attempt_failed`), or None.
+        self.monitor = None
         registry.add_listener(self)
         # Depend verdicts arrive from the evaluator: they may place tasks.
         scheduler.watch(self.kick)
@@ -253,6 +255,8 @@ class Dispatcher(RegistryListener):
         # Engine loss says nothing of the task: it goes out again at once.
         # A recovery task taking over is another task: not paced either.
         paced = error[0] != _ENGINE_LOST and record.retries_left > 0
+        if self.monitor is not None:
+            self.monitor.attempt_failed(record, engine_id, error)
         delay = 0.0
         if paced:
             first = record.spec.retry_delay

@@ -19,6 +19,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -134,6 +135,9 @@ class Journal:
         self.trouble: JournalError | None = None
         #: Operations committed so far (for tests and benchmarks).
         self.committed = 0
+        #: Called in the writer thread as ``on_commit(seconds, operations)``
+        #: after each commit (`monitor.Monitor.journal_committed`), or None.
+        self.on_commit = None
 
     # -- opening and reading (before the reactor serves anyone) -----------------------
 
@@ -354,6 +358,7 @@ class Journal:
         operations = carried + [op for ops, _ in batches for op in ops]
         if not operations and not waiters:
             return []
+        began = time.perf_counter()
         try:
             # Big results go to files first: the rows that point at them
             # commit after, so a row never points at a missing file.
@@ -381,6 +386,8 @@ class Journal:
             self._reactor.callFromThread(self._report_failure, error, waiters, len(keep), first)
             return keep
         self.committed += len(operations)
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - began, len(operations))
         if self.trouble is not None:
             self.trouble = None
             self._reactor.callFromThread(

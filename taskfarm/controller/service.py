@@ -45,7 +45,8 @@ class ControllerService(OrderedServices):
 
     _log = Logger()
 
-    #: The children's names, in start order (they stop in reverse).
+    #: The children's names, in start order (they stop in reverse).  With
+    #: ``--dashboard``, a ``dashboard`` child follows ``server``.
     START_ORDER = ("journal", "evaluator", "registry", "tasks", "server")
 
     def __init__(
@@ -58,6 +59,7 @@ class ControllerService(OrderedServices):
         server,
         journal=None,
         evaluator=None,
+        dashboard=None,
     ) -> None:
         super().__init__()
         self.profile = profile
@@ -81,6 +83,11 @@ class ControllerService(OrderedServices):
         Part("tasks", start=tasks.start, stop=tasks.stop).setServiceParent(self)
         server.setName("server")
         server.setServiceParent(self)
+        #: The web dashboard (`taskfarm.dashboard.server.Dashboard`), or None.
+        self.dashboard = dashboard
+        if dashboard is not None:
+            dashboard.setName("dashboard")
+            dashboard.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()
@@ -137,9 +144,13 @@ def build_controller(
     depend_timeout: float = DEFAULT_DEPEND_TIMEOUT,
     retry_delay: float = DEFAULT_RETRY_DELAY,
     failure_penalty: float = DEFAULT_FAILURE_PENALTY,
+    dashboard: str | None = None,
 ) -> ControllerService:
     """Build a controller for `profile`; it listens once started.  Use
     `create_controller`, which first takes the profile's lock.
+
+    With `dashboard` (a server endpoint string), the web dashboard is
+    served there; its URL, with its token, goes to the profile.
 
     With `journal`, tasks are kept in the profile's journal and restored at
     start; `JournalCorrupt` is raised here if it cannot be read.  `depend`
@@ -181,6 +192,12 @@ def build_controller(
         location=location,
         max_message_size=max_message_size,
     )
+    web = None
+    if dashboard is not None:
+        from taskfarm.dashboard.server import Dashboard
+
+        profile.ensure()
+        web = Dashboard(tasks, reactor, dashboard, url_file=profile.dashboard_url_file)
     return ControllerService(
-        profile, registry, scheduler, tasks, multiengine, server, task_journal, evaluator
+        profile, registry, scheduler, tasks, multiengine, server, task_journal, evaluator, web
     )

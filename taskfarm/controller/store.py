@@ -67,6 +67,9 @@ class TaskStore:
         self.sweep_hooks: list[Callable[[], None]] = []
         self._waiters: dict[int, list[_Countdown]] = {}
         self._sweep_loop: task.LoopingCall | None = None
+        #: Called as ``watcher(record, before, engine_id)`` after every
+        #: move (`taskfarm.controller.monitor.Monitor.moved`), or None.
+        self.watcher: Callable | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -158,9 +161,12 @@ class TaskStore:
     def move(self, record: TaskRecord, transition, *args):
         """Run the record's `transition(*args)`, keeping the counts right."""
         before = record.state
+        engine_id = record.engine_id
         outcome = transition(*args)
         self.counts[before] -= 1
         self.counts[record.state] += 1
+        if self.watcher is not None:
+            self.watcher(record, before, engine_id)
         return outcome
 
     def finished(self, record: TaskRecord) -> None:

@@ -57,6 +57,7 @@ class Options(usage.Options):
         ["retry-delay", None, DEFAULT_RETRY_DELAY, "Seconds before a failed task's first retry, unless the task sets retry_delay; doubled per further retry, up to %g s (0: retry at once)." % MAX_RETRY_DELAY, float],
         ["failure-penalty", None, DEFAULT_FAILURE_PENALTY, "Seconds the engine a task failed on sits out for that task while another engine is free (0: none).", float],
         ["retention", None, DEFAULT_RETENTION, "Seconds finished tasks are kept unless cleared (0: until cleared).", float],
+        ["dashboard", None, None, "Serve the web dashboard and /metrics here, e.g. tcp:8765:interface=127.0.0.1 (loopback unless an interface is named; off by default). Its URL, with its access token, is logged and written to security/dashboard.url in the profile."],
     ]
     optFlags = [
         ["no-journal", None, "Keep tasks in memory only: a controller restart loses them."],
@@ -76,6 +77,13 @@ class Options(usage.Options):
                     "--listen on all interfaces needs --location HOST:PORT, the "
                     "address engines and clients should dial"
                 )
+        if self["dashboard"] is not None:
+            from taskfarm.dashboard.server import dashboard_endpoint
+
+            try:
+                self["dashboard"] = dashboard_endpoint(self["dashboard"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
         if self["prefetch"] < 0:
             raise usage.UsageError("--prefetch must be >= 0")
         if self["task-slots"] < 1:
@@ -167,6 +175,7 @@ def makeService(options: Options):
             depend_timeout=options["depend-timeout"],
             retry_delay=options["retry-delay"],
             failure_penalty=options["failure-penalty"],
+            dashboard=options["dashboard"],
         )
     except (JournalCorrupt, ProfileInUse) as e:
         # Starting again would not help: say why, with EXIT_REFUSED.

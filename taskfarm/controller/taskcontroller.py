@@ -25,6 +25,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from taskfarm import wire
 from taskfarm.controller.dispatcher import (
     DEFAULT_FAILURE_PENALTY,
     DEFAULT_PREFETCH,
@@ -35,6 +36,7 @@ from taskfarm.controller.dispatcher import (
 )
 from taskfarm.controller.journal import NullJournal
 from taskfarm.controller.ledger import MAX_RESERVE, MAX_TOKENS, TOKEN_LIFETIME, SubmissionLedger
+from taskfarm.controller.monitor import Monitor
 from taskfarm.controller.registry import EngineRegistry
 from taskfarm.controller.store import DEFAULT_RETENTION, TaskStore
 from taskfarm.controller.tasks import TaskRecord, TaskSpec
@@ -89,6 +91,13 @@ class TaskController:
             retry_delay=retry_delay,
             failure_penalty=failure_penalty,
         )
+        #: Counters and recent runs for the dashboard, /metrics and
+        #: ``taskfarm status`` (fed by the store, dispatcher and journal).
+        self.monitor = Monitor(clock, registry, self.store)
+        self.store.watcher = self.monitor.moved
+        self.dispatcher.monitor = self.monitor
+        if hasattr(self._journal, "on_commit"):
+            self._journal.on_commit = self.monitor.journal_committed
 
     @property
     def incarnation(self) -> str:
@@ -246,6 +255,22 @@ class TaskController:
     def queue_status(self, verbose: bool = False) -> dict:
         """Counts (or, if `verbose`, id lists) per state, as the original had."""
         return self.store.queue_status(verbose)
+
+    def status(self) -> tuple:
+        """The cluster summary the dashboard shows (a plain
+        `wire.ClusterSummary`): engines, queue counts by state, tasks/s,
+        failures/s and the totals since the controller started."""
+        summary = self.monitor.summary()
+        return wire.ClusterSummary(
+            summary["engines"],
+            summary["queue"],
+            summary["tasks_per_second"],
+            summary["failures_per_second"],
+            summary["succeeded_total"],
+            summary["failed_total"],
+            summary["aborted_total"],
+            summary["retried_total"],
+        ).plain()
 
     def clear(self, taskids: list[int] | None = None) -> int:
         """Forget finished tasks (all of them, or those listed); returns how many.

@@ -191,6 +191,10 @@ class RITaskController(RemoteInterface):
     def engine_ids():
         return MESSAGE
 
+    def status():
+        """The cluster summary (`wire.ClusterSummary`), as the dashboard shows it."""
+        return MESSAGE
+
 
 class RIMultiEngine(RemoteInterface):
     """The MultiEngine interface furl.  Answers are reply envelopes, as for

@@ -133,6 +133,9 @@ class RemoteTaskController(BoundedReferenceable):
     def remote_engine_ids(self):
         return reply(self._controller.engine_ids)
 
+    def remote_status(self):
+        return reply(self._controller.status)
+
 
 def _not_yet(_result, _timeout) -> str:
     return schemas.NOT_YET
