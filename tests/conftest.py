@@ -29,6 +29,7 @@ PROCESS_MODULES = {
     "test_blocking_example",
     "test_chaos",
     "test_examples",
+    "test_install",
     "test_cluster",
     "test_launcher",
     "test_magics",
