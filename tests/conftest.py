@@ -36,6 +36,7 @@ PROCESS_MODULES = {
     "test_manage",
     "test_mpi",
     "test_multiengine",
+    "test_multiengine_guide",
     "test_quickstart",
     "test_ssh",
     "test_ssh_cli",

@@ -11,11 +11,12 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from taskfarm import wire
+from taskfarm import exitcodes, wire
 from taskfarm.controller.registry import DEFAULT_TIMEOUT_GRACE
 from taskfarm.errors import (
     BadRequest,
     CompositeError,
+    NoEnginesRegistered,
     ProtocolVersionError,
     QueueCleared,
     TaskAborted,
@@ -163,3 +164,38 @@ class ControlTests(unittest.SynchronousTestCase):
         error = self.error(self.mec.execute("a = 1", timeout=-1), BadRequest)
         self.assertIn("timeout", str(error))
         self.assertEqual(self.value(self.mec.keys()), [["id"], ["id"]])
+
+
+class NoEnginesTests(unittest.SynchronousTestCase):
+    """What docs/multiengine-guide.md section 12 says of a cluster without
+    engines: ``kill()`` raises `NoEnginesRegistered`, ``kill(controller=True)``
+    still stops the controller (and so the cluster)."""
+
+    def setUp(self):
+        self.grid = LocalGrid()
+        self.addCleanup(self.grid.stop)
+        self.mec = self.grid.multiengine_client()
+
+    def settle(self, d):
+        for _ in range(200):
+            if d.called:
+                return
+            self.grid.clock.advance(0.001)
+
+    def controller_stops(self) -> list:
+        return [
+            call for call in self.grid.clock.getDelayedCalls()
+            if call.func is exitcodes.stop_reactor_and_exit
+        ]
+
+    def test_kill_without_engines(self):
+        for d in (self.mec.kill(), self.mec.interrupt(), self.mec.abort()):
+            self.settle(d)
+            self.failureResultOf(d, NoEnginesRegistered)
+        self.assertEqual(self.controller_stops(), [])
+        d = self.mec.kill(controller=True)
+        self.settle(d)
+        self.assertIsNone(self.successResultOf(d))
+        (stop,) = self.controller_stops()
+        # Never run here: it would end the test process.
+        stop.cancel()
