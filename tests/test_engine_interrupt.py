@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from twisted.internet import reactor
 
+from taskfarm import exitcodes
+from taskfarm.childprocess import exit_status
 from taskfarm.cluster.slots import SlotState
 from taskfarm.errors import CompositeError, QueueCleared, TaskAborted, WaitTimeout
 from taskfarm.task import Task
@@ -127,3 +129,26 @@ class InterruptTests(ClusterTestCase):
         self.assertEqual([r["id"] for r in results], [0, 1])
         self.assertEqual(await mec.pull("y", timeout=30), [2, 2])
         self.assertEqual(await mec.map(lambda v: v * 3, [1, 2, 3], timeout=30), [3, 6, 9])
+
+    @run
+    async def test_code_deaf_to_the_interrupt_ends_its_engine(self):
+        """A command in C code that the interrupt cannot reach (a long
+        ``time.sleep``) is answered TaskAborted after the engine's stuck
+        grace, and the engine exits with EXIT_STUCK, the status on which
+        `taskfarm cluster` starts a fresh one; the other engine goes on."""
+        mec = await self.start_cluster(2)
+        slot = next(s for s in self.cluster.engines if s.pid == self.cluster.engine_pid(0))
+        statuses = []
+        slot.on_ended.append(lambda _slot, reason: statuses.append(exit_status(reason)))
+        marker = self.tmp / "sleeping"
+        pending = await mec.execute(
+            "open(%r, 'w').close()\nimport time\ntime.sleep(60)" % str(marker),
+            targets=0, block=False,
+        )
+        await wait_until(marker.exists, "the sleep to start")
+        self.assertEqual(await mec.interrupt(targets=0), ["execute"])
+        error = await failure_of(pending.get_result(), CompositeError)
+        assert_composite(self, error, "execute", {0: TaskAborted})
+        await wait_until(lambda: statuses, "engine 0 to exit", timeout=30)
+        self.assertEqual(statuses, [exitcodes.EXIT_STUCK])
+        self.assertEqual([r["id"] for r in await mec.execute("x = id", targets="all")], [1])
