@@ -8,11 +8,14 @@ processes (a real runaway loop, a real kill).
 
 from __future__ import annotations
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from taskfarm import exitcodes, wire
 from taskfarm.controller.registry import DEFAULT_TIMEOUT_GRACE
+from taskfarm.engine.namespace import Namespace
+from taskfarm.engine.worker import CommandWorker
 from taskfarm.errors import (
     BadRequest,
     CompositeError,
@@ -22,10 +25,11 @@ from taskfarm.errors import (
     TaskAborted,
     TaskfarmError,
     WaitTimeout,
+    from_wire,
 )
 from taskfarm.task import Task
 from taskfarm.testing.grid import LocalGrid
-from taskfarm.testing.helpers import assert_composite
+from taskfarm.testing.helpers import assert_composite, async_test
 
 
 class WireTests(unittest.SynchronousTestCase):
@@ -199,3 +203,64 @@ class NoEnginesTests(unittest.SynchronousTestCase):
         (stop,) = self.controller_stops()
         # Never run here: it would end the test process.
         stop.cancel()
+
+
+class WorkerControlTests(unittest.TestCase):
+    """The engine's `CommandWorker` (its real thread, the real reactor, no
+    process): a ``kill`` is done on arrival, and a command's version-4
+    timeout interrupts it with `WaitTimeout`."""
+
+    timeout = 60
+    #: Ends on its own after 30 s, so a broken interrupt cannot hang the run.
+    LOOP = "started = 1\nimport time\nt = time.time()\nwhile time.time() - t < 30: pass\nfinished = True"
+
+    def setUp(self):
+        self.killed = []
+        self.worker = CommandWorker(
+            Namespace(), reactor, stuck_grace=10.0,
+            on_stuck=lambda: self.fail("the worker gave up on a command"),
+            on_kill=lambda: self.killed.append(True),
+        )
+        self.replies = []
+        self.worker.start()
+        self.worker.begin_session(0, self.replies.extend)
+        self.addCleanup(self.worker.stop)
+
+    async def until(self, condition, what):
+        for _ in range(1000):
+            if condition():
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        self.fail("timed out waiting for " + what)
+
+    def by_seq(self):
+        return {seq: (ok, data) for seq, ok, data, _, _ in self.replies}
+
+    @async_test
+    async def test_kill_is_done_on_arrival(self):
+        """A kill behind a running loop and a queued command is answered at
+        once; the loop is interrupted (TaskAborted), the queued command
+        never runs, and the worker then ends the engine."""
+        self.worker.receive([(0, "execute", (self.LOOP,)), (1, "execute", ("ran = 1",))])
+        await self.until(lambda: "started" in self.worker.namespace.user_ns, "the loop to start")
+        self.worker.receive([(2, "kill", ())])
+        await self.until(lambda: {0, 2} <= set(self.by_seq()), "the kill and the loop to answer")
+        self.assertEqual(self.by_seq()[2], (True, b""))
+        self.assertIsInstance(from_wire(self.by_seq()[0][1]), TaskAborted)
+        await self.until(lambda: self.killed, "the worker to end the engine")
+        self.assertNotIn(1, self.by_seq())
+        self.assertNotIn("ran", self.worker.namespace.user_ns)
+        self.assertNotIn("finished", self.worker.namespace.user_ns)
+
+    @async_test
+    async def test_a_command_past_its_timeout_answers_wait_timeout(self):
+        """A version-4 command carries its timeout: past it the running code
+        is interrupted and answers WaitTimeout; the next command runs."""
+        self.worker.receive([(0, "execute", (self.LOOP,), 4, 0.2), (1, "execute", ("after = 1",), 4, 30.0)])
+        await self.until(lambda: len(self.replies) == 2, "both commands to answer")
+        error = from_wire(self.by_seq()[0][1])
+        self.assertIsInstance(error, WaitTimeout)
+        self.assertIn("execute command ran past its timeout of 0.2 s", str(error))
+        self.assertTrue(self.by_seq()[1][0])
+        self.assertNotIn("finished", self.worker.namespace.user_ns)
+        self.assertEqual(self.killed, [])

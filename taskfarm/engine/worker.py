@@ -77,6 +77,7 @@ class CommandWorker:
         reactor,
         stuck_grace: float = DEFAULT_STUCK_GRACE,
         on_stuck: Callable[[], None] | None = None,
+        on_kill: Callable[[], None] | None = None,
     ) -> None:
         self.namespace = namespace
         self._reactor = reactor
@@ -84,6 +85,11 @@ class CommandWorker:
         #: gives up on it (answers for it and calls `on_stuck`).
         self.stuck_grace = stuck_grace
         self._on_stuck = on_stuck or _exit_for_restart
+        #: What a ``kill`` does once answered: by default, stop the reactor
+        #: and end the process with the status that keeps it down.
+        self._on_kill = on_kill or (
+            lambda: exitcodes.stop_reactor_and_exit(self._reactor, exitcodes.EXIT_KILLED)
+        )
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._session = 0
@@ -199,9 +205,7 @@ class CommandWorker:
         if current is not None:
             self._interrupt(current, _AbortInterrupt, stuck_check=False)
         self._finish((session, seq), wire.Reply(seq, True, b"", now, now).plain())
-        self._reactor.callLater(
-            0.2, exitcodes.stop_reactor_and_exit, self._reactor, exitcodes.EXIT_KILLED
-        )
+        self._reactor.callLater(0.2, self._on_kill)
 
     def _refuse(self, command, error: Exception) -> None:
         seq = command[0] if isinstance(command, (tuple, list)) and command else None
