@@ -99,6 +99,8 @@ for _name, _handler in launchers.repeated_handlers().items():  # --slurm-option 
 class ClusterOptions(_EngineCount, _LauncherChoice, controller_tap.Options):
     """``taskfarm cluster``: every controller option, plus the engines'."""
 
+    command = "taskfarm cluster"
+
     synopsis = "[-n N] [--launcher NAME] [--daemon] [--profile-dir DIR] [--engine-property KEY=VALUE ...] [controller options]"
     optParameters = [
         ["start-timeout", None, 60.0, "Seconds to wait for the controller and engines.", float],

@@ -143,13 +143,14 @@ def normalize(text: str) -> str:
 
 
 DRIVER = r"""
-import json, os, subprocess, sys, traceback
+import json, os, subprocess, sys, time, traceback
 steps = json.load(open(sys.argv[1]))
 taskfarm = json.loads(sys.argv[2])
 profile = sys.argv[3]
 namespace = {"__name__": "__main__"}
 for index, step in enumerate(steps):
     print(%r %% index, flush=True)
+    began = time.monotonic()
     try:
         if step["kind"] == "python":
             exec(compile(step["code"], "<guide line %%d>" %% step["line"], "exec"), namespace)
@@ -175,6 +176,8 @@ for index, step in enumerate(steps):
                                      capture_output=True, text=True)
             if started.returncode:
                 raise RuntimeError("the cluster did not start again: " + started.stdout + started.stderr)
+        print("block at line %%d took %%.1f s" %% (step["line"], time.monotonic() - began),
+              file=sys.stderr)
     except BaseException:
         traceback.print_exc(file=sys.stdout)
         print("GUIDE BLOCK FAILED", flush=True)
