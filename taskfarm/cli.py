@@ -34,6 +34,7 @@ from taskfarm.controller import tap as controller_tap
 from taskfarm.controller.registry import DEFAULT_HEARTBEAT_TIMEOUT
 from taskfarm.errors import TaskfarmError
 from taskfarm.profile import ENGINE, INTERFACES, Profile
+from taskfarm.usagehint import help_hint
 
 
 def _engine_property(options: usage.Options, text: str) -> None:
@@ -97,6 +98,8 @@ for _name, _handler in launchers.repeated_handlers().items():  # --slurm-option 
 
 class ClusterOptions(_EngineCount, _LauncherChoice, controller_tap.Options):
     """``taskfarm cluster``: every controller option, plus the engines'."""
+
+    command = "taskfarm cluster"
 
     synopsis = "[-n N] [--launcher NAME] [--daemon] [--profile-dir DIR] [--engine-property KEY=VALUE ...] [controller options]"
     optParameters = [
@@ -461,7 +464,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         options.parseOptions(argv)
     except usage.UsageError as e:
-        print("%s\n\ntaskfarm: %s" % (options, e), file=sys.stderr)
+        # The error and where the help is, not the whole help.
+        command = "taskfarm" if options.subCommand is None else "taskfarm " + options.subCommand
+        print("%s: %s\n%s" % (command, e, help_hint(command)), file=sys.stderr)
         sys.exit(2)
     command = _COMMANDS[options.subCommand]
     sub = options.subOptions

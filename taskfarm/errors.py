@@ -99,6 +99,12 @@ class TaskTimeout(TaskfarmError):
     """A task ran too long, or waited too long for an engine that suits it."""
 
 
+class WaitTimeout(TaskfarmError, TimeoutError):
+    """A call waited longer than the `timeout` it was given.  A MultiEngine
+    command past its `timeout` is interrupted on its engine, and that
+    engine's part of the answer is this error."""
+
+
 class DependError(TaskfarmError):
     """A task's `depend` function cannot be loaded (unpickled) at all, so no
     engine can ever be asked; the message names the cause."""

@@ -79,9 +79,13 @@ class MultiEngineClient(BaseClient):
         self._deferreds[pending.result_id] = pending
         return defer.succeed(pending.result_id)
 
-    async def _engine_call(self, method, op, targets, args, decode, per_target=None) -> list:
+    async def _engine_call(
+        self, method, op, targets, args, decode, per_target=None, timeout=None
+    ) -> list:
         targets = self.targets if targets is None else targets
-        request = serialization.pack(wire.EngineCall(op, targets, args, per_target).plain())
+        request = serialization.pack(
+            wire.EngineCall(op, targets, args, per_target, timeout).plain()
+        )
         return _collect(method, await self._connection.call("engine_call", request), decode)
 
     async def _resolve(self, targets) -> list[int]:
@@ -95,19 +99,26 @@ class MultiEngineClient(BaseClient):
 
     # -- code and data ---------------------------------------------------------------
 
-    def execute(self, lines: str, targets=None, block=None) -> defer.Deferred:
-        """Run code on each target; one result dict (input, stdout, stderr) each."""
+    def execute(self, lines: str, targets=None, block=None, timeout=None) -> defer.Deferred:
+        """Run code on each target; one result dict (input, stdout, stderr) each.
+
+        With `timeout` (seconds; every MultiEngine call that runs on the
+        engines takes it), a command still running after that long is
+        interrupted on its engine, whose part of the answer is then a
+        `WaitTimeout` in the call's `CompositeError`."""
         if not isinstance(lines, str):
             return defer.fail(TypeError("execute takes a str of code, not %s" % type(lines).__name__))
 
         async def go():
             return ResultList(
-                await self._engine_call("execute", "execute", targets, (lines,), serialization.unpack)
+                await self._engine_call(
+                    "execute", "execute", targets, (lines,), serialization.unpack, timeout=timeout
+                )
             )
 
         return self._answer(go(), block)
 
-    def run(self, filename, targets=None, block=None) -> defer.Deferred:
+    def run(self, filename, targets=None, block=None, timeout=None) -> defer.Deferred:
         """Read a Python file here and execute it on each target."""
         try:
             with open(filename) as f:
@@ -115,9 +126,9 @@ class MultiEngineClient(BaseClient):
             compile(source, str(filename), "exec")
         except (OSError, SyntaxError) as e:
             return defer.fail(e)
-        return self.execute(source, targets, block)
+        return self.execute(source, targets, block, timeout)
 
-    def push(self, namespace: dict, targets=None, block=None) -> defer.Deferred:
+    def push(self, namespace: dict, targets=None, block=None, timeout=None) -> defer.Deferred:
         """Put the names and values of `namespace` on each target."""
         if not isinstance(namespace, dict):
             return defer.fail(TypeError("push takes a dict, not %s" % type(namespace).__name__))
@@ -126,10 +137,11 @@ class MultiEngineClient(BaseClient):
         except Exception as e:
             return defer.fail(e)
         return self._answer(
-            self._engine_call("push", "push", targets, (blob,), lambda _: None), block
+            self._engine_call("push", "push", targets, (blob,), lambda _: None, timeout=timeout),
+            block,
         )
 
-    def pull(self, keys, targets=None, block=None) -> defer.Deferred:
+    def pull(self, keys, targets=None, block=None, timeout=None) -> defer.Deferred:
         """One value per target for a str key; a list of values for a list of keys."""
         single = isinstance(keys, str)
         names = (keys,) if single else tuple(keys)
@@ -141,39 +153,79 @@ class MultiEngineClient(BaseClient):
             values = [serialization.loads(blob, "a pulled value") for blob in serialization.unpack(data)]
             return values[0] if single else values
 
-        return self._answer(self._engine_call("pull", "pull", targets, (names,), decode), block)
+        return self._answer(
+            self._engine_call("pull", "pull", targets, (names,), decode, timeout=timeout), block
+        )
 
     push_function = push
     pull_function = pull
 
-    def zip_pull(self, keys, targets=None, block=None) -> defer.Deferred:
+    def zip_pull(self, keys, targets=None, block=None, timeout=None) -> defer.Deferred:
         """`pull` of several keys, transposed: one tuple per key."""
         if isinstance(keys, str):
             keys = [keys]
 
         async def go():
-            values = await self._engine_call("pull", "pull", targets, (tuple(keys),), _decode_pull)
+            values = await self._engine_call(
+                "pull", "pull", targets, (tuple(keys),), _decode_pull, timeout=timeout
+            )
             return list(zip(*values, strict=True))
 
         return self._answer(go(), block)
 
-    def get_result(self, i: int | None = None, targets=None, block=None) -> defer.Deferred:
+    def get_result(
+        self, i: int | None = None, targets=None, block=None, timeout=None
+    ) -> defer.Deferred:
         """The result dict of execute number `i` (the last if None) on each target."""
         return self._answer(
-            self._engine_call("get_result", "get_result", targets, (i,), serialization.unpack),
+            self._engine_call(
+                "get_result", "get_result", targets, (i,), serialization.unpack, timeout=timeout
+            ),
             block,
         )
 
-    def reset(self, targets=None, block=None) -> defer.Deferred:
+    def reset(self, targets=None, block=None, timeout=None) -> defer.Deferred:
         """Give each target an empty namespace."""
-        return self._answer(self._engine_call("reset", "reset", targets, (), lambda _: None), block)
+        return self._answer(
+            self._engine_call("reset", "reset", targets, (), lambda _: None, timeout=timeout), block
+        )
 
-    def keys(self, targets=None, block=None) -> defer.Deferred:
+    def keys(self, targets=None, block=None, timeout=None) -> defer.Deferred:
         """The user names on each target."""
-        return self._answer(self._engine_call("keys", "keys", targets, (), serialization.unpack), block)
+        return self._answer(
+            self._engine_call("keys", "keys", targets, (), serialization.unpack, timeout=timeout),
+            block,
+        )
+
+    def interrupt(self, targets=None, block=None) -> defer.Deferred:
+        """Interrupt the MultiEngine command each target is running now; its
+        caller gets `TaskAborted` on that engine.  Never queued behind that
+        command: the controller does it at once.  The code is stopped by an
+        exception raised in it; code that ignores it (C code, a long sleep)
+        makes the engine exit after a few seconds, and a launcher starts a
+        fresh one.  Queued commands and Task-interface tasks are left
+        alone (see `abort`, `TaskClient.abort`).  Per target: the op it
+        interrupted, or None if none was running."""
+        return self._answer(
+            self._engine_call("interrupt", "interrupt", targets, (), serialization.unpack), block
+        )
+
+    def abort(self, targets=None, block=None) -> defer.Deferred:
+        """`clear_queue`, then `interrupt`: the targets' queued MultiEngine
+        commands fail with `QueueCleared` and the running one is
+        interrupted, so the engines are free for what comes next.  Per
+        target, as `interrupt`."""
+        return self._answer(
+            self._engine_call("abort", "abort", targets, (), serialization.unpack), block
+        )
 
     def kill(self, controller: bool = False, targets=None, block=None) -> defer.Deferred:
-        """Stop the target engines (and, if `controller`, the controller after them)."""
+        """Stop the target engines (and, if `controller`, the controller after them).
+
+        An engine does a kill as it arrives, not after its queued work: the
+        command it is running is interrupted (its caller gets
+        `TaskAborted`), and the engine exits so that its launcher leaves
+        it down."""
 
         async def go():
             try:
@@ -188,7 +240,10 @@ class MultiEngineClient(BaseClient):
 
     # -- scatter, gather, map ------------------------------------------------------------
 
-    def scatter(self, key: str, seq, dist: str = "b", flatten: bool = False, targets=None, block=None):
+    def scatter(
+        self, key: str, seq, dist: str = "b", flatten: bool = False, targets=None, block=None,
+        timeout=None,
+    ):
         """Split `seq` into contiguous blocks, one per target, stored as `key`."""
         if dist != "b":
             return defer.fail(ValueError("only dist='b' (contiguous blocks) is supported"))
@@ -201,24 +256,31 @@ class MultiEngineClient(BaseClient):
                 if flatten and stop - start == 1:
                     block_ = block_[0]
                 per_target[engine_id] = (serialization.dumps({key: block_}, "a scattered block"),)
-            return await self._engine_call("scatter", "push", ids, (), lambda _: None, per_target)
+            return await self._engine_call(
+                "scatter", "push", ids, (), lambda _: None, per_target, timeout
+            )
 
         return self._answer(go(), block)
 
-    def gather(self, key: str, dist: str = "b", targets=None, block=None):
+    def gather(self, key: str, dist: str = "b", targets=None, block=None, timeout=None):
         """Pull `key` from each target and join the blocks (see `scatter`)."""
         if dist != "b":
             return defer.fail(ValueError("only dist='b' (contiguous blocks) is supported"))
 
         async def go():
-            blocks = await self._engine_call("gather", "pull", targets, ((key,),), _decode_first)
+            blocks = await self._engine_call(
+                "gather", "pull", targets, ((key,),), _decode_first, timeout=timeout
+            )
             return join_blocks(blocks)
 
         return self._answer(go(), block)
 
-    def map(self, function, *sequences, targets=None, block=None, **kwargs) -> defer.Deferred:
+    def map(
+        self, function, *sequences, targets=None, block=None, timeout=None, **kwargs
+    ) -> defer.Deferred:
         """``[function(*args, **kwargs) for args in zip(*sequences)]`` in
-        contiguous blocks over the targets (direct, not load-balanced)."""
+        contiguous blocks over the targets (direct, not load-balanced);
+        `targets`, `block` and `timeout` are this call's own."""
 
         async def go():
             arguments = zip_equal(sequences)
@@ -230,7 +292,8 @@ class MultiEngineClient(BaseClient):
                 for engine_id, (start, stop) in zip(ids, partition(len(arguments), len(ids)), strict=True)
             }
             blocks = await self._engine_call(
-                "map", "map", ids, (), lambda data: serialization.loads(data, "map results"), per_target
+                "map", "map", ids, (), lambda data: serialization.loads(data, "map results"),
+                per_target, timeout,
             )
             return [value for block_ in blocks for value in block_]
 

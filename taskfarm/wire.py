@@ -47,7 +47,10 @@ from taskfarm.errors import BadRequest, ProtocolVersionError
 #: `hello`.  2: a blocking `wait` or `results` may answer `NOT_YET`.
 #: 3: task options may carry a `retry_delay` (`TaskOptions` version 3), and
 #: a result its number of attempts (`ResultEnvelope` version 3).
-WIRE_VERSION = 3
+#: 4: a MultiEngine call may carry a `timeout` (`EngineCall` version 4), and
+#: so may the engine command it becomes (`Command` version 4); the control
+#: operations ``interrupt`` and ``abort`` (`CONTROL_OPERATIONS`).
+WIRE_VERSION = 4
 
 #: What a blocking `wait` or `results` answers when its tasks are still
 #: unfinished after the controller's bound: the client asks again.  Each
@@ -655,29 +658,57 @@ COMMAND_ARGS = {
 #: The ops a MultiEngine client may ask for (``task`` is the controller's own).
 CLIENT_OPERATIONS = frozenset(COMMAND_ARGS) - {"task"}
 
+#: MultiEngine operations the controller does itself, never queued in an
+#: engine's stream: ``interrupt`` stops the MultiEngine command running on
+#: each target, ``abort`` also drops the targets' queued MultiEngine commands.
+CONTROL_OPERATIONS = frozenset({"interrupt", "abort"})
+
+#: Engine ops the engine does at once, on arrival, ahead of its queue.
+IMMEDIATE_OPERATIONS = frozenset({"kill"})
+
 
 def _parse_args(op: str, args: object, what: str):
     return COMMAND_ARGS[op].parse(args, "%s %s" % (op, what))
 
 
 class Command(NamedTuple):
-    """One command of an engine's stream, in the order the engine runs them."""
+    """One command of an engine's stream, in the order the engine runs them.
+
+    Version 1 is ``(seq, op, args)``; version 4 appends ``4, timeout``: the
+    seconds the command may run before the engine interrupts it (a
+    MultiEngine call's `timeout`; a task carries its own in `TaskArgs`).
+    """
 
     seq: int
     op: str
     args: tuple
+    timeout: float | None = None
 
     @classmethod
     def parse(cls, value: object) -> Command:
-        seq, op, args = _fields(cls, value, "command")
+        timeout = None
+        if isinstance(value, _SEQUENCES) and len(value) == 5 and _is_int(value[3]) and value[3] == 4:
+            timeout = value[4]
+            value = tuple(value[:3])
+            _check_timeout("command", timeout)
+        seq, op, args = _fields(_CommandFieldsV1, value, "command")
         if not _is_int(seq):
             raise _bad("command", "seq", "an int", seq)
         if not isinstance(op, str) or op not in COMMAND_ARGS:
             raise _bad("command %d" % seq, "op", "one of %s" % sorted(COMMAND_ARGS), op)
-        return tuple.__new__(cls, (seq, op, _parse_args(op, args, "command %d" % seq)))
+        return tuple.__new__(cls, (seq, op, _parse_args(op, args, "command %d" % seq), timeout))
 
     def plain(self) -> tuple:
-        return (self.seq, self.op, tuple(self.args))
+        """Version 1 without a `timeout`, else version 4."""
+        if self.timeout is None:
+            return (self.seq, self.op, tuple(self.args))
+        return (self.seq, self.op, tuple(self.args), 4, self.timeout)
+
+
+class _CommandFieldsV1:
+    """The version-1 fields of a `Command`, for `_fields`."""
+
+    _fields = ("seq", "op", "args")
 
 
 class Reply(NamedTuple):
@@ -717,17 +748,36 @@ class Reply(NamedTuple):
 class EngineCall(NamedTuple):
     """An ``engine_call``: run `op` on each target, with `args`, or with
     ``per_target[engine_id]`` when given.  The arguments are checked by
-    their op's type and kept plain: they travel on to the engines."""
+    their op's type and kept plain: they travel on to the engines.
+
+    Version 1 is the four fields up to `per_target`; version 4 appends
+    ``4, timeout``: seconds each target's command may run before its engine
+    interrupts it (that target then answers `WaitTimeout`).  A control
+    operation (`CONTROL_OPERATIONS`) takes no arguments and no timeout: the
+    controller does it itself, beside the command streams.
+    """
 
     op: str
     targets: Any
     args: tuple
     per_target: dict | None = None
+    timeout: float | None = None
 
     @classmethod
     def parse(cls, value: object) -> EngineCall:
         what = "engine call"
-        op, targets, args, per_target = _fields(cls, value, what)
+        timeout = None
+        if isinstance(value, _SEQUENCES) and len(value) == 6 and _is_int(value[4]) and value[4] == 4:
+            timeout = value[5]
+            value = tuple(value[:4])
+            _check_timeout(what, timeout)
+        op, targets, args, per_target = _fields(_EngineCallFieldsV1, value, what)
+        if isinstance(op, str) and op in CONTROL_OPERATIONS:
+            if args not in ((), []) or per_target is not None or timeout is not None:
+                raise BadRequest(
+                    "%s: %s takes no arguments, per-target arguments or timeout" % (what, op)
+                )
+            return tuple.__new__(cls, (op, targets, (), None, None))
         if not isinstance(op, str) or op not in CLIENT_OPERATIONS:
             raise BadRequest("unknown MultiEngine operation %s" % _show(op))
         if per_target is None:
@@ -739,9 +789,18 @@ class EngineCall(NamedTuple):
             }
         else:
             raise _bad(what, "per_target", "None or a dict of engine id to arguments", per_target)
-        return tuple.__new__(cls, (op, targets, args, per_target))
+        return tuple.__new__(cls, (op, targets, args, per_target, timeout))
 
-    plain = _plain
+    def plain(self) -> tuple:
+        """Version 1 without a `timeout`, else version 4."""
+        fields = (self.op, self.targets, tuple(self.args), self.per_target)
+        return fields if self.timeout is None else fields + (4, self.timeout)
+
+
+class _EngineCallFieldsV1:
+    """The version-1 fields of an `EngineCall`, for `_fields`."""
+
+    _fields = ("op", "targets", "args", "per_target")
 
 
 class PropertiesRequest(NamedTuple):

@@ -366,8 +366,10 @@ class UsageTests(_ManageTestCase):
         )
         self.assertEqual(code, 2, out)
         self.assertIn(
-            "taskfarm: unknown launcher 'nope': --launcher takes one of %s"
+            "taskfarm cluster: unknown launcher 'nope': --launcher takes one of %s\n"
+            "Run 'taskfarm cluster --help' for its options."
             % ", ".join(sorted(LAUNCHERS)),
             out,
         )
+        self.assertNotIn("Options:", out)
         self.assertFalse(self.profile.root.exists())

@@ -21,6 +21,7 @@ from taskfarm.errors import (
     InvalidEngineID,
     NoEnginesRegistered,
     QueueCleared,
+    WaitTimeout,
     to_wire,
 )
 from taskfarm.properties import FACT_KEYS, checked_properties
@@ -69,10 +70,29 @@ class MultiEngine:
             )
         return [engines[i] for i in ids]
 
-    def call(self, op: str, targets, args: tuple, per_target: dict | None = None) -> defer.Deferred:
+    def call(
+        self,
+        op: str,
+        targets,
+        args: tuple,
+        per_target: dict | None = None,
+        timeout: float | None = None,
+    ) -> defer.Deferred:
         """Run `op` on each target (with `per_target[id]` args when given);
         fires with ``[(engine_id, ok, data)]`` once every target answered.
-        The call is a checked `wire.EngineCall`."""
+        The call is a checked `wire.EngineCall`.
+
+        With `timeout`, each target's engine interrupts its command once it
+        has run that long, and answers `WaitTimeout`; should the engine not
+        answer within the registry's grace after that (a command stuck in C
+        code: that engine exits and is replaced), the controller answers
+        `WaitTimeout` for it.  A control operation (`interrupt`, `abort`)
+        is done here at once, never queued behind the engines' commands.
+        """
+        if op == "interrupt":
+            return defer.succeed(self.interrupt(targets))
+        if op == "abort":
+            return defer.succeed(self.abort(targets))
         engines = self.resolve(targets)
         # Check every target has arguments before sending anything: a refused
         # call must not have run on some engines already.
@@ -85,9 +105,50 @@ class MultiEngine:
         waits = []
         for engine, engine_args in planned:
             d: defer.Deferred = defer.Deferred()
-            engine.send(op, engine_args, _answer_into(d, engine.engine_id))
+            answer = _answer_into(d, engine.engine_id)
+            if timeout is None:
+                engine.send(op, engine_args, answer)
+            else:
+                engine.send(
+                    op, engine_args, answer,
+                    time_limit=timeout,
+                    on_overdue=_overdue_into(d, engine.engine_id, op, timeout),
+                    engine_timeout=timeout,
+                )
             waits.append(d)
         return defer.gatherResults(waits)
+
+    def interrupt(self, targets) -> list:
+        """Interrupt the MultiEngine command each target is running now
+        (a Task-interface task is left alone: `TaskClient.abort` is its
+        way); its caller gets `TaskAborted`.  The engine stops it as it
+        stops an aborted task: an exception raised in the running code, or,
+        if that does not stop it within the engine's grace, the engine
+        exits and its launcher starts a fresh one.  Answers, per target,
+        ``(engine_id, True, op or None)``: the op interrupted, if any."""
+        outcome = []
+        for engine in self.resolve(targets):
+            head = engine.head
+            entry = engine.inflight.get(head) if head is not None else None
+            interrupted = None
+            if entry is not None and entry[0] in ENGINE_OPERATIONS:
+                engine.interrupt(head)
+                interrupted = entry[0]
+                self._log.info(
+                    "interrupting the {op} command running on engine {engine_id}",
+                    op=interrupted, engine_id=engine.engine_id,
+                )
+            outcome.append(
+                wire.EngineOutcome(engine.engine_id, True, serialization.pack(interrupted)).plain()
+            )
+        return outcome
+
+    def abort(self, targets) -> list:
+        """`clear_queue` and `interrupt` in one: the targets' queued
+        MultiEngine commands fail with `QueueCleared`, the running one is
+        interrupted.  Answers as `interrupt`."""
+        self.clear_queue(targets)
+        return self.interrupt(targets)
 
     def properties(self, action: str, targets, arg) -> list:
         """Read or change properties; ``[(engine_id, ok, data)]`` per target.
@@ -166,7 +227,22 @@ class MultiEngine:
 
 def _answer_into(d: defer.Deferred, engine_id: int):
     def on_reply(seq, ok, data, started, finished):
-        d.callback(wire.EngineOutcome(engine_id, ok, data).plain())
+        # A command the controller already answered (overdue) may still
+        # get its engine's reply later: the first answer stands.
+        if not d.called:
+            d.callback(wire.EngineOutcome(engine_id, ok, data).plain())
 
     return on_reply
+
+
+def _overdue_into(d: defer.Deferred, engine_id: int, op: str, timeout: float):
+    def on_overdue(seq):
+        if not d.called:
+            error = WaitTimeout(
+                "the %s command ran past its timeout of %g s on engine %d, which did "
+                "not answer after interrupting it" % (op, timeout, engine_id)
+            )
+            d.callback(wire.EngineOutcome(engine_id, False, to_wire(error)).plain())
+
+    return on_overdue
 

@@ -105,13 +105,16 @@ class EngineHandle:
         on_reply: ReplyCallback,
         time_limit: float | None = None,
         on_overdue: Callable[[int], None] | None = None,
+        engine_timeout: float | None = None,
     ) -> int:
         """Queue one command; it leaves at the end of this reactor turn.
 
         With `time_limit`, the controller enforces it itself: once the
         command has been the engine's current one for `time_limit` plus the
         grace and no answer came, `on_overdue(seq)` is called.  Its reply, if
-        one ever comes, still goes to `on_reply`.
+        one ever comes, still goes to `on_reply`.  With `engine_timeout`,
+        the command carries it (`wire.Command` version 4) and the engine
+        interrupts it after that many seconds (a task's is in its args).
         """
         if self._lost:
             raise EngineLost("engine %d is gone" % self.engine_id)
@@ -120,7 +123,10 @@ class EngineHandle:
         self.inflight[seq] = (op, on_reply)
         if time_limit is not None and on_overdue is not None:
             self.time_limits[seq] = (time_limit, on_overdue)
-        self._outbox.append((seq, op, args))
+        if engine_timeout is None:
+            self._outbox.append((seq, op, args))
+        else:
+            self._outbox.append((seq, op, args, 4, engine_timeout))
         self._registry._wants_flush(self)
         if self.head is None:
             self._follow_head()  # the stream was idle: this one runs first
@@ -249,7 +255,7 @@ class EngineHandle:
         return split_by_size(sent, sizes, room)
 
     def _refuse(self, command: tuple, size: int) -> None:
-        seq, op, _ = command
+        seq, op = command[0], command[1]
         entry = self._answered(seq)
         if entry is None:
             return

@@ -20,6 +20,7 @@ from taskfarm.controller.taskcontroller import (
 from taskfarm.interfaces import IScheduler
 from taskfarm.lifeline import follow_launcher
 from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
+from taskfarm.usagehint import BriefUsage
 from taskfarm.wire import MAX_RETRY_DELAY
 
 
@@ -37,8 +38,10 @@ def load_scheduler(dotted: str):
     return cls
 
 
-class Options(usage.Options):
+class Options(BriefUsage, usage.Options):
     """Options of ``twistd taskcontroller``."""
+
+    command = "twistd taskcontroller"
 
     synopsis = "[--profile-dir DIR] [--listen ENDPOINT] [--location HOST:PORT] [--scheduler DOTTED.NAME]"
     optParameters = [

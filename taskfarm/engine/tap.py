@@ -10,6 +10,7 @@ from twisted.python import usage
 from taskfarm.engine import mpi
 from taskfarm.lifeline import follow_launcher
 from taskfarm.profile import ENGINE, Profile
+from taskfarm.usagehint import BriefUsage
 
 
 def parse_property(text: str) -> tuple[str, object]:
@@ -27,8 +28,10 @@ def parse_property(text: str) -> tuple[str, object]:
     return key, value
 
 
-class Options(usage.Options):
+class Options(BriefUsage, usage.Options):
     """Options of ``twistd taskengine``."""
+
+    command = "twistd taskengine"
 
     synopsis = "[--furl-file FILE] [--property KEY=VALUE ...] [--mpi]"
     optFlags = [

@@ -24,7 +24,14 @@ from twisted.logger import Logger
 
 from taskfarm import exitcodes, wire
 from taskfarm.engine.namespace import Interrupt, Namespace
-from taskfarm.errors import BadRequest, ProtocolVersionError, TaskAborted, TaskTimeout, to_wire
+from taskfarm.errors import (
+    BadRequest,
+    ProtocolVersionError,
+    TaskAborted,
+    TaskTimeout,
+    WaitTimeout,
+    to_wire,
+)
 from taskfarm.services import join_thread
 
 
@@ -70,6 +77,7 @@ class CommandWorker:
         reactor,
         stuck_grace: float = DEFAULT_STUCK_GRACE,
         on_stuck: Callable[[], None] | None = None,
+        on_kill: Callable[[], None] | None = None,
     ) -> None:
         self.namespace = namespace
         self._reactor = reactor
@@ -77,14 +85,23 @@ class CommandWorker:
         #: gives up on it (answers for it and calls `on_stuck`).
         self.stuck_grace = stuck_grace
         self._on_stuck = on_stuck or _exit_for_restart
+        #: What a ``kill`` does once answered: by default, stop the reactor
+        #: and end the process with the status that keeps it down.
+        self._on_kill = on_kill or (
+            lambda: exitcodes.stop_reactor_and_exit(self._reactor, exitcodes.EXIT_KILLED)
+        )
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._session = 0
         self._sink: Callable[[list], None] | None = None
         #: (session, seq) of the command running now, or None.
         self._current: tuple[int, int] | None = None
-        #: When the current (or last) command started.
+        #: When the current (or last) command started, its op and its timeout.
         self._started: float | None = None
+        self._current_op: str | None = None
+        self._current_timeout: float | None = None
+        #: Set once a ``kill`` arrived: nothing more runs.
+        self._killed = False
         self._interrupted: set[tuple[int, int]] = set()
         self._cancelled: set[tuple[int, int]] = set()
         self._replies: list = []
@@ -168,7 +185,27 @@ class CommandWorker:
             except (BadRequest, ProtocolVersionError) as e:
                 self._refuse(command, e)
                 continue
+            if command.op in wire.IMMEDIATE_OPERATIONS:
+                # Control, not work: it must not wait behind the command it
+                # is meant to end (a runaway loop would hold it forever).
+                self._kill(session, command.seq)
+                continue
             self._queue.put((session, command))
+
+    def _kill(self, session: int, seq: int) -> None:
+        """Answer a ``kill`` now, interrupt the running command (its caller
+        hears of it before the engine goes; queued ones never run), then end
+        this process with the status that tells a launcher to leave it down."""
+        if self._killed:
+            return
+        self._killed = True
+        now = time.time()
+        with self._lock:
+            current = self._current
+        if current is not None:
+            self._interrupt(current, _AbortInterrupt, stuck_check=False)
+        self._finish((session, seq), wire.Reply(seq, True, b"", now, now).plain())
+        self._reactor.callLater(0.2, self._on_kill)
 
     def _refuse(self, command, error: Exception) -> None:
         seq = command[0] if isinstance(command, (tuple, list)) and command else None
@@ -198,14 +235,14 @@ class CommandWorker:
                 if self._current != (session, seq):
                     self._cancelled.add((session, seq))
 
-    def _interrupt(self, key: tuple[int, int], reason: type) -> None:
+    def _interrupt(self, key: tuple[int, int], reason: type, stuck_check: bool = True) -> None:
         with self._lock:
             if self._current != key or key in self._interrupted:
                 return
             self._interrupted.add(key)
             _raise_in_thread(self._thread.ident, reason)
         self._log.info("interrupted command {seq}", seq=key[1])
-        if self._stopping:
+        if self._stopping or not stuck_check:
             return
         self._stuck_checks[key] = self._reactor.callLater(
             self.stuck_grace, self._check_stuck, key, reason
@@ -239,7 +276,8 @@ class CommandWorker:
             item = self._queue.get()
             if item is _STOP:
                 return
-            session, (seq, op, args) = item
+            session, command = item
+            seq, op, args = command.seq, command.op, command.args
             key = (session, seq)
             reply = None
             # At most one Interrupt is ever raised per command, and only
@@ -247,7 +285,7 @@ class CommandWorker:
             # line it lands on, one of the two handlers below catches it.
             try:
                 try:
-                    reply = self._run(key, op, args)
+                    reply = self._run(key, op, args, command.timeout)
                 except Interrupt as e:
                     reply = self._interrupted_reply(seq, e)
                 self._settle(key)
@@ -256,10 +294,12 @@ class CommandWorker:
                 self._settle(key)
             self._finish(key, reply)
 
-    def _run(self, key: tuple[int, int], op: str, args: tuple) -> tuple | None:
+    def _run(
+        self, key: tuple[int, int], op: str, args: tuple, timeout: float | None = None
+    ) -> tuple | None:
         seq = key[1]
         with self._lock:
-            if key[0] != self._session:
+            if key[0] != self._session or self._killed:
                 return None
             if key in self._cancelled:
                 self._cancelled.discard(key)
@@ -267,20 +307,11 @@ class CommandWorker:
                 return wire.Reply(seq, False, error, None, time.time()).plain()
             self._current = key
         started = self._started = time.time()
-        timeout = args.timeout if op == "task" else None
+        # A task carries its own timeout; a MultiEngine command, the call's.
+        timeout = args.timeout if op == "task" else timeout
+        self._current_op, self._current_timeout = op, timeout
         if timeout:
             self._reactor.callFromThread(self._arm_timer, key, timeout)
-        if op == "kill":
-            # Answer first, then stop this process with the status that
-            # tells a launcher to leave it down.
-            self._reactor.callFromThread(
-                self._reactor.callLater,
-                0.2,
-                exitcodes.stop_reactor_and_exit,
-                self._reactor,
-                exitcodes.EXIT_KILLED,
-            )
-            return wire.Reply(seq, True, b"", started, time.time()).plain()
         ok, data = self.namespace.run(op, args)
         return wire.Reply(seq, ok, data, started, time.time()).plain()
 
@@ -293,7 +324,12 @@ class CommandWorker:
             _raise_in_thread(threading.get_ident(), None)
 
     def _interrupted_reply(self, seq: int, interrupt: Interrupt) -> tuple:
-        if isinstance(interrupt, _TimeoutInterrupt):
+        if isinstance(interrupt, _TimeoutInterrupt) and self._current_op != "task":
+            error = WaitTimeout(
+                "the %s command ran past its timeout of %g s and was interrupted"
+                % (self._current_op, self._current_timeout or 0)
+            )
+        elif isinstance(interrupt, _TimeoutInterrupt):
             error = TaskTimeout("the task ran past its timeout and was stopped")
         else:
             error = TaskAborted("the command was interrupted")

@@ -28,8 +28,8 @@ class RemoteMultiEngine(BoundedReferenceable):
 
     def remote_engine_call(self, request):
         def call():
-            op, targets, args, per_target = wire.EngineCall.parse(self._unpack(request))
-            return self._multiengine.call(op, targets, args, per_target)
+            op, targets, args, per_target, timeout = wire.EngineCall.parse(self._unpack(request))
+            return self._multiengine.call(op, targets, args, per_target, timeout)
 
         return sweeper.once_answered(reply(call), request)
 

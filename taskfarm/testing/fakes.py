@@ -78,7 +78,7 @@ def run_commands(namespace: Namespace, commands: list, aborted: set[int]) -> lis
     """The replies of an engine that runs `commands` at once on `namespace`;
     those whose seq is in `aborted` are answered as aborted, unrun."""
     replies = []
-    for seq, op, args in commands:
+    for seq, op, args, *_ in commands:  # a timeout (version 4) is not kept here
         if seq in aborted:
             replies.append((seq, False, to_wire(TaskAborted("aborted")), None, time.time()))
             continue
