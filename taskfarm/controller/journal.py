@@ -231,7 +231,8 @@ class Journal:
             (_FILE_MARK, _FRAMED_FILE_MARK),
         )
         for taskid, mark in rows:
-            named[self._file_path(taskid, mark).name] = taskid
+            path = self._blob_files[taskid] = self._file_path(taskid, mark)
+            named[path.name] = taskid
         removed = 0
         for entry in os.scandir(self.blob_dir):
             if entry.name not in named and entry.is_file(follow_symlinks=False):
@@ -540,7 +541,9 @@ class Journal:
         try:
             free = connection.execute("PRAGMA freelist_count").fetchone()[0]
             if free:
-                connection.execute("PRAGMA incremental_vacuum(%d)" % VACUUM_STEP_PAGES).fetchall()
+                # executescript steps the pragma to its end (execute frees
+                # one page: the pragma frees a page per step).
+                connection.executescript("PRAGMA incremental_vacuum(%d);" % VACUUM_STEP_PAGES)
                 step = ("vacuum", min(free, VACUUM_STEP_PAGES))
             else:
                 busy = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
