@@ -405,7 +405,7 @@ class KillMidWriteTests(unittest.TestCase):
     timeout = 60
 
     def test_kill_while_writing(self):
-        """Killed as soon as the result file appears: after the restart the
+        """Killed as soon as the result file holds bytes: after the restart the
         task is not final (it runs again; no partial value is ever read) and
         no result file is left; had the row committed, the value would be
         whole."""
@@ -425,6 +425,8 @@ class KillMidWriteTests(unittest.TestCase):
                 seen = target.stat().st_size
             except FileNotFoundError:
                 continue
+            if seen == 0:
+                continue  # created, not yet written to
             child.send_signal(signal.SIGKILL)
             break
         child.wait(10)
