@@ -445,3 +445,55 @@ class KillMidWriteTests(unittest.TestCase):
             self.assertEqual(sum(map(len, value)), whole)
         if seen < whole:
             self.assertEqual(stored.state, "queued")
+
+
+class ControllerBigResultTests(unittest.TestCase):
+    """A real controller (in this process) and engine: big results through
+    the wire from memory, from their files, and after a restart."""
+
+    timeout = 120
+
+    @async_test
+    async def test_big_result_read_back_through_the_controller(self):
+        """With no room in memory, a 3 MB result reaches the client whole at
+        once (from memory), again once the controller holds it only in its
+        file, and after a restart; clear() deletes the file."""
+        from twisted.internet import defer
+
+        from taskfarm.testing.cluster import RealCluster
+
+        root = str(temp_dir(self, "taskfarm-journal-"))
+        clusters = []
+
+        async def start(engines: int) -> RealCluster:
+            cluster = RealCluster(reactor, profile_root=root)
+            clusters.append(cluster)
+            await cluster.start(engines)
+            cluster.controller.tasks.store._resident_limit = 0
+            return cluster
+
+        async def stop_all():
+            while clusters:
+                await clusters.pop().stop()
+
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(stop_all()))
+        first = await start(1)
+        client = first.task_client()
+        taskid = await client.run(Task("r = bytes(range(256)) * 12288", pull="r"))
+        expected = bytes(range(256)) * 12288
+        self.assertEqual((await client.get_task_result(taskid, block=True)).ns.r, expected)
+        journal = first.controller.journal
+        await journal.sync()
+        record = first.controller.tasks.store.tasks[taskid]
+        self.assertIsInstance(record.data, StoredResult)
+        self.assertEqual((await client.get_task_result(taskid)).ns.r, expected)
+        await stop_all()
+
+        second = await start(0)
+        client = second.task_client()
+        self.assertEqual((await client.get_task_result(taskid)).ns.r, expected)
+        journal = second.controller.journal
+        self.assertEqual(len(list(journal.blob_dir.iterdir())), 1)
+        self.assertEqual(await client.clear([taskid]), 1)
+        await journal.sync()
+        self.assertEqual(list(journal.blob_dir.iterdir()), [])
