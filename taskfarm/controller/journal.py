@@ -143,6 +143,8 @@ class Journal:
         self._compact_due = False
         self._compact_since = 0.0
         self._busy_checkpoints = 0
+        self._incremental = True
+        self._last_free: int | None = None
         self._reactor = reactor
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -215,13 +217,25 @@ class Journal:
         # Pages freed by a clear go back to the file system step by step
         # (`_compact_step`), not in one VACUUM.  A journal made before this
         # mode existed is rebuilt in it once, here, before anyone is served.
+        self._incremental = True
         if connection.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
             return
         connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
         if connection.execute("PRAGMA page_count").fetchone()[0] == 0:
             return  # a new file: the mode holds from its first table
         started = time.monotonic()
-        connection.execute("VACUUM")
+        try:
+            connection.execute("VACUUM")
+        except sqlite3.OperationalError as e:
+            # No room for the copy (a full disk): run as before, without
+            # giving space back, and try again at the next start.
+            self._incremental = False
+            self._log.warn(
+                "the journal {path} could not be rebuilt for incremental "
+                "compaction ({error}); cleared space stays in it until a later start",
+                path=str(self.path), error=str(e),
+            )
+            return
         self._log.info(
             "rebuilt the journal {path} for incremental compaction in {seconds:.3f} s",
             path=str(self.path), seconds=time.monotonic() - started,
@@ -492,6 +506,7 @@ class Journal:
         if not operations and not waiters:
             return []
         written = []
+        deleted = False  # frees pages: compaction is due after this commit
         try:
             # Big results go to files first, each fsynced, and the folder
             # too: the rows that name them commit after, so a row never
@@ -509,6 +524,7 @@ class Journal:
                 for sql, group in itertools.groupby(operations, key=lambda op: op[0]):
                     if sql is not _WRITE_FILE and sql is not _REMOVE_FILES:
                         self._connection.executemany(sql, [params for _, params, _ in group])
+                        deleted = deleted or sql.startswith("DELETE")
             # Files of cleared tasks go once their rows are gone for good.
             for sql, paths, _ in operations:
                 if sql is _REMOVE_FILES:
@@ -525,12 +541,11 @@ class Journal:
             self._reactor.callFromThread(self._report_failure, error, waiters, len(keep), first)
             return keep
         self.committed += len(operations)
-        if not self._compact_due and any(
-            isinstance(sql, str) and sql.startswith("DELETE") for sql, _, _ in operations
-        ):
+        if deleted and not self._compact_due:
             self._compact_due = True
             self._compact_since = time.monotonic()
             self._busy_checkpoints = 0
+            self._last_free = None
         if written and self.on_result_durable is not None:
             self._reactor.callFromThread(self.on_result_durable, written)
         if self.trouble is not None:
@@ -552,7 +567,9 @@ class Journal:
         connection = self._connection
         try:
             free = connection.execute("PRAGMA freelist_count").fetchone()[0]
-            if free:
+            # Vacuum while it frees pages (and the file is in that mode).
+            if free and self._incremental and (self._last_free is None or free < self._last_free):
+                self._last_free = free
                 # executescript steps the pragma to its end (execute frees
                 # one page: the pragma frees a page per step).
                 connection.executescript("PRAGMA incremental_vacuum(%d);" % VACUUM_STEP_PAGES)
@@ -564,9 +581,11 @@ class Journal:
                 # A reader in the way: try again later, a bounded number of times.
                 if not busy or self._busy_checkpoints > 20:
                     self._compact_due = False
+                    self._last_free = None
         except (sqlite3.Error, OSError) as e:
             # Not worth a failure: the space is given back after a later clear.
             self._compact_due = False
+            self._last_free = None
             self._reactor.callFromThread(
                 self._log.warn, "compacting the journal {path} failed: {error}",
                 path=str(self.path), error="%s: %s" % (type(e).__name__, e),
