@@ -22,7 +22,7 @@ from twisted.trial import unittest
 from taskfarm import serialization
 from taskfarm.controller import journal as journal_module
 from taskfarm.controller import resultfiles
-from taskfarm.controller.journal import BLOB_FILE_THRESHOLD, VACUUM_STEP_PAGES, Journal
+from taskfarm.controller.journal import BLOB_FILE_THRESHOLD, Journal
 from taskfarm.controller.resultfiles import ResultFileError, StoredResult
 from taskfarm.controller.store import TaskStore
 from taskfarm.controller.tasks import TaskRecord, TaskSpec
@@ -31,6 +31,8 @@ from taskfarm.task import Task
 from taskfarm.testing.helpers import async_test, temp_dir, wait_until
 
 MiB = 1 << 20
+#: The file threshold of the journals of most tests (small: fast tests).
+SMALL = 64 * 1024
 
 
 def _envelope(pad: int = 0) -> object:
@@ -54,10 +56,12 @@ def _finish(journal: Journal, taskid: int, value: object, pad: int = 0,
 class _JournalCase(unittest.TestCase):
     timeout = 60
 
-    def open_journal(self, path: Path | None = None) -> Journal:
+    def open_journal(self, path: Path | None = None, threshold: int = SMALL) -> Journal:
         if path is None:
             path = temp_dir(self, "taskfarm-journal-") / "journal.sqlite"
         journal = Journal(path, reactor)
+        journal.file_threshold = threshold
+        journal.vacuum_step_pages = 64
         journal.open()
         self.addCleanup(journal.close)
         return journal
@@ -128,8 +132,9 @@ class BigResultTests(_JournalCase):
         """Results of threshold-1 and threshold bytes stay in SQLite; one of
         threshold+1 bytes, and a list of strings whose sum is threshold+1,
         go to files; all read back the same (a list as a list) after a
-        reopen; a small list is kept inline and comes back as a list."""
-        journal = self.open_journal()
+        reopen; a small list is kept inline and comes back as a list (at
+        the default threshold, 1 MiB)."""
+        journal = self.open_journal(threshold=BLOB_FILE_THRESHOLD)
         values = {
             0: b"a" * (BLOB_FILE_THRESHOLD - 1),
             1: b"b" * BLOB_FILE_THRESHOLD,
@@ -156,7 +161,7 @@ class BigResultTests(_JournalCase):
         the files of tasks not cleared stay."""
         journal = self.open_journal()
         for taskid in range(3):
-            _finish(journal, taskid, [b"h", b"r" * (BLOB_FILE_THRESHOLD + taskid)])
+            _finish(journal, taskid, [b"h", b"r" * (SMALL + taskid)])
         await journal.sync()
         self.assertEqual(self.files(journal), ["0.frames", "1.frames", "2.frames"])
         journal.cleared([0, 2])
@@ -173,7 +178,7 @@ class BigResultTests(_JournalCase):
         commit, or a result written for a task that was then not final) are
         removed when the journal opens; files rows name are kept."""
         journal = self.open_journal()
-        _finish(journal, 0, b"r" * (BLOB_FILE_THRESHOLD + 1))
+        _finish(journal, 0, b"r" * (SMALL + 1))
         await journal.sync()
         journal.close()
         resultfiles.write(journal.blob_dir / "7.frames", [b"half", b"written"])
@@ -182,7 +187,7 @@ class BigResultTests(_JournalCase):
         self.assertEqual(journal.orphans_removed, 2)
         self.assertEqual(self.files(journal), ["0.frames"])
         (stored,) = journal.tasks()
-        self.assertEqual(journal.stored_data(stored), b"r" * (BLOB_FILE_THRESHOLD + 1))
+        self.assertEqual(journal.stored_data(stored), b"r" * (SMALL + 1))
 
     @async_test
     async def test_old_format_still_read(self):
@@ -219,13 +224,14 @@ class BigResultTests(_JournalCase):
         the row is not committed, nobody is told the result is durable; once
         the cause is gone the write is retried and then it is."""
         journal = self.open_journal()
+        journal.retry_first_delay = 0.05
         durable: list[int] = []
         journal.on_result_durable = durable.extend
         journal.accept_batch([(0, serialization.pack(_envelope()), 1.0, 0)])
         await journal.sync()
         blocker = journal.blob_dir / "0.frames"
         blocker.mkdir()
-        _finish(journal, 0, b"r" * (BLOB_FILE_THRESHOLD + 1), accept=False)
+        _finish(journal, 0, b"r" * (SMALL + 1), accept=False)
         with self.assertRaises(JournalError):
             await journal.sync()
         self.assertIsNotNone(journal.trouble)
@@ -234,12 +240,12 @@ class BigResultTests(_JournalCase):
             self.assertEqual(reader.execute("SELECT state FROM tasks").fetchall(), [("queued",)])
         reader.close()
         blocker.rmdir()
-        await wait_until(lambda: journal.trouble is None, "the retried write", 20)
+        await wait_until(lambda: journal.trouble is None, "the retried write", 20, interval=0.01)
         await journal.sync()
         self.assertEqual(durable, [0])
         journal = self.reopen(journal)
         (stored,) = journal.tasks()
-        self.assertEqual(journal.stored_data(stored), b"r" * (BLOB_FILE_THRESHOLD + 1))
+        self.assertEqual(journal.stored_data(stored), b"r" * (SMALL + 1))
 
 
 class StoreTests(_JournalCase):
@@ -259,18 +265,18 @@ class StoreTests(_JournalCase):
 
     @async_test
     async def test_memory_bounded_and_results_read_back(self):
-        """With room for two 2 MiB results in memory, the oldest of four is
+        """With room for two results of 128 KiB in memory, the oldest of four is
         held on disk only once durable; results() gives every value back
         whole, from memory or file, before and after a restore; clearing a
         task deletes its file and forgets its bytes."""
         journal = self.open_journal()
-        store = self.store(journal, 5 * MiB)
-        values = {t: [b"head%d" % t, bytes([t]) * (2 * MiB)] for t in range(4)}
+        store = self.store(journal, 5 * SMALL)
+        values = {t: [b"head%d" % t, bytes([t]) * (2 * SMALL)] for t in range(4)}
         records = [await self.finish(store, t, v) for t, v in values.items()]
         await journal.sync()
         self.assertEqual([isinstance(r.data, StoredResult) for r in records],
                          [True, True, False, False])
-        self.assertLessEqual(store.resident_bytes, 5 * MiB)
+        self.assertLessEqual(store.resident_bytes, 5 * SMALL)
         envelopes = await store.results(list(values))
         self.assertEqual([e[3] for e in envelopes], list(values.values()))
         self.assertEqual(await store.results([3], block=True), [records[3].result_envelope()])
@@ -281,7 +287,7 @@ class StoreTests(_JournalCase):
         self.assertNotIn(3, store.resident)
 
         journal = self.reopen(journal)
-        store = self.store(journal, 5 * MiB)
+        store = self.store(journal, 5 * SMALL)
         self.assertEqual(store.restore(), [])
         self.assertIsInstance(store.tasks[1].data, StoredResult)
         envelopes = await store.results([1, 2])
@@ -293,8 +299,8 @@ class StoreTests(_JournalCase):
         one cleared while it was read is UnknownTask."""
         journal = self.open_journal()
         store = self.store(journal, 0)
-        await self.finish(store, 0, b"r" * (BLOB_FILE_THRESHOLD + 1))
-        await self.finish(store, 1, b"s" * (BLOB_FILE_THRESHOLD + 1))
+        await self.finish(store, 0, b"r" * (SMALL + 1))
+        await self.finish(store, 1, b"s" * (SMALL + 1))
         await journal.sync()
         (journal.blob_dir / "0.frames").unlink()
         with self.assertRaises(JournalError) as caught:
@@ -308,7 +314,7 @@ class StoreTests(_JournalCase):
         except UnknownTask:
             pass
         else:  # read before the file went: whole
-            self.assertEqual(envelopes[0][3], b"s" * (BLOB_FILE_THRESHOLD + 1))
+            self.assertEqual(envelopes[0][3], b"s" * (SMALL + 1))
 
 
 class CompactionTests(_JournalCase):
@@ -316,19 +322,20 @@ class CompactionTests(_JournalCase):
 
     @async_test
     async def test_disk_use_after_clear_within_ten_percent_of_live_need(self):
-        """Twenty live tasks (about 50 KB of envelope each) next to ten
-        dead tasks with 2 MB envelopes in SQLite and ten with 2 MiB results
-        in files: after the dead ones are cleared and the journal is quiet,
-        the database, WAL and files together take at most 10% more than a
-        freshly packed copy of the live rows plus their files; every vacuum
-        step freed at most VACUUM_STEP_PAGES pages; the WAL is truncated."""
+        """Twenty live tasks (about 20 KB of envelope each, two with results
+        in files) next to ten dead tasks with 400 KB envelopes in SQLite and
+        ten with 200 KB results in files: after the dead ones are cleared
+        and the journal is quiet, the database, WAL and files together take
+        at most 10% more than a freshly packed copy of the live rows plus
+        their files; every vacuum step freed at most its 64 pages; the WAL
+        is truncated."""
         journal = self.open_journal()
         for taskid in range(20):
-            _finish(journal, taskid, b"live", pad=50_000)
+            _finish(journal, taskid, b"live" * (1 if taskid > 1 else 20_000), pad=20_000)
         for taskid in range(20, 30):
-            _finish(journal, taskid, b"dead", pad=2_000_000)
+            _finish(journal, taskid, b"dead", pad=400_000)
         for taskid in range(30, 40):
-            _finish(journal, taskid, [b"h", b"r" * (2 * MiB)])
+            _finish(journal, taskid, [b"h", b"r" * 200_000])
         await journal.sync()
         before = journal.disk_use()
 
@@ -337,14 +344,14 @@ class CompactionTests(_JournalCase):
         await wait_until(lambda: not journal.compacting, "compaction", 30)
         after = journal.disk_use()
         live = journal_module.live_need(journal.path)
-        self.assertEqual(after["files"], 0)
+        self.assertEqual(after["files"], 2 * (80_000 + 12 + 8))
         self.assertEqual(after["wal"], 0)
         self.assertLessEqual(after["total"], 1.10 * live, (before, after, live))
         self.assertGreater(before["total"], 10 * live)
         steps = list(journal.compaction_steps)
         vacuums = [s for s in steps if s[0] == "vacuum"]
         self.assertGreater(len(vacuums), 1)
-        self.assertTrue(all(pages <= VACUUM_STEP_PAGES for _, pages, _ in vacuums))
+        self.assertTrue(all(pages <= 64 for _, pages, _ in vacuums))
         self.assertEqual(steps[-1][0], "checkpoint")
         self.assertEqual(len(list(journal.tasks())), 20)
 
@@ -354,7 +361,7 @@ class CompactionTests(_JournalCase):
         given back after it opens again."""
         journal = self.open_journal()
         for taskid in range(5):
-            _finish(journal, taskid, b"dead", pad=1_000_000)
+            _finish(journal, taskid, b"dead", pad=200_000)
         _finish(journal, 5, b"live", pad=10_000)
         await journal.sync()
         # Freed pages without compaction: a plain connection deletes the rows.

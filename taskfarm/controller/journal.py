@@ -140,6 +140,12 @@ class Journal:
         self.compaction_steps: collections.deque = collections.deque(maxlen=1024)
         #: Result files of earlier runs removed at open (no row names them).
         self.orphans_removed = 0
+        #: Results of more bytes than this go to files of their own.
+        self.file_threshold = BLOB_FILE_THRESHOLD
+        #: The most pages one compaction step frees.
+        self.vacuum_step_pages = VACUUM_STEP_PAGES
+        #: Seconds before a failed commit's first retry (doubling after).
+        self.retry_first_delay = RETRY_FIRST_DELAY
         self._compact_due = False
         self._compact_since = 0.0
         self._busy_checkpoints = 0
@@ -342,7 +348,7 @@ class Journal:
 
     def finished(self, record, link: int) -> None:
         data = _blob(record)
-        if record.ok and resultfiles.nbytes(data) > BLOB_FILE_THRESHOLD:
+        if record.ok and resultfiles.nbytes(data) > self.file_threshold:
             # Written once, from the strings the engine sent, to its own
             # file; the row that names it commits after the file is fsynced.
             path = self._file_path(record.taskid, _FRAMED_FILE_MARK)
@@ -453,7 +459,7 @@ class Journal:
         # requeues, clears, the id counter) are carried into the next one,
         # ahead of anything newer, so they land in order once space is back.
         carried: list = []
-        delay = RETRY_FIRST_DELAY
+        delay = self.retry_first_delay
         idle = False  # nothing came for QUIET_SECONDS since the last commit
         while True:
             if carried:
@@ -483,7 +489,7 @@ class Journal:
                 batches.append(more)
             batches = [b for b in batches if b is not _STOP]
             carried = self._commit(carried, batches)
-            delay = min(delay * 2, RETRY_MAX_DELAY) if carried else RETRY_FIRST_DELAY
+            delay = min(delay * 2, RETRY_MAX_DELAY) if carried else self.retry_first_delay
             # Never idle, still compact now and then (one bounded step).
             if (
                 self._compact_due
@@ -572,8 +578,9 @@ class Journal:
                 self._last_free = free
                 # executescript steps the pragma to its end (execute frees
                 # one page: the pragma frees a page per step).
-                connection.executescript("PRAGMA incremental_vacuum(%d);" % VACUUM_STEP_PAGES)
-                step = ("vacuum", min(free, VACUUM_STEP_PAGES))
+                pages = self.vacuum_step_pages
+                connection.executescript("PRAGMA incremental_vacuum(%d);" % pages)
+                step = ("vacuum", min(free, pages))
             else:
                 busy = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
                 step = ("checkpoint", 0)
