@@ -22,7 +22,10 @@ median step in ms (each step runs in the journal's writer thread, never in
 the reactor; a commit waits behind at most one step).
 
 `measure()` is the function for `bench/run.py`: it returns the same
-figures as a dict.
+figures as a dict.  Or as a stage of its own (about 15 s)::
+
+    stage("taskfarm journal disk use", [sys.executable, os.path.join(HERE,
+          "journal_disk.py"), "--results", tf_results], 120, tf_results)
 """
 
 from __future__ import annotations
@@ -132,16 +135,35 @@ def emit(emitter: Emitter, figures: dict) -> None:
     emitter("checkpoint_step_max_%s" % where, figures["checkpoint_max_ms"], "ms", **extra)
 
 
+class _Tee:
+    """Writes to stdout and appends to a results file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def write(self, text: str) -> None:
+        sys.stdout.write(text)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=10)
     parser.add_argument("--mb", type=int, default=20)
     parser.add_argument("--live", type=int, default=20)
     parser.add_argument("--run", type=int, default=0)
+    parser.add_argument("--results", help="also append the JSON lines to this file "
+                        "(bench/results/taskfarm.jsonl for bench/run.py)")
     args = parser.parse_args()
     from twisted.internet import defer, task
 
-    emitter = Emitter("journal_disk", "taskfarm", args.run)
+    stream = _Tee(args.results) if args.results else None
+    emitter = Emitter("journal_disk", "taskfarm", args.run, stream)
 
     async def run(reactor):
         for where in ("files", "sqlite"):
