@@ -10,6 +10,13 @@ What is written: each accepted task (its envelope), each requeue (retries
 spent, recovery taking over), each final outcome, each clear, and the
 submission tokens that make resubmission idempotent.  Running is never
 written: after a crash a running task is queued again (at-least-once).
+
+Results over `BLOB_FILE_THRESHOLD` go to files of their own beside the
+database (`resultfiles`), fsynced before the row that names them commits;
+at open, files no row names (a crash mid-write) are removed.  After a
+commit that deleted rows, the writer gives the freed pages back when it is
+idle, in bounded steps (`_compact_step`: incremental_vacuum, then a
+TRUNCATE checkpoint of the WAL), so the disk use follows the live tasks.
 """
 
 from __future__ import annotations
