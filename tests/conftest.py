@@ -47,6 +47,7 @@ PROCESS_CLASSES = {
     ("test_journal", "CorruptJournalTests"),
     ("test_journal", "_RestartTestCase"),
     ("test_journal_files", "ControllerBigResultTests"),
+    ("test_journal_files", "FullDiskFileTests"),
     ("test_journal_files", "KillMidWriteTests"),
     ("test_limits", "_LimitClusterTestCase"),
     ("test_predicates", "OrphanTests"),

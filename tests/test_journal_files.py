@@ -504,3 +504,45 @@ class ControllerBigResultTests(unittest.TestCase):
         self.assertEqual(await client.clear([taskid]), 1)
         await journal.sync()
         self.assertEqual(list(journal.blob_dir.iterdir()), [])
+
+
+class FullDiskFileTests(_JournalCase):
+    """A big result on a full disk: a small tmpfs (root only, as CI runs)."""
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("mounting a tmpfs needs root (CI runs as root)")
+        self.disk = temp_dir(self, "taskfarm-disk-") / "disk"
+        self.disk.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs",
+                        str(self.disk)], check=True)
+        self.addCleanup(subprocess.run, ["umount", "-l", str(self.disk)], check=False)
+
+    @async_test
+    async def test_result_file_on_a_full_disk(self):
+        """A 3 MiB result on a disk with 1 MiB free fails the commit with a
+        JournalError naming the cause, leaves no partial file, is not
+        reported durable; once space is back it is written whole."""
+        journal = self.open_journal(self.disk / "journal.sqlite", threshold=BLOB_FILE_THRESHOLD)
+        journal.retry_first_delay = 0.05
+        durable: list[int] = []
+        journal.on_result_durable = durable.extend
+        journal.accept_batch([(0, serialization.pack(_envelope()), 1.0, 0)])
+        await journal.sync()
+        filler = self.disk / "filler"
+        free = os.statvfs(self.disk).f_bavail * os.statvfs(self.disk).f_frsize
+        filler.write_bytes(b"\0" * (free - MiB))
+        value = [b"header", os.urandom(3 * MiB)]
+        _finish(journal, 0, value, accept=False)
+        with self.assertRaises(JournalError) as caught:
+            await journal.sync()
+        self.assertIn("No space left", str(caught.exception))
+        self.assertEqual(self.files(journal), [])
+        self.assertEqual(durable, [])
+        filler.unlink()
+        await wait_until(lambda: journal.trouble is None, "the retried write", 20, interval=0.01)
+        await journal.sync()
+        self.assertEqual(durable, [0])
+        journal = self.reopen(journal)
+        (stored,) = journal.tasks()
+        self.assertEqual(journal.stored_data(stored), value)
