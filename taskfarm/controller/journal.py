@@ -676,6 +676,8 @@ class NullJournal:
     path = None
     #: A NullJournal never fails to write.
     trouble = None
+    #: Never called: no result is kept in a file.
+    on_result_durable = None
 
     def __init__(self) -> None:
         self._incarnation = uuid.uuid4().hex
