@@ -141,8 +141,20 @@ class IJournal(Interface):
     def tokens():
         """Stored submission tokens (token, first id, count, digest), oldest first."""
 
+    on_result_durable = Attribute(
+        "Set by the store: called in the reactor with the ids of tasks whose"
+        " big results are durable in their own files (never, if none is kept)."
+    )
+
     def stored_data(stored):
-        """A stored task's outcome bytes."""
+        """A stored task's outcome bytes (or list of bytes)."""
+
+    def stored_result(stored):
+        """Like `stored_data`, or a `StoredResult` for a result left in its file."""
+
+    def read_result(taskid):
+        """A Deferred with the result kept in task `taskid`'s file, read off
+        the reactor thread; `JournalError` if it cannot be read."""
 
     def accept_batch(rows, token=None):
         """Journal one submission: an iterable of (taskid, envelope,

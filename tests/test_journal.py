@@ -64,6 +64,7 @@ class JournalTests(unittest.TestCase):
     async def test_big_results_live_in_files(self):
         """An outcome over the file threshold is kept in a file (0600) beside
         the journal, read back after reopening, and removed when cleared."""
+        from taskfarm.controller import resultfiles
         from taskfarm.controller.journal import BLOB_FILE_THRESHOLD
 
         journal = self.open_journal()
@@ -75,8 +76,8 @@ class JournalTests(unittest.TestCase):
         record.succeed(big, 101.0, 102.0)
         journal.finished(record, record.link)
         await journal.sync()
-        path = journal.blob_dir / "0.result"
-        self.assertEqual(path.read_bytes(), big)
+        path = journal.blob_dir / "0.frames"
+        self.assertEqual(resultfiles.read(path), big)
         self.assertEqual(path.stat().st_mode & 0o777, 0o600)
 
         journal = self.reopen(journal)

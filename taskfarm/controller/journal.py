@@ -10,10 +10,18 @@ What is written: each accepted task (its envelope), each requeue (retries
 spent, recovery taking over), each final outcome, each clear, and the
 submission tokens that make resubmission idempotent.  Running is never
 written: after a crash a running task is queued again (at-least-once).
+
+Results over `BLOB_FILE_THRESHOLD` go to files of their own beside the
+database (`resultfiles`), fsynced before the row that names them commits;
+at open, files no row names (a crash mid-write) are removed.  After a
+commit that deleted rows, the writer gives the freed pages back when it is
+idle, in bounded steps (`_compact_step`: incremental_vacuum, then a
+TRUNCATE checkpoint of the WAL), so the disk use follows the live tasks.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import queue
@@ -21,13 +29,15 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from taskfarm.controller import resultfiles
+from taskfarm.controller.resultfiles import StoredResult
 from taskfarm.errors import JournalError, ProfileError
 from taskfarm.interfaces import IJournal
 from taskfarm.services import join_thread
@@ -88,30 +98,31 @@ _STOP = object()
 RETRY_FIRST_DELAY = 0.5
 RETRY_MAX_DELAY = 10.0
 
-#: Outcomes bigger than this many bytes are kept in files beside the
-#: journal, not in SQLite (one write each, no WAL copy and checkpoint).
-BLOB_FILE_THRESHOLD = 64 * 1024
+#: Results bigger than this many bytes are kept in files beside the
+#: journal, not in SQLite: written once, no WAL copy and checkpoint, and
+#: deleted outright on clear (`resultfiles`).
+BLOB_FILE_THRESHOLD = 1 << 20
+#: What a row's data holds for a result in a file of the old format (the
+#: pickle alone, journals before the framed files; still read).
 _FILE_MARK = b"\x00taskfarm:in-file"
+#: ... for a result in a framed file (`resultfiles`, a string or a list).
+_FRAMED_FILE_MARK = b"\x00taskfarm:in-file:framed"
+#: Prefix of an inline result that is a list of byte strings (framed).
+_FRAMED_INLINE = b"\x00taskfarm:framed:"
 _WRITE_FILE = object()
 _REMOVE_FILES = object()
 
-
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-
-
-def _remove_files(paths: list) -> None:
-    for path in paths:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+#: Compaction (after clears): pages freed per incremental_vacuum step
+#: (2 MiB of 4 KiB pages: the step writes about as many to the WAL, some
+#: 10 ms), how long the writer must have been idle before a step, and the
+#: longest it waits for idleness while there is compaction to do.
+VACUUM_STEP_PAGES = 512
+QUIET_SECONDS = 0.05
+COMPACT_AT_LEAST_EVERY = 1.0
+#: The pause between two steps while the writer stays idle.
+STEP_PAUSE = 0.002
+#: The WAL is cut back to this size once checkpointed.
+WAL_SIZE_LIMIT = 4 << 20
 
 
 @implementer(IJournal)
@@ -124,7 +135,29 @@ class Journal:
         self.path = Path(path)
         #: Big outcomes live here, one file per task.
         self.blob_dir = self.path.with_name(self.path.name + "-results")
-        self._blob_ids: set[int] = set()
+        #: The result file of each task that has one (written or to be).
+        self._blob_files: dict[int, Path] = {}
+        #: Called in the reactor with the ids of tasks whose result files
+        #: are durable (file fsynced, row committed): the store may then
+        #: drop its copy of those results.
+        self.on_result_durable: Callable[[list[int]], None] | None = None
+        #: The last compaction steps: (kind, pages, seconds), kind being
+        #: "vacuum" (incremental_vacuum: pages freed) or "checkpoint"
+        #: (TRUNCATE).
+        self.compaction_steps: collections.deque = collections.deque(maxlen=1024)
+        #: Result files of earlier runs removed at open (no row names them).
+        self.orphans_removed = 0
+        #: Results of more bytes than this go to files of their own.
+        self.file_threshold = BLOB_FILE_THRESHOLD
+        #: The most pages one compaction step frees.
+        self.vacuum_step_pages = VACUUM_STEP_PAGES
+        #: Seconds before a failed commit's first retry (doubling after).
+        self.retry_first_delay = RETRY_FIRST_DELAY
+        self._compact_due = False
+        self._compact_since = 0.0
+        self._busy_checkpoints = 0
+        self._incremental = True
+        self._last_free: int | None = None
         self._reactor = reactor
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -153,8 +186,14 @@ class Journal:
             check = connection.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(check)
+            self._incremental_vacuum(connection)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA journal_size_limit=%d" % WAL_SIZE_LIMIT)
+            # Some builds (Debian's) zero every deleted byte: a clear of 200 MB
+            # would write 200 MB of zeros to the WAL.  FAST zeroes only where
+            # that costs no I/O; freed pages leave the file by the vacuum.
+            connection.execute("PRAGMA secure_delete=FAST")
             connection.executescript(_SCHEMA)
             version = connection.execute(
                 "SELECT value FROM meta WHERE key='schema'"
@@ -181,10 +220,68 @@ class Journal:
                 "be lost." % (self.path, e)
             ) from None
         self._connection = connection
+        self._remove_orphans()
+        # Space freed before a crash or stop is given back once quiet.
+        self._compact_due = connection.execute("PRAGMA freelist_count").fetchone()[0] > 0
+        self._compact_since = time.monotonic()
         self._thread = threading.Thread(
             target=self._write_loop, name="taskfarm-journal", daemon=True
         )
         self._thread.start()
+
+    def _incremental_vacuum(self, connection: sqlite3.Connection) -> None:
+        # Pages freed by a clear go back to the file system step by step
+        # (`_compact_step`), not in one VACUUM.  A journal made before this
+        # mode existed is rebuilt in it once, here, before anyone is served.
+        self._incremental = True
+        if connection.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+            return
+        connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if connection.execute("PRAGMA page_count").fetchone()[0] == 0:
+            return  # a new file: the mode holds from its first table
+        started = time.monotonic()
+        try:
+            connection.execute("VACUUM")
+        except sqlite3.OperationalError as e:
+            # No room for the copy (a full disk): run as before, without
+            # giving space back, and try again at the next start.
+            self._incremental = False
+            self._log.warn(
+                "the journal {path} could not be rebuilt for incremental "
+                "compaction ({error}); cleared space stays in it until a later start",
+                path=str(self.path), error=str(e),
+            )
+            return
+        self._log.info(
+            "rebuilt the journal {path} for incremental compaction in {seconds:.3f} s",
+            path=str(self.path), seconds=time.monotonic() - started,
+        )
+
+    def _remove_orphans(self) -> None:
+        # A crash between writing a result file and committing the row that
+        # names it leaves a file nobody names: remove it (and anything else
+        # in the folder no row names).
+        named = {}
+        rows = self._connection.execute(
+            "SELECT taskid, data FROM tasks WHERE typeof(data)='blob'"
+            " AND length(data) <= 64 AND data IN (?, ?)",
+            (_FILE_MARK, _FRAMED_FILE_MARK),
+        )
+        for taskid, mark in rows:
+            path = self._blob_files[taskid] = self._file_path(taskid, mark)
+            named[path.name] = taskid
+        removed = 0
+        for entry in os.scandir(self.blob_dir):
+            if entry.name not in named and entry.is_file(follow_symlinks=False):
+                resultfiles.remove(Path(entry.path))
+                removed += 1
+        self.orphans_removed = removed
+        if removed:
+            self._log.warn(
+                "removed {count} result files of {path} that no task names "
+                "(a crash while they were written)",
+                count=removed, path=str(self.path),
+            )
 
     def incarnation(self) -> str:
         """This journal's identity: the same across controller restarts."""
@@ -261,11 +358,15 @@ class Journal:
 
     def finished(self, record, link: int) -> None:
         data = _blob(record)
-        if data is not None and len(data) > BLOB_FILE_THRESHOLD:
-            path = self._blob_path(record.taskid)
-            self._pending.append((_WRITE_FILE, (path, data), None))
-            self._blob_ids.add(record.taskid)
-            data = _FILE_MARK
+        if record.ok and resultfiles.nbytes(data) > self.file_threshold:
+            # Written once, from the strings the engine sent, to its own
+            # file; the row that names it commits after the file is fsynced.
+            path = self._file_path(record.taskid, _FRAMED_FILE_MARK)
+            self._pending.append((_WRITE_FILE, (record.taskid, path, data), None))
+            self._blob_files[record.taskid] = path
+            data = _FRAMED_FILE_MARK
+        elif record.ok and not isinstance(data, bytes):
+            data = _inline(data)
         self._enqueue(
             "UPDATE tasks SET state=?, link=?, retries_left=?, attempts=?, engine_id=?,"
             " started=?, completed=?, ok=?, data=? WHERE taskid=?",
@@ -279,20 +380,62 @@ class Journal:
     def cleared(self, taskids: list[int]) -> None:
         for taskid in taskids:
             self._enqueue("DELETE FROM tasks WHERE taskid=?", (taskid,))
-        files = [self._blob_path(t) for t in taskids if t in self._blob_ids]
+        files = self._blob_files
         if files:
-            self._blob_ids.difference_update(taskids)
-            self._pending.append((_REMOVE_FILES, files, None))
+            paths = [files.pop(t) for t in taskids if t in files]
+            if paths:
+                self._pending.append((_REMOVE_FILES, paths, None))
 
-    def _blob_path(self, taskid: int) -> Path:
-        return self.blob_dir / ("%d.result" % taskid)
+    def _file_path(self, taskid: int, mark: bytes) -> Path:
+        if mark == _FILE_MARK:
+            return self.blob_dir / ("%d.result" % taskid)  # the old format
+        return self.blob_dir / ("%d.frames" % taskid)
 
-    def stored_data(self, stored: StoredTask) -> bytes | None:
-        """A stored task's outcome, read from its file when it is big."""
-        if stored.data == _FILE_MARK:
-            self._blob_ids.add(stored.taskid)
-            return self._blob_path(stored.taskid).read_bytes()
-        return stored.data
+    def stored_data(self, stored: StoredTask) -> bytes | list | None:
+        """A stored task's outcome, read from its file when it is big:
+        bytes, or a list of bytes for a result stored as several strings."""
+        data = stored.data
+        if data == _FILE_MARK:
+            path = self._blob_files[stored.taskid] = self._file_path(stored.taskid, data)
+            return path.read_bytes()
+        if data == _FRAMED_FILE_MARK:
+            path = self._blob_files[stored.taskid] = self._file_path(stored.taskid, data)
+            return resultfiles.read(path)
+        if isinstance(data, bytes) and data.startswith(_FRAMED_INLINE):
+            return resultfiles.decode(memoryview(data)[len(_FRAMED_INLINE):])
+        return data
+
+    def stored_result(self, stored: StoredTask) -> object:
+        """Like `stored_data`, but a result in a framed file stays there: a
+        `StoredResult` to `read_result` when a client asks for it."""
+        if stored.data == _FRAMED_FILE_MARK and stored.ok:
+            path = self._blob_files[stored.taskid] = self._file_path(stored.taskid, stored.data)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                size = 0
+            return StoredResult(stored.taskid, size)
+        return self.stored_data(stored)
+
+    def read_result(self, taskid: int) -> defer.Deferred:
+        """The result in the file of task `taskid`, read in a thread (not
+        the reactor): bytes or a list of bytes.  Fails with `JournalError`
+        if the file is gone or partial."""
+        path = self._blob_files.get(taskid)
+        if path is None:
+            return defer.fail(JournalError("task %d has no result file in %s" % (taskid, self.blob_dir)))
+
+        def read():
+            try:
+                return resultfiles.read(path)
+            except OSError as e:
+                raise JournalError("the result of task %d cannot be read: %s" % (taskid, e)) from None
+
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), read)
+
+    def disk_use(self) -> dict[str, int]:
+        """Bytes on disk: the database, its WAL, the result files, and their total."""
+        return disk_use(self.path)
 
     def forget_tokens(self, older_than: float) -> None:
         self._enqueue("DELETE FROM tokens WHERE created < ?", (older_than,))
@@ -326,12 +469,24 @@ class Journal:
         # requeues, clears, the id counter) are carried into the next one,
         # ahead of anything newer, so they land in order once space is back.
         carried: list = []
-        delay = RETRY_FIRST_DELAY
+        delay = self.retry_first_delay
+        idle = False  # nothing came for QUIET_SECONDS since the last commit
         while True:
+            if carried:
+                timeout = delay
+            elif self._compact_due:
+                timeout = STEP_PAUSE if idle else QUIET_SECONDS
+            else:
+                timeout = None
             try:
-                item = self._queue.get(timeout=delay if carried else None)
+                item = self._queue.get(timeout=timeout)
             except queue.Empty:
+                if not carried:
+                    self._compact_step()  # idle: give freed space back
+                    idle = True
+                    continue
                 item = ([], [])
+            idle = False
             batches = [item]
             stopping = item is _STOP
             # Group commit: take whatever else is already waiting.
@@ -344,7 +499,15 @@ class Journal:
                 batches.append(more)
             batches = [b for b in batches if b is not _STOP]
             carried = self._commit(carried, batches)
-            delay = min(delay * 2, RETRY_MAX_DELAY) if carried else RETRY_FIRST_DELAY
+            delay = min(delay * 2, RETRY_MAX_DELAY) if carried else self.retry_first_delay
+            # Never idle, still compact now and then (one bounded step).
+            if (
+                self._compact_due
+                and not carried
+                and not stopping
+                and time.monotonic() - self._compact_since > COMPACT_AT_LEAST_EVERY
+            ):
+                self._compact_step()
             if stopping:
                 if carried:
                     self._reactor.callFromThread(self._log.critical,
@@ -359,22 +522,31 @@ class Journal:
         if not operations and not waiters:
             return []
         began = time.perf_counter()
+        written = []
+        deleted = False  # frees pages: compaction is due after this commit
         try:
-            # Big results go to files first: the rows that point at them
-            # commit after, so a row never points at a missing file.
+            # Big results go to files first, each fsynced, and the folder
+            # too: the rows that name them commit after, so a row never
+            # names a missing or partial file.
             for sql, params, _ in operations:
                 if sql is _WRITE_FILE:
-                    _write_file(*params)
+                    taskid, path, value = params
+                    resultfiles.write(path, value)
+                    written.append(taskid)
+            if written:
+                resultfiles.fsync_dir(self.blob_dir)
             with self._connection:
                 # Runs of one statement go in one executemany: the loop
                 # runs in C, not in Python holding the GIL.
                 for sql, group in itertools.groupby(operations, key=lambda op: op[0]):
                     if sql is not _WRITE_FILE and sql is not _REMOVE_FILES:
                         self._connection.executemany(sql, [params for _, params, _ in group])
+                        deleted = deleted or sql.startswith("DELETE")
             # Files of cleared tasks go once their rows are gone for good.
             for sql, paths, _ in operations:
                 if sql is _REMOVE_FILES:
-                    _remove_files(paths)
+                    for path in paths:
+                        resultfiles.remove(path)
         except (sqlite3.Error, OSError) as e:
             error = JournalError(
                 "the journal %s cannot be written: %s: %s" % (self.path, type(e).__name__, e)
@@ -388,6 +560,13 @@ class Journal:
         self.committed += len(operations)
         if self.on_commit is not None:
             self.on_commit(time.perf_counter() - began, len(operations))
+        if deleted and not self._compact_due:
+            self._compact_due = True
+            self._compact_since = time.monotonic()
+            self._busy_checkpoints = 0
+            self._last_free = None
+        if written and self.on_result_durable is not None:
+            self._reactor.callFromThread(self.on_result_durable, written)
         if self.trouble is not None:
             self.trouble = None
             self._reactor.callFromThread(
@@ -396,6 +575,50 @@ class Journal:
         if waiters:
             self._reactor.callFromThread(_fire, waiters)
         return []
+
+    def _compact_step(self) -> None:
+        """One bounded step of giving freed space back (writer thread):
+        an incremental_vacuum of at most VACUUM_STEP_PAGES pages while the
+        database has free pages, then a TRUNCATE checkpoint of the WAL.
+        (One VACUUM would copy only the live pages, but the checkpoint after
+        it truncates the whole freed size at once: 180 ms for 200 MB.)"""
+        started = time.monotonic()
+        connection = self._connection
+        try:
+            free = connection.execute("PRAGMA freelist_count").fetchone()[0]
+            # Vacuum while it frees pages (and the file is in that mode).
+            if free and self._incremental and (self._last_free is None or free < self._last_free):
+                self._last_free = free
+                # executescript steps the pragma to its end (execute frees
+                # one page: the pragma frees a page per step).
+                pages = self.vacuum_step_pages
+                connection.executescript("PRAGMA incremental_vacuum(%d);" % pages)
+                step = ("vacuum", min(free, pages))
+            else:
+                busy = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                step = ("checkpoint", 0)
+                self._busy_checkpoints += 1 if busy else 0
+                # A reader in the way: try again later, a bounded number of times.
+                if not busy or self._busy_checkpoints > 20:
+                    self._compact_due = False
+                    self._last_free = None
+        except (sqlite3.Error, OSError) as e:
+            # Not worth a failure: the space is given back after a later clear.
+            self._compact_due = False
+            self._last_free = None
+            self._reactor.callFromThread(
+                self._log.warn, "compacting the journal {path} failed: {error}",
+                path=str(self.path), error="%s: %s" % (type(e).__name__, e),
+            )
+            return
+        now = time.monotonic()
+        self._compact_since = now
+        self.compaction_steps.append((step[0], step[1], now - started))
+
+    @property
+    def compacting(self) -> bool:
+        """Whether freed space is still being given back."""
+        return self._compact_due
 
     def _report_failure(self, error: JournalError, waiters: list, kept: int, first: bool) -> None:
         if first:
@@ -459,6 +682,8 @@ class NullJournal:
     path = None
     #: A NullJournal never fails to write.
     trouble = None
+    #: Never called: no result is kept in a file.
+    on_result_durable = None
 
     def __init__(self) -> None:
         self._incarnation = uuid.uuid4().hex
@@ -478,6 +703,13 @@ class NullJournal:
 
     def stored_data(self, stored: StoredTask) -> bytes | None:
         return stored.data
+
+    def stored_result(self, stored: StoredTask) -> object:
+        return stored.data
+
+    def read_result(self, taskid: int) -> defer.Deferred:
+        """Never called: a NullJournal keeps no result in a file."""
+        return defer.fail(JournalError("task %d has no result file (no journal)" % taskid))
 
     def accept_batch(self, rows: Iterable[tuple], token: tuple | None = None) -> defer.Deferred:
         """Committed at once; `rows` is not even read (no packing cost)."""
@@ -523,9 +755,67 @@ def _fire(waiters: list) -> None:
         waiter.callback(None)
 
 
-def _blob(record) -> bytes | None:
+def _blob(record) -> object:
     from taskfarm import serialization
 
     if record.ok:
         return record.data
     return serialization.pack(record.data)
+
+
+def _inline(value: object) -> bytes:
+    # A small result that is not one bytes object: one bytes-like object
+    # is kept as bytes, a list of strings framed (read back as a list).
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    return _FRAMED_INLINE + resultfiles.encode(value)
+
+
+def disk_use(path: Path) -> dict[str, int]:
+    """Bytes the journal at `path` takes on disk: ``db`` (the database),
+    ``wal`` (its write-ahead log), ``files`` (result files) and ``total``."""
+    path = Path(path)
+
+    def size(p: Path) -> int:
+        try:
+            return p.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    blob_dir = path.with_name(path.name + "-results")
+    files = sum(size(p) for p in blob_dir.iterdir()) if blob_dir.is_dir() else 0
+    use = {"db": size(path), "wal": size(path.with_name(path.name + "-wal")), "files": files}
+    use["total"] = sum(use.values())
+    return use
+
+
+def live_need(path: Path) -> int:
+    """Bytes the live content of the journal at `path` needs: its tasks'
+    rows in a freshly packed copy (``VACUUM INTO``), plus the result files
+    its rows name.  What `disk_use` is compared with after a clear."""
+    import tempfile
+
+    path = Path(path)
+    blob_dir = path.with_name(path.name + "-results")
+    with tempfile.TemporaryDirectory(prefix="taskfarm-journal-size-") as scratch:
+        packed = Path(scratch) / "packed.sqlite"
+        reader = sqlite3.connect(str(path))
+        try:
+            reader.execute("VACUUM INTO ?", (str(packed),))
+            names = [
+                ("%d.result" if mark == _FILE_MARK else "%d.frames") % taskid
+                for taskid, mark in reader.execute(
+                    "SELECT taskid, data FROM tasks WHERE typeof(data)='blob'"
+                    " AND length(data) <= 64 AND data IN (?, ?)",
+                    (_FILE_MARK, _FRAMED_FILE_MARK),
+                )
+            ]
+        finally:
+            reader.close()
+        need = packed.stat().st_size
+    for name in names:
+        try:
+            need += (blob_dir / name).stat().st_size
+        except FileNotFoundError:
+            pass
+    return need

@@ -6,6 +6,10 @@ The store keeps the records and their counts per state, wakes the waiters
 the records from the journal at start.  It writes each final outcome,
 requeue and clear to the journal; it never talks to engines or the
 scheduler (that is the dispatcher's part).
+
+Big results the journal keeps in files of their own are held in memory
+only up to `resident_limit` bytes in all (the most recent ones): the
+others are read back from their files when a client asks for them.
 """
 
 from __future__ import annotations
@@ -17,11 +21,18 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from taskfarm import serialization
+from taskfarm.controller import resultfiles
+from taskfarm.controller.resultfiles import StoredResult
 from taskfarm.controller.tasks import TaskRecord, TaskSpec, TaskState
 from taskfarm.errors import BadRequest, UnknownTask
 
 #: How long finished tasks are kept (seconds) unless cleared sooner.
 DEFAULT_RETENTION = 24 * 3600.0
+
+#: How many bytes of big results already durable in their own files the
+#: controller keeps in memory as well (the most recent; the rest are read
+#: back from their files on request).
+RESIDENT_LIMIT = 64 << 20
 
 
 class _Countdown:
@@ -53,10 +64,21 @@ class TaskStore:
 
     _log = Logger()
 
-    def __init__(self, clock, journal, retention: float | None = DEFAULT_RETENTION) -> None:
+    def __init__(
+        self,
+        clock,
+        journal,
+        retention: float | None = DEFAULT_RETENTION,
+        resident_limit: int = RESIDENT_LIMIT,
+    ) -> None:
         self._clock = clock
         self._journal = journal
         self._retention = retention
+        #: Journaled big results still in memory: taskid -> bytes, oldest first.
+        self.resident: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self.resident_bytes = 0
+        self._resident_limit = resident_limit
+        journal.on_result_durable = self._results_durable
         #: Every known task, by id.
         self.tasks: dict[int, TaskRecord] = {}
         #: How many tasks are in each state.
@@ -92,7 +114,7 @@ class TaskStore:
         finished = []
         for stored in self._journal.tasks():
             spec = TaskSpec.from_envelope(serialization.unpack(stored.envelope))
-            stored.data = self._journal.stored_data(stored)
+            stored.data = self._journal.stored_result(stored)
             if stored.state != "queued" and not stored.ok and stored.data is not None:
                 stored.data = serialization.unpack(stored.data)
             record = TaskRecord.restore(stored, spec)
@@ -203,11 +225,56 @@ class TaskStore:
         records = self.records(taskids)
         if block:
             d = self.wait(taskids)
-            d.addCallback(lambda _: [r.result_envelope() for r in records])
+            d.addCallback(lambda _: self._envelopes(records))
             return d
-        return defer.succeed(
-            [r.result_envelope() if r.is_final else None for r in records]
-        )
+        return self._envelopes(records)
+
+    def _envelopes(self, records: list[TaskRecord]) -> defer.Deferred:
+        # Results held on disk only are read back (in a thread) first.
+        stored = [r for r in records if r.is_final and isinstance(r.data, StoredResult)]
+        if not stored:
+            return defer.succeed([r.result_envelope() if r.is_final else None for r in records])
+        return defer.Deferred.fromCoroutine(self._read_envelopes(records, stored))
+
+    async def _read_envelopes(self, records: list[TaskRecord], stored: list[TaskRecord]) -> list:
+        values = {}
+        for record in stored:
+            try:
+                values[record.taskid] = await self._journal.read_result(record.taskid)
+            except Exception:
+                if not self.is_current(record):
+                    raise UnknownTask(
+                        "task %d was cleared while its result was read" % record.taskid
+                    ) from None
+                raise
+        return [
+            None if not r.is_final
+            else r.result_envelope(values[r.taskid]) if r.taskid in values
+            else r.result_envelope()
+            for r in records
+        ]
+
+    def _results_durable(self, taskids: list[int]) -> None:
+        """The journal made these tasks' big results durable in their files:
+        keep the newest in memory up to the limit, drop the others' bytes."""
+        for taskid in taskids:
+            record = self.tasks.get(taskid)
+            if record is None or not record.ok or isinstance(record.data, StoredResult):
+                continue
+            size = resultfiles.nbytes(record.data)
+            self.resident[taskid] = size
+            self.resident_bytes += size
+        while self.resident_bytes > self._resident_limit:
+            taskid, size = self.resident.popitem(last=False)
+            self.resident_bytes -= size
+            record = self.tasks.get(taskid)
+            if record is not None and record.ok and not isinstance(record.data, StoredResult):
+                record.data = StoredResult(taskid, size)
+
+    def _forget_resident(self, taskid: int) -> None:
+        size = self.resident.pop(taskid, None)
+        if size is not None:
+            self.resident_bytes -= size
 
     def _release(self, countdown: _Countdown) -> None:
         """Take `countdown` off the lists of the tasks it still waits on."""
@@ -263,6 +330,8 @@ class TaskStore:
                 self.counts[record.state] -= 1
                 cleared += 1
                 self._journal.cleared([taskid])
+                if self.resident:
+                    self._forget_resident(taskid)
         self._compact_finished_order()
         if unknown:
             raise UnknownTask("no such task ids: %s" % (unknown[:10],))
@@ -298,5 +367,7 @@ class TaskStore:
                 del self.tasks[taskid]
                 self.counts[record.state] -= 1
                 expired.append(taskid)
+                if self.resident:
+                    self._forget_resident(taskid)
         if expired:
             self._journal.cleared(expired)

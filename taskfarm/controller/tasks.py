@@ -308,13 +308,14 @@ class TaskRecord:
             record.spec = record.spec.finished()
         return record
 
-    def result_envelope(self) -> tuple:
-        """The plain `wire.ResultEnvelope` of this task."""
+    def result_envelope(self, data: object = None) -> tuple:
+        """The plain `wire.ResultEnvelope` of this task (with `data` as its
+        outcome if given: a result read back from its file)."""
         return wire.ResultEnvelope(
             self.taskid,
             self.spec.kind,
             self.ok,
-            self.data,
+            self.data if data is None else data,
             self.engine_id,
             self.submitted,
             self.started,
