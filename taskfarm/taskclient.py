@@ -262,6 +262,30 @@ class TaskClient(BaseClient):
         """Task counts per state (id lists if `verbose`)."""
         return defer.Deferred.fromCoroutine(self._ask("queue_status", bool(verbose)))
 
+    def why(self, taskid: int) -> defer.Deferred:
+        """Why task `taskid` has not started (or where it is): a
+        `wire.Explanation`, whose ``str()`` reads as text.
+
+        For a queued task it gives one reason per registered engine: busy
+        (its slots are full), the task's `depend` returned False on the
+        engine's properties or raised (naming the exception), the engine
+        sits out the task's failure penalty, or the task waits for its
+        retry delay; when no engine's properties satisfy the depend it says
+        so (`no_engine_matches`) and names the properties the predicate read
+        (`properties_read`).  For a task not queued it says its state (and
+        the engine it runs on).  An unknown id fails with `UnknownTask`.
+        """
+        try:
+            _check_id(taskid)
+        except TypeError as e:
+            return defer.fail(e)
+
+        async def why():
+            answer = await self._ask_about([taskid], "why", taskid)
+            return wire.Explanation.parse(answer)
+
+        return defer.Deferred.fromCoroutine(why())
+
     def clear(self, taskids=None) -> defer.Deferred:
         """Forget finished tasks (all, or the listed ids); fires with how many."""
         if isinstance(taskids, int):

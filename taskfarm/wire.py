@@ -47,7 +47,10 @@ from taskfarm.errors import BadRequest, ProtocolVersionError
 #: `hello`.  2: a blocking `wait` or `results` may answer `NOT_YET`.
 #: 3: task options may carry a `retry_delay` (`TaskOptions` version 3), and
 #: a result its number of attempts (`ResultEnvelope` version 3).
-WIRE_VERSION = 3
+#: 4: the Task interface answers ``why``; an engine's task reply carries
+#: the task's stdout and stderr (`Reply` version 4), and so does a result
+#: (`ResultEnvelope` version 4).
+WIRE_VERSION = 4
 
 #: What a blocking `wait` or `results` answers when its tasks are still
 #: unfinished after the controller's bound: the client asks again.  Each
@@ -746,3 +749,97 @@ class EngineOutcome(NamedTuple):
 
     def plain(self) -> tuple:
         return (self.engine_id, self.ok, self.data if self.ok else tuple(self.data))
+
+
+# -- why a task waits -------------------------------------------------------------------
+
+
+class EngineReason(NamedTuple):
+    """Why one engine does not run a waiting task now (see `Explanation`)."""
+
+    engine_id: int
+    #: ``free``, ``busy``, ``depend_false``, ``depend_raised``,
+    #: ``depend_failed``, ``depend_unknown``, ``depend_unloadable``,
+    #: ``penalty`` or ``retry_delay``.
+    reason: str
+    #: One sentence for people.
+    detail: str
+    #: The engine's task slots, and how many are taken.
+    slots: int
+    taken: int
+
+
+class Explanation(NamedTuple):
+    """What ``why(taskid)`` answers: where a task is and, while it waits,
+    one reason per engine.  Travels as the controller's plain dict
+    (`TaskController.why`); ``str()`` of it is the text for people."""
+
+    taskid: int
+    state: str
+    summary: str
+    engine_id: int | None
+    attempts: int
+    #: Seconds until a waiting retry is queued again, else None.
+    wait: float | None
+    #: True when the task's depend accepts none of the registered engines.
+    no_engine_matches: bool
+    #: The property names its depend read (sorted).
+    properties_read: tuple
+    engines: tuple
+
+    @classmethod
+    def parse(cls, value: object) -> Explanation:
+        what = "why answer"
+        if not isinstance(value, dict):
+            raise BadRequest("%s must be a dict, got %s" % (what, _show(value)))
+        try:
+            fields = {name: value[name] for name in cls._fields}
+        except KeyError as e:
+            raise BadRequest("%s: the field %s is missing" % (what, e)) from None
+        for name in ("taskid", "attempts"):
+            if not _is_int(fields[name]):
+                raise _bad(what, name, "an int", fields[name])
+        for name in ("state", "summary"):
+            if not isinstance(fields[name], str):
+                raise _bad(what, name, "a str", fields[name])
+        if fields["engine_id"] is not None and not _is_int(fields["engine_id"]):
+            raise _bad(what, "engine_id", "an int or None", fields["engine_id"])
+        if fields["wait"] is not None and not _is_number(fields["wait"]):
+            raise _bad(what, "wait", "a number or None", fields["wait"])
+        if not isinstance(fields["no_engine_matches"], bool):
+            raise _bad(what, "no_engine_matches", "True or False", fields["no_engine_matches"])
+        read = fields["properties_read"]
+        if not isinstance(read, (list, tuple)) or not all(isinstance(n, str) for n in read):
+            raise _bad(what, "properties_read", "a list of str", read)
+        fields["properties_read"] = tuple(read)
+        engines = fields["engines"]
+        if not isinstance(engines, (list, tuple)):
+            raise _bad(what, "engines", "a list", engines)
+        parsed = []
+        for entry in engines:
+            if not isinstance(entry, dict):
+                raise _bad(what, "engines", "a list of dicts", entry)
+            try:
+                reason = EngineReason(*(entry[name] for name in EngineReason._fields))
+            except KeyError as e:
+                raise BadRequest("%s: an engine's %s is missing" % (what, e)) from None
+            if not (_is_int(reason.engine_id) and isinstance(reason.reason, str)
+                    and isinstance(reason.detail, str) and _is_int(reason.slots)
+                    and _is_int(reason.taken)):
+                raise _bad(what, "engines", "(int, str, str, int, int) entries", entry)
+            parsed.append(reason)
+        fields["engines"] = tuple(parsed)
+        return cls(**fields)
+
+    def plain(self) -> dict:
+        plain = self._asdict()
+        plain["properties_read"] = list(self.properties_read)
+        plain["engines"] = [e._asdict() for e in self.engines]
+        return plain
+
+    def __str__(self) -> str:
+        lines = ["task %d: %s" % (self.taskid, self.summary)]
+        lines.extend(
+            "  engine %d: %s: %s" % (e.engine_id, e.reason, e.detail) for e in self.engines
+        )
+        return "\n".join(lines)

@@ -127,6 +127,21 @@ class Dispatcher(RegistryListener):
                     call.cancel()
             calls.clear()
 
+    def retry_due_at(self, taskid: int) -> float | None:
+        """When a waiting retry of `taskid` is queued again (clock time), or None."""
+        call = self._retry_calls.get(taskid)
+        return call.getTime() if call is not None and call.active() else None
+
+    def penalty_ends_at(self, taskid: int) -> float | None:
+        """When the engine `taskid` last failed on may take it again, or None."""
+        call = self._penalty_calls.get(taskid)
+        return call.getTime() if call is not None and call.active() else None
+
+    @property
+    def scheduler(self):
+        """The scheduler tasks are queued in."""
+        return self._scheduler
+
     def pending_timers(self) -> int:
         """How many retry and penalty timers are set (0 after `stop`)."""
         return len(self._retry_calls) + len(self._penalty_calls)

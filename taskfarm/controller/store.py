@@ -238,6 +238,27 @@ class TaskStore:
             status[record.state.value].append(taskid)
         return status
 
+    def per_engine(self, engine_ids: list[int]) -> dict[int, dict[str, int]]:
+        """``{engine_id: {"running": n, "succeeded": n, "failed": n}}`` over
+        the kept records, with a zero entry for each of `engine_ids`."""
+        counts: dict[int, dict[str, int]] = {
+            eid: {"running": 0, "succeeded": 0, "failed": 0} for eid in engine_ids
+        }
+        names = {
+            TaskState.RUNNING: "running",
+            TaskState.SUCCEEDED: "succeeded",
+            TaskState.FAILED: "failed",
+        }
+        for record in self.tasks.values():
+            name = names.get(record.state)
+            if name is None or record.engine_id is None:
+                continue
+            entry = counts.get(record.engine_id)
+            if entry is None:
+                entry = counts[record.engine_id] = {"running": 0, "succeeded": 0, "failed": 0}
+            entry[name] += 1
+        return counts
+
     def clear(self, taskids: list[int] | None = None) -> int:
         """Forget finished tasks (all of them, or those listed); returns how many.
 
