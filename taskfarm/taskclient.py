@@ -119,15 +119,17 @@ class TaskClient(BaseClient):
 
     # -- results ---------------------------------------------------------------------
 
-    def get_task_result(self, taskid: int, block: bool = False) -> defer.Deferred:
+    def get_task_result(self, taskid: int, block: bool = False, full: bool = False) -> defer.Deferred:
         """The task's `TaskResult`, or None if unfinished and not `block`.
 
         For a `MapTask` the result is the function's return value, and a
-        failure is raised instead.
+        failure is raised instead; with `full`, a MapTask's `TaskResult`
+        (``value``, ``failure``, ``stdout``, ``stderr``, times) is given
+        instead, as for a `Task`.
         """
-        return defer.Deferred.fromCoroutine(self._get_result(taskid, block))
+        return defer.Deferred.fromCoroutine(self._get_result(taskid, block, full))
 
-    async def _get_result(self, taskid: int, block: bool):
+    async def _get_result(self, taskid: int, block: bool, full: bool = False):
         _check_id(taskid)
         (envelope,) = _result_envelopes(
             await self._ask_until_answered(
@@ -136,6 +138,8 @@ class TaskClient(BaseClient):
         )
         if envelope is None:
             return None
+        if full:
+            return result_from_envelope(envelope)
         return _present(envelope)
 
     def get_task_results(self, taskids: list[int], block: bool = False) -> defer.Deferred:

@@ -359,24 +359,35 @@ class ResultEnvelope(NamedTuple):
     #: How many times the task was sent to an engine (version 3; None
     #: from a controller that did not say).
     attempts: int | None = None
+    #: What its last attempt wrote to stdout and stderr, as the engine kept
+    #: it (version 4; None when nothing was captured).
+    stdout: str | None = None
+    stderr: str | None = None
 
     @classmethod
     def parse(cls, value: object) -> ResultEnvelope:
         what = "result envelope"
         attempts = None
+        output = (None, None)
         if (
             isinstance(value, tuple)
-            and len(value) == 10
+            and len(value) in (10, 12)
             and _is_int(value[8])
-            and value[8] == 3
+            and value[8] == (3 if len(value) == 10 else 4)
         ):
             attempts = value[9]
             if not _is_int(attempts) or attempts < 0:
                 raise _bad(what, "attempts", "an int >= 0", attempts)
+            if len(value) == 12:
+                output = tuple(value[10:12])
+                for name, text in zip(("stdout", "stderr"), output, strict=True):
+                    if text is not None and not isinstance(text, str):
+                        raise _bad(what, name, "a str or None", text)
             fields = tuple(value[:8])
         elif isinstance(value, cls):
             fields = tuple(value[:8])
             attempts = value.attempts
+            output = (value.stdout, value.stderr)
         else:
             fields = _fields(_ResultFieldsV1, value, what)
         taskid, kind, ok, data, engine_id, submitted, started, completed = fields
@@ -396,10 +407,14 @@ class ResultEnvelope(NamedTuple):
         for name, time in (("started", started), ("completed", completed)):
             if time is not None and not _is_number(time):
                 raise _bad(what, name, "a time or None", time)
-        return tuple.__new__(cls, tuple(fields) + (attempts,))
+        return tuple.__new__(cls, tuple(fields) + (attempts,) + output)
 
     def plain(self) -> tuple:
-        """Version 1 (eight fields) without `attempts`, else version 3."""
+        """Version 1 (eight fields) without `attempts`, version 3 with it,
+        version 4 with output too."""
+        if self.stdout is not None or self.stderr is not None:
+            attempts = 0 if self.attempts is None else self.attempts
+            return tuple(self[:8]) + (4, attempts, self.stdout, self.stderr)
         if self.attempts is None:
             return tuple(self[:8])
         return tuple(self[:8]) + (3, self.attempts)
@@ -654,10 +669,24 @@ class Reply(NamedTuple):
     data: Any
     started: float | None
     finished: float
+    #: What the task wrote to stdout and stderr, bounded by the engine
+    #: (version 4; None in a reply to any other command).
+    stdout: str | None = None
+    stderr: str | None = None
 
     @classmethod
     def parse(cls, value: object) -> Reply:
-        seq, ok, data, started, finished = fields = _fields(cls, value, "reply")
+        output = (None, None)
+        if type(value) is tuple and len(value) == 8 and type(value[5]) is int and value[5] == 4:
+            output = value[6:8]
+            for name, text in zip(("stdout", "stderr"), output, strict=True):
+                if not isinstance(text, str):
+                    raise _bad("reply", name, "a str", text)
+            value = value[:5]
+        elif isinstance(value, cls):
+            output = (value.stdout, value.stderr)
+            value = tuple(value[:5])
+        seq, ok, data, started, finished = fields = _fields(_ReplyFieldsV1, value, "reply")
         if type(seq) is not int:
             raise _bad("reply", "seq", "an int", seq)
         if type(ok) is not bool:
@@ -671,9 +700,19 @@ class Reply(NamedTuple):
             raise _bad("reply", "started", "None or a finite float time", started)
         if not (type(finished) is float and math.isfinite(finished)):
             raise _bad("reply", "finished", "a finite float time", finished)
-        return tuple.__new__(cls, fields)
+        return tuple.__new__(cls, tuple(fields) + tuple(output))
 
-    plain = _plain
+    def plain(self) -> tuple:
+        """Version 1 (five fields) without output, else version 4."""
+        if self.stdout is None and self.stderr is None:
+            return tuple(self[:5])
+        return tuple(self[:5]) + (4, self.stdout or "", self.stderr or "")
+
+
+class _ReplyFieldsV1:
+    """The version-1 fields of a `Reply`, for `_fields`."""
+
+    _fields = Reply._fields[:5]
 
 
 # -- the MultiEngine interface ----------------------------------------------------------

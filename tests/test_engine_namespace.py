@@ -309,7 +309,7 @@ class CommandWorkerTests(unittest.TestCase):
         self.worker.receive(list(commands))
 
     def by_seq(self):
-        return {seq: (ok, data) for seq, ok, data, started, finished in self.replies}
+        return {seq: (ok, data) for seq, ok, data, *_ in self.replies}
 
     def error_of(self, seq):
         ok, data = self.by_seq()[seq]

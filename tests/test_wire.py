@@ -165,7 +165,7 @@ def _result(**changes):
 
 
 def _reply(**changes):
-    return tuple(EXAMPLES[wire.Reply]._replace(**changes))
+    return EXAMPLES[wire.Reply]._replace(**changes).plain()
 
 
 def _hello(**changes):

@@ -236,6 +236,7 @@ class Dispatcher(RegistryListener):
         data,
         started,
         finished: float,
+        output: tuple[str, str] | None = None,
     ) -> None:
         self._scheduler.release(engine_id)
         if self._prefetch and started is not None:
@@ -249,6 +250,8 @@ class Dispatcher(RegistryListener):
                 # Never sent (see `EngineHandle._fit`): it would be as large
                 # again, so retries cannot help; a recovery task still may.
                 record.retries_left = 0
+            # The last attempt's output is the one kept (a retry's replaces it).
+            record.output = output
             if ok:
                 self._store.move(record, record.succeed, data, started, finished)
                 self._store.finished(record)

@@ -90,6 +90,7 @@ class TaskStore:
         for stored in self._journal.tasks():
             spec = TaskSpec.from_envelope(serialization.unpack(stored.envelope))
             stored.data = self._journal.stored_data(stored)
+            stored.output = _stored_output(getattr(stored, "output", None))
             if stored.state != "queued" and not stored.ok and stored.data is not None:
                 stored.data = serialization.unpack(stored.data)
             record = TaskRecord.restore(stored, spec)
@@ -315,3 +316,20 @@ class TaskStore:
                 expired.append(taskid)
         if expired:
             self._journal.cleared(expired)
+
+
+def _stored_output(blob: bytes | None) -> tuple[str, str] | None:
+    """The ``(stdout, stderr)`` a journal kept, or None (none, or unreadable)."""
+    if blob is None:
+        return None
+    try:
+        output = serialization.unpack(blob)
+    except Exception:
+        return None
+    if (
+        isinstance(output, tuple)
+        and len(output) == 2
+        and all(isinstance(text, str) for text in output)
+    ):
+        return output
+    return None

@@ -9,6 +9,7 @@ import time
 from twisted.internet import defer
 from zope.interface import implementer
 
+from taskfarm import wire
 from taskfarm.controller.depend_child import ReadRecorder, describe
 from taskfarm.controller.predicates import Verdict
 from taskfarm.engine.namespace import Namespace
@@ -84,7 +85,10 @@ def run_commands(namespace: Namespace, commands: list, aborted: set[int]) -> lis
             continue
         started = time.time()
         ok, data = namespace.run(op, args)
-        replies.append((seq, ok, data, started, time.time()))
+        output = namespace.take_output()
+        replies.append(
+            wire.Reply(seq, ok, data, started, time.time(), *(output or (None, None))).plain()
+        )
     return replies
 
 
