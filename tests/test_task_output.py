@@ -134,6 +134,22 @@ class WireTests(unittest.SynchronousTestCase):
         self.assertEqual(result_from_envelope(v3).stdout, "")
 
 
+class ReplyLimitTests(unittest.SynchronousTestCase):
+    def test_output_over_the_message_limit_is_dropped_not_the_result(self):
+        """A reply that only its output makes too big keeps its result; its
+        output says how much was cut."""
+        from taskfarm.engine.link import fit_replies
+
+        reply = wire.Reply(1, True, b"small", 1.0, 2.0, "x" * 50_000, "").plain()
+        ((fitted,),) = fit_replies([reply], 10_000)
+        parsed = wire.Reply.parse(fitted)
+        self.assertEqual((parsed.ok, parsed.data), (True, b"small"))
+        self.assertEqual(
+            parsed.stdout, "[... 50000 bytes cut: over the controller's message limit]\n"
+        )
+        self.assertEqual(parsed.stderr, "")
+
+
 class GridOutputTests(unittest.TestCase):
     """Through the real controller logic and client, on a Clock."""
 

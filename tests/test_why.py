@@ -93,8 +93,8 @@ class QueuedReasonTests(WhyTestCase):
         self.assertEqual(self.reasons(answer), {a.engine.engine_id: why.BUSY})
         (entry,) = answer["engines"]
         self.assertEqual((entry["slots"], entry["taken"]), (1, 1))
-        self.assertIn("slots are full", entry["detail"])
-        self.assertIn("1 busy", answer["summary"])
+        self.assertEqual(entry["detail"], "its task slots are full (1 of 1 taken)")
+        self.assertEqual(answer["summary"], "queued: 1 engine busy")
         self.assertFalse(answer["no_engine_matches"])
 
     def test_depend_false_and_no_engine_matches(self):
@@ -272,7 +272,11 @@ class ClientTests(unittest.TestCase):
         answer = self.successResultOf(d)
         self.assertIsInstance(answer, wire.Explanation)
         self.assertEqual([e.reason for e in answer.engines], [why.BUSY])
-        self.assertIn("engine 0: busy", str(answer))
+        self.assertEqual(
+            str(answer),
+            "task %d: queued: 1 engine busy\n"
+            "  engine 0: busy: its task slots are full (1 of 1 taken)" % second,
+        )
         d = tc.why(999)
         grid.settle()
         self.failureResultOf(d, UnknownTask)

@@ -120,7 +120,8 @@ async def explain(
             )
         if reason == FREE and scheduler.free_slots(engine.engine_id) <= 0:
             reason = BUSY
-            detail = "busy: its %d task slots are full" % scheduler.slots(engine.engine_id)
+            slots = scheduler.slots(engine.engine_id)
+            detail = "its task slots are full (%d of %d taken)" % (slots, slots)
         entries.append(_entry(engine, scheduler, reason, detail))
     answer["engines"] = entries
     answer["properties_read"] = sorted(read)
@@ -212,8 +213,11 @@ def _queued_summary(answer: dict) -> str:
     counts: dict[str, int] = {}
     for entry in entries:
         counts[entry["reason"]] = counts.get(entry["reason"], 0) + 1
-    parts = ["%d %s" % (n, _SAID[reason]) for reason, n in sorted(counts.items())]
-    return "queued: engines " + "; ".join(parts)
+    parts = [
+        "%d engine%s %s" % (n, "" if n == 1 else "s", _SAID[reason])
+        for reason, n in sorted(counts.items())
+    ]
+    return "queued: " + "; ".join(parts)
 
 
 _SAID = {
