@@ -92,6 +92,26 @@ class NamespaceCaptureTests(unittest.SynchronousTestCase):
         self.assertEqual(out, "x" * 100 + "\n[... 151 bytes cut]\n")
         self.assertEqual(err, "")
 
+    def test_threads_a_task_starts_are_not_captured(self):
+        """Only the task's own thread is captured: a thread it starts writes
+        to the engine's stream, not into the task's output."""
+        import io
+        import sys
+
+        from taskfarm.engine import namespace as namespace_module
+
+        real = io.StringIO()
+        self.patch(sys, "stdout", real)
+        self.patch(namespace_module, "_streams", None)
+        namespace = Namespace()
+        code = (
+            "import threading\nprint('mine')\n"
+            "t = threading.Thread(target=print, args=('theirs',))\nt.start()\nt.join()\n"
+        )
+        namespace.run("task", _task_args(Task(code)))
+        self.assertEqual(namespace.take_output(), ("mine\n", ""))
+        self.assertEqual(real.getvalue(), "theirs\n")
+
     def test_map_task_output(self):
         namespace = Namespace()
         ok, data = namespace.run("task", _task_args(MapTask(shout, ("hi", 2))))
