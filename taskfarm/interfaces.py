@@ -72,10 +72,12 @@ class IPredicateEvaluator(Interface):
     timed out, killed its process) and whether it could be loaded at all.
     """
 
-    def evaluate(key, properties):
+    def evaluate(key, properties, trace=False):
         """A Deferred firing with the `Verdict` of the pickled predicate `key`
         on the `properties` dict.  It never fires synchronously and never
-        fails; every call ends within the evaluator's timeout."""
+        fails; every call ends within the evaluator's timeout.  With
+        `trace`, the verdict's `read` names the properties the predicate
+        read (``tc.why`` asks for that; scheduling never does)."""
 
     def start():
         """Get ready to evaluate (start processes)."""

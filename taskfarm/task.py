@@ -390,6 +390,8 @@ class TaskResult:
         completed_at: float | None,
         value: object = None,
         attempts: int | None = None,
+        stdout: str = "",
+        stderr: str = "",
     ) -> None:
         self.taskid = taskid
         self.results = results
@@ -403,6 +405,12 @@ class TaskResult:
         #: How many times the task (its recovery tasks included) was sent
         #: to an engine: 1 + the retries it used (0 if it never ran).
         self.attempts = attempts
+        #: What the task's last attempt wrote to stdout and to stderr on its
+        #: engine (print included), each kept up to the engine's
+        #: ``--max-task-output`` bytes and ending ``[... N bytes cut]`` when
+        #: cut; empty when it wrote nothing or never ran.
+        self.stdout = stdout
+        self.stderr = stderr
         self._ns = ResultNS(results, failure)
 
     @property
@@ -482,4 +490,6 @@ def result_from_envelope(envelope: tuple) -> TaskResult:
         envelope.completed,
         value,
         envelope.attempts,
+        envelope.stdout or "",
+        envelope.stderr or "",
     )

@@ -119,15 +119,17 @@ class TaskClient(BaseClient):
 
     # -- results ---------------------------------------------------------------------
 
-    def get_task_result(self, taskid: int, block: bool = False) -> defer.Deferred:
+    def get_task_result(self, taskid: int, block: bool = False, full: bool = False) -> defer.Deferred:
         """The task's `TaskResult`, or None if unfinished and not `block`.
 
         For a `MapTask` the result is the function's return value, and a
-        failure is raised instead.
+        failure is raised instead; with `full`, a MapTask's `TaskResult`
+        (``value``, ``failure``, ``stdout``, ``stderr``, times) is given
+        instead, as for a `Task`.
         """
-        return defer.Deferred.fromCoroutine(self._get_result(taskid, block))
+        return defer.Deferred.fromCoroutine(self._get_result(taskid, block, full))
 
-    async def _get_result(self, taskid: int, block: bool):
+    async def _get_result(self, taskid: int, block: bool, full: bool = False):
         _check_id(taskid)
         (envelope,) = _result_envelopes(
             await self._ask_until_answered(
@@ -136,6 +138,8 @@ class TaskClient(BaseClient):
         )
         if envelope is None:
             return None
+        if full:
+            return result_from_envelope(envelope)
         return _present(envelope)
 
     def get_task_results(self, taskids: list[int], block: bool = False) -> defer.Deferred:
@@ -261,6 +265,30 @@ class TaskClient(BaseClient):
     def queue_status(self, verbose: bool = False) -> defer.Deferred:
         """Task counts per state (id lists if `verbose`)."""
         return defer.Deferred.fromCoroutine(self._ask("queue_status", bool(verbose)))
+
+    def why(self, taskid: int) -> defer.Deferred:
+        """Why task `taskid` has not started (or where it is): a
+        `wire.Explanation`, whose ``str()`` reads as text.
+
+        For a queued task it gives one reason per registered engine: busy
+        (its slots are full), the task's `depend` returned False on the
+        engine's properties or raised (naming the exception), the engine
+        sits out the task's failure penalty, or the task waits for its
+        retry delay; when no engine's properties satisfy the depend it says
+        so (`no_engine_matches`) and names the properties the predicate read
+        (`properties_read`).  For a task not queued it says its state (and
+        the engine it runs on).  An unknown id fails with `UnknownTask`.
+        """
+        try:
+            _check_id(taskid)
+        except TypeError as e:
+            return defer.fail(e)
+
+        async def why():
+            answer = await self._ask_about([taskid], "why", taskid)
+            return wire.Explanation.parse(answer)
+
+        return defer.Deferred.fromCoroutine(why())
 
     def clear(self, taskids=None) -> defer.Deferred:
         """Forget finished tasks (all, or the listed ids); fires with how many."""

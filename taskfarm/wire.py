@@ -50,6 +50,9 @@ from taskfarm.errors import BadRequest, ProtocolVersionError
 #: 4: a MultiEngine call may carry a `timeout` (`EngineCall` version 4), and
 #: so may the engine command it becomes (`Command` version 4); the control
 #: operations ``interrupt`` and ``abort`` (`CONTROL_OPERATIONS`).
+#: The Task interface answers ``why``; an engine's task reply carries
+#: the task's stdout and stderr (`Reply` version 4), and so does a result
+#: (`ResultEnvelope` version 4).
 WIRE_VERSION = 4
 
 #: What a blocking `wait` or `results` answers when its tasks are still
@@ -359,24 +362,35 @@ class ResultEnvelope(NamedTuple):
     #: How many times the task was sent to an engine (version 3; None
     #: from a controller that did not say).
     attempts: int | None = None
+    #: What its last attempt wrote to stdout and stderr, as the engine kept
+    #: it (version 4; None when nothing was captured).
+    stdout: str | None = None
+    stderr: str | None = None
 
     @classmethod
     def parse(cls, value: object) -> ResultEnvelope:
         what = "result envelope"
         attempts = None
+        output = (None, None)
         if (
             isinstance(value, tuple)
-            and len(value) == 10
+            and len(value) in (10, 12)
             and _is_int(value[8])
-            and value[8] == 3
+            and value[8] == (3 if len(value) == 10 else 4)
         ):
             attempts = value[9]
             if not _is_int(attempts) or attempts < 0:
                 raise _bad(what, "attempts", "an int >= 0", attempts)
+            if len(value) == 12:
+                output = tuple(value[10:12])
+                for name, text in zip(("stdout", "stderr"), output, strict=True):
+                    if text is not None and not isinstance(text, str):
+                        raise _bad(what, name, "a str or None", text)
             fields = tuple(value[:8])
         elif isinstance(value, cls):
             fields = tuple(value[:8])
             attempts = value.attempts
+            output = (value.stdout, value.stderr)
         else:
             fields = _fields(_ResultFieldsV1, value, what)
         taskid, kind, ok, data, engine_id, submitted, started, completed = fields
@@ -396,10 +410,14 @@ class ResultEnvelope(NamedTuple):
         for name, time in (("started", started), ("completed", completed)):
             if time is not None and not _is_number(time):
                 raise _bad(what, name, "a time or None", time)
-        return tuple.__new__(cls, tuple(fields) + (attempts,))
+        return tuple.__new__(cls, tuple(fields) + (attempts,) + output)
 
     def plain(self) -> tuple:
-        """Version 1 (eight fields) without `attempts`, else version 3."""
+        """Version 1 (eight fields) without `attempts`, version 3 with it,
+        version 4 with output too."""
+        if self.stdout is not None or self.stderr is not None:
+            attempts = 0 if self.attempts is None else self.attempts
+            return tuple(self[:8]) + (4, attempts, self.stdout, self.stderr)
         if self.attempts is None:
             return tuple(self[:8])
         return tuple(self[:8]) + (3, self.attempts)
@@ -720,10 +738,24 @@ class Reply(NamedTuple):
     data: Any
     started: float | None
     finished: float
+    #: What the task wrote to stdout and stderr, bounded by the engine
+    #: (version 4; None in a reply to any other command).
+    stdout: str | None = None
+    stderr: str | None = None
 
     @classmethod
     def parse(cls, value: object) -> Reply:
-        seq, ok, data, started, finished = fields = _fields(cls, value, "reply")
+        output = (None, None)
+        if type(value) is tuple and len(value) == 8 and type(value[5]) is int and value[5] == 4:
+            output = value[6:8]
+            for name, text in zip(("stdout", "stderr"), output, strict=True):
+                if not isinstance(text, str):
+                    raise _bad("reply", name, "a str", text)
+            value = value[:5]
+        elif isinstance(value, cls):
+            output = (value.stdout, value.stderr)
+            value = tuple(value[:5])
+        seq, ok, data, started, finished = fields = _fields(_ReplyFieldsV1, value, "reply")
         if type(seq) is not int:
             raise _bad("reply", "seq", "an int", seq)
         if type(ok) is not bool:
@@ -737,9 +769,19 @@ class Reply(NamedTuple):
             raise _bad("reply", "started", "None or a finite float time", started)
         if not (type(finished) is float and math.isfinite(finished)):
             raise _bad("reply", "finished", "a finite float time", finished)
-        return tuple.__new__(cls, fields)
+        return tuple.__new__(cls, tuple(fields) + tuple(output))
 
-    plain = _plain
+    def plain(self) -> tuple:
+        """Version 1 (five fields) without output, else version 4."""
+        if self.stdout is None and self.stderr is None:
+            return tuple(self[:5])
+        return tuple(self[:5]) + (4, self.stdout or "", self.stderr or "")
+
+
+class _ReplyFieldsV1:
+    """The version-1 fields of a `Reply`, for `_fields`."""
+
+    _fields = Reply._fields[:5]
 
 
 # -- the MultiEngine interface ----------------------------------------------------------
@@ -843,3 +885,97 @@ class EngineOutcome(NamedTuple):
 
     def plain(self) -> tuple:
         return (self.engine_id, self.ok, self.data if self.ok else tuple(self.data))
+
+
+# -- why a task waits -------------------------------------------------------------------
+
+
+class EngineReason(NamedTuple):
+    """Why one engine does not run a waiting task now (see `Explanation`)."""
+
+    engine_id: int
+    #: ``free``, ``busy``, ``depend_false``, ``depend_raised``,
+    #: ``depend_failed``, ``depend_unknown``, ``depend_unloadable``,
+    #: ``penalty`` or ``retry_delay``.
+    reason: str
+    #: One sentence for people.
+    detail: str
+    #: The engine's task slots, and how many are taken.
+    slots: int
+    taken: int
+
+
+class Explanation(NamedTuple):
+    """What ``why(taskid)`` answers: where a task is and, while it waits,
+    one reason per engine.  Travels as the controller's plain dict
+    (`TaskController.why`); ``str()`` of it is the text for people."""
+
+    taskid: int
+    state: str
+    summary: str
+    engine_id: int | None
+    attempts: int
+    #: Seconds until a waiting retry is queued again, else None.
+    wait: float | None
+    #: True when the task's depend accepts none of the registered engines.
+    no_engine_matches: bool
+    #: The property names its depend read (sorted).
+    properties_read: tuple
+    engines: tuple
+
+    @classmethod
+    def parse(cls, value: object) -> Explanation:
+        what = "why answer"
+        if not isinstance(value, dict):
+            raise BadRequest("%s must be a dict, got %s" % (what, _show(value)))
+        try:
+            fields = {name: value[name] for name in cls._fields}
+        except KeyError as e:
+            raise BadRequest("%s: the field %s is missing" % (what, e)) from None
+        for name in ("taskid", "attempts"):
+            if not _is_int(fields[name]):
+                raise _bad(what, name, "an int", fields[name])
+        for name in ("state", "summary"):
+            if not isinstance(fields[name], str):
+                raise _bad(what, name, "a str", fields[name])
+        if fields["engine_id"] is not None and not _is_int(fields["engine_id"]):
+            raise _bad(what, "engine_id", "an int or None", fields["engine_id"])
+        if fields["wait"] is not None and not _is_number(fields["wait"]):
+            raise _bad(what, "wait", "a number or None", fields["wait"])
+        if not isinstance(fields["no_engine_matches"], bool):
+            raise _bad(what, "no_engine_matches", "True or False", fields["no_engine_matches"])
+        read = fields["properties_read"]
+        if not isinstance(read, (list, tuple)) or not all(isinstance(n, str) for n in read):
+            raise _bad(what, "properties_read", "a list of str", read)
+        fields["properties_read"] = tuple(read)
+        engines = fields["engines"]
+        if not isinstance(engines, (list, tuple)):
+            raise _bad(what, "engines", "a list", engines)
+        parsed = []
+        for entry in engines:
+            if not isinstance(entry, dict):
+                raise _bad(what, "engines", "a list of dicts", entry)
+            try:
+                reason = EngineReason(*(entry[name] for name in EngineReason._fields))
+            except KeyError as e:
+                raise BadRequest("%s: an engine's %s is missing" % (what, e)) from None
+            if not (_is_int(reason.engine_id) and isinstance(reason.reason, str)
+                    and isinstance(reason.detail, str) and _is_int(reason.slots)
+                    and _is_int(reason.taken)):
+                raise _bad(what, "engines", "(int, str, str, int, int) entries", entry)
+            parsed.append(reason)
+        fields["engines"] = tuple(parsed)
+        return cls(**fields)
+
+    def plain(self) -> dict:
+        plain = self._asdict()
+        plain["properties_read"] = list(self.properties_read)
+        plain["engines"] = [e._asdict() for e in self.engines]
+        return plain
+
+    def __str__(self) -> str:
+        lines = ["task %d: %s" % (self.taskid, self.summary)]
+        lines.extend(
+            "  engine %d: %s: %s" % (e.engine_id, e.reason, e.detail) for e in self.engines
+        )
+        return "\n".join(lines)

@@ -62,6 +62,7 @@ PROCESS_CLASSES = {
     ("test_tasks_integration", "_ClusterTestCase"),
     ("test_wait_bound", "ClientLeavesTests"),
     ("test_wire", "RealControllerTests"),
+    ("test_task_output", "OutputRestartTests"),
 }
 
 

@@ -7,7 +7,7 @@ import threading
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from taskfarm import serialization
+from taskfarm import serialization, wire
 from taskfarm.engine.namespace import Namespace
 from taskfarm.engine.worker import CommandWorker
 from taskfarm.errors import RemoteTaskError, TaskAborted, TaskfarmError, TaskTimeout, from_wire
@@ -309,7 +309,7 @@ class CommandWorkerTests(unittest.TestCase):
         self.worker.receive(list(commands))
 
     def by_seq(self):
-        return {seq: (ok, data) for seq, ok, data, started, finished in self.replies}
+        return {seq: (ok, data) for seq, ok, data, *_ in self.replies}
 
     def error_of(self, seq):
         ok, data = self.by_seq()[seq]
@@ -410,6 +410,23 @@ class CommandWorkerTests(unittest.TestCase):
             ok, data = self.by_seq()[1]
             self.assertTrue(ok)
             self.assertEqual(serialization.loads(data), {"b": 2})
+
+        return defer.Deferred.fromCoroutine(check())
+
+    def test_task_output_in_replies_also_when_stopped(self):
+        """A task's reply carries its own output (`wire.Reply` version 4),
+        also when its timeout stopped it; other commands' replies carry none."""
+        self.send((0, "task", _task_args(Task("print('before')\n" + self.LONG), timeout=0.3)))
+        self.send((1, "task", _task_args(Task("print('next')"), timeout=5)))
+        self.send((2, "push", (serialization.dumps({"a": 1}),)))
+
+        async def check():
+            await self.until(3)
+            replies = {r[0]: wire.Reply.parse(r) for r in self.replies}
+            self.assertIsInstance(self.error_of(0), TaskTimeout)
+            self.assertEqual((replies[0].stdout, replies[0].stderr), ("before\n", ""))
+            self.assertEqual(replies[1].stdout, "next\n")
+            self.assertIsNone(replies[2].stdout)
 
         return defer.Deferred.fromCoroutine(check())
 

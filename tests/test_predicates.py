@@ -50,6 +50,9 @@ def _predicates() -> dict:
     def missing(properties):
         return properties["no such property"]
 
+    def reads(properties):
+        return properties.get("gpu", False) and "cores" in properties and properties["RAM"] > 4
+
     def chatty(properties):
         print("a predicate that prints " * 100)
         sys.stdout.flush()
@@ -93,6 +96,19 @@ class EvaluatorBehaviour:
     def test_verify(self):
         """It provides IPredicateEvaluator."""
         verifyObject(IPredicateEvaluator, self.evaluator)
+
+    @async_test
+    async def test_trace_names_what_was_read(self):
+        """A traced call names the properties the predicate read, sorted, even
+        when it raised; an untraced one names none."""
+        verdict = await self.verdict(P["reads"], {"gpu": True, "cores": 4, "RAM": 2}, True)
+        self.assertEqual(verdict, Verdict(False, None, True, ("RAM", "cores", "gpu")))
+        verdict = await self.verdict(P["reads"], {"gpu": False, "RAM": 2}, True)
+        self.assertEqual(verdict.read, ("gpu",))
+        verdict = await self.verdict(P["missing"], {"RAM": 2}, True)
+        self.assertEqual(verdict.read, ("no such property",))
+        self.assertEqual(verdict.reason, "raised KeyError: 'no such property'")
+        self.assertIsNone((await self.verdict(P["big"], {"RAM": 16})).read)
 
     @async_test
     async def test_true_and_false(self):
@@ -153,8 +169,8 @@ class InProcessEvaluatorTests(EvaluatorBehaviour, unittest.TestCase):
         self.clock.advance(0)
         return self.successResultOf(d)
 
-    async def verdict(self, key, properties):
-        return await self.settle(self.evaluator.evaluate(key, properties))
+    async def verdict(self, key, properties, trace=False):
+        return await self.settle(self.evaluator.evaluate(key, properties, trace))
 
 
 class PoolTestCase(unittest.TestCase):
@@ -169,8 +185,8 @@ class PoolTestCase(unittest.TestCase):
     async def settle(self, d):
         return await d
 
-    async def verdict(self, key, properties):
-        return await self.evaluator.evaluate(key, properties)
+    async def verdict(self, key, properties, trace=False):
+        return await self.evaluator.evaluate(key, properties, trace)
 
 
 class PredicatePoolBehaviourTests(EvaluatorBehaviour, PoolTestCase):

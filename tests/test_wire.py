@@ -69,6 +69,10 @@ EXAMPLES = {
     wire.PropertiesRequest: wire.PropertiesRequest("get", "all", ["a"]),
     wire.EngineOutcome: wire.EngineOutcome(2, False, wire.WireError("KeyError", "x")),
     wire.ClusterSummary: wire.ClusterSummary(4, {"scheduled": 3, "failed": 1}, 12.5, 0.5, 100, 1, 0, 2),
+    wire.Explanation: wire.Explanation(
+        4, "queued", "queued: engines 1 busy", None, 0, None, False, ("RAM",),
+        (wire.EngineReason(0, "busy", "busy: its 1 task slots are full", 1, 1),),
+    ),
 }
 
 _PLAIN_TYPES = (type(None), bool, int, float, str, bytes, list, tuple, dict)
@@ -162,7 +166,7 @@ def _result(**changes):
 
 
 def _reply(**changes):
-    return tuple(EXAMPLES[wire.Reply]._replace(**changes))
+    return EXAMPLES[wire.Reply]._replace(**changes).plain()
 
 
 def _hello(**changes):
@@ -301,6 +305,23 @@ BAD = [
     (wire.ClusterSummary, (4, {}, 0.0, 0.0), "cluster summary must have 8 fields"),
 ]
 
+def _why(**changes) -> dict:
+    plain = EXAMPLES[wire.Explanation].plain()
+    plain.update(changes)
+    return plain
+
+
+BAD += [
+    (wire.Explanation, ("not", "a dict"), "why answer must be a dict"),
+    (wire.Explanation, {"taskid": 1}, "is missing"),
+    (wire.Explanation, _why(taskid="1"), "taskid must be an int"),
+    (wire.Explanation, _why(wait="soon"), "wait must be a number or None"),
+    (wire.Explanation, _why(properties_read=[1]), "properties_read must be a list of str"),
+    (wire.Explanation, _why(engines=[("busy",)]), "engines must be a list of dicts"),
+    (wire.Explanation, _why(engines=[{"engine_id": 0}]), "an engine's 'reason' is missing"),
+    (wire.Explanation, _why(no_engine_matches=1), "no_engine_matches must be True or False"),
+]
+
 #: Values at each limit that are still accepted.
 GOOD = [
     (wire.TaskOptions, _options(retries=0)),
@@ -423,7 +444,7 @@ class VersionTests(unittest.SynchronousTestCase):
 
     def tuple_examples(self):
         for cls, message in EXAMPLES.items():
-            if cls is not wire.Hello:
+            if not isinstance(message.plain(), dict):  # Hello, Explanation: dicts
                 yield cls, message.plain()
 
     def test_newer_messages(self):

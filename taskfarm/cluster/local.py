@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from taskfarm.cluster.slots import ProcessSlot, process_start_time, twisted_argv
 from taskfarm.interfaces import IEngineLauncher
+from taskfarm.logfiles import LogClaim, claim_log_name
 from taskfarm.profile import Profile
 
 
@@ -41,10 +42,12 @@ class LocalLauncher:
         self._reactor = reactor
         self.profile = profile
         self._engine_timeout = engine_timeout
-        #: Engine logs are PROFILE/log/PREFIX-N.out.
+        #: Engine logs are PROFILE/log/PREFIX-N.out, N the first free one.
         self.log_prefix = "engine"
         #: One `ProcessSlot` per engine started, in order.
         self.slots: list[ProcessSlot] = []
+        #: The log name each engine holds (`logfiles.claim_log_name`).
+        self._claims: list[LogClaim] = []
         self._watchers: list = []
 
     def start(self, count: int, furl_file, engine_options) -> defer.Deferred:
@@ -55,10 +58,14 @@ class LocalLauncher:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         for _ in range(count):
             index = len(self.slots)
+            # A name of its own, even beside another launcher on this profile.
+            start = self._claims[-1].index + 1 if self._claims else 0
+            claim = claim_log_name(self.profile.log_dir, self.log_prefix, start)
+            self._claims.append(claim)
             slot = ProcessSlot(
                 "engine %d" % index,
                 twisted_argv("taskengine", "--furl-file", str(furl_file), *engine_options),
-                self.profile.log_dir / ("%s-%d.out" % (self.log_prefix, index)),
+                claim.path,
                 self._reactor,
                 env,
                 liveness_timeout=self._engine_timeout,
@@ -77,9 +84,17 @@ class LocalLauncher:
 
     def stop(self) -> defer.Deferred:
         """Stop every engine (SIGTERM, then SIGKILL to its group)."""
-        return defer.gatherResults(
+        d = defer.gatherResults(
             [defer.Deferred.fromCoroutine(slot.stop()) for slot in self.slots]
-        ).addCallback(lambda _: None)
+        )
+        d.addBoth(self._release_claims)
+        return d.addCallback(lambda _: None)
+
+    def _release_claims(self, result):
+        claims, self._claims = self._claims, []
+        for claim in claims:
+            claim.release()
+        return result
 
     def describe(self) -> list[dict]:
         host = socket.gethostname()

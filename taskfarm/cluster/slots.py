@@ -29,6 +29,7 @@ from taskfarm import backoff as backoffs
 from taskfarm import exitcodes, lifeline, states
 from taskfarm.childprocess import GroupChild, exit_status
 from taskfarm.errors import TaskfarmError
+from taskfarm.logfiles import rotating_file
 
 #: Seconds to wait for the controller, and for the engines, to come up.
 DEFAULT_START_TIMEOUT = 60.0
@@ -109,7 +110,8 @@ class _Child(GroupChild):
         #: Set when the launcher killed the child for not ticking.
         self.silenced = False
         self._reactor = reactor
-        self._log_file = open(log_path, "ab")
+        # Appended to across restarts of the slot; rotated by size.
+        self._log_file = rotating_file(Path(log_path))
         self._tail = bytearray()
         self._liveness_timeout = liveness_timeout
         self._start_timeout = start_timeout
@@ -129,8 +131,7 @@ class _Child(GroupChild):
         self._tail += data
         del self._tail[:-_TAIL_BYTES]
         if not self._log_file.closed:
-            self._log_file.write(data)
-            self._log_file.flush()
+            self._log_file.write(data)  # unbuffered
 
     def last_words(self) -> str:
         """The last non-empty line the child wrote."""

@@ -5,9 +5,11 @@ Run as ``python -m taskfarm.controller.depend_child`` by
 length-prefixed pickles on its stdin and stdout:
 
 * in: ``("hello", sys_path, cwd)`` once, then ``("eval", [(reqid, key,
-  properties_blob), ...])`` batches;
-* out: ``("ready",)`` once, then ``(reqid, accepted, reason, loadable)`` per
-  request, in the order asked, each as soon as it is known.
+  properties_blob, trace), ...])`` batches;
+* out: ``("ready",)`` once, then ``(reqid, accepted, reason, loadable,
+  read)`` per request, in the order asked, each as soon as it is known.
+  `read` is None unless the request asked to `trace`: then it is the sorted
+  list of the property names the predicate read (`ReadRecorder`).
 
 Predicates are unpickled once and cached (a bounded number).  Whatever a
 predicate does (raise `SystemExit`, print, read stdin) cannot disturb the
@@ -65,6 +67,51 @@ def describe(error: BaseException) -> str:
     return text[:MAX_REASON]
 
 
+class ReadRecorder(dict):
+    """The properties as a traced predicate sees them: a dict that notes the
+    name of every key read (a lookup, ``in``, ``get``); iterating over it
+    counts as reading every key."""
+
+    def __init__(self, properties: dict) -> None:
+        super().__init__(properties)
+        self.read: set = set()
+
+    def _all(self) -> None:
+        self.read.update(dict.keys(self))
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return dict.__getitem__(self, key)
+
+    def __contains__(self, key) -> bool:
+        self.read.add(key)
+        return dict.__contains__(self, key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return dict.get(self, key, default)
+
+    def __iter__(self):
+        self._all()
+        return dict.__iter__(self)
+
+    def keys(self):
+        self._all()
+        return dict.keys(self)
+
+    def items(self):
+        self._all()
+        return dict.items(self)
+
+    def values(self):
+        self._all()
+        return dict.values(self)
+
+    def names(self) -> list[str]:
+        """The names read, sorted (a key that is no str shown by its repr)."""
+        return sorted(k if isinstance(k, str) else repr(k) for k in self.read)
+
+
 class Evaluator:
     """Loads predicates (cached) and runs them; never raises."""
 
@@ -92,16 +139,30 @@ class Evaluator:
             self._cache.popitem(last=False)
         return cached
 
-    def verdict(self, key: bytes, properties_blob: bytes) -> tuple:
-        """``(accepted, reason, loadable)`` for one request."""
+    def verdict(self, key: bytes, properties_blob: bytes, trace: bool = False) -> tuple:
+        """``(accepted, reason, loadable, read)`` for one request; `read`
+        is None unless `trace` (then the names the predicate read)."""
         predicate, reason = self.load(key)
         if predicate is None:
-            return (False, reason, False)
+            return (False, reason, False, None)
+        recorder = None
         try:
             properties = pickle.loads(properties_blob)
-            return (bool(predicate(properties)), None, True)
+            if trace:
+                properties = recorder = ReadRecorder(properties)
+            accepted = bool(predicate(properties))
+            return (accepted, None, True, _names(recorder))
         except BaseException as e:  # SystemExit and KeyboardInterrupt too
-            return (False, "raised " + describe(e), True)
+            return (False, "raised " + describe(e), True, _names(recorder))
+
+
+def _names(recorder: ReadRecorder | None) -> list[str] | None:
+    if recorder is None:
+        return None
+    try:
+        return recorder.names()
+    except BaseException:  # a key whose repr raises
+        return None
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -141,8 +202,10 @@ def main() -> None:
         message = read_frame(requests)
         if message is None:
             return
-        for reqid, key, properties_blob in message[1]:
-            write_frame(replies, (reqid,) + evaluator.verdict(key, properties_blob))
+        for request in message[1]:
+            reqid, key, properties_blob = request[:3]
+            trace = len(request) > 3 and bool(request[3])
+            write_frame(replies, (reqid,) + evaluator.verdict(key, properties_blob, trace))
 
 
 if __name__ == "__main__":

@@ -129,6 +129,21 @@ class Dispatcher(RegistryListener):
                     call.cancel()
             calls.clear()
 
+    def retry_due_at(self, taskid: int) -> float | None:
+        """When a waiting retry of `taskid` is queued again (clock time), or None."""
+        call = self._retry_calls.get(taskid)
+        return call.getTime() if call is not None and call.active() else None
+
+    def penalty_ends_at(self, taskid: int) -> float | None:
+        """When the engine `taskid` last failed on may take it again, or None."""
+        call = self._penalty_calls.get(taskid)
+        return call.getTime() if call is not None and call.active() else None
+
+    @property
+    def scheduler(self):
+        """The scheduler tasks are queued in."""
+        return self._scheduler
+
     def pending_timers(self) -> int:
         """How many retry and penalty timers are set (0 after `stop`)."""
         return len(self._retry_calls) + len(self._penalty_calls)
@@ -223,6 +238,7 @@ class Dispatcher(RegistryListener):
         data,
         started,
         finished: float,
+        output: tuple[str, str] | None = None,
     ) -> None:
         self._scheduler.release(engine_id)
         if self._prefetch and started is not None:
@@ -236,6 +252,8 @@ class Dispatcher(RegistryListener):
                 # Never sent (see `EngineHandle._fit`): it would be as large
                 # again, so retries cannot help; a recovery task still may.
                 record.retries_left = 0
+            # The last attempt's output is the one kept (a retry's replaces it).
+            record.output = output
             if ok:
                 self._store.move(record, record.succeed, data, started, finished)
                 self._store.finished(record)

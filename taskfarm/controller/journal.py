@@ -42,7 +42,7 @@ from taskfarm.errors import JournalError, ProfileError
 from taskfarm.interfaces import IJournal
 from taskfarm.services import join_thread
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     started REAL,
     completed REAL,
     ok INTEGER,
-    data BLOB
+    data BLOB,
+    output BLOB
 );
 CREATE INDEX IF NOT EXISTS tasks_completed ON tasks (completed);
 CREATE TABLE IF NOT EXISTS tokens (
@@ -70,8 +71,13 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 """
 
-#: Schema version 1 lacked the digest of each submission's bytes.
-_MIGRATIONS = {1: "ALTER TABLE tokens ADD COLUMN digest TEXT"}
+#: Schema version 1 lacked the digest of each submission's bytes; version 2
+#: the output (stdout, stderr) of each finished task.  Each step takes a
+#: journal from its version to the next.
+_MIGRATIONS = {
+    1: "ALTER TABLE tokens ADD COLUMN digest TEXT",
+    2: "ALTER TABLE tasks ADD COLUMN output BLOB",
+}
 
 
 class JournalCorrupt(ProfileError):
@@ -83,13 +89,15 @@ class StoredTask:
 
     __slots__ = (
         "taskid", "envelope", "submitted", "state", "link", "retries_left",
-        "attempts", "engine_id", "started", "completed", "ok", "data",
+        "attempts", "engine_id", "started", "completed", "ok", "data", "output",
     )
 
     def __init__(self, row: tuple) -> None:
+        # A row of schema version 2 has no output.
+        row = tuple(row) + (None,) * (len(self.__slots__) - len(row))
         (self.taskid, self.envelope, self.submitted, self.state, self.link,
          self.retries_left, self.attempts, self.engine_id, self.started,
-         self.completed, self.ok, self.data) = row
+         self.completed, self.ok, self.data, self.output) = row
 
 
 _STOP = object()
@@ -205,7 +213,10 @@ class Journal:
                 connection.commit()
             elif version[0] in _MIGRATIONS:
                 with connection:
-                    connection.execute(_MIGRATIONS[version[0]])
+                    step = version[0]
+                    while step in _MIGRATIONS:
+                        connection.execute(_MIGRATIONS[step])
+                        step += 1
                     connection.execute(
                         "UPDATE meta SET value=? WHERE key='schema'", (SCHEMA_VERSION,)
                     )
@@ -308,7 +319,7 @@ class Journal:
         """Every stored task, in id order."""
         cursor = self._connection.execute(
             "SELECT taskid, envelope, submitted, state, link, retries_left, attempts,"
-            " engine_id, started, completed, ok, data FROM tasks ORDER BY taskid"
+            " engine_id, started, completed, ok, data, output FROM tasks ORDER BY taskid"
         )
         for row in cursor:
             yield StoredTask(row)
@@ -369,11 +380,11 @@ class Journal:
             data = _inline(data)
         self._enqueue(
             "UPDATE tasks SET state=?, link=?, retries_left=?, attempts=?, engine_id=?,"
-            " started=?, completed=?, ok=?, data=? WHERE taskid=?",
+            " started=?, completed=?, ok=?, data=?, output=? WHERE taskid=?",
             (
                 record.state.name.lower(), link, record.retries_left, record.attempts,
                 record.engine_id, record.started, record.completed, int(record.ok),
-                data, record.taskid,
+                data, _output_blob(record), record.taskid,
             ),
         )
 
@@ -819,3 +830,10 @@ def live_need(path: Path) -> int:
         except FileNotFoundError:
             pass
     return need
+
+
+def _output_blob(record) -> bytes | None:
+    from taskfarm import serialization
+
+    output = getattr(record, "output", None)
+    return None if output is None else serialization.pack(tuple(output))

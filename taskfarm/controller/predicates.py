@@ -62,15 +62,19 @@ class Verdict(NamedTuple):
     #: False when the predicate cannot be unpickled at all: no engine will
     #: ever accept it, and its tasks fail with `DependError`.
     loadable: bool = True
+    #: The property names the predicate read, sorted, when the call asked
+    #: to trace them (``evaluate(..., trace=True)``); else None.
+    read: tuple | None = None
 
 
 class _Request:
-    __slots__ = ("reqid", "key", "blob", "deferred", "deaths")
+    __slots__ = ("reqid", "key", "blob", "trace", "deferred", "deaths")
 
-    def __init__(self, reqid: int, key: bytes, blob: bytes) -> None:
+    def __init__(self, reqid: int, key: bytes, blob: bytes, trace: bool = False) -> None:
         self.reqid = reqid
         self.key = key
         self.blob = blob
+        self.trace = trace
         self.deferred: defer.Deferred = defer.Deferred()
         #: Processes that died while evaluating it.
         self.deaths = 0
@@ -162,7 +166,7 @@ class PredicatePool:
     def start(self) -> None:
         self._running = True
 
-    def evaluate(self, key: bytes, properties: dict) -> defer.Deferred:
+    def evaluate(self, key: bytes, properties: dict, trace: bool = False) -> defer.Deferred:
         if not self._running:
             return self._later(Verdict(False, "the depend evaluator is not running"))
         try:
@@ -171,7 +175,7 @@ class PredicatePool:
             return self._later(
                 Verdict(False, "cannot send the engine's properties: %s: %s" % (type(e).__name__, e))
             )
-        request = _Request(next(self._ids), key, blob)
+        request = _Request(next(self._ids), key, blob, trace)
         self._queue.append(request)
         self._schedule_flush()
         return request.deferred
@@ -239,7 +243,7 @@ class PredicatePool:
             if not requests:
                 continue
             child.inflight.extend(requests)
-            child.send(("eval", [(r.reqid, r.key, r.blob) for r in requests]))
+            child.send(("eval", [(r.reqid, r.key, r.blob, r.trace) for r in requests]))
             if child.ready and child.timer is None:
                 self._arm(child)
 
@@ -272,13 +276,14 @@ class PredicatePool:
             child.ready = True
             self._arm(child)
             return
-        reqid, accepted, reason, loadable = message
+        reqid, accepted, reason, loadable, read = message
         if not child.inflight or child.inflight[0].reqid != reqid:
             self._broken(child, "answered request %r out of order" % (reqid,))
             return
         request = child.inflight.popleft()
         self._arm(child)
-        request.deferred.callback(Verdict(bool(accepted), reason, bool(loadable)))
+        read = None if read is None else tuple(read)
+        request.deferred.callback(Verdict(bool(accepted), reason, bool(loadable), read))
         if self._queue:
             self._schedule_flush()
 

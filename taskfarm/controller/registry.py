@@ -365,9 +365,17 @@ class EngineRegistry:
         if self.engines.get(engine.engine_id) is not engine:
             return
         self._heard(engine)
-        for seq, ok, data, started, finished in replies:
+        for reply in replies:
+            seq, ok, data, started, finished = reply[:5]
             entry = engine._answered(seq)
-            if entry is not None:
+            if entry is None:
+                continue
+            output = _output_of(reply)
+            if output is not None:
+                # A task's output (`wire.Reply` version 4): only task
+                # commands have it, so only their callbacks take it.
+                entry[1](seq, ok, data, started, finished, output)
+            else:
                 entry[1](seq, ok, data, started, finished)
 
     def engine_lost(self, engine: EngineHandle, reason: str) -> None:
@@ -465,3 +473,15 @@ class EngineRegistry:
         self._flush_call = None
         for engine in self.engines.values():
             engine._stop_timer()
+
+
+def _output_of(reply: tuple) -> tuple[str, str] | None:
+    """``(stdout, stderr)`` of a reply, parsed (`wire.Reply`) or plain
+    (version 4: the five fields, 4, stdout, stderr); None without output."""
+    if len(reply) == 7:  # a parsed wire.Reply
+        if reply[5] is None and reply[6] is None:
+            return None
+        return (reply[5] or "", reply[6] or "")
+    if len(reply) == 8:
+        return (reply[6], reply[7])
+    return None

@@ -160,6 +160,19 @@ class FIFOScheduler:
     def nengines(self) -> int:
         return len(self._engines)
 
+    @property
+    def evaluator(self):
+        """The `IPredicateEvaluator` depend predicates run in (or None)."""
+        return self._evaluator
+
+    def free_slots(self, engine_id: int) -> int:
+        """How many more tasks engine `engine_id` may take now (0 if unknown)."""
+        return self._free.get(engine_id, 0)
+
+    def slots(self, engine_id: int) -> int:
+        """How many tasks engine `engine_id` may hold at once (0 if unknown)."""
+        return self._slots.get(engine_id, 0)
+
     def add_task(self, task) -> None:
         key = task.spec.depend
         group = self._groups.get(key)

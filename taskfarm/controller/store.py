@@ -115,6 +115,7 @@ class TaskStore:
         for stored in self._journal.tasks():
             spec = TaskSpec.from_envelope(serialization.unpack(stored.envelope))
             stored.data = self._journal.stored_result(stored)
+            stored.output = _stored_output(getattr(stored, "output", None))
             if stored.state != "queued" and not stored.ok and stored.data is not None:
                 stored.data = serialization.unpack(stored.data)
             record = TaskRecord.restore(stored, spec)
@@ -311,6 +312,27 @@ class TaskStore:
             status[record.state.value].append(taskid)
         return status
 
+    def per_engine(self, engine_ids: list[int]) -> dict[int, dict[str, int]]:
+        """``{engine_id: {"running": n, "succeeded": n, "failed": n}}`` over
+        the kept records, with a zero entry for each of `engine_ids`."""
+        counts: dict[int, dict[str, int]] = {
+            eid: {"running": 0, "succeeded": 0, "failed": 0} for eid in engine_ids
+        }
+        names = {
+            TaskState.RUNNING: "running",
+            TaskState.SUCCEEDED: "succeeded",
+            TaskState.FAILED: "failed",
+        }
+        for record in self.tasks.values():
+            name = names.get(record.state)
+            if name is None or record.engine_id is None:
+                continue
+            entry = counts.get(record.engine_id)
+            if entry is None:
+                entry = counts[record.engine_id] = {"running": 0, "succeeded": 0, "failed": 0}
+            entry[name] += 1
+        return counts
+
     def clear(self, taskids: list[int] | None = None) -> int:
         """Forget finished tasks (all of them, or those listed); returns how many.
 
@@ -371,3 +393,20 @@ class TaskStore:
                     self._forget_resident(taskid)
         if expired:
             self._journal.cleared(expired)
+
+
+def _stored_output(blob: bytes | None) -> tuple[str, str] | None:
+    """The ``(stdout, stderr)`` a journal kept, or None (none, or unreadable)."""
+    if blob is None:
+        return None
+    try:
+        output = serialization.unpack(blob)
+    except Exception:
+        return None
+    if (
+        isinstance(output, tuple)
+        and len(output) == 2
+        and all(isinstance(text, str) for text in output)
+    ):
+        return output
+    return None

@@ -142,13 +142,13 @@ def _stay_down_on_sigterm(reactor) -> None:
 def makeService(options: Options):
     """The controller service for parsed `options`, logging to the profile."""
     from twisted.internet import reactor
-    from twisted.logger import globalLogPublisher, textFileLogObserver
-    from twisted.python.logfile import LogFile
+    from twisted.logger import globalLogPublisher
 
     from taskfarm.controller.journal import JournalCorrupt
     from taskfarm.controller.service import create_controller
     from taskfarm.errors import ProfileInUse
     from taskfarm.exitcodes import refuse_to_start
+    from taskfarm.logfiles import rotating_observer
     from taskfarm.profile import Profile
 
     if follow_launcher(reactor):
@@ -157,8 +157,8 @@ def makeService(options: Options):
         _stay_down_on_sigterm(reactor)
     profile = Profile.from_option(options["profile-dir"])
     profile.ensure()
-    logfile = LogFile("controller.log", str(profile.log_dir), rotateLength=10_000_000)
-    globalLogPublisher.addObserver(textFileLogObserver(logfile))
+    # Rotated by size, a few old files kept (`taskfarm.logfiles`).
+    globalLogPublisher.addObserver(rotating_observer(profile.log_dir / "controller.log"))
     try:
         return create_controller(
             profile,

@@ -40,6 +40,7 @@ from taskfarm.controller.monitor import Monitor
 from taskfarm.controller.registry import EngineRegistry
 from taskfarm.controller.store import DEFAULT_RETENTION, TaskStore
 from taskfarm.controller.tasks import TaskRecord, TaskSpec
+from taskfarm.controller.why import WHY_TIMEOUT, explain
 from taskfarm.errors import JournalError
 
 __all__ = [
@@ -253,8 +254,56 @@ class TaskController:
         self.dispatcher.abort(record)
 
     def queue_status(self, verbose: bool = False) -> dict:
-        """Counts (or, if `verbose`, id lists) per state, as the original had."""
-        return self.store.queue_status(verbose)
+        """Counts (or, if `verbose`, id lists) per state, as the original had.
+
+        With `verbose` it also has ``"engines"``: for every registered engine
+        (and every engine id the kept records name),
+        ``{engine_id: {"running": n, "succeeded": n, "failed": n}}``, the
+        tasks running there now and the finished ones still kept (until
+        cleared or expired) that ended there.
+        """
+        status = self.store.queue_status(verbose)
+        if verbose:
+            status["engines"] = self.store.per_engine(self._registry.ids())
+        return status
+
+    def why(self, taskid: int, timeout: float = WHY_TIMEOUT) -> defer.Deferred:
+        """Why task `taskid` is where it is: a Deferred firing with a plain dict.
+
+        ``taskid`` (int); ``state`` (str: queued, waiting_retry, running,
+        succeeded, failed, aborted); ``summary`` (str, one line);
+        ``engine_id`` (int or None: where it runs or last ran); ``attempts``
+        (int); ``wait`` (float seconds until a waiting retry is queued
+        again, else None); ``no_engine_matches`` (bool: a queued task whose
+        depend no registered engine satisfies); ``properties_read`` (sorted
+        list of str: the property names its depend read on the engines);
+        ``engines``: for a queued or waiting task, one dict per registered
+        engine in id order, ``{"engine_id": int, "reason": str, "detail":
+        str, "slots": int, "taken": int}``, where `reason` is one of
+        ``free``, ``busy``, ``depend_false``, ``depend_raised``,
+        ``depend_failed``, ``depend_unknown``, ``depend_unloadable``,
+        ``penalty``, ``retry_delay`` (see `taskfarm.controller.why`); else
+        an empty list.
+
+        The depend is traced in the evaluator's processes, within `timeout`
+        seconds.  An unknown id fails with `UnknownTask`.
+        """
+        if isinstance(taskid, bool) or not isinstance(taskid, int):
+            return defer.fail(TypeError("why takes one task id (an int), not %r" % (taskid,)))
+        try:
+            (record,) = self.store.records([taskid])
+        except Exception as e:
+            return defer.fail(e)
+        return defer.Deferred.fromCoroutine(
+            explain(
+                record,
+                self._registry,
+                self.dispatcher.scheduler,
+                self.dispatcher,
+                self.clock,
+                timeout,
+            )
+        )
 
     def status(self) -> tuple:
         """The cluster summary the dashboard shows (a plain

@@ -165,6 +165,7 @@ class TaskRecord:
         "group",
         "link",
         "avoid_engine",
+        "output",
     )
 
     def __init__(self, taskid: int, spec: TaskSpec, submitted: float) -> None:
@@ -188,6 +189,8 @@ class TaskRecord:
         #: The engine this task's last attempt failed on, while it sits out
         #: the failure penalty for this task (None: no engine avoided).
         self.avoid_engine: int | None = None
+        #: ``(stdout, stderr)`` of the last attempt an engine answered, or None.
+        self.output: tuple[str, str] | None = None
 
     @property
     def is_queued(self) -> bool:
@@ -305,12 +308,14 @@ class TaskRecord:
             record.started, record.completed = stored.started, stored.completed
             record.ok = bool(stored.ok)
             record.data = stored.data
+            record.output = stored.output
             record.spec = record.spec.finished()
         return record
 
     def result_envelope(self, data: object = None) -> tuple:
         """The plain `wire.ResultEnvelope` of this task (with `data` as its
         outcome if given: a result read back from its file)."""
+        stdout, stderr = self.output if self.output is not None else (None, None)
         return wire.ResultEnvelope(
             self.taskid,
             self.spec.kind,
@@ -321,4 +326,6 @@ class TaskRecord:
             self.started,
             self.completed,
             self.attempts,
+            stdout,
+            stderr,
         ).plain()

@@ -244,6 +244,10 @@ def fit_replies(replies: list, room: int, batch_bytes: int | None = None) -> lis
     for reply in replies:
         # Mostly a bound, not a pickle: a big result is not copied again.
         size = pickled_size(reply, room)
+        if size > room and len(reply) == 8:
+            # A task's output made it too big: the output goes, the result stays.
+            reply = _without_output(reply)
+            size = pickled_size(reply, room)
         if size > room:
             reply = _too_large(reply, size, room)
             size = len(serialization.pack(reply))
@@ -252,10 +256,21 @@ def fit_replies(replies: list, room: int, batch_bytes: int | None = None) -> lis
     return split_by_size(fitted, sizes, room if batch_bytes is None else batch_bytes)
 
 
+def _without_output(reply: tuple) -> tuple:
+    """A version-4 reply whose stdout and stderr only say how much was cut."""
+    notices = tuple(
+        "[... %d bytes cut: over the controller's message limit]\n"
+        % len(text.encode("utf-8", "surrogatepass"))
+        if text else ""
+        for text in reply[6:8]
+    )
+    return tuple(reply[:6]) + notices
+
+
 def _too_large(reply: tuple, size: int, room: int) -> tuple:
     """A `MessageTooLarge` failure in place of `reply`; a failure keeps its
     exception's type name and the start of its message and traceback."""
-    seq, ok, data, started, finished = reply
+    seq, ok, data, started, finished = reply[:5]
     limit = room + REPLY_OVERHEAD
     if ok:
         text = (

@@ -39,6 +39,50 @@ class Interrupt(BaseException):
     error: TaskfarmError
 
 
+#: Bytes (UTF-8) of stdout, and as many of stderr, that one task keeps by
+#: default (``--max-task-output``); what is beyond is cut, and counted.
+DEFAULT_MAX_TASK_OUTPUT = 1024 * 1024
+
+
+class BoundedOutput:
+    """One stream's output of one task, kept up to `limit` bytes of UTF-8.
+
+    Writes are appended to a list (no per-line work beyond a length); once
+    the limit is reached the rest is only counted, and `getvalue` ends with
+    ``[... N bytes cut]``.
+    """
+
+    __slots__ = ("_parts", "_room", "cut")
+
+    def __init__(self, limit: int) -> None:
+        self._parts: list[str] = []
+        self._room = limit
+        #: Bytes written beyond the limit.
+        self.cut = 0
+
+    def write(self, text: str) -> int:
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        room = self._room
+        if size <= room:
+            self._parts.append(text)
+            self._room = room - size
+        elif room <= 0:
+            self.cut += size
+        else:
+            kept = text.encode("utf-8", "surrogatepass")[:room].decode("utf-8", "ignore")
+            self._parts.append(kept)
+            self.cut += size - len(kept.encode("utf-8", "surrogatepass"))
+            self._room = 0
+        return len(text)
+
+    def getvalue(self) -> str:
+        text = "".join(self._parts)
+        if self.cut:
+            text += "%s[... %d bytes cut]\n" % ("" if text.endswith("\n") or not text else "\n",
+                                               self.cut)
+        return text
+
+
 class _ThreadRoutedStream(io.TextIOBase):
     """Stands in for sys.stdout / sys.stderr: writes from a thread that is
     capturing go to that thread's buffer, all others to the real stream."""
@@ -47,20 +91,28 @@ class _ThreadRoutedStream(io.TextIOBase):
         self._real = real
         self._local = threading.local()
 
-    def capture(self) -> io.StringIO:
-        buffer = self._local.buffer = io.StringIO()
+    def capture(self, limit: int | None = None):
+        """Route this thread's writes into a new buffer (bounded to `limit`
+        bytes when given) until `release`."""
+        buffer = self._local.buffer = io.StringIO() if limit is None else BoundedOutput(limit)
+        # The bound method itself: one lookup per write (print writes twice a line).
+        self._local.write = buffer.write
         return buffer
 
     def release(self) -> str:
         buffer = getattr(self._local, "buffer", None)
-        self._local.buffer = None
+        self._local.buffer = self._local.write = None
         return buffer.getvalue() if buffer is not None else ""
 
     def write(self, text: str) -> int:
-        buffer = getattr(self._local, "buffer", None)
-        if buffer is not None:
-            return buffer.write(text)
+        write = getattr(self._local, "write", None)
+        if write is not None:
+            return write(text)
         return self._real.write(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
 
     def flush(self) -> None:
         if getattr(self._local, "buffer", None) is None:
@@ -108,9 +160,17 @@ class Namespace:
     HISTORY_LENGTH = 100
 
     def __init__(
-        self, engine_id: int = -1, properties: dict | None = None, names: dict | None = None
+        self,
+        engine_id: int = -1,
+        properties: dict | None = None,
+        names: dict | None = None,
+        max_task_output: int = DEFAULT_MAX_TASK_OUTPUT,
     ) -> None:
         self.engine_id = engine_id
+        #: Bytes of each of stdout and stderr one task keeps.
+        self.max_task_output = max_task_output
+        #: ``(stdout, stderr)`` of the last task run, until `take_output`.
+        self._output: tuple[str, str] | None = None
         #: Names every fresh namespace holds besides `id` (``mpi`` on an MPI engine).
         self.preset_names: dict = dict(names or {})
         #: The engine's properties, as the controller last set them.
@@ -146,7 +206,28 @@ class Namespace:
         self.user_ns["id"] = engine_id
 
     def run(self, op: str, args: tuple) -> tuple[bool, object]:
-        """Run one command; returns ``(ok, data)``.  Raises only `Interrupt`."""
+        """Run one command; returns ``(ok, data)``.  Raises only `Interrupt`.
+
+        A ``task``'s stdout and stderr are captured (per thread, bounded by
+        `max_task_output`); `take_output` gives them, also after an
+        `Interrupt`."""
+        if op != "task":
+            return self._run(op, args)
+        stdout, stderr = install_output_capture()
+        limit = self.max_task_output
+        stdout.capture(limit)
+        stderr.capture(limit)
+        try:
+            return self._run(op, args)
+        finally:
+            self._output = (stdout.release(), stderr.release())
+
+    def take_output(self) -> tuple[str, str] | None:
+        """``(stdout, stderr)`` of the task run last, once; None if none."""
+        output, self._output = self._output, None
+        return output
+
+    def _run(self, op: str, args: tuple) -> tuple[bool, object]:
         operation = self._operations.get(op)
         if operation is None:
             return False, to_wire(TaskfarmError("unknown engine command %r" % (op,)))

@@ -10,7 +10,7 @@ from pathlib import Path
 from twisted.application import service
 
 from taskfarm.engine.link import EngineLink
-from taskfarm.engine.namespace import Namespace, install_output_capture
+from taskfarm.engine.namespace import DEFAULT_MAX_TASK_OUTPUT, Namespace, install_output_capture
 from taskfarm.engine.worker import CommandWorker
 from taskfarm.profile import read_furl_file
 from taskfarm.remote.engine import FoolscapControllerLink
@@ -63,13 +63,16 @@ def create_engine(
     reactor,
     requested_id: int | None = None,
     names: dict | None = None,
+    max_task_output: int = DEFAULT_MAX_TASK_OUTPUT,
 ) -> EngineService:
     """Build an engine that registers through the furl in `furl_file`,
     asking for `requested_id` (an MPI rank) the first time; `names` are in
-    its user namespace from the start (``mpi``), also after a reset."""
+    its user namespace from the start (``mpi``), also after a reset.  Each
+    task keeps `max_task_output` bytes of its stdout and of its stderr."""
     props = machine_facts()
     props.update(properties)
-    worker = CommandWorker(Namespace(properties=props, names=names), reactor)
+    namespace = Namespace(properties=props, names=names, max_task_output=max_task_output)
+    worker = CommandWorker(namespace, reactor)
     link = EngineLink(
         lambda: read_furl_file(furl_file), worker, reactor,
         transport=FoolscapControllerLink(reactor),

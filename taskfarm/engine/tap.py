@@ -8,6 +8,7 @@ import os
 from twisted.python import usage
 
 from taskfarm.engine import mpi
+from taskfarm.engine.namespace import DEFAULT_MAX_TASK_OUTPUT
 from taskfarm.lifeline import follow_launcher
 from taskfarm.profile import ENGINE, Profile
 from taskfarm.usagehint import BriefUsage
@@ -45,6 +46,14 @@ class Options(BriefUsage, usage.Options):
     optParameters = [
         ["furl-file", "f", None, "The engine furl file (default: the profile's)."],
         ["profile-dir", "p", None, "The profile folder (default ~/.taskfarm)."],
+        [
+            "max-task-output",
+            None,
+            DEFAULT_MAX_TASK_OUTPUT,
+            "Bytes of stdout, and as many of stderr, kept of each task (the rest "
+            "is cut, and the result says how much).",
+            int,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -57,6 +66,11 @@ class Options(BriefUsage, usage.Options):
         self["properties"][key] = value
 
     def postOptions(self) -> None:
+        if self["max-task-output"] < 0:
+            raise usage.UsageError(
+                "--max-task-output is a number of bytes (0 or more), not %d"
+                % self["max-task-output"]
+            )
         if self["mpi"] and mpi.rank_from_environment(os.environ) is None:
             raise usage.UsageError(
                 "--mpi: this engine is no MPI rank (none of %s is set); start it with "
@@ -86,4 +100,5 @@ def makeService(options: Options):
     return create_engine(
         Path(options["furl-file"]), properties, reactor,
         requested_id=requested_id, names=names,
+        max_task_output=options["max-task-output"],
     )

@@ -313,7 +313,14 @@ class CommandWorker:
         if timeout:
             self._reactor.callFromThread(self._arm_timer, key, timeout)
         ok, data = self.namespace.run(op, args)
-        return wire.Reply(seq, ok, data, started, time.time()).plain()
+        return self._reply(seq, ok, data, started)
+
+    def _reply(self, seq: int, ok: bool, data, started: float | None) -> tuple:
+        """The plain reply; a task's captured output goes with it."""
+        output = self.namespace.take_output()
+        if output is None:
+            return wire.Reply(seq, ok, data, started, time.time()).plain()
+        return wire.Reply(seq, ok, data, started, time.time(), *output).plain()
 
     def _settle(self, key: tuple[int, int]) -> None:
         with self._lock:
@@ -333,7 +340,7 @@ class CommandWorker:
             error = TaskTimeout("the task ran past its timeout and was stopped")
         else:
             error = TaskAborted("the command was interrupted")
-        return wire.Reply(seq, False, to_wire(error), self._started, time.time()).plain()
+        return self._reply(seq, False, to_wire(error), self._started)
 
     def _finish(self, key: tuple[int, int], reply: tuple | None) -> None:
         self.commands_run += 1
@@ -364,7 +371,8 @@ class CommandWorker:
             replies, self._replies = self._replies, []
             self._flush_scheduled = False
             sink = self._sink
-        for seq, _, _, _, _ in replies:
+        for reply in replies:
+            seq = reply[0]
             timer = self._timers.pop((self._session, seq), None)
             if timer is not None and timer.active():
                 timer.cancel()

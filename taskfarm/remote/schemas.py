@@ -181,6 +181,10 @@ class RITaskController(RemoteInterface):
     def queue_status(verbose=bool):
         return MESSAGE
 
+    def why(taskid=int):
+        """Why the task is where it is (`wire.Explanation`, as a dict)."""
+        return MESSAGE
+
     def clear(taskids=MESSAGE):
         """Forget finished tasks (a pickled list of ids, or None for all)."""
         return MESSAGE

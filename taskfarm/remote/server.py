@@ -122,6 +122,9 @@ class RemoteTaskController(BoundedReferenceable):
     def remote_queue_status(self, verbose):
         return reply(self._controller.queue_status, verbose)
 
+    def remote_why(self, taskid):
+        return reply(self._controller.why, taskid)
+
     def remote_clear(self, taskids):
         return reply(
             lambda: self._controller.clear(_unpack_ids(taskids, self.max_message_size, True))

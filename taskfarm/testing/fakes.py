@@ -9,7 +9,8 @@ import time
 from twisted.internet import defer
 from zope.interface import implementer
 
-from taskfarm.controller.depend_child import describe
+from taskfarm import wire
+from taskfarm.controller.depend_child import ReadRecorder, describe
 from taskfarm.controller.predicates import Verdict
 from taskfarm.engine.namespace import Namespace
 from taskfarm.errors import TaskAborted, to_wire
@@ -84,7 +85,10 @@ def run_commands(namespace: Namespace, commands: list, aborted: set[int]) -> lis
             continue
         started = time.time()
         ok, data = namespace.run(op, args)
-        replies.append((seq, ok, data, started, time.time()))
+        output = namespace.take_output()
+        replies.append(
+            wire.Reply(seq, ok, data, started, time.time(), *(output or (None, None))).plain()
+        )
     return replies
 
 
@@ -166,16 +170,16 @@ class InProcessEvaluator:
         self.running = False
         return defer.succeed(None)
 
-    def evaluate(self, key: bytes, properties: dict) -> defer.Deferred:
+    def evaluate(self, key: bytes, properties: dict, trace: bool = False) -> defer.Deferred:
         if self.running:
-            verdict = self._verdict(key, dict(properties))
+            verdict = self._verdict(key, dict(properties), trace)
         else:
             verdict = Verdict(False, "the depend evaluator is not running")
         d: defer.Deferred = defer.Deferred()
         self._clock.callLater(0, d.callback, verdict)
         return d
 
-    def _verdict(self, key: bytes, properties: dict) -> Verdict:
+    def _verdict(self, key: bytes, properties: dict, trace: bool = False) -> Verdict:
         if key not in self._loaded:
             self.loads[key] = self.loads.get(key, 0) + 1
             try:
@@ -191,10 +195,16 @@ class InProcessEvaluator:
         if predicate is None:
             return Verdict(False, why, False)
         self.calls[key] = self.calls.get(key, 0) + 1
+        recorder = ReadRecorder(properties) if trace else None
+        read = None
         try:
-            return Verdict(bool(predicate(properties)))
+            accepted = bool(predicate(properties if recorder is None else recorder))
+            reason = None
         except BaseException as e:
-            return Verdict(False, "raised " + describe(e))
+            accepted, reason = False, "raised " + describe(e)
+        if recorder is not None:
+            read = tuple(recorder.names())
+        return Verdict(accepted, reason, True, read)
 
 
 class RecordingWorker:
