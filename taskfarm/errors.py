@@ -42,6 +42,27 @@ class ConnectionLost(TaskfarmError, ConnectionError):
     """The connection to the controller broke while a call was in flight."""
 
 
+class StaleFurl(FurlError):
+    """The furl names a controller identity (TubID) the controller at its
+    address no longer has: its security folder was renewed, and a fresh
+    furl file was written."""
+
+
+class WaitTimeout(TaskfarmError, TimeoutError):
+    """A client-side wait (`timeout=`) ran out: the message names what was
+    waited for and for how long.  The client stays usable; what was waited
+    for may still finish later."""
+
+
+class NoEnginesWarning(UserWarning):
+    """A call that needs engines is waiting while none is registered."""
+
+
+class ClientClosed(ConnectionLost):
+    """A call of a client was still waiting when that client was closed
+    (never retried: other clients' calls are not touched)."""
+
+
 class JournalError(TaskfarmError):
     """The controller's journal cannot be written (a full disk, say): the
     submission was refused whole, and none of its tasks will run."""

@@ -29,6 +29,7 @@ from taskfarm.profile import MULTIENGINE
 from taskfarm.properties import checked_properties
 from taskfarm.results import PendingResults, ResultList, join_blocks, partition
 from taskfarm.results import barrier as results_barrier
+from taskfarm.waiting import bounded, check_timeout, within
 
 
 class MultiEngineClient(BaseClient):
@@ -54,13 +55,16 @@ class MultiEngineClient(BaseClient):
         targets="all",
         block: bool = True,
         deferred_ids: bool = False,
+        wait_for_controller: bool = False,
     ):
-        super().__init__(furl_or_file, reactor, connect_timeout, tub, reconnect_timeout)
+        super().__init__(
+            furl_or_file, reactor, connect_timeout, tub, reconnect_timeout, wait_for_controller
+        )
         #: The default targets of every method.
         self.targets = targets
         #: The default of every method's `block`.
         self.block = block
-        self._results = PendingResults()
+        self._results = PendingResults(self._reactor)
         self._deferred_ids = bool(deferred_ids)
         #: Deferred id -> its PendingResult, held until taken or cleared.
         self._deferreds: dict[int, object] = {}
@@ -69,8 +73,10 @@ class MultiEngineClient(BaseClient):
 
     # -- plumbing ------------------------------------------------------------------
 
-    def _answer(self, coroutine, block) -> defer.Deferred:
-        d = defer.Deferred.fromCoroutine(coroutine)
+    def _answer(self, coroutine, block, timeout=None, what: str = "a MultiEngine call") -> defer.Deferred:
+        # The client side of `timeout`: the wait for the answer (a
+        # non-blocking call's PendingResult fails with WaitTimeout then).
+        d = bounded(coroutine, timeout, self._reactor, what)
         if (self.block if block is None else block):
             return d
         pending = self._results.new(d)
@@ -79,7 +85,11 @@ class MultiEngineClient(BaseClient):
         self._deferreds[pending.result_id] = pending
         return defer.succeed(pending.result_id)
 
-    async def _engine_call(self, method, op, targets, args, decode, per_target=None) -> list:
+    async def _engine_call(
+        self, method, op, targets, args, decode, per_target=None, timeout=None
+    ) -> list:
+        # `timeout` is the caller's; the engines' side of it travels with
+        # the request where the wire carries it (see the engine-side limit).
         targets = self.targets if targets is None else targets
         request = serialization.pack(wire.EngineCall(op, targets, args, per_target).plain())
         return _collect(method, await self._connection.call("engine_call", request), decode)
@@ -95,19 +105,21 @@ class MultiEngineClient(BaseClient):
 
     # -- code and data ---------------------------------------------------------------
 
-    def execute(self, lines: str, targets=None, block=None) -> defer.Deferred:
+    def execute(self, lines: str, targets=None, block=None, timeout=None) -> defer.Deferred:
         """Run code on each target; one result dict (input, stdout, stderr) each."""
         if not isinstance(lines, str):
             return defer.fail(TypeError("execute takes a str of code, not %s" % type(lines).__name__))
 
         async def go():
             return ResultList(
-                await self._engine_call("execute", "execute", targets, (lines,), serialization.unpack)
+                await self._engine_call(
+                    "execute", "execute", targets, (lines,), serialization.unpack, timeout=timeout
+                )
             )
 
-        return self._answer(go(), block)
+        return self._answer(go(), block, timeout, "execute on %s" % self._targets_text(targets))
 
-    def run(self, filename, targets=None, block=None) -> defer.Deferred:
+    def run(self, filename, targets=None, block=None, timeout=None) -> defer.Deferred:
         """Read a Python file here and execute it on each target."""
         try:
             with open(filename) as f:
@@ -115,9 +127,9 @@ class MultiEngineClient(BaseClient):
             compile(source, str(filename), "exec")
         except (OSError, SyntaxError) as e:
             return defer.fail(e)
-        return self.execute(source, targets, block)
+        return self.execute(source, targets, block, timeout)
 
-    def push(self, namespace: dict, targets=None, block=None) -> defer.Deferred:
+    def push(self, namespace: dict, targets=None, block=None, timeout=None) -> defer.Deferred:
         """Put the names and values of `namespace` on each target."""
         if not isinstance(namespace, dict):
             return defer.fail(TypeError("push takes a dict, not %s" % type(namespace).__name__))
@@ -126,10 +138,11 @@ class MultiEngineClient(BaseClient):
         except Exception as e:
             return defer.fail(e)
         return self._answer(
-            self._engine_call("push", "push", targets, (blob,), lambda _: None), block
+            self._engine_call("push", "push", targets, (blob,), lambda _: None, timeout=timeout),
+            block, timeout, "push to %s" % self._targets_text(targets),
         )
 
-    def pull(self, keys, targets=None, block=None) -> defer.Deferred:
+    def pull(self, keys, targets=None, block=None, timeout=None) -> defer.Deferred:
         """One value per target for a str key; a list of values for a list of keys."""
         single = isinstance(keys, str)
         names = (keys,) if single else tuple(keys)
@@ -141,54 +154,67 @@ class MultiEngineClient(BaseClient):
             values = [serialization.loads(blob, "a pulled value") for blob in serialization.unpack(data)]
             return values[0] if single else values
 
-        return self._answer(self._engine_call("pull", "pull", targets, (names,), decode), block)
+        return self._answer(
+            self._engine_call("pull", "pull", targets, (names,), decode, timeout=timeout),
+            block, timeout, "pull from %s" % self._targets_text(targets),
+        )
 
     push_function = push
     pull_function = pull
 
-    def zip_pull(self, keys, targets=None, block=None) -> defer.Deferred:
+    def zip_pull(self, keys, targets=None, block=None, timeout=None) -> defer.Deferred:
         """`pull` of several keys, transposed: one tuple per key."""
         if isinstance(keys, str):
             keys = [keys]
 
         async def go():
-            values = await self._engine_call("pull", "pull", targets, (tuple(keys),), _decode_pull)
+            values = await self._engine_call(
+                "pull", "pull", targets, (tuple(keys),), _decode_pull, timeout=timeout
+            )
             return list(zip(*values, strict=True))
 
-        return self._answer(go(), block)
+        return self._answer(go(), block, timeout, "zip_pull from %s" % self._targets_text(targets))
 
-    def get_result(self, i: int | None = None, targets=None, block=None) -> defer.Deferred:
+    def get_result(self, i: int | None = None, targets=None, block=None, timeout=None) -> defer.Deferred:
         """The result dict of execute number `i` (the last if None) on each target."""
         return self._answer(
-            self._engine_call("get_result", "get_result", targets, (i,), serialization.unpack),
-            block,
+            self._engine_call(
+                "get_result", "get_result", targets, (i,), serialization.unpack, timeout=timeout
+            ),
+            block, timeout, "get_result from %s" % self._targets_text(targets),
         )
 
-    def reset(self, targets=None, block=None) -> defer.Deferred:
+    def reset(self, targets=None, block=None, timeout=None) -> defer.Deferred:
         """Give each target an empty namespace."""
-        return self._answer(self._engine_call("reset", "reset", targets, (), lambda _: None), block)
+        return self._answer(
+            self._engine_call("reset", "reset", targets, (), lambda _: None, timeout=timeout),
+            block, timeout, "reset of %s" % self._targets_text(targets),
+        )
 
-    def keys(self, targets=None, block=None) -> defer.Deferred:
+    def keys(self, targets=None, block=None, timeout=None) -> defer.Deferred:
         """The user names on each target."""
-        return self._answer(self._engine_call("keys", "keys", targets, (), serialization.unpack), block)
+        return self._answer(
+            self._engine_call("keys", "keys", targets, (), serialization.unpack, timeout=timeout),
+            block, timeout, "keys of %s" % self._targets_text(targets),
+        )
 
-    def kill(self, controller: bool = False, targets=None, block=None) -> defer.Deferred:
+    def kill(self, controller: bool = False, targets=None, block=None, timeout=None) -> defer.Deferred:
         """Stop the target engines (and, if `controller`, the controller after them)."""
 
         async def go():
             try:
-                await self._engine_call("kill", "kill", targets, (), lambda _: None)
+                await self._engine_call("kill", "kill", targets, (), lambda _: None, timeout=timeout)
             except NoEnginesRegistered:
                 if not controller:
                     raise
             if controller:
                 await self._connection.call("kill_controller")
 
-        return self._answer(go(), block)
+        return self._answer(go(), block, timeout, "kill of %s" % self._targets_text(targets))
 
     # -- scatter, gather, map ------------------------------------------------------------
 
-    def scatter(self, key: str, seq, dist: str = "b", flatten: bool = False, targets=None, block=None):
+    def scatter(self, key: str, seq, dist: str = "b", flatten: bool = False, targets=None, block=None, timeout=None):
         """Split `seq` into contiguous blocks, one per target, stored as `key`."""
         if dist != "b":
             return defer.fail(ValueError("only dist='b' (contiguous blocks) is supported"))
@@ -201,24 +227,31 @@ class MultiEngineClient(BaseClient):
                 if flatten and stop - start == 1:
                     block_ = block_[0]
                 per_target[engine_id] = (serialization.dumps({key: block_}, "a scattered block"),)
-            return await self._engine_call("scatter", "push", ids, (), lambda _: None, per_target)
+            return await self._engine_call(
+                "scatter", "push", ids, (), lambda _: None, per_target, timeout=timeout
+            )
 
-        return self._answer(go(), block)
+        return self._answer(go(), block, timeout, "scatter to %s" % self._targets_text(targets))
 
-    def gather(self, key: str, dist: str = "b", targets=None, block=None):
+    def gather(self, key: str, dist: str = "b", targets=None, block=None, timeout=None):
         """Pull `key` from each target and join the blocks (see `scatter`)."""
         if dist != "b":
             return defer.fail(ValueError("only dist='b' (contiguous blocks) is supported"))
 
         async def go():
-            blocks = await self._engine_call("gather", "pull", targets, ((key,),), _decode_first)
+            blocks = await self._engine_call(
+                "gather", "pull", targets, ((key,),), _decode_first, timeout=timeout
+            )
             return join_blocks(blocks)
 
-        return self._answer(go(), block)
+        return self._answer(go(), block, timeout, "gather from %s" % self._targets_text(targets))
 
-    def map(self, function, *sequences, targets=None, block=None, **kwargs) -> defer.Deferred:
+    def map(
+        self, function, *sequences, targets=None, block=None, timeout=None, **kwargs
+    ) -> defer.Deferred:
         """``[function(*args, **kwargs) for args in zip(*sequences)]`` in
-        contiguous blocks over the targets (direct, not load-balanced)."""
+        contiguous blocks over the targets (direct, not load-balanced);
+        `WaitTimeout` after `timeout` seconds (None: no limit)."""
 
         async def go():
             arguments = zip_equal(sequences)
@@ -230,11 +263,12 @@ class MultiEngineClient(BaseClient):
                 for engine_id, (start, stop) in zip(ids, partition(len(arguments), len(ids)), strict=True)
             }
             blocks = await self._engine_call(
-                "map", "map", ids, (), lambda data: serialization.loads(data, "map results"), per_target
+                "map", "map", ids, (), lambda data: serialization.loads(data, "map results"),
+                per_target, timeout=timeout,
             )
             return [value for block_ in blocks for value in block_]
 
-        return self._answer(go(), block)
+        return self._answer(go(), block, timeout, "map on %s" % self._targets_text(targets))
 
     def mapper(self, targets=None, block=None, dist: str = "b") -> MultiEngineMapper:
         """An object whose `map` maps over these targets."""
@@ -246,7 +280,7 @@ class MultiEngineClient(BaseClient):
 
     # -- properties --------------------------------------------------------------------
 
-    def _properties(self, method, action, argument, targets, block) -> defer.Deferred:
+    def _properties(self, method, action, argument, targets, block, timeout=None) -> defer.Deferred:
         async def go():
             request = serialization.pack(
                 wire.PropertiesRequest(
@@ -255,13 +289,13 @@ class MultiEngineClient(BaseClient):
             )
             return _collect(method, await self._connection.call("properties", request), serialization.unpack)
 
-        return self._answer(go(), block)
+        return self._answer(go(), block, timeout, "%s of %s" % (method, self._targets_text(targets)))
 
-    def get_properties(self, keys=None, targets=None, block=None):
+    def get_properties(self, keys=None, targets=None, block=None, timeout=None):
         """Each target's properties (all, one key's value, or a dict of `keys`)."""
-        return self._properties("get_properties", "get", _keys(keys), targets, block)
+        return self._properties("get_properties", "get", _keys(keys), targets, block, timeout)
 
-    def set_properties(self, properties: dict, targets=None, block=None):
+    def set_properties(self, properties: dict, targets=None, block=None, timeout=None):
         """Update each target's properties; the scheduler sees them at once."""
         try:
             # Checked here too: the request envelope itself carries plain
@@ -270,32 +304,37 @@ class MultiEngineClient(BaseClient):
             properties = checked_properties(properties)
         except Exception as e:
             return defer.fail(e)
-        return self._properties("set_properties", "set", properties, targets, block)
+        return self._properties("set_properties", "set", properties, targets, block, timeout)
 
-    def has_properties(self, keys, targets=None, block=None):
+    def has_properties(self, keys, targets=None, block=None, timeout=None):
         """Per target: whether it has `keys` (a bool, or a list of bools)."""
-        return self._properties("has_properties", "has", _keys(keys), targets, block)
+        return self._properties("has_properties", "has", _keys(keys), targets, block, timeout)
 
-    def del_properties(self, keys, targets=None, block=None):
+    def del_properties(self, keys, targets=None, block=None, timeout=None):
         """Remove `keys` from each target's properties."""
-        return self._properties("del_properties", "del", _keys(keys), targets, block)
+        return self._properties("del_properties", "del", _keys(keys), targets, block, timeout)
 
-    def clear_properties(self, targets=None, block=None):
+    def clear_properties(self, targets=None, block=None, timeout=None):
         """Remove every property but the machine facts the engine reported."""
-        return self._properties("clear_properties", "clear", None, targets, block)
+        return self._properties("clear_properties", "clear", None, targets, block, timeout)
 
     # -- engines and queues ------------------------------------------------------------
 
-    def get_ids(self) -> defer.Deferred:
+    def get_ids(self, timeout=None) -> defer.Deferred:
         """The ids of the registered engines."""
-        return self._call("engine_ids")
+        return bounded(
+            self._connection.call("engine_ids"), timeout, self._reactor, "the engine ids"
+        )
 
-    def queue_status(self, targets=None, block=None):
+    def queue_status(self, targets=None, block=None, timeout=None):
         """Per target: the command running (`pending`) and those queued."""
         targets = self.targets if targets is None else targets
-        return self._answer(self._connection.call("queue_status", serialization.pack(targets)), block)
+        return self._answer(
+            self._connection.call("queue_status", serialization.pack(targets)),
+            block, timeout, "queue_status of %s" % self._targets_text(targets),
+        )
 
-    def clear_queue(self, targets=None, block=None):
+    def clear_queue(self, targets=None, block=None, timeout=None):
         """Drop the queued MultiEngine commands of the targets (they fail
         with `QueueCleared`); running commands and tasks are not touched.
         Fires with one None per target, as the original."""
@@ -305,16 +344,19 @@ class MultiEngineClient(BaseClient):
             await self._connection.call("clear_queue", serialization.pack(targets))
             return [None] * len(await self._resolve(targets))
 
-        return self._answer(go(), block)
+        return self._answer(go(), block, timeout, "clear_queue of %s" % self._targets_text(targets))
 
     # -- pending results -----------------------------------------------------------------
 
-    def barrier(self, pending_results) -> defer.Deferred:
-        """Wait until every given `PendingResult` has its answer."""
+    def barrier(self, pending_results, timeout=None) -> defer.Deferred:
+        """Wait until every given `PendingResult` has its answer;
+        `WaitTimeout` after `timeout` seconds (None: no limit)."""
         try:
-            return results_barrier(pending_results)
-        except NotAPendingResult as e:
+            seconds = check_timeout(timeout)
+            d = results_barrier(pending_results)
+        except (NotAPendingResult, TypeError, ValueError) as e:
             return defer.fail(e)
+        return within(d, seconds, self._reactor, "pending results (barrier)")
 
     def flush(self) -> defer.Deferred:
         """Drop every non-blocking result not fetched yet (deferred ids
@@ -325,7 +367,9 @@ class MultiEngineClient(BaseClient):
 
     clear_pending_results = flush
 
-    def get_pending_deferred(self, deferred_id: int, block: bool = True) -> defer.Deferred:
+    def get_pending_deferred(
+        self, deferred_id: int, block: bool = True, timeout=None
+    ) -> defer.Deferred:
         """The result of the non-blocking call that fired with `deferred_id`
         (a client with `deferred_ids`); taking it frees it.
 
@@ -336,6 +380,16 @@ class MultiEngineClient(BaseClient):
         """
         if isinstance(deferred_id, bool) or not isinstance(deferred_id, int):
             return defer.fail(TypeError("a deferred id is an int, not %r" % (deferred_id,)))
+        try:
+            seconds = check_timeout(timeout)
+        except (TypeError, ValueError) as e:
+            return defer.fail(e)
+        return within(
+            self._pending_deferred(deferred_id, block), seconds, self._reactor,
+            "the result of deferred id %d" % deferred_id,
+        )
+
+    def _pending_deferred(self, deferred_id: int, block: bool) -> defer.Deferred:
         if deferred_id in self._waited:
             return defer.fail(
                 InvalidDeferredID(
@@ -357,7 +411,13 @@ class MultiEngineClient(BaseClient):
         del self._deferreds[deferred_id]
         if pending.done:
             return pending.get_result(block=True)
-        waiter: defer.Deferred = defer.Deferred()
+        def given_up(waiter):
+            # A timed-out wait hands the id back: it can be asked for again.
+            if self._waited.get(deferred_id) is waiter:
+                del self._waited[deferred_id]
+                self._deferreds[deferred_id] = pending
+
+        waiter: defer.Deferred = defer.Deferred(given_up)
         self._waited[deferred_id] = waiter
 
         def arrived(outcome):
@@ -387,6 +447,11 @@ class MultiEngineClient(BaseClient):
                 )
             )
         return defer.succeed(None)
+
+
+    def _targets_text(self, targets) -> str:
+        targets = self.targets if targets is None else targets
+        return "engines %r" % (targets,) if targets != "all" else "all engines"
 
 
 class MultiEngineMapper:

@@ -83,6 +83,8 @@ class LocalConnection:
         self._references: dict[int, tuple] = {}
         #: Every call made over the connection, as ``(method, args)`` (for tests).
         self.calls: list[tuple[str, tuple]] = []
+        #: What ``rref.tracker.broker`` is for every reference over it.
+        self.broker = _Broker(self)
 
     # -- references ---------------------------------------------------------------
 
@@ -250,7 +252,8 @@ class _Broker:
 
 class _Tracker:
     def __init__(self, connection: LocalConnection) -> None:
-        self.broker = _Broker(connection)
+        # One broker per connection, shared by its references, as Foolscap's.
+        self.broker = connection.broker
 
 
 class LocalReference:
