@@ -88,8 +88,8 @@ class SharedLinks:
         self._users: dict = {}
         #: peer key -> how many `getReference`s to it are in flight.
         self._joining: dict[tuple, int] = {}
-        #: peer key -> fires once its dropped connection is gone.
-        self._dropping: dict[tuple, defer.Deferred] = {}
+        #: peer key -> (fires once its dropped connection is gone, its transport).
+        self._dropping: dict[tuple, tuple] = {}
 
     def users(self, rref) -> int:
         """How many references use `rref`'s connection now."""
@@ -98,7 +98,14 @@ class SharedLinks:
     async def join(self, key: tuple, get_reference):
         """`await get_reference()` for the peer `key`, counted as joining."""
         while key in self._dropping:
-            await _observe(self._dropping[key])
+            dropped, transport = self._dropping[key]
+            try:
+                # Bounded: a peer that never closes its side is cut off.
+                await _observe(dropped).addTimeout(self.DROP_TIMEOUT, self._reactor)
+            except defer.TimeoutError:
+                _abort(transport)
+                if self._dropping.get(key, (None,))[0] is dropped:
+                    del self._dropping[key]
         self._joining[key] = self._joining.get(key, 0) + 1
         try:
             return await get_reference()
@@ -128,30 +135,26 @@ class SharedLinks:
         if transport is None:
             return
         dropped: defer.Deferred = defer.Deferred()
-        self._dropping[key] = dropped
+        self._dropping[key] = (dropped, transport)
 
         def done(*_):
-            if self._dropping.get(key) is dropped:
+            if self._dropping.get(key, (None,))[0] is dropped:
                 del self._dropping[key]
             if not dropped.called:
                 dropped.callback(None)
 
         rref.notifyOnDisconnect(done)
         transport.loseConnection()
-        # Bounded: a peer that never closes its side is cut off.
-        timer = self._reactor.callLater(self.DROP_TIMEOUT, _abort, transport, done)
-        dropped.addBoth(lambda result: timer.cancel() if timer.active() else None)
 
 
 def _broker(rref):
     return getattr(getattr(rref, "tracker", None), "broker", None) or rref
 
 
-def _abort(transport, done) -> None:
+def _abort(transport) -> None:
     abort = getattr(transport, "abortConnection", None)
     if abort is not None:
         abort()
-    done()
 
 
 def _transport(rref):
