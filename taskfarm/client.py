@@ -20,6 +20,7 @@ caller's frame, without the reactor thread's frames in the traceback.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -196,7 +197,11 @@ def _outcome(function, *args, **kwargs) -> tuple[bool, object]:
 
 def _trimmed(error: BaseException) -> BaseException:
     """`error` without the reactor thread's frames: raised from the caller's
-    frame, its traceback starts at taskfarm's public method."""
+    frame, its traceback starts at taskfarm's public method.  With
+    ``TASKFARM_FULL_TRACEBACKS=1`` in the environment (for a bug report)
+    the frames are kept."""
+    if os.environ.get("TASKFARM_FULL_TRACEBACKS") == "1":
+        return error
     return error.with_traceback(None)
 
 

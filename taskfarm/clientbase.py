@@ -134,8 +134,11 @@ class BaseClient:
     @property
     def where(self) -> str:
         """The controller, for messages: its furl file (or its location)."""
-        if self.furl_file is not None:
-            return "the controller of %s" % (self.furl_file,)
+        path = self.furl_file
+        if path is not None and path.parent.name == "security":
+            return "the controller of profile %s" % (path.parent.parent,)
+        if path is not None:
+            return "the controller of %s" % (path,)
         return "the controller at %s" % (self._connection.location,)
 
     def wait_for_engines(self, n: int = 1, timeout: float | None = None) -> defer.Deferred:

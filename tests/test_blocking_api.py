@@ -134,3 +134,19 @@ class ErrorTypeTests(unittest.SynchronousTestCase):
             back = errors.from_wire(errors.to_wire(cls("why")))
             self.assertIs(type(back), cls)
             self.assertEqual(str(back), "why")
+
+
+class TrimTests(unittest.SynchronousTestCase):
+    def raised(self) -> BaseException:
+        try:
+            raise errors.UnknownTask("no task")
+        except errors.UnknownTask as e:
+            return e
+
+    def test_trimmed_drops_the_frames(self):
+        self.patch(client.os, "environ", {})
+        self.assertIsNone(client._trimmed(self.raised()).__traceback__)
+
+    def test_full_tracebacks_keep_them(self):
+        self.patch(client.os, "environ", {"TASKFARM_FULL_TRACEBACKS": "1"})
+        self.assertIsNotNone(client._trimmed(self.raised()).__traceback__)
