@@ -29,7 +29,7 @@ from taskfarm.errors import (
 )
 from taskfarm.interfaces import IControllerDialer, IControllerReference
 from taskfarm.profile import INTERFACES
-from taskfarm.remote.client import FoolscapDialer, describe_error, furl_location
+from taskfarm.remote.client import FoolscapDialer, describe_error, furl_location, is_lost
 
 #: Seconds a connection attempt may take before `ControllerUnreachable`.
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -141,11 +141,36 @@ class ControllerConnection:
         else:
             self._resolve_furl()
             rref = await self._dial(self._connect_timeout)
+        closes = self._closes
+        try:
+            await self._greet(rref)
+        except BaseException:
+            # Not ours to keep: a reference counted as a user of a shared
+            # connection must leave it.
+            rref.disconnect()
+            raise
+        if closes != self._closes:
+            rref.disconnect()
+            raise ClientClosed("the client was closed while it connected to %s" % self.location)
+        rref.notify_on_disconnect(lambda: self._disconnected(rref))
+        self._rref = rref
+        self.ever_connected = True
+
+    async def _greet(self, rref) -> None:
+        """Say hello: check the interface and the wire version, learn the
+        limit and the controller's incarnation."""
         try:
             hello = await rref.hello()
         except ProtocolVersionError as e:
             raise ProtocolVersionError("the controller at %s: %s" % (self.location, e)) from None
+        except defer.CancelledError:
+            raise
         except Exception as e:
+            if is_lost(e):
+                raise ControllerUnreachable(
+                    "lost the connection to the controller at %s while connecting: %s"
+                    % (self.location, describe_error(e))
+                ) from None
             raise WrongInterface(
                 "the furl for %s does not lead to a taskfarm %s interface (%s)"
                 % (self.location, self.interface, describe_error(e))
@@ -165,9 +190,6 @@ class ControllerConnection:
             for callback in self.on_new_incarnation:
                 callback()
         self.incarnation = incarnation
-        rref.notify_on_disconnect(lambda: self._disconnected(rref))
-        self._rref = rref
-        self.ever_connected = True
 
     async def _dial(self, timeout: float):
         try:

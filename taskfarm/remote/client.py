@@ -66,6 +66,11 @@ _LOST = (
 )
 
 
+def is_lost(e: BaseException) -> bool:
+    """Whether `e` is Foolscap's (or Twisted's) word for a broken connection."""
+    return isinstance(e, _LOST)
+
+
 class SharedLinks:
     """Which references of this process use each connection of one Tub.
 
