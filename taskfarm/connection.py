@@ -136,12 +136,12 @@ class ControllerConnection:
                 waiter.callback(None)
 
     async def _connect(self) -> None:
+        closes = self._closes
         if self._wait_for_controller:
             rref = await self._dial_starting()
         else:
             self._resolve_furl()
             rref = await self._dial(self._connect_timeout)
-        closes = self._closes
         try:
             await self._greet(rref)
         except BaseException:

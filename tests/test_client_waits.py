@@ -356,3 +356,40 @@ class SharedConnectionCloseTests(unittest.SynchronousTestCase):
     def turned(self, d):
         self.grid.settle(0.05)
         return d
+
+
+class CloseWhileConnectingTests(unittest.SynchronousTestCase):
+    def test_a_client_closed_while_connecting_keeps_no_connection(self):
+        grid = LocalGrid()
+        self.addCleanup(grid.stop)
+        tc = grid.multiengine_client()
+        d = tc.connect()
+        closed = tc.close()
+        grid.settle(0.05)
+        self.successResultOf(closed)
+        self.failureResultOf(d, ClientClosed)
+        self.assertEqual([c.state.value for c in grid.tub.connections], ["broken"])
+        # And it connects again on its next call.
+        ids = tc.get_ids()
+        grid.settle(0.05)
+        self.assertEqual(self.successResultOf(ids), [])
+
+    def test_a_connection_lost_during_hello_is_unreachable(self):
+        from taskfarm.errors import ControllerUnreachable
+
+        grid = LocalGrid()
+        self.addCleanup(grid.stop)
+        grid.tub.share = True
+        first = grid.task_client()
+        d = first.connect()
+        grid.settle(0.05)
+        self.successResultOf(d)
+        # The next client's hello travels over the shared connection, whose
+        # answers are held, and the connection breaks before it is answered.
+        grid.tub.connection.hang_answers()
+        d = grid.task_client().connect()
+        grid.settle(0.05)
+        self.assertNoResult(d)
+        grid.tub.connection.disconnect()
+        grid.settle(0.05)
+        self.failureResultOf(d, ControllerUnreachable)
