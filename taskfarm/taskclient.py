@@ -313,7 +313,10 @@ class TaskClient(BaseClient):
             "up to its timeout" % (count, "" if count == 1 else "s", self.where)
         )
         self._log.warn("{message}", message=message, where=self.where, tasks=count)
-        warnings.warn(NoEnginesWarning(message), stacklevel=2)
+        try:
+            warnings.warn(NoEnginesWarning(message), stacklevel=2)
+        except Exception:
+            pass  # warnings turned into errors (-W error): the log has it
 
     async def _abandon(self, taskids: list[int]) -> None:
         """Abort `taskids` (those not finished) and clear them; errors are logged."""
