@@ -18,15 +18,18 @@ from twisted.python.failure import Failure
 from taskfarm import serialization
 from taskfarm.backoff import Backoff
 from taskfarm.errors import (
+    ClientClosed,
     ConnectionLost,
     ControllerUnreachable,
     MessageTooLarge,
+    ProfileError,
     ProtocolVersionError,
+    StaleFurl,
     WrongInterface,
 )
 from taskfarm.interfaces import IControllerDialer, IControllerReference
 from taskfarm.profile import INTERFACES
-from taskfarm.remote.client import FoolscapDialer, describe_error, furl_location
+from taskfarm.remote.client import FoolscapDialer, describe_error, furl_location, is_lost
 
 #: Seconds a connection attempt may take before `ControllerUnreachable`.
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -38,13 +41,25 @@ DEFAULT_RECONNECT_TIMEOUT = 120.0
 #: Seconds between reconnection attempts: the first, and the most (doubling).
 RETRY_DELAYS = (0.1, 2.0)
 
+#: Seconds between looks for a controller that is still starting
+#: (`wait_for_controller`): the first, and the most (doubling).
+STARTING_DELAYS = (0.1, 1.0)
+
 
 class ControllerConnection:
     """Calls methods of one controller interface; making one does no I/O.
 
     `dialer` (an `IControllerDialer`) is the transport; by default Foolscap
-    through `tub` (or the process's shared client Tub).  `reactor` is the
-    clock of every timeout and back-off.
+    through `tub` (or the process's shared client Tub), whose connection
+    to the controller other clients may share: `disconnect` ends only this
+    one's use of it.  `reactor` is the clock of every timeout and back-off.
+
+    `furl` is the furl, or a function giving it (reading the furl file;
+    it raises `ProfileError` while there is none).  With
+    `wait_for_controller`, connecting waits up to `connect_timeout` for a
+    controller that is still starting: for its furl file to appear and for
+    it to answer.  `furl_file` (where the furl came from) is named when the
+    furl turns out stale.
     """
 
     _log = Logger()
@@ -58,11 +73,20 @@ class ControllerConnection:
         tub=None,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         dialer: IControllerDialer | None = None,
+        wait_for_controller: bool = False,
+        furl_file=None,
     ) -> None:
         if interface not in INTERFACES:
             raise ValueError("unknown interface %r" % (interface,))
-        self.furl = furl
-        self.location = furl_location(furl)
+        self.furl: str | None = None
+        self.location = "(not located yet)"
+        self._furl_source = None
+        if callable(furl):
+            self._furl_source = furl
+        else:
+            self._use_furl(furl)
+        self.furl_file = furl_file
+        self._wait_for_controller = bool(wait_for_controller)
         self.interface = interface
         self._reactor = reactor
         self._connect_timeout = connect_timeout
@@ -70,6 +94,11 @@ class ControllerConnection:
         self._dialer = dialer if dialer is not None else FoolscapDialer(reactor, tub)
         self._rref: IControllerReference | None = None
         self._waiters: list[defer.Deferred] = []
+        #: Calls waiting for their answer; `disconnect` fails them.
+        self._in_flight: set[defer.Deferred] = set()
+        #: How many times `disconnect` ran (a call started before one is
+        #: failed with `ClientClosed`, not retried).
+        self._closes = 0
         #: Whether this connection ever reached the controller.
         self.ever_connected = False
         #: The controller's identity at the last `hello`; when it changes, it
@@ -78,6 +107,14 @@ class ControllerConnection:
         self.on_new_incarnation: list = []
         #: The controller's largest accepted message, learnt at `hello`.
         self.max_message_size = serialization.DEFAULT_MAX_MESSAGE_SIZE
+
+    def _use_furl(self, furl: str) -> None:
+        self.location = furl_location(furl)
+        self.furl = furl
+
+    def _resolve_furl(self) -> None:
+        if self.furl is None:
+            self._use_furl(self._furl_source())
 
     def connect(self) -> defer.Deferred:
         """Connect (once); fires when the interface answered `hello`."""
@@ -99,12 +136,41 @@ class ControllerConnection:
                 waiter.callback(None)
 
     async def _connect(self) -> None:
-        rref = await self._dialer.connect(self.furl, self._connect_timeout)
+        closes = self._closes
+        if self._wait_for_controller:
+            rref = await self._dial_starting()
+        else:
+            self._resolve_furl()
+            rref = await self._dial(self._connect_timeout)
+        try:
+            await self._greet(rref)
+        except BaseException:
+            # Not ours to keep: a reference counted as a user of a shared
+            # connection must leave it.
+            rref.disconnect()
+            raise
+        if closes != self._closes:
+            rref.disconnect()
+            raise ClientClosed("the client was closed while it connected to %s" % self.location)
+        rref.notify_on_disconnect(lambda: self._disconnected(rref))
+        self._rref = rref
+        self.ever_connected = True
+
+    async def _greet(self, rref) -> None:
+        """Say hello: check the interface and the wire version, learn the
+        limit and the controller's incarnation."""
         try:
             hello = await rref.hello()
         except ProtocolVersionError as e:
             raise ProtocolVersionError("the controller at %s: %s" % (self.location, e)) from None
+        except defer.CancelledError:
+            raise
         except Exception as e:
+            if is_lost(e):
+                raise ControllerUnreachable(
+                    "lost the connection to the controller at %s while connecting: %s"
+                    % (self.location, describe_error(e))
+                ) from None
             raise WrongInterface(
                 "the furl for %s does not lead to a taskfarm %s interface (%s)"
                 % (self.location, self.interface, describe_error(e))
@@ -124,9 +190,36 @@ class ControllerConnection:
             for callback in self.on_new_incarnation:
                 callback()
         self.incarnation = incarnation
-        rref.notify_on_disconnect(lambda: self._disconnected(rref))
-        self._rref = rref
-        self.ever_connected = True
+
+    async def _dial(self, timeout: float):
+        try:
+            return await self._dialer.connect(self.furl, timeout)
+        except StaleFurl as e:
+            where = self.furl_file or "the profile's security/%s.furl" % self.interface
+            raise StaleFurl(
+                "%s; the controller wrote a fresh furl file: read the furl from %s again "
+                "(make a new client)" % (e, where)
+            ) from None
+
+    async def _dial_starting(self):
+        """Dial a controller that may still be starting: until its furl
+        file appears and it answers, for up to the connect timeout."""
+        start = self._reactor.seconds()
+        deadline = start + self._connect_timeout
+        backoff = Backoff(*STARTING_DELAYS)
+        while True:
+            try:
+                self._resolve_furl()
+                left = max(deadline - self._reactor.seconds(), 0.001)
+                return await self._dial(min(self._connect_timeout, left))
+            except (ProfileError, ControllerUnreachable) as e:
+                if self._reactor.seconds() + backoff.peek() > deadline:
+                    raise ControllerUnreachable(
+                        "waited %g s for the controller to start and it is not reachable: %s"
+                        % (self._connect_timeout, e)
+                    ) from None
+                self._log.debug("controller not up yet ({error})", error=e)
+                await backoff.wait(self._reactor)
 
     def _disconnected(self, rref) -> None:
         if self._rref is rref:
@@ -161,6 +254,8 @@ class ControllerConnection:
                         "what was sent before is lost" % (self.location, method)
                     )
                 return await self._call_once(method, args)
+            except ClientClosed:
+                raise
             except (ConnectionLost, ControllerUnreachable) as e:
                 now = self._reactor.seconds()
                 if deadline is None:
@@ -186,15 +281,33 @@ class ControllerConnection:
                     "%d bytes" % (method, len(arg), self.max_message_size)
                 )
         rref = self._rref
+        closes = self._closes
+        d = rref.call(method, *args)
+        self._in_flight.add(d)
         try:
-            return await rref.call(method, *args)
+            return await d
         except ConnectionLost:
             if self._rref is rref:
                 self._rref = None
             raise
+        except defer.CancelledError:
+            if closes != self._closes:
+                raise ClientClosed(
+                    "the client was closed while %s waited for the controller at %s"
+                    % (method, self.location)
+                ) from None
+            raise
+        finally:
+            self._in_flight.discard(d)
 
     def disconnect(self) -> None:
-        """Close this interface's reference (the shared Tub stays)."""
+        """End this client's use of the connection: its calls still waiting
+        fail with `ClientClosed`; other clients sharing the connection are
+        not touched (it is dropped when its last user leaves).  A later
+        call connects again."""
+        self._closes += 1
         rref, self._rref = self._rref, None
+        for d in list(self._in_flight):
+            d.cancel()
         if rref is not None:
             rref.disconnect()

@@ -42,6 +42,29 @@ class ConnectionLost(TaskfarmError, ConnectionError):
     """The connection to the controller broke while a call was in flight."""
 
 
+class StaleFurl(FurlError):
+    """The furl names a controller identity (TubID) the controller at its
+    address no longer has: its security folder was renewed, and a fresh
+    furl file was written."""
+
+
+class WaitTimeout(TaskfarmError, TimeoutError):
+    """A wait given a `timeout=` ran out; the message names what was waited
+    for and for how long.  The client stays usable.  On the client side what
+    was waited for may still finish later; a MultiEngine command past its
+    `timeout` is interrupted on its engine, and that engine's part of the
+    answer is this error."""
+
+
+class NoEnginesWarning(UserWarning):
+    """A call that needs engines is waiting while none is registered."""
+
+
+class ClientClosed(ConnectionLost):
+    """A call of a client was still waiting when that client was closed
+    (never retried: other clients' calls are not touched)."""
+
+
 class JournalError(TaskfarmError):
     """The controller's journal cannot be written (a full disk, say): the
     submission was refused whole, and none of its tasks will run."""
@@ -97,12 +120,6 @@ class TaskAborted(TaskfarmError):
 
 class TaskTimeout(TaskfarmError):
     """A task ran too long, or waited too long for an engine that suits it."""
-
-
-class WaitTimeout(TaskfarmError, TimeoutError):
-    """A call waited longer than the `timeout` it was given.  A MultiEngine
-    command past its `timeout` is interrupted on its engine, and that
-    engine's part of the answer is this error."""
 
 
 class DependError(TaskfarmError):

@@ -29,6 +29,12 @@ from taskfarm.profile import MULTIENGINE
 from taskfarm.properties import checked_properties
 from taskfarm.results import PendingResults, ResultList, join_blocks, partition
 from taskfarm.results import barrier as results_barrier
+from taskfarm.waiting import bounded, check_timeout, within
+
+
+#: Seconds past a MultiEngine call's `timeout` that the client waits for the
+#: engines' own answer (an interrupted command's `WaitTimeout`).
+ENGINE_ANSWER_MARGIN = 2.0
 
 
 class MultiEngineClient(BaseClient):
@@ -54,13 +60,16 @@ class MultiEngineClient(BaseClient):
         targets="all",
         block: bool = True,
         deferred_ids: bool = False,
+        wait_for_controller: bool = False,
     ):
-        super().__init__(furl_or_file, reactor, connect_timeout, tub, reconnect_timeout)
+        super().__init__(
+            furl_or_file, reactor, connect_timeout, tub, reconnect_timeout, wait_for_controller
+        )
         #: The default targets of every method.
         self.targets = targets
         #: The default of every method's `block`.
         self.block = block
-        self._results = PendingResults()
+        self._results = PendingResults(self._reactor)
         self._deferred_ids = bool(deferred_ids)
         #: Deferred id -> its PendingResult, held until taken or cleared.
         self._deferreds: dict[int, object] = {}
@@ -69,8 +78,20 @@ class MultiEngineClient(BaseClient):
 
     # -- plumbing ------------------------------------------------------------------
 
-    def _answer(self, coroutine, block) -> defer.Deferred:
-        d = defer.Deferred.fromCoroutine(coroutine)
+    def _answer(
+        self, coroutine, block, timeout=None, what: str = "a MultiEngine call", on_engines=True
+    ) -> defer.Deferred:
+        # The client side of `timeout`: the wait for the answer (a
+        # non-blocking call's PendingResult fails with WaitTimeout then).
+        # A call that runs on the engines carries `timeout` to them too, and
+        # an engine interrupts the command then and answers WaitTimeout: the
+        # client waits a margin longer, so that answer (in the call's
+        # CompositeError) is what the caller sees; past the margin (no
+        # answer at all) the client's own WaitTimeout.
+        if on_engines and isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+            if timeout >= 0:
+                timeout = timeout + ENGINE_ANSWER_MARGIN
+        d = bounded(coroutine, timeout, self._reactor, what)
         if (self.block if block is None else block):
             return d
         pending = self._results.new(d)
@@ -116,7 +137,7 @@ class MultiEngineClient(BaseClient):
                 )
             )
 
-        return self._answer(go(), block)
+        return self._answer(go(), block, timeout, "execute on %s" % self._targets_text(targets))
 
     def run(self, filename, targets=None, block=None, timeout=None) -> defer.Deferred:
         """Read a Python file here and execute it on each target."""
@@ -138,7 +159,7 @@ class MultiEngineClient(BaseClient):
             return defer.fail(e)
         return self._answer(
             self._engine_call("push", "push", targets, (blob,), lambda _: None, timeout=timeout),
-            block,
+            block, timeout, "push to %s" % self._targets_text(targets),
         )
 
     def pull(self, keys, targets=None, block=None, timeout=None) -> defer.Deferred:
@@ -154,7 +175,8 @@ class MultiEngineClient(BaseClient):
             return values[0] if single else values
 
         return self._answer(
-            self._engine_call("pull", "pull", targets, (names,), decode, timeout=timeout), block
+            self._engine_call("pull", "pull", targets, (names,), decode, timeout=timeout),
+            block, timeout, "pull from %s" % self._targets_text(targets),
         )
 
     push_function = push
@@ -171,30 +193,29 @@ class MultiEngineClient(BaseClient):
             )
             return list(zip(*values, strict=True))
 
-        return self._answer(go(), block)
+        return self._answer(go(), block, timeout, "zip_pull from %s" % self._targets_text(targets))
 
-    def get_result(
-        self, i: int | None = None, targets=None, block=None, timeout=None
-    ) -> defer.Deferred:
+    def get_result(self, i: int | None = None, targets=None, block=None, timeout=None) -> defer.Deferred:
         """The result dict of execute number `i` (the last if None) on each target."""
         return self._answer(
             self._engine_call(
                 "get_result", "get_result", targets, (i,), serialization.unpack, timeout=timeout
             ),
-            block,
+            block, timeout, "get_result from %s" % self._targets_text(targets),
         )
 
     def reset(self, targets=None, block=None, timeout=None) -> defer.Deferred:
         """Give each target an empty namespace."""
         return self._answer(
-            self._engine_call("reset", "reset", targets, (), lambda _: None, timeout=timeout), block
+            self._engine_call("reset", "reset", targets, (), lambda _: None, timeout=timeout),
+            block, timeout, "reset of %s" % self._targets_text(targets),
         )
 
     def keys(self, targets=None, block=None, timeout=None) -> defer.Deferred:
         """The user names on each target."""
         return self._answer(
             self._engine_call("keys", "keys", targets, (), serialization.unpack, timeout=timeout),
-            block,
+            block, timeout, "keys of %s" % self._targets_text(targets),
         )
 
     def interrupt(self, targets=None, block=None) -> defer.Deferred:
@@ -207,7 +228,8 @@ class MultiEngineClient(BaseClient):
         alone (see `abort`, `TaskClient.abort`).  Per target: the op it
         interrupted, or None if none was running."""
         return self._answer(
-            self._engine_call("interrupt", "interrupt", targets, (), serialization.unpack), block
+            self._engine_call("interrupt", "interrupt", targets, (), serialization.unpack),
+            block, None, "interrupt of %s" % self._targets_text(targets),
         )
 
     def abort(self, targets=None, block=None) -> defer.Deferred:
@@ -216,10 +238,13 @@ class MultiEngineClient(BaseClient):
         interrupted, so the engines are free for what comes next.  Per
         target, as `interrupt`."""
         return self._answer(
-            self._engine_call("abort", "abort", targets, (), serialization.unpack), block
+            self._engine_call("abort", "abort", targets, (), serialization.unpack),
+            block, None, "abort of %s" % self._targets_text(targets),
         )
 
-    def kill(self, controller: bool = False, targets=None, block=None) -> defer.Deferred:
+    def kill(
+        self, controller: bool = False, targets=None, block=None, timeout=None
+    ) -> defer.Deferred:
         """Stop the target engines (and, if `controller`, the controller after them).
 
         An engine does a kill as it arrives, not after its queued work: the
@@ -229,14 +254,14 @@ class MultiEngineClient(BaseClient):
 
         async def go():
             try:
-                await self._engine_call("kill", "kill", targets, (), lambda _: None)
+                await self._engine_call("kill", "kill", targets, (), lambda _: None, timeout=timeout)
             except NoEnginesRegistered:
                 if not controller:
                     raise
             if controller:
                 await self._connection.call("kill_controller")
 
-        return self._answer(go(), block)
+        return self._answer(go(), block, timeout, "kill of %s" % self._targets_text(targets))
 
     # -- scatter, gather, map ------------------------------------------------------------
 
@@ -260,7 +285,7 @@ class MultiEngineClient(BaseClient):
                 "scatter", "push", ids, (), lambda _: None, per_target, timeout
             )
 
-        return self._answer(go(), block)
+        return self._answer(go(), block, timeout, "scatter to %s" % self._targets_text(targets))
 
     def gather(self, key: str, dist: str = "b", targets=None, block=None, timeout=None):
         """Pull `key` from each target and join the blocks (see `scatter`)."""
@@ -273,14 +298,15 @@ class MultiEngineClient(BaseClient):
             )
             return join_blocks(blocks)
 
-        return self._answer(go(), block)
+        return self._answer(go(), block, timeout, "gather from %s" % self._targets_text(targets))
 
     def map(
         self, function, *sequences, targets=None, block=None, timeout=None, **kwargs
     ) -> defer.Deferred:
         """``[function(*args, **kwargs) for args in zip(*sequences)]`` in
         contiguous blocks over the targets (direct, not load-balanced);
-        `targets`, `block` and `timeout` are this call's own."""
+        `targets`, `block` and `timeout` are this call's own (see `execute`
+        for what `timeout` does)."""
 
         async def go():
             arguments = zip_equal(sequences)
@@ -297,7 +323,7 @@ class MultiEngineClient(BaseClient):
             )
             return [value for block_ in blocks for value in block_]
 
-        return self._answer(go(), block)
+        return self._answer(go(), block, timeout, "map on %s" % self._targets_text(targets))
 
     def mapper(self, targets=None, block=None, dist: str = "b") -> MultiEngineMapper:
         """An object whose `map` maps over these targets."""
@@ -309,7 +335,7 @@ class MultiEngineClient(BaseClient):
 
     # -- properties --------------------------------------------------------------------
 
-    def _properties(self, method, action, argument, targets, block) -> defer.Deferred:
+    def _properties(self, method, action, argument, targets, block, timeout=None) -> defer.Deferred:
         async def go():
             request = serialization.pack(
                 wire.PropertiesRequest(
@@ -318,13 +344,15 @@ class MultiEngineClient(BaseClient):
             )
             return _collect(method, await self._connection.call("properties", request), serialization.unpack)
 
-        return self._answer(go(), block)
+        return self._answer(
+            go(), block, timeout, "%s of %s" % (method, self._targets_text(targets)), on_engines=False
+        )
 
-    def get_properties(self, keys=None, targets=None, block=None):
+    def get_properties(self, keys=None, targets=None, block=None, timeout=None):
         """Each target's properties (all, one key's value, or a dict of `keys`)."""
-        return self._properties("get_properties", "get", _keys(keys), targets, block)
+        return self._properties("get_properties", "get", _keys(keys), targets, block, timeout)
 
-    def set_properties(self, properties: dict, targets=None, block=None):
+    def set_properties(self, properties: dict, targets=None, block=None, timeout=None):
         """Update each target's properties; the scheduler sees them at once."""
         try:
             # Checked here too: the request envelope itself carries plain
@@ -333,32 +361,37 @@ class MultiEngineClient(BaseClient):
             properties = checked_properties(properties)
         except Exception as e:
             return defer.fail(e)
-        return self._properties("set_properties", "set", properties, targets, block)
+        return self._properties("set_properties", "set", properties, targets, block, timeout)
 
-    def has_properties(self, keys, targets=None, block=None):
+    def has_properties(self, keys, targets=None, block=None, timeout=None):
         """Per target: whether it has `keys` (a bool, or a list of bools)."""
-        return self._properties("has_properties", "has", _keys(keys), targets, block)
+        return self._properties("has_properties", "has", _keys(keys), targets, block, timeout)
 
-    def del_properties(self, keys, targets=None, block=None):
+    def del_properties(self, keys, targets=None, block=None, timeout=None):
         """Remove `keys` from each target's properties."""
-        return self._properties("del_properties", "del", _keys(keys), targets, block)
+        return self._properties("del_properties", "del", _keys(keys), targets, block, timeout)
 
-    def clear_properties(self, targets=None, block=None):
+    def clear_properties(self, targets=None, block=None, timeout=None):
         """Remove every property but the machine facts the engine reported."""
-        return self._properties("clear_properties", "clear", None, targets, block)
+        return self._properties("clear_properties", "clear", None, targets, block, timeout)
 
     # -- engines and queues ------------------------------------------------------------
 
-    def get_ids(self) -> defer.Deferred:
+    def get_ids(self, timeout=None) -> defer.Deferred:
         """The ids of the registered engines."""
-        return self._call("engine_ids")
+        return bounded(
+            self._connection.call("engine_ids"), timeout, self._reactor, "the engine ids"
+        )
 
-    def queue_status(self, targets=None, block=None):
+    def queue_status(self, targets=None, block=None, timeout=None):
         """Per target: the command running (`pending`) and those queued."""
         targets = self.targets if targets is None else targets
-        return self._answer(self._connection.call("queue_status", serialization.pack(targets)), block)
+        return self._answer(
+            self._connection.call("queue_status", serialization.pack(targets)),
+            block, timeout, "queue_status of %s" % self._targets_text(targets), on_engines=False,
+        )
 
-    def clear_queue(self, targets=None, block=None):
+    def clear_queue(self, targets=None, block=None, timeout=None):
         """Drop the queued MultiEngine commands of the targets (they fail
         with `QueueCleared`); running commands and tasks are not touched.
         Fires with one None per target, as the original."""
@@ -368,16 +401,21 @@ class MultiEngineClient(BaseClient):
             await self._connection.call("clear_queue", serialization.pack(targets))
             return [None] * len(await self._resolve(targets))
 
-        return self._answer(go(), block)
+        return self._answer(
+            go(), block, timeout, "clear_queue of %s" % self._targets_text(targets), on_engines=False
+        )
 
     # -- pending results -----------------------------------------------------------------
 
-    def barrier(self, pending_results) -> defer.Deferred:
-        """Wait until every given `PendingResult` has its answer."""
+    def barrier(self, pending_results, timeout=None) -> defer.Deferred:
+        """Wait until every given `PendingResult` has its answer;
+        `WaitTimeout` after `timeout` seconds (None: no limit)."""
         try:
-            return results_barrier(pending_results)
-        except NotAPendingResult as e:
+            seconds = check_timeout(timeout)
+            d = results_barrier(pending_results)
+        except (NotAPendingResult, TypeError, ValueError) as e:
             return defer.fail(e)
+        return within(d, seconds, self._reactor, "pending results (barrier)")
 
     def flush(self) -> defer.Deferred:
         """Drop every non-blocking result not fetched yet (deferred ids
@@ -388,7 +426,9 @@ class MultiEngineClient(BaseClient):
 
     clear_pending_results = flush
 
-    def get_pending_deferred(self, deferred_id: int, block: bool = True) -> defer.Deferred:
+    def get_pending_deferred(
+        self, deferred_id: int, block: bool = True, timeout=None
+    ) -> defer.Deferred:
         """The result of the non-blocking call that fired with `deferred_id`
         (a client with `deferred_ids`); taking it frees it.
 
@@ -399,6 +439,16 @@ class MultiEngineClient(BaseClient):
         """
         if isinstance(deferred_id, bool) or not isinstance(deferred_id, int):
             return defer.fail(TypeError("a deferred id is an int, not %r" % (deferred_id,)))
+        try:
+            seconds = check_timeout(timeout)
+        except (TypeError, ValueError) as e:
+            return defer.fail(e)
+        return within(
+            self._pending_deferred(deferred_id, block), seconds, self._reactor,
+            "the result of deferred id %d" % deferred_id,
+        )
+
+    def _pending_deferred(self, deferred_id: int, block: bool) -> defer.Deferred:
         if deferred_id in self._waited:
             return defer.fail(
                 InvalidDeferredID(
@@ -420,7 +470,13 @@ class MultiEngineClient(BaseClient):
         del self._deferreds[deferred_id]
         if pending.done:
             return pending.get_result(block=True)
-        waiter: defer.Deferred = defer.Deferred()
+        def given_up(waiter):
+            # A timed-out wait hands the id back: it can be asked for again.
+            if self._waited.get(deferred_id) is waiter:
+                del self._waited[deferred_id]
+                self._deferreds[deferred_id] = pending
+
+        waiter: defer.Deferred = defer.Deferred(given_up)
         self._waited[deferred_id] = waiter
 
         def arrived(outcome):
@@ -450,6 +506,11 @@ class MultiEngineClient(BaseClient):
                 )
             )
         return defer.succeed(None)
+
+
+    def _targets_text(self, targets) -> str:
+        targets = self.targets if targets is None else targets
+        return "engines %r" % (targets,) if targets != "all" else "all engines"
 
 
 class MultiEngineMapper:

@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from taskfarm.errors import InvalidResultID, NotAPendingResult
+from taskfarm.waiting import check_timeout, within
 
 
 class ResultList(list):
@@ -39,8 +40,9 @@ class ResultList(list):
 class PendingResult:
     """The future answer of a non-blocking MultiEngine call (Deferred API).
 
-    `get_result(default=None, block=True)` returns a Deferred: the value (or
-    the error, raised), or `default` when it is not ready and not `block`.
+    `get_result(default=None, block=True, timeout=None)` returns a
+    Deferred: the value (or the error, raised), or `default` when it is not
+    ready and not `block`; `WaitTimeout` after `timeout` seconds of waiting.
     """
 
     def __init__(self, registry: PendingResults, result_id: int, deferred: defer.Deferred):
@@ -70,19 +72,35 @@ class PendingResult:
         """Whether the answer has arrived."""
         return self._outcome is not None
 
-    def get_result(self, default=None, block: bool = True) -> defer.Deferred:
-        """A Deferred of the value (an error is raised by it)."""
+    def get_result(self, default=None, block: bool = True, timeout=None) -> defer.Deferred:
+        """A Deferred of the value (an error is raised by it); with `block`,
+        `WaitTimeout` after `timeout` seconds (None: no limit), and the
+        result can still be fetched later."""
         if self._flushed:
             return defer.fail(
                 InvalidResultID("result %d was flushed before it was fetched" % self.result_id)
             )
-        waiter: defer.Deferred = defer.Deferred()
+        try:
+            seconds = check_timeout(timeout)
+        except (TypeError, ValueError) as e:
+            return defer.fail(e)
+
+        def given_up(waiter):
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+        waiter: defer.Deferred = defer.Deferred(given_up)
         if self._outcome is not None:
             self._deliver(waiter)
         elif not block:
             waiter.callback(default)
         else:
             self._waiters.append(waiter)
+            if seconds is not None:
+                reactor = self._registry.reactor
+                if reactor is None:
+                    from twisted.internet import reactor
+                return within(waiter, seconds, reactor, "pending result %d" % self.result_id)
         return waiter
 
     @property
@@ -122,7 +140,9 @@ class PendingResults:
     Held weakly: a `PendingResult` the user dropped is freed with its value.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reactor=None) -> None:
+        #: The clock of `get_result`'s timeout.
+        self.reactor = reactor
         self._ids = itertools.count()
         self._handed_out = 0
         self._pending: weakref.WeakValueDictionary = weakref.WeakValueDictionary()

@@ -4,6 +4,7 @@ mapper.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import attrs
@@ -18,12 +19,19 @@ from taskfarm.connection import (
 )
 from taskfarm.errors import (
     BadRequest,
+    NoEnginesWarning,
+    TaskAlreadyCompleted,
     UnknownTask,
 )
 from taskfarm.profile import TASK
 from taskfarm.remote.schemas import NOT_YET
 from taskfarm.submission import Submitter, pack_envelope
 from taskfarm.task import CALL, BaseTask, MapTask, result_from_envelope
+from taskfarm.waiting import bounded, check_timeout
+
+#: Seconds a `map` waits before it looks whether any engine is registered
+#: (and warns once if none is); a map that finishes sooner never asks.
+NO_ENGINES_GRACE = 2.0
 
 
 class TaskClient(BaseClient):
@@ -39,16 +47,19 @@ class TaskClient(BaseClient):
         connect_timeout=DEFAULT_CONNECT_TIMEOUT,
         tub=None,
         reconnect_timeout=DEFAULT_RECONNECT_TIMEOUT,
+        wait_for_controller: bool = False,
     ):
-        super().__init__(furl_or_file, reactor, connect_timeout, tub, reconnect_timeout)
+        super().__init__(
+            furl_or_file, reactor, connect_timeout, tub, reconnect_timeout, wait_for_controller
+        )
         self._submitter = Submitter(self._connection, self._reactor)
 
     # -- submitting ---------------------------------------------------------------
 
-    def run(self, task: BaseTask, block: bool = False) -> defer.Deferred:
+    def run(self, task: BaseTask, block: bool = False, timeout: float | None = None) -> defer.Deferred:
         """Submit one task; fires with its id (with `block`, with what
-        ``get_task_result(id, block=True)`` gives: its `TaskResult`, or for
-        a `MapTask` its value, a failure raised).
+        ``get_task_result(id, block=True, timeout=timeout)`` gives: its
+        `TaskResult`, or for a `MapTask` its value, a failure raised).
 
         Usually at once: the id comes from a block the controller set aside
         for this client, and the task leaves with others at the end of the
@@ -60,11 +71,12 @@ class TaskClient(BaseClient):
         """
         try:
             envelope = _envelope(task)
+            check_timeout(timeout)
         except Exception as e:
             return defer.fail(e)
         d = self._submitter.run(envelope)
         if block:
-            d.addCallback(self.get_task_result, True)
+            d.addCallback(self.get_task_result, True, timeout)
         return d
 
     def run_many(self, tasks: Iterable[BaseTask]) -> defer.Deferred:
@@ -119,15 +131,21 @@ class TaskClient(BaseClient):
 
     # -- results ---------------------------------------------------------------------
 
-    def get_task_result(self, taskid: int, block: bool = False, full: bool = False) -> defer.Deferred:
+    def get_task_result(
+        self, taskid: int, block: bool = False, full: bool = False, timeout: float | None = None
+    ) -> defer.Deferred:
         """The task's `TaskResult`, or None if unfinished and not `block`.
 
         For a `MapTask` the result is the function's return value, and a
         failure is raised instead; with `full`, a MapTask's `TaskResult`
         (``value``, ``failure``, ``stdout``, ``stderr``, times) is given
-        instead, as for a `Task`.
+        instead, as for a `Task`.  With `block`, `WaitTimeout` after
+        `timeout` seconds (None: no limit); the task goes on.
         """
-        return defer.Deferred.fromCoroutine(self._get_result(taskid, block, full))
+        return bounded(
+            self._get_result(taskid, block, full), timeout, self._reactor,
+            "the result of task %r" % (taskid,),
+        )
 
     async def _get_result(self, taskid: int, block: bool, full: bool = False):
         _check_id(taskid)
@@ -142,9 +160,16 @@ class TaskClient(BaseClient):
             return result_from_envelope(envelope)
         return _present(envelope)
 
-    def get_task_results(self, taskids: list[int], block: bool = False) -> defer.Deferred:
-        """`get_task_result` for many ids in one message, as a list."""
-        return defer.Deferred.fromCoroutine(self._get_results(list(taskids), block))
+    def get_task_results(
+        self, taskids: list[int], block: bool = False, timeout: float | None = None
+    ) -> defer.Deferred:
+        """`get_task_result` for many ids in one message, as a list;
+        `WaitTimeout` after `timeout` seconds (None: no limit)."""
+        taskids = list(taskids)
+        return bounded(
+            self._get_results(taskids, block), timeout, self._reactor,
+            "the results of %d tasks" % len(taskids),
+        )
 
     async def _get_results(self, taskids: list[int], block: bool) -> list:
         for taskid in taskids:
@@ -206,16 +231,22 @@ class TaskClient(BaseClient):
             if answer != NOT_YET:
                 return answer
 
-    def barrier(self, taskids) -> defer.Deferred:
-        """Fires (with None) once every task in `taskids` (an id or a list) is done."""
+    def barrier(self, taskids, timeout: float | None = None) -> defer.Deferred:
+        """Fires (with None) once every task in `taskids` (an id or a list)
+        is done; `WaitTimeout` after `timeout` seconds (None: no limit)."""
         ids = [taskids] if isinstance(taskids, int) else list(taskids)
-        for taskid in ids:
-            _check_id(taskid)
-        return defer.Deferred.fromCoroutine(self._wait(ids))
+        try:
+            for taskid in ids:
+                _check_id(taskid)
+        except TypeError as e:
+            return defer.fail(e)
+        return bounded(self._wait(ids), timeout, self._reactor, "%d tasks to finish" % len(ids))
 
     # -- function tasks -----------------------------------------------------------------
 
-    def map(self, function, *sequences, **options) -> defer.Deferred:
+    def map(
+        self, function, *sequences, timeout: float | None = None, task_timeout=None, **options
+    ) -> defer.Deferred:
         """Load-balanced ``[function(*args, **kwargs) for args in zip(*sequences)]``.
 
         One `MapTask` per element; keywords that name task options
@@ -223,8 +254,19 @@ class TaskClient(BaseClient):
         are `kwargs`, given to every call.  The function is pickled once.  Fires with the results
         in order, or fails with the first task's failure.  The results are
         cleared on the controller once fetched.
+
+        `timeout` bounds the whole map (None: no limit): past it the map
+        fails with `WaitTimeout` and aborts its unfinished tasks.  Each
+        task's own run limit is `task_timeout` (the `timeout` option of a
+        `MapTask`, and of `mapper`).  A map still waiting after a few
+        seconds with no engine registered says so once, in a warning.
         """
-        return defer.Deferred.fromCoroutine(self._map(function, sequences, options))
+        if task_timeout is not None:
+            options["timeout"] = task_timeout
+        return bounded(
+            self._map(function, sequences, options), timeout, self._reactor,
+            "map of %s" % getattr(function, "__name__", "a function"),
+        )
 
     async def _map(self, function, sequences, task_options) -> list:
         arguments = zip_equal(sequences)
@@ -232,16 +274,66 @@ class TaskClient(BaseClient):
             return []
         tasks = map_tasks(function, arguments, task_options)
         ids = await self.run_many(tasks)
+        watch = self._reactor.callLater(NO_ENGINES_GRACE, self._warn_if_no_engines, len(ids))
         try:
             await self._wait(ids)
-            outcomes = await self._get_results(ids, False)
+        except defer.CancelledError:
+            # Timed out: the tasks would run for nobody, and nobody holds
+            # their ids; abort and clear them, without holding the caller.
+            defer.Deferred.fromCoroutine(self._abandon(ids))
+            raise
         finally:
-            # Results in hand are never thrown away for a clear that fails.
+            if watch.active():
+                watch.cancel()
+        try:
+            outcomes = await self._get_results(ids, False)
+        except defer.CancelledError:
+            defer.Deferred.fromCoroutine(self._clear_fetched(ids))
+            raise
+        except BaseException:
             await self._clear_fetched(ids)
+            raise
+        # Results in hand are never thrown away for a clear that fails.
+        await self._clear_fetched(ids)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
         return outcomes
+
+    def _warn_if_no_engines(self, count: int) -> None:
+        async def look():
+            try:
+                ids = await self._connection.call("engine_ids")
+            except Exception:
+                return  # the map itself reports a broken connection
+            if not ids:
+                self._warn_no_engines(count)
+
+        defer.Deferred.fromCoroutine(look())
+
+    def _warn_no_engines(self, count: int) -> None:
+        message = (
+            "map is waiting for its %d task%s, but no engines are registered with %s: "
+            "start some (`taskfarm cluster -n N` or `twistd taskengine`); the map waits "
+            "up to its timeout" % (count, "" if count == 1 else "s", self.where)
+        )
+        self._log.warn("{message}", message=message, where=self.where, tasks=count)
+        try:
+            warnings.warn(NoEnginesWarning(message), stacklevel=2)
+        except Exception:
+            pass  # warnings turned into errors (-W error): the log has it
+
+    async def _abandon(self, taskids: list[int]) -> None:
+        """Abort `taskids` (those not finished) and clear them; errors are logged."""
+        for taskid in taskids:
+            try:
+                await self._ask("abort", taskid, retry=False, confirm=False)
+            except (TaskAlreadyCompleted, UnknownTask):
+                pass
+            except Exception as e:
+                self._log.warn("could not abort task {taskid}: {error}", taskid=taskid, error=e)
+                return
+        await self._clear_fetched(taskids)
 
     def mapper(self, block: bool = True, **task_options) -> TaskMapper:
         """A `TaskMapper` whose `map` uses these task options (and, with
@@ -369,6 +461,10 @@ class TaskMapper:
             )
         options = {**kwargs, **self.task_options}
         if self.block:
+            # The mapper's `timeout` is the task option (each task's run
+            # limit), which `map` calls `task_timeout`.
+            if "timeout" in options:
+                options["task_timeout"] = options.pop("timeout")
             return self._client.map(function, *sequences, **options)
         tasks = map_tasks(function, zip_equal(sequences), options)
         return self._client.run_many(tasks)

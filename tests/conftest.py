@@ -28,6 +28,7 @@ PROCESS_MODULES = {
     "test_batch",
     "test_blocking_example",
     "test_chaos",
+    "test_client_connections",
     "test_examples",
     "test_install",
     "test_cluster",

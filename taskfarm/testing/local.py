@@ -83,6 +83,8 @@ class LocalConnection:
         self._references: dict[int, tuple] = {}
         #: Every call made over the connection, as ``(method, args)`` (for tests).
         self.calls: list[tuple[str, tuple]] = []
+        #: What ``rref.tracker.broker`` is for every reference over it.
+        self.broker = _Broker(self)
 
     # -- references ---------------------------------------------------------------
 
@@ -250,7 +252,8 @@ class _Broker:
 
 class _Tracker:
     def __init__(self, connection: LocalConnection) -> None:
-        self.broker = _Broker(connection)
+        # One broker per connection, shared by its references, as Foolscap's.
+        self.broker = connection.broker
 
 
 class LocalReference:
@@ -292,7 +295,8 @@ class LocalTub:
 
     Switches: `reachable` False refuses connections
     (`ConnectionRefusedError`), `answering` False leaves them unanswered
-    (the caller's own timeout ends the wait).
+    (the caller's own timeout ends the wait), `share` True makes every
+    reference travel over one live connection.
     """
 
     def __init__(self, clock) -> None:
@@ -303,6 +307,9 @@ class LocalTub:
         self.reachable = True
         self.answering = True
         self.running = False
+        #: Whether references share one live connection (as a Foolscap Tub
+        #: shares one per peer Tub) instead of one connection each.
+        self.share = False
 
     def serve(self, target, name: str) -> str:
         """Serve the Referenceable `target` (in place of any before it) under
@@ -322,6 +329,11 @@ class LocalTub:
         target = self._served.get(furl)
         if not self.reachable or target is None:
             d.errback(ConnectionRefusedError("nothing is served there"))
+            return
+        live = [c for c in self.connections if c.state is not LinkState.BROKEN]
+        if self.share and live:
+            # One connection per peer, shared, as a Foolscap Tub keeps.
+            d.callback(live[-1].reference(target))
             return
         connection = LocalConnection(self._clock)
         self.connections.append(connection)
