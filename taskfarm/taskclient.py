@@ -76,7 +76,7 @@ class TaskClient(BaseClient):
             return defer.fail(e)
         d = self._submitter.run(envelope)
         if block:
-            d.addCallback(self.get_task_result, True, timeout)
+            d.addCallback(self.get_task_result, True, timeout=timeout)
         return d
 
     def run_many(self, tasks: Iterable[BaseTask]) -> defer.Deferred:
@@ -132,7 +132,7 @@ class TaskClient(BaseClient):
     # -- results ---------------------------------------------------------------------
 
     def get_task_result(
-        self, taskid: int, block: bool = False, full: bool = False, timeout: float | None = None
+        self, taskid: int, block: bool = False, timeout: float | None = None, full: bool = False
     ) -> defer.Deferred:
         """The task's `TaskResult`, or None if unfinished and not `block`.
 

@@ -76,7 +76,7 @@ class SignatureTests(unittest.SynchronousTestCase):
 
     def test_help_shows_the_blocking_return(self):
         signature = inspect.signature(client.TaskClient.get_task_result)
-        self.assertEqual(list(signature.parameters), ["self", "taskid", "block", "timeout"])
+        self.assertEqual(list(signature.parameters), ["self", "taskid", "block", "timeout", "full"])
         self.assertEqual(signature.return_annotation, "TaskResult | Any | None")
         self.assertNotIn("fires", client.TaskClient.run.__doc__)
 

@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from taskfarm.asyncclient import MultiEngineClient, TaskClient
+from taskfarm.multiengineclient import ENGINE_ANSWER_MARGIN
 from taskfarm.errors import (
     ClientClosed,
     ControllerUnreachable,
@@ -227,8 +228,10 @@ class MultiEngineTimeoutTests(WaitTestCase):
             "gather": lambda t: self.mec.gather("x", timeout=t),
             "map": lambda t: self.mec.map(double, [1, 2], timeout=t),
         }
+        # The client waits a margin past the timeout for the engines' own
+        # WaitTimeout (these engines never answer).
         for name, call in calls.items():
-            self.timed_out(call(1.0), 1.0, name)
+            self.timed_out(call(1.0), 1.0 + ENGINE_ANSWER_MARGIN, name)
         self.released()
         self.assertEqual(self.successResultOf(self.turned(self.mec.pull("x", timeout=5))), [[1, 2]])
 
@@ -247,7 +250,7 @@ class MultiEngineTimeoutTests(WaitTestCase):
     def test_a_non_blocking_call_with_timeout_fails_its_pending_result(self):
         pending = self.successResultOf(self.mec.execute("a = 5", block=False, timeout=1))
         self.settle()
-        self.clock.advance(1.5)
+        self.clock.advance(1.5 + ENGINE_ANSWER_MARGIN)
         self.failureResultOf(pending.get_result(), WaitTimeout)
 
     def test_get_pending_deferred_gives_the_id_back(self):
