@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 
-from taskfarm import asyncclient, reactorthread, results
+from taskfarm import asyncclient, progress, reactorthread, results
 from taskfarm.connection import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT
 from taskfarm.errors import *  # noqa: F401,F403  (the errors users catch)
 from taskfarm.errors import NotAPendingResult
@@ -32,10 +32,21 @@ __all__ = [
 ]
 
 
+#: Waits that Ctrl-C gives up (the Deferred is cancelled): a barrier, and a
+#: map showing a progress bar (so that the bar stops too).
+_INTERRUPTIBLE = {
+    "barrier": lambda kwargs: True,
+    "map": lambda kwargs: progress.wanted(kwargs.get("progress")),
+}
+
+
 def _blocking(method_name: str, async_method):
+    interruptible = _INTERRUPTIBLE.get(method_name, lambda kwargs: False)
+
     @functools.wraps(async_method)
     def method(self, *args, **kwargs):
-        value = reactorthread.call(getattr(self._async, method_name), *args, **kwargs)
+        call = reactorthread.call_interruptible if interruptible(kwargs) else reactorthread.call
+        value = call(getattr(self._async, method_name), *args, **kwargs)
         if isinstance(value, results.PendingResult):
             return PendingResult(value)
         return value
@@ -93,6 +104,22 @@ class TaskClient(_BlockingClient):
     def parallel(self, block: bool = True, **task_options):
         """A decorator: ``f(seq)`` becomes the load-balanced map of `f` over `seq`."""
         return asyncclient.parallel_decorator(self.mapper(block=block, **task_options))
+
+    def executor(self, clear: bool = True, **task_options):
+        """A `concurrent.futures.Executor` whose calls are function tasks
+        with these options (see `taskfarm.futures.TaskExecutor`)."""
+        from taskfarm.futures import TaskExecutor
+
+        return TaskExecutor(self, clear=clear, **task_options)
+
+    def as_completed(self, taskids, timeout: float | None = None):
+        """Yield the `TaskResult` of each distinct task in `taskids` as it
+        finishes (a MapTask's value is its `.value`, its failure
+        `.failure`); `WaitTimeout` if some are unfinished `timeout` seconds
+        after the first ``next()``.  One watcher asks about them in batches."""
+        from taskfarm.futures import as_completed
+
+        return as_completed(self, taskids, timeout)
 
 
 class PendingResult:

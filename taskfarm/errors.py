@@ -99,6 +99,11 @@ class TaskTimeout(TaskfarmError):
     """A task ran too long, or waited too long for an engine that suits it."""
 
 
+class WaitTimeout(TaskfarmError, TimeoutError):
+    """A wait on the controller (a barrier, a result, as_completed) ran past
+    its `timeout`; the tasks go on, and the client stays usable."""
+
+
 class DependError(TaskfarmError):
     """A task's `depend` function cannot be loaded (unpickled) at all, so no
     engine can ever be asked; the message names the cause."""

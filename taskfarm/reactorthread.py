@@ -8,10 +8,12 @@ stops at interpreter exit.  Blocking calls hop onto it with
 from __future__ import annotations
 
 import atexit
+import queue
 import threading
 import weakref
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
@@ -63,6 +65,35 @@ def call(function, *args, **kwargs):
     if _thread is not None and threading.current_thread() is _thread:
         raise RuntimeError("a blocking taskfarm call was made from the reactor thread")
     return threads.blockingCallFromThread(reactor, function, *args, **kwargs)
+
+
+def call_interruptible(function, *args, **kwargs):
+    """`call`, for waits that may be given up: a KeyboardInterrupt (Ctrl-C)
+    while waiting cancels the Deferred in the reactor thread (which ends the
+    wait and any progress bar there) and is raised here, leaving the client
+    usable."""
+    from twisted.internet import reactor
+
+    if _thread is not None and threading.current_thread() is _thread:
+        raise RuntimeError("a blocking taskfarm call was made from the reactor thread")
+    answers: queue.SimpleQueue = queue.SimpleQueue()
+    started: list[defer.Deferred] = []
+
+    def start() -> None:
+        d = defer.maybeDeferred(function, *args, **kwargs)
+        started.append(d)
+        d.addBoth(answers.put)
+
+    reactor.callFromThread(start)
+    try:
+        answer = answers.get()
+    except BaseException:
+        # Queued after `start`, so `started` holds its Deferred by then.
+        reactor.callFromThread(lambda: started and started[0].cancel())
+        raise
+    if isinstance(answer, Failure):
+        answer.raiseException()
+    return answer
 
 
 def _stop(reactor) -> None:

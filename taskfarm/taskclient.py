@@ -10,6 +10,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from taskfarm import progress as progress_bars
 from taskfarm import serialization, wire
 from taskfarm.clientbase import BaseClient, gather, parallel_decorator, zip_equal
 from taskfarm.connection import (
@@ -19,11 +20,13 @@ from taskfarm.connection import (
 from taskfarm.errors import (
     BadRequest,
     UnknownTask,
+    WaitTimeout,
 )
 from taskfarm.profile import TASK
 from taskfarm.remote.schemas import NOT_YET
 from taskfarm.submission import Submitter, pack_envelope
 from taskfarm.task import CALL, BaseTask, MapTask, result_from_envelope
+from taskfarm.watch import Watcher, watch_all
 
 
 class TaskClient(BaseClient):
@@ -202,35 +205,111 @@ class TaskClient(BaseClient):
             if answer != NOT_YET:
                 return answer
 
-    def barrier(self, taskids) -> defer.Deferred:
-        """Fires (with None) once every task in `taskids` (an id or a list) is done."""
+    def barrier(self, taskids, progress=None) -> defer.Deferred:
+        """Fires (with None) once every task in `taskids` (an id or a list) is done.
+
+        With `progress` (True, a dict of tqdm options, or None: the
+        ``TASKFARM_PROGRESS`` environment variable) a tqdm bar shows
+        done/total, rate, ETA and failures; it learns of each task from
+        its result, fetched once as it finishes.  Cancelling stops the wait."""
         ids = [taskids] if isinstance(taskids, int) else list(taskids)
         for taskid in ids:
             _check_id(taskid)
-        return defer.Deferred.fromCoroutine(self._wait(ids))
+        bar = progress_bars.bar_for(progress, len(set(ids)), "barrier")
+        if bar is None:
+            return defer.Deferred.fromCoroutine(self._wait(ids))
+        return defer.Deferred.fromCoroutine(self._barrier_showing(ids, bar))
+
+    async def _barrier_showing(self, taskids: list[int], bar) -> None:
+        await self._wait_showing(taskids, bar)
+
+    async def _wait_showing(self, taskids: list[int], bar) -> dict:
+        """Wait for `taskids` with `bar`; their result envelopes by id."""
+        try:
+            return await watch_all(self, list(dict.fromkeys(taskids)), lambda env: bar.finished(env.ok))
+        finally:
+            bar.close()
+
+    def as_completed(self, taskids, timeout: float | None = None) -> list[defer.Deferred]:
+        """One Deferred per distinct task in `taskids`, fired in the order the
+        tasks finish: the first with the first finished `TaskResult` (a
+        MapTask's value is its `.value`, its failure `.failure`), and so on.
+        Past `timeout` seconds the unfired ones fail with `WaitTimeout`.  One
+        watcher asks about all of them, in batches."""
+        ids = list(dict.fromkeys([taskids] if isinstance(taskids, int) else taskids))
+        for taskid in ids:
+            _check_id(taskid)
+        slots = [defer.Deferred() for _ in ids]
+        fired = [0]
+
+        def fire(outcome, failed: bool) -> None:
+            while fired[0] < len(slots):
+                slot = slots[fired[0]]
+                fired[0] += 1
+                if not slot.called:  # one cancelled by its holder is skipped
+                    slot.errback(outcome) if failed else slot.callback(outcome)
+                    return
+
+        def finished(envelope) -> None:
+            try:
+                outcome, failed = result_from_envelope(envelope), False
+            except Exception as e:
+                outcome, failed = e, True
+            fire(outcome, failed)
+
+        def failed_all(error: BaseException) -> None:
+            while fired[0] < len(slots):
+                fire(error, True)
+            if timer is not None and timer.active():
+                timer.cancel()
+
+        watcher = Watcher(self, finished, failed_all)
+        timer = None
+        if timeout is not None:
+
+            def expire() -> None:
+                left = len(slots) - fired[0]
+                watcher.stop()
+                failed_all(WaitTimeout("%d of %d tasks were unfinished after %g s" % (left, len(slots), timeout)))
+
+            timer = self._reactor.callLater(timeout, expire)
+        if ids:
+            watcher.add(ids)
+        return slots
 
     # -- function tasks -----------------------------------------------------------------
 
-    def map(self, function, *sequences, **options) -> defer.Deferred:
+    def map(self, function, *sequences, progress=None, **options) -> defer.Deferred:
         """Load-balanced ``[function(*args, **kwargs) for args in zip(*sequences)]``.
 
         One `MapTask` per element; keywords that name task options
         (retries, depend, ...) are the options of every task, the others
         are `kwargs`, given to every call.  The function is pickled once.  Fires with the results
         in order, or fails with the first task's failure.  The results are
-        cleared on the controller once fetched.
+        cleared on the controller once fetched.  `progress` shows a tqdm bar
+        (see `barrier`); each result is then fetched once, as it finishes.
         """
-        return defer.Deferred.fromCoroutine(self._map(function, sequences, options))
+        return defer.Deferred.fromCoroutine(self._map(function, sequences, options, progress))
 
-    async def _map(self, function, sequences, task_options) -> list:
+    async def _map(self, function, sequences, task_options, progress=None) -> list:
         arguments = zip_equal(sequences)
         if not arguments:
             return []
         tasks = map_tasks(function, arguments, task_options)
-        ids = await self.run_many(tasks)
+        bar = progress_bars.bar_for(progress, len(tasks), "map")
         try:
-            await self._wait(ids)
-            outcomes = await self._get_results(ids, False)
+            ids = await self.run_many(tasks)
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
+        try:
+            if bar is None:
+                await self._wait(ids)
+                outcomes = await self._get_results(ids, False)
+            else:
+                envelopes = await self._wait_showing(ids, bar)
+                outcomes = [_present(envelopes[taskid], raising=False) for taskid in ids]
         finally:
             # Results in hand are never thrown away for a clear that fails.
             await self._clear_fetched(ids)
@@ -330,9 +409,10 @@ class TaskMapper:
                 "%s: task options are the mapper's (tc.mapper(%s=...)), not its map's"
                 % (", ".join(clash), clash[0])
             )
+        progress = kwargs.pop("progress", None)
         options = {**kwargs, **self.task_options}
         if self.block:
-            return self._client.map(function, *sequences, **options)
+            return self._client.map(function, *sequences, progress=progress, **options)
         tasks = map_tasks(function, zip_equal(sequences), options)
         return self._client.run_many(tasks)
 
