@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 
 
 def install_reactor(loop: asyncio.AbstractEventLoop | None = None):
@@ -35,7 +36,14 @@ def install_reactor(loop: asyncio.AbstractEventLoop | None = None):
 
     # The loop runs already: the reactor only needs its start-up events.
     reactor.startRunning(installSignalHandlers=False)
+    # Nobody stops this reactor (the program's loop just ends), so its
+    # thread pool (name lookups) must not keep the interpreter from exiting.
+    reactor.getThreadPool().threadFactory = _daemon_thread
     return reactor
+
+
+def _daemon_thread(*args, **kwargs) -> threading.Thread:
+    return threading.Thread(*args, daemon=True, **kwargs)
 
 
 def reactor_on(loop):

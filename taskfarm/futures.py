@@ -149,6 +149,9 @@ class TaskExecutor(concurrent.futures.Executor):
     def _abort(self, future: TaskFuture) -> None:
         with self._lock:
             self._futures.pop(future.taskid, None)
+        # What a pool does when its worker takes a cancelled future: until
+        # then `concurrent.futures.wait` counts it as not done.
+        future.set_running_or_notify_cancel()
         self._deliveries.put(None)  # an empty shut-down executor may end now
 
         def abort() -> None:

@@ -29,6 +29,8 @@ PROCESS_MODULES = {
     "test_blocking_example",
     "test_chaos",
     "test_examples",
+    "test_futures",
+    "test_aio",
     "test_cluster",
     "test_launcher",
     "test_magics",
