@@ -130,17 +130,18 @@ class TaskExecutor(concurrent.futures.Executor):
     # -- inside -----------------------------------------------------------------------
 
     def _submit(self, tasks: list) -> list[TaskFuture]:
+        # Under the lock: a `shutdown` meanwhile waits for these futures.
+        # (The reactor thread never takes it, so the calls cannot deadlock.)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-        if not tasks:
-            return []
-        if len(tasks) == 1:
-            ids = [reactorthread.call(self._async.run, tasks[0])]
-        else:
-            ids = reactorthread.call(self._async.run_many, tasks)
-        futures = [TaskFuture(self, taskid) for taskid in ids]
-        with self._lock:
+            if not tasks:
+                return []
+            if len(tasks) == 1:
+                ids = [reactorthread.call(self._async.run, tasks[0])]
+            else:
+                ids = reactorthread.call(self._async.run_many, tasks)
+            futures = [TaskFuture(self, taskid) for taskid in ids]
             self._futures.update((f.taskid, f) for f in futures)
         # After the futures are known: a result cannot come before its future.
         reactorthread.call(self._watcher.add, ids)

@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from taskfarm import serialization, wire
+from taskfarm.clientbase import gather
 
 #: Seconds between rounds: the first pause, and the longest.
 MIN_PAUSE = 0.01
@@ -112,10 +113,7 @@ class Watcher:
     async def _round(self, taskids: list[int]) -> int:
         """Ask about every id once; report the finished ones; how many."""
         client = self._client
-        answers = await defer.gatherResults(
-            [defer.Deferred.fromCoroutine(client._fetch(part)) for part in client._id_slices(taskids)],
-            consumeErrors=True,
-        )
+        answers = await gather(client._fetch(part) for part in client._id_slices(taskids))
         delivered = []
         for envelope in (env for answer in answers for env in answer):
             if envelope is None or envelope.taskid not in self._watched:
@@ -132,7 +130,8 @@ class Watcher:
         return len(delivered)
 
     def _pause(self, seconds: float) -> defer.Deferred:
-        self._wake = defer.Deferred()
+        # Kept here too: the held wait may answer (and end the pause) at once.
+        wake = self._wake = defer.Deferred()
         self._timer = self._clock.callLater(seconds, self._end_pause)
         oldest = min(self._watched)
         if self._held is None or self._held_id not in self._watched:
@@ -143,7 +142,7 @@ class Watcher:
                 self._client._ask_until_answered([oldest], "wait", serialization.pack([oldest]))
             )
             self._held.addBoth(self._held_answered, self._held)
-        return self._wake
+        return wake
 
     def _held_answered(self, result, held: defer.Deferred):
         if self._held is held:

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from taskfarm import progress
 from taskfarm.aioclient import _Bridge
-from taskfarm.errors import RemoteTaskError, WaitTimeout
+from taskfarm.errors import ConnectionLost, RemoteTaskError, WaitTimeout
 from taskfarm.task import MapTask, TaskResult
 from taskfarm.testing.grid import LocalGrid
 from taskfarm.watch import Watcher
@@ -113,6 +113,26 @@ class WatcherTests(GridCase):
         self.assertEqual(self.value(self.tc.queue_status())["succeeded"], 0)
 
 
+    def test_a_controller_lost_fails_the_watched(self):
+        """When the controller comes back without its journal (the tasks are
+        gone), `on_error` gets the typed error once, and nothing is left
+        watched: every watched task ends, none hangs."""
+        for channel in self.channels:
+            channel.hold()
+        ids = self.submit([MapTask(abs, (-1,)), MapTask(abs, (-2,))])
+        errors, seen = [], []
+        watcher = Watcher(self.tc, seen.append, errors.append)
+        watcher.add(ids)
+        self.settle(seconds=0.1)
+        self.grid.restart()
+        self.settle(seconds=1.0)
+        self.assertEqual(seen, [])
+        self.assertEqual([type(e).__name__ for e in errors], ["ConnectionLost"])
+        self.assertIn("restarted without a journal", str(errors[0]))
+        self.assertEqual(watcher.watched, frozenset())
+        self.assertEqual(watcher.state, "idle")
+
+
 class AsCompletedTests(GridCase):
     def test_in_finishing_order(self):
         """The Deferreds fire in the order the tasks finish: those of the
@@ -153,6 +173,18 @@ class AsCompletedTests(GridCase):
             error = self.failureResultOf(slot, WaitTimeout).value
             self.assertIsInstance(error, TimeoutError)
             self.assertIn("2 of 2 tasks were unfinished after 1 s", str(error))
+
+    def test_a_controller_lost_fails_every_slot(self):
+        """A lost controller fails every unfired Deferred with its error."""
+        for channel in self.channels:
+            channel.hold()
+        ids = self.submit([MapTask(abs, (-1,)), MapTask(abs, (-2,))])
+        slots = self.tc.as_completed(ids)
+        self.settle(seconds=0.1)
+        self.grid.restart()
+        self.settle(seconds=1.0)
+        for slot in slots:
+            self.failureResultOf(slot, ConnectionLost)
 
     def test_failures_are_results(self):
         """A failed MapTask gives a `TaskResult` whose `.failure` is the error."""
