@@ -187,8 +187,12 @@ class TaskClient(_AioClient):
         slots = await self._bridge.call(
             lambda: defer.succeed(self._async_client().as_completed(taskids, timeout))
         )
-        for slot in slots:
-            yield await self._bridge.call(lambda slot=slot: slot)
+        try:
+            for slot in slots:
+                yield await self._bridge.call(lambda slot=slot: slot)
+        finally:
+            # Left early (break, an error): cancelling the rest stops the watcher.
+            await self._bridge.call(_cancel_unfired, slots)
 
 
 @coroutine_facade
@@ -231,6 +235,13 @@ class MultiEngineClient(_AioClient):
         self._defaults["block"] = value
         if self._client is not None:
             self._client.block = value
+
+
+def _cancel_unfired(slots: list) -> None:
+    for slot in slots:
+        if not slot.called:
+            slot.cancel()
+            slot.addErrback(lambda failure: failure.trap(defer.CancelledError))
 
 
 class PendingResult:

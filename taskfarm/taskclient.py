@@ -235,11 +235,20 @@ class TaskClient(BaseClient):
         tasks finish: the first with the first finished `TaskResult` (a
         MapTask's value is its `.value`, its failure `.failure`), and so on.
         Past `timeout` seconds the unfired ones fail with `WaitTimeout`.  One
-        watcher asks about all of them, in batches."""
+        watcher asks about all of them, in batches; it stops once every
+        unfired Deferred is cancelled."""
         ids = list(dict.fromkeys([taskids] if isinstance(taskids, int) else taskids))
         for taskid in ids:
             _check_id(taskid)
-        slots = [defer.Deferred() for _ in ids]
+
+        def cancelled(this) -> None:
+            # Nobody waits any more: stop asking.
+            if all(slot.called or slot is this for slot in slots):
+                watcher.stop()
+                if timer is not None and timer.active():
+                    timer.cancel()
+
+        slots = [defer.Deferred(cancelled) for _ in ids]
         fired = [0]
 
         def fire(outcome, failed: bool) -> None:

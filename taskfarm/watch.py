@@ -8,7 +8,8 @@ tasks answer None), never one request per task.  Between rounds it pauses,
 from `MIN_PAUSE` doubling up to `MAX_PAUSE` while nothing finishes; a
 blocking ``wait`` on the oldest watched task (tasks mostly finish in
 submission order) ends a pause early, so the common case is seen at once
-and a task finishing out of order within `MAX_PAUSE`.
+and a task finishing out of order within `MAX_PAUSE`.  A round asks about
+the oldest `WINDOW` watched tasks only.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from taskfarm.clientbase import gather
 #: Seconds between rounds: the first pause, and the longest.
 MIN_PAUSE = 0.01
 MAX_PAUSE = 0.25
+
+#: The most ids one round asks about: the oldest watched.  A task further
+#: on that finishes early is seen once the tasks before it have finished
+#: (tasks mostly finish in submission order), and a round stays small.
+WINDOW = 10_000
 
 
 class Watcher:
@@ -43,6 +49,7 @@ class Watcher:
         clear: bool = False,
         min_pause: float = MIN_PAUSE,
         max_pause: float = MAX_PAUSE,
+        window: int = WINDOW,
     ) -> None:
         self._client = client
         self._clock = client._reactor
@@ -51,6 +58,7 @@ class Watcher:
         self._clear = clear
         self._min_pause = min_pause
         self._max_pause = max_pause
+        self._window = window
         self._watched: set[int] = set()
         self.state = "idle"
         #: The round in progress (a Deferred), while polling.
@@ -96,7 +104,7 @@ class Watcher:
         pause = self._min_pause
         while self._watched and self.state == "polling":
             try:
-                finished = await self._round(sorted(self._watched))
+                finished = await self._round(sorted(self._watched)[: self._window])
             except Exception as e:
                 if self.state != "polling":
                     return

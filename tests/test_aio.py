@@ -19,7 +19,7 @@ from taskfarm.testing.helpers import OutputChild, temp_dir
 
 #: What both modes run; `MODE` and the set-up come before it.
 COMMON = r"""
-import asyncio, faulthandler, json, threading, time
+import asyncio, contextlib, faulthandler, json, threading, time
 faulthandler.dump_traceback_later(60, exit=True)  # never a hang: the stacks, and out
 
 def show(name, value):
@@ -41,6 +41,13 @@ async def common(aio):
         finished = [tr.completed_at for tr in got]
         show("as_completed", [finished == sorted(finished), sorted(tr.taskid for tr in got) == ids])
         show("result", await tc.get_task_result(ids[1], block=True))
+        # Leaving an as_completed early: the rest are let go.
+        early = await tc.run_many([aio.MapTask(abs, (-4,)), aio.MapTask(spin, (20,))])
+        async with contextlib.aclosing(tc.as_completed(early)) as results:
+            async for tr in results:
+                show("early", tr.value)
+                break
+        await tc.abort(early[1])
         (slow,) = await tc.run_many([aio.MapTask(spin, (20,))])
         try:
             await asyncio.wait_for(tc.barrier([slow]), 0.3)
@@ -122,6 +129,7 @@ class AsyncioProgramTests(ClusterTestCase):
         self.assertEqual(a["map"], [1, 2, 3])
         self.assertEqual(a["as_completed"], [True, True])
         self.assertEqual(a["result"], 7)
+        self.assertEqual(a["early"], 4)
         self.assertIs(a["wait_for_timeout"], True)
         self.assertEqual(a["aborted"], "TaskAborted")
         self.assertEqual(a["error"], "UnknownTask")
@@ -132,7 +140,8 @@ class AsyncioProgramTests(ClusterTestCase):
 
     def test_asyncio_run_both_modes(self):
         """An ``asyncio.run`` program, in each mode: ``async with``, map,
-        ``async for`` over as_completed (in finishing order), a result,
+        ``async for`` over as_completed (in finishing order, and left
+        early), a result,
         ``asyncio.wait_for`` timing out a barrier (the client goes on), abort,
         a typed error, calls gathered side by side, the MultiEngine client
         with an awaitable PendingResult.  Thread mode runs the reactor in

@@ -86,6 +86,24 @@ class WatcherTests(GridCase):
         # The oldest task's blocking wait is the only single-id request.
         self.assertTrue(all(n == 1 for method, n in self.calls if method == "wait"))
 
+    def test_a_round_asks_about_the_oldest_window(self):
+        """With a window of 5, each round asks about at most 5 tasks, the
+        oldest unfinished; all 12 are still reported."""
+        for channel in self.channels:
+            channel.hold()
+        ids = self.submit([MapTask(abs, (-i,)) for i in range(12)])
+        seen = []
+        watcher = Watcher(self.tc, seen.append, window=5)
+        self.calls.clear()
+        watcher.add(ids)
+        self.settle(seconds=0.1)
+        for channel in self.channels:
+            channel.release()
+        self.settle(seconds=1.0)
+        self.assertEqual(sorted(env.taskid for env in seen), ids)
+        rounds = [n for method, n in self.calls if method == "results"]
+        self.assertEqual(max(rounds), 5)
+
     def test_pauses_back_off_while_nothing_finishes(self):
         """While nothing finishes the rounds thin out (the pause doubles up
         to MAX_PAUSE): 2 s of a held task cost fewer than 20 rounds."""
@@ -185,6 +203,25 @@ class AsCompletedTests(GridCase):
         self.settle(seconds=1.0)
         for slot in slots:
             self.failureResultOf(slot, ConnectionLost)
+
+    def test_cancelling_every_slot_stops_the_watcher(self):
+        """Once every unfired Deferred is cancelled, nothing more is asked."""
+        for channel in self.channels:
+            channel.hold()
+        ids = self.submit([MapTask(abs, (-1,)), MapTask(abs, (-2,))])
+        slots = self.tc.as_completed(ids)
+        self.settle(seconds=0.1)
+        slots[0].cancel()
+        self.calls.clear()
+        self.settle(seconds=0.5)
+        self.assertNotEqual([c for c in self.calls if c[0] == "results"], [])  # one still waited on
+        slots[1].cancel()
+        self.settle(seconds=0.3)
+        self.calls.clear()
+        self.settle(seconds=1.0)
+        self.assertEqual([c for c in self.calls if c[0] == "results"], [])
+        for slot in slots:
+            self.failureResultOf(slot, defer.CancelledError)
 
     def test_failures_are_results(self):
         """A failed MapTask gives a `TaskResult` whose `.failure` is the error."""
