@@ -143,8 +143,9 @@ class TaskExecutor(concurrent.futures.Executor):
                 ids = reactorthread.call(self._async.run_many, tasks)
             futures = [TaskFuture(self, taskid) for taskid in ids]
             self._futures.update((f.taskid, f) for f in futures)
-        # After the futures are known: a result cannot come before its future.
-        reactorthread.call(self._watcher.add, ids)
+        # After the futures are known: a result cannot come before its
+        # future.  Not waited for (one thread hop per submit, not two).
+        _in_reactor(lambda: self._watcher.add(ids))
         return futures
 
     def _abort(self, future: TaskFuture) -> None:
