@@ -23,6 +23,9 @@ _confirm_at_exit: weakref.WeakSet = weakref.WeakSet()
 #: Seconds the interpreter's exit waits for unacknowledged tasks.
 EXIT_CONFIRM_TIMEOUT = 10.0
 
+#: Seconds an interrupted wait waits for its cancellation to take effect.
+CANCEL_WAIT = 2.0
+
 
 def confirm_at_exit(client) -> None:
     """Wait, at interpreter exit, until `client.confirm()` fires (bounded)."""
@@ -90,6 +93,12 @@ def call_interruptible(function, *args, **kwargs):
     except BaseException:
         # Queued after `start`, so `started` holds its Deferred by then.
         reactor.callFromThread(lambda: started and started[0].cancel())
+        # Until the cancel took effect (its bar closed, say), bounded; a
+        # second Ctrl-C ends this wait too.
+        try:
+            answers.get(timeout=CANCEL_WAIT)
+        except BaseException:
+            pass
         raise
     if isinstance(answer, Failure):
         answer.raiseException()
