@@ -122,10 +122,16 @@ class Watcher:
         """Ask about every id once; report the finished ones; how many."""
         client = self._client
         answers = await gather(client._fetch(part) for part in client._id_slices(taskids))
+        finished = [
+            env for answer in answers for env in answer
+            if env is not None and env.taskid in self._watched
+        ]
+        # Found in one round: in the order the engines finished them.
+        finished.sort(key=_finishing_order)
         delivered = []
-        for envelope in (env for answer in answers for env in answer):
-            if envelope is None or envelope.taskid not in self._watched:
-                continue
+        for envelope in finished:
+            if envelope.taskid not in self._watched:
+                continue  # discarded (or the watcher stopped) by a listener
             self._watched.discard(envelope.taskid)
             delivered.append(envelope.taskid)
             try:
@@ -178,6 +184,11 @@ class Watcher:
     def _crashed(self, failure):
         self._log.failure("a watcher crashed", failure)
         self.state = "idle"
+
+
+def _finishing_order(envelope: wire.ResultEnvelope) -> tuple:
+    # A task that never ran (aborted while queued) has no completion time.
+    return (envelope.completed if envelope.completed is not None else float("-inf"), envelope.taskid)
 
 
 async def watch_all(client, taskids: list[int], on_finished=None) -> dict[int, wire.ResultEnvelope]:

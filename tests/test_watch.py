@@ -104,6 +104,28 @@ class WatcherTests(GridCase):
         rounds = [n for method, n in self.calls if method == "results"]
         self.assertEqual(max(rounds), 5)
 
+    def test_one_round_reports_in_finishing_order(self):
+        """Tasks found finished in the same round are reported in the order
+        the engines finished them, not by id."""
+        self.channels[0].hold()
+        self.channels[1].hold()
+        ids = self.submit([MapTask(abs, (-i,)) for i in range(4)])
+        self.settle(seconds=0.05)
+        on = {engine: [t for t in ids if self.grid.controller.store.records([t])[0].engine_id == engine]
+              for engine in (0, 1)}
+        self.channels[1].release()  # engine 1's tasks finish first ...
+        self.settle(seconds=0.05)
+        self.channels[0].release()
+        self.settle(seconds=0.05)
+        seen = []
+        watcher = Watcher(self.tc, seen.append)  # ... but all are seen in one round
+        watcher.add(ids)
+        self.settle(seconds=0.2)
+        order = [env.taskid for env in seen]
+        self.assertEqual(sorted(order), ids)
+        self.assertEqual(set(order[: len(on[1])]), set(on[1]))
+        self.assertEqual([env.completed for env in seen], sorted(env.completed for env in seen))
+
     def test_pauses_back_off_while_nothing_finishes(self):
         """While nothing finishes the rounds thin out (the pause doubles up
         to MAX_PAUSE): 2 s of a held task cost fewer than 20 rounds."""
