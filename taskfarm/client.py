@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from taskfarm import asyncclient, reactorthread, results
+from taskfarm import asyncclient, progress, reactorthread, results
 from taskfarm.connection import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT
 from taskfarm.errors import *  # noqa: F401,F403  (the errors users catch)
 from taskfarm.errors import NotAPendingResult
@@ -209,12 +209,20 @@ _MULTIENGINE_TAIL = (
 )
 
 
-def _outcome(function, *args, **kwargs) -> tuple[bool, object]:
+def _outcome(function, *args, _call=reactorthread.call, **kwargs) -> tuple[bool, object]:
     """Run `function` in the reactor thread: (True, value) or (False, error)."""
     try:
-        return True, reactorthread.call(function, *args, **kwargs)
+        return True, _call(function, *args, **kwargs)
     except Exception as e:
         return False, e
+
+
+#: Waits that Ctrl-C gives up (the Deferred is cancelled): a barrier, and a
+#: map showing a progress bar (so that the bar stops too).
+_INTERRUPTIBLE = {
+    "barrier": lambda kwargs: True,
+    "map": lambda kwargs: progress.wanted(kwargs.get("progress")),
+}
 
 
 def _trimmed(error: BaseException) -> BaseException:
@@ -228,8 +236,11 @@ def _trimmed(error: BaseException) -> BaseException:
 
 
 def _blocking(cls_name: str, method_name: str, async_method):
+    interruptible = _INTERRUPTIBLE.get(method_name, lambda kwargs: False)
+
     def method(self, *args, **kwargs):
-        ok, value = _outcome(getattr(self._async, method_name), *args, **kwargs)
+        call = reactorthread.call_interruptible if interruptible(kwargs) else reactorthread.call
+        ok, value = _outcome(getattr(self._async, method_name), *args, _call=call, **kwargs)
         if not ok:
             raise _trimmed(value)
         if isinstance(value, results.PendingResult):
@@ -336,6 +347,22 @@ class TaskClient(_BlockingClient):
     def parallel(self, block: bool = True, **task_options) -> Callable[[Callable], Callable]:
         """A decorator: ``f(seq)`` becomes the load-balanced map of `f` over `seq`."""
         return asyncclient.parallel_decorator(self.mapper(block=block, **task_options))
+
+    def executor(self, clear: bool = True, **task_options):
+        """A `concurrent.futures.Executor` whose calls are function tasks
+        with these options (see `taskfarm.futures.TaskExecutor`)."""
+        from taskfarm.futures import TaskExecutor
+
+        return TaskExecutor(self, clear=clear, **task_options)
+
+    def as_completed(self, taskids, timeout: float | None = None):
+        """Yield the `TaskResult` of each distinct task in `taskids` as it
+        finishes (a MapTask's value is its `.value`, its failure
+        `.failure`); `WaitTimeout` if some are unfinished `timeout` seconds
+        after the first ``next()``.  One watcher asks about them in batches."""
+        from taskfarm.futures import as_completed
+
+        return as_completed(self, taskids, timeout)
 
 
 class PendingResult:

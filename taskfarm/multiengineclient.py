@@ -9,8 +9,9 @@ import functools
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from taskfarm import progress as progress_bars
 from taskfarm import serialization, wire
-from taskfarm.clientbase import BaseClient, parallel_decorator, zip_equal
+from taskfarm.clientbase import BaseClient, gather, parallel_decorator, zip_equal
 from taskfarm.connection import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_RECONNECT_TIMEOUT,
@@ -30,7 +31,6 @@ from taskfarm.properties import checked_properties
 from taskfarm.results import PendingResults, ResultList, join_blocks, partition
 from taskfarm.results import barrier as results_barrier
 from taskfarm.waiting import bounded, check_timeout, within
-
 
 #: Seconds past a MultiEngine call's `timeout` that the client waits for the
 #: engines' own answer (an interrupted command's `WaitTimeout`).
@@ -301,12 +301,18 @@ class MultiEngineClient(BaseClient):
         return self._answer(go(), block, timeout, "gather from %s" % self._targets_text(targets))
 
     def map(
-        self, function, *sequences, targets=None, block=None, timeout=None, **kwargs
+        self, function, *sequences, targets=None, block=None, timeout=None, progress=None,
+        **kwargs,
     ) -> defer.Deferred:
         """``[function(*args, **kwargs) for args in zip(*sequences)]`` in
         contiguous blocks over the targets (direct, not load-balanced);
         `targets`, `block` and `timeout` are this call's own (see `execute`
-        for what `timeout` does)."""
+        for what `timeout` does).
+
+        `progress` (True, a dict of tqdm options, or None: the
+        ``TASKFARM_PROGRESS`` environment variable) shows a tqdm bar of the
+        elements done, counted per engine's block as each engine answers
+        (each engine is then asked in a request of its own)."""
 
         async def go():
             arguments = zip_equal(sequences)
@@ -317,13 +323,35 @@ class MultiEngineClient(BaseClient):
                 engine_id: (blob, serialization.dumps(arguments[start:stop], "map arguments"))
                 for engine_id, (start, stop) in zip(ids, partition(len(arguments), len(ids)), strict=True)
             }
-            blocks = await self._engine_call(
-                "map", "map", ids, (), lambda data: serialization.loads(data, "map results"),
-                per_target, timeout,
-            )
+            decode = lambda data: serialization.loads(data, "map results")  # noqa: E731
+            bar = progress_bars.bar_for(progress, len(arguments), "map")
+            if bar is None:
+                blocks = await self._engine_call(
+                    "map", "map", ids, (), decode, per_target, timeout=timeout
+                )
+            else:
+                sizes = {engine_id: stop - start for engine_id, (start, stop)
+                         in zip(ids, partition(len(arguments), len(ids)), strict=True)}
+                try:
+                    outcomes = await gather(
+                        self._map_block(engine_id, part, sizes[engine_id], bar, timeout)
+                        for engine_id, part in per_target.items()
+                    )
+                finally:
+                    bar.close()
+                blocks = _collect("map", [o for answer in outcomes for o in answer], decode)
             return [value for block_ in blocks for value in block_]
 
         return self._answer(go(), block, timeout, "map on %s" % self._targets_text(targets))
+
+    async def _map_block(self, engine_id: int, part, size: int, bar, timeout=None) -> list:
+        """One engine's block of a map shown on `bar`: its raw outcomes."""
+        request = serialization.pack(
+            wire.EngineCall("map", [engine_id], (), {engine_id: part}, timeout).plain()
+        )
+        answer = wire.parse_list(await self._connection.call("engine_call", request), "the answer to map")
+        bar.finished(all(wire.EngineOutcome.parse(o).ok for o in answer), size)
+        return answer
 
     def mapper(self, targets=None, block=None, dist: str = "b") -> MultiEngineMapper:
         """An object whose `map` maps over these targets."""

@@ -8,10 +8,12 @@ stops at interpreter exit.  Blocking calls hop onto it with
 from __future__ import annotations
 
 import atexit
+import queue
 import threading
 import weakref
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
@@ -20,6 +22,9 @@ _confirm_at_exit: weakref.WeakSet = weakref.WeakSet()
 
 #: Seconds the interpreter's exit waits for unacknowledged tasks.
 EXIT_CONFIRM_TIMEOUT = 10.0
+
+#: Seconds an interrupted wait waits for its cancellation to take effect.
+CANCEL_WAIT = 2.0
 
 
 def confirm_at_exit(client) -> None:
@@ -63,6 +68,41 @@ def call(function, *args, **kwargs):
     if _thread is not None and threading.current_thread() is _thread:
         raise RuntimeError("a blocking taskfarm call was made from the reactor thread")
     return threads.blockingCallFromThread(reactor, function, *args, **kwargs)
+
+
+def call_interruptible(function, *args, **kwargs):
+    """`call`, for waits that may be given up: a KeyboardInterrupt (Ctrl-C)
+    while waiting cancels the Deferred in the reactor thread (which ends the
+    wait and any progress bar there) and is raised here, leaving the client
+    usable."""
+    from twisted.internet import reactor
+
+    if _thread is not None and threading.current_thread() is _thread:
+        raise RuntimeError("a blocking taskfarm call was made from the reactor thread")
+    answers: queue.SimpleQueue = queue.SimpleQueue()
+    started: list[defer.Deferred] = []
+
+    def start() -> None:
+        d = defer.maybeDeferred(function, *args, **kwargs)
+        started.append(d)
+        d.addBoth(answers.put)
+
+    reactor.callFromThread(start)
+    try:
+        answer = answers.get()
+    except BaseException:
+        # Queued after `start`, so `started` holds its Deferred by then.
+        reactor.callFromThread(lambda: started and started[0].cancel())
+        # Until the cancel took effect (its bar closed, say), bounded; a
+        # second Ctrl-C ends this wait too.
+        try:
+            answers.get(timeout=CANCEL_WAIT)
+        except BaseException:
+            pass
+        raise
+    if isinstance(answer, Failure):
+        answer.raiseException()
+    return answer
 
 
 def _stop(reactor) -> None:

@@ -11,6 +11,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from taskfarm import progress as progress_bars
 from taskfarm import serialization, wire
 from taskfarm.clientbase import BaseClient, gather, parallel_decorator, zip_equal
 from taskfarm.connection import (
@@ -22,12 +23,14 @@ from taskfarm.errors import (
     NoEnginesWarning,
     TaskAlreadyCompleted,
     UnknownTask,
+    WaitTimeout,
 )
 from taskfarm.profile import TASK
 from taskfarm.remote.schemas import NOT_YET
 from taskfarm.submission import Submitter, pack_envelope
 from taskfarm.task import CALL, BaseTask, MapTask, result_from_envelope
 from taskfarm.waiting import bounded, check_timeout
+from taskfarm.watch import Watcher, watch_all
 
 #: Seconds a `map` waits before it looks whether any engine is registered
 #: (and warns once if none is); a map that finishes sooner never asks.
@@ -231,21 +234,95 @@ class TaskClient(BaseClient):
             if answer != NOT_YET:
                 return answer
 
-    def barrier(self, taskids, timeout: float | None = None) -> defer.Deferred:
+    def barrier(self, taskids, timeout: float | None = None, progress=None) -> defer.Deferred:
         """Fires (with None) once every task in `taskids` (an id or a list)
-        is done; `WaitTimeout` after `timeout` seconds (None: no limit)."""
+        is done; `WaitTimeout` after `timeout` seconds (None: no limit).
+
+        With `progress` (True, a dict of tqdm options, or None: the
+        ``TASKFARM_PROGRESS`` environment variable) a tqdm bar shows
+        done/total, rate, ETA and failures; it learns of each task from
+        its result, fetched once as it finishes.  Cancelling stops the wait."""
         ids = [taskids] if isinstance(taskids, int) else list(taskids)
         try:
             for taskid in ids:
                 _check_id(taskid)
-        except TypeError as e:
+            bar = progress_bars.bar_for(progress, len(set(ids)), "barrier")
+        except (TypeError, ValueError) as e:
             return defer.fail(e)
-        return bounded(self._wait(ids), timeout, self._reactor, "%d tasks to finish" % len(ids))
+        wait = self._wait(ids) if bar is None else self._barrier_showing(ids, bar)
+        return bounded(wait, timeout, self._reactor, "%d tasks to finish" % len(ids))
+
+    async def _barrier_showing(self, taskids: list[int], bar) -> None:
+        await self._wait_showing(taskids, bar)
+
+    async def _wait_showing(self, taskids: list[int], bar) -> dict:
+        """Wait for `taskids` with `bar`; their result envelopes by id."""
+        try:
+            return await watch_all(self, list(dict.fromkeys(taskids)), lambda env: bar.finished(env.ok))
+        finally:
+            bar.close()
+
+    def as_completed(self, taskids, timeout: float | None = None) -> list[defer.Deferred]:
+        """One Deferred per distinct task in `taskids`, fired in the order the
+        tasks finish: the first with the first finished `TaskResult` (a
+        MapTask's value is its `.value`, its failure `.failure`), and so on.
+        Past `timeout` seconds the unfired ones fail with `WaitTimeout`.  One
+        watcher asks about all of them, in batches; it stops once every
+        unfired Deferred is cancelled."""
+        ids = list(dict.fromkeys([taskids] if isinstance(taskids, int) else taskids))
+        for taskid in ids:
+            _check_id(taskid)
+
+        def cancelled(this) -> None:
+            # Nobody waits any more: stop asking.
+            if all(slot.called or slot is this for slot in slots):
+                watcher.stop()
+                if timer is not None and timer.active():
+                    timer.cancel()
+
+        slots = [defer.Deferred(cancelled) for _ in ids]
+        fired = [0]
+
+        def fire(outcome, failed: bool) -> None:
+            while fired[0] < len(slots):
+                slot = slots[fired[0]]
+                fired[0] += 1
+                if not slot.called:  # one cancelled by its holder is skipped
+                    slot.errback(outcome) if failed else slot.callback(outcome)
+                    return
+
+        def finished(envelope) -> None:
+            try:
+                outcome, failed = result_from_envelope(envelope), False
+            except Exception as e:
+                outcome, failed = e, True
+            fire(outcome, failed)
+
+        def failed_all(error: BaseException) -> None:
+            while fired[0] < len(slots):
+                fire(error, True)
+            if timer is not None and timer.active():
+                timer.cancel()
+
+        watcher = Watcher(self, finished, failed_all)
+        timer = None
+        if timeout is not None:
+
+            def expire() -> None:
+                left = len(slots) - fired[0]
+                watcher.stop()
+                failed_all(WaitTimeout("%d of %d tasks were unfinished after %g s" % (left, len(slots), timeout)))
+
+            timer = self._reactor.callLater(timeout, expire)
+        if ids:
+            watcher.add(ids)
+        return slots
 
     # -- function tasks -----------------------------------------------------------------
 
     def map(
-        self, function, *sequences, timeout: float | None = None, task_timeout=None, **options
+        self, function, *sequences, timeout: float | None = None, task_timeout=None,
+        progress=None, **options,
     ) -> defer.Deferred:
         """Load-balanced ``[function(*args, **kwargs) for args in zip(*sequences)]``.
 
@@ -253,7 +330,8 @@ class TaskClient(BaseClient):
         (retries, depend, ...) are the options of every task, the others
         are `kwargs`, given to every call.  The function is pickled once.  Fires with the results
         in order, or fails with the first task's failure.  The results are
-        cleared on the controller once fetched.
+        cleared on the controller once fetched.  `progress` shows a tqdm bar
+        (see `barrier`); each result is then fetched once, as it finishes.
 
         `timeout` bounds the whole map (None: no limit): past it the map
         fails with `WaitTimeout` and aborts its unfinished tasks.  Each
@@ -264,19 +342,28 @@ class TaskClient(BaseClient):
         if task_timeout is not None:
             options["timeout"] = task_timeout
         return bounded(
-            self._map(function, sequences, options), timeout, self._reactor,
+            self._map(function, sequences, options, progress), timeout, self._reactor,
             "map of %s" % getattr(function, "__name__", "a function"),
         )
 
-    async def _map(self, function, sequences, task_options) -> list:
+    async def _map(self, function, sequences, task_options, progress=None) -> list:
         arguments = zip_equal(sequences)
         if not arguments:
             return []
         tasks = map_tasks(function, arguments, task_options)
-        ids = await self.run_many(tasks)
+        bar = progress_bars.bar_for(progress, len(tasks), "map")
+        try:
+            ids = await self.run_many(tasks)
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
         watch = self._reactor.callLater(NO_ENGINES_GRACE, self._warn_if_no_engines, len(ids))
         try:
-            await self._wait(ids)
+            if bar is None:
+                await self._wait(ids)
+            else:
+                envelopes = await self._wait_showing(ids, bar)
         except defer.CancelledError:
             # Timed out: the tasks would run for nobody, and nobody holds
             # their ids; abort and clear them, without holding the caller.
@@ -286,7 +373,10 @@ class TaskClient(BaseClient):
             if watch.active():
                 watch.cancel()
         try:
-            outcomes = await self._get_results(ids, False)
+            if bar is None:
+                outcomes = await self._get_results(ids, False)
+            else:
+                outcomes = [_present(envelopes[taskid], raising=False) for taskid in ids]
         except defer.CancelledError:
             defer.Deferred.fromCoroutine(self._clear_fetched(ids))
             raise
@@ -459,13 +549,14 @@ class TaskMapper:
                 "%s: task options are the mapper's (tc.mapper(%s=...)), not its map's"
                 % (", ".join(clash), clash[0])
             )
+        progress = kwargs.pop("progress", None)
         options = {**kwargs, **self.task_options}
         if self.block:
             # The mapper's `timeout` is the task option (each task's run
             # limit), which `map` calls `task_timeout`.
             if "timeout" in options:
                 options["task_timeout"] = options.pop("timeout")
-            return self._client.map(function, *sequences, **options)
+            return self._client.map(function, *sequences, progress=progress, **options)
         tasks = map_tasks(function, zip_equal(sequences), options)
         return self._client.run_many(tasks)
 

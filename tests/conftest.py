@@ -31,6 +31,8 @@ PROCESS_MODULES = {
     "test_client_connections",
     "test_examples",
     "test_install",
+    "test_futures",
+    "test_aio",
     "test_cluster",
     "test_launcher",
     "test_magics",

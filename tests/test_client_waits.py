@@ -19,7 +19,6 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from taskfarm.asyncclient import MultiEngineClient, TaskClient
-from taskfarm.multiengineclient import ENGINE_ANSWER_MARGIN
 from taskfarm.errors import (
     ClientClosed,
     ControllerUnreachable,
@@ -27,6 +26,7 @@ from taskfarm.errors import (
     ProfileError,
     WaitTimeout,
 )
+from taskfarm.multiengineclient import ENGINE_ANSWER_MARGIN
 from taskfarm.profile import MULTIENGINE, TASK, Profile, write_secret
 from taskfarm.task import Task
 from taskfarm.testing.grid import LocalGrid

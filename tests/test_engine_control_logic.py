@@ -16,7 +16,6 @@ from taskfarm import exitcodes, wire
 from taskfarm.controller.registry import DEFAULT_TIMEOUT_GRACE
 from taskfarm.engine.namespace import Namespace
 from taskfarm.engine.worker import CommandWorker
-from taskfarm.multiengineclient import ENGINE_ANSWER_MARGIN
 from taskfarm.errors import (
     BadRequest,
     CompositeError,
@@ -28,6 +27,7 @@ from taskfarm.errors import (
     WaitTimeout,
     from_wire,
 )
+from taskfarm.multiengineclient import ENGINE_ANSWER_MARGIN
 from taskfarm.task import Task
 from taskfarm.testing.grid import LocalGrid
 from taskfarm.testing.helpers import assert_composite, async_test
