@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from taskfarm import asyncclient, progress, reactorthread, results
 from taskfarm.connection import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT
 from taskfarm.errors import *  # noqa: F401,F403  (the errors users catch)
 from taskfarm.errors import NotAPendingResult
 from taskfarm.task import MapTask, Task, TaskResult
+
+if TYPE_CHECKING:
+    from taskfarm.futures import TaskExecutor
 
 __all__ = [
     "TaskClient",
@@ -348,14 +351,14 @@ class TaskClient(_BlockingClient):
         """A decorator: ``f(seq)`` becomes the load-balanced map of `f` over `seq`."""
         return asyncclient.parallel_decorator(self.mapper(block=block, **task_options))
 
-    def executor(self, clear: bool = True, **task_options):
+    def executor(self, clear: bool = True, **task_options) -> TaskExecutor:
         """A `concurrent.futures.Executor` whose calls are function tasks
         with these options (see `taskfarm.futures.TaskExecutor`)."""
         from taskfarm.futures import TaskExecutor
 
         return TaskExecutor(self, clear=clear, **task_options)
 
-    def as_completed(self, taskids, timeout: float | None = None):
+    def as_completed(self, taskids, timeout: float | None = None) -> Iterator[TaskResult]:
         """Yield the `TaskResult` of each distinct task in `taskids` as it
         finishes (a MapTask's value is its `.value`, its failure
         `.failure`); `WaitTimeout` if some are unfinished `timeout` seconds
