@@ -95,12 +95,15 @@ _WRITE_FILE = object()
 _REMOVE_FILES = object()
 
 
-def _write_file(path: Path, data: bytes) -> None:
+def _write_file(path: Path, data) -> None:
+    """Write `data` (bytes, or byte strings one after the other: a result's
+    frames, never joined in memory) to a new owner-only file."""
     fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for part in [data] if isinstance(data, bytes) else data:
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view):]
     finally:
         os.close(fd)
 
@@ -257,7 +260,11 @@ class Journal:
 
     def finished(self, record, link: int) -> None:
         data = _blob(record)
-        if data is not None and len(data) > BLOB_FILE_THRESHOLD:
+        if isinstance(data, list):
+            # A result's frames: written part by part, joined only if small.
+            if sum(map(len, data)) <= BLOB_FILE_THRESHOLD:
+                data = b"".join(data)
+        if data is not None and (isinstance(data, list) or len(data) > BLOB_FILE_THRESHOLD):
             path = self._blob_path(record.taskid)
             self._pending.append((_WRITE_FILE, (path, data), None))
             self._blob_ids.add(record.taskid)
@@ -520,5 +527,7 @@ def _blob(record) -> bytes | None:
     from taskfarm import serialization
 
     if record.ok:
+        if serialization.is_frames(record.data):
+            return serialization.frames_record(record.data)
         return record.data
     return serialization.pack(record.data)

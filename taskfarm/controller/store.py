@@ -92,6 +92,9 @@ class TaskStore:
             stored.data = self._journal.stored_data(stored)
             if stored.state != "queued" and not stored.ok and stored.data is not None:
                 stored.data = serialization.unpack(stored.data)
+            elif stored.ok and stored.data is not None:
+                # A result kept as frames comes back as frames.
+                stored.data = serialization.frames_from_record(stored.data)
             record = TaskRecord.restore(stored, spec)
             self.tasks[record.taskid] = record
             self.counts[record.state] += 1
