@@ -356,3 +356,44 @@ class GridTests(unittest.SynchronousTestCase):
             self.assertTrue(_equal(list(engine_values), arrays))
         self.value(mec.scatter("s", list(range(10)), block=True))
         self.assertEqual(self.value(mec.gather("s", block=True)), list(range(10)))
+
+
+class JournalFramesTests(unittest.TestCase):
+    """A result kept as frames is written to its file part by part and
+    read back as frames (the journal's own thread, the real reactor)."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_frames_result_file_round_trip(self):
+        from twisted.internet import reactor
+
+        from taskfarm.controller.journal import Journal
+        from taskfarm.controller.tasks import TaskRecord, TaskSpec
+        from taskfarm.testing.helpers import temp_dir
+
+        path = temp_dir(self, "taskfarm-buffers-journal-") / "journal.sqlite"
+        journal = Journal(path, reactor)
+        journal.open()
+        self.addCleanup(journal.close)
+        blob = serialization.pack(Task("a = 1").to_envelope())
+        journal.accept_batch([(0, blob, 100.0, 0)])
+        record = TaskRecord(0, TaskSpec.from_envelope(serialization.unpack(blob)), 100.0)
+        record.start(engine_id=0, seq=0)
+        value = {"blob": b"x" * BIG, "array": numpy.arange(BIG // 8)}
+        frames = serialization.dumps_value(value)
+        record.succeed(frames, 101.0, 102.0)
+        journal.finished(record, record.link)
+        yield journal.sync()
+        written = (journal.blob_dir / "0.result").read_bytes()
+        self.assertEqual(written, b"".join(serialization.frames_record(frames)))
+        journal.close()
+        journal = Journal(path, reactor)
+        journal.open()
+        self.addCleanup(journal.close)
+        (stored,) = journal.tasks()
+        back = serialization.frames_from_record(journal.stored_data(stored))
+        self.assertTrue(serialization.is_frames(back))
+        got = serialization.loads(back)
+        self.assertEqual(got["blob"], value["blob"])
+        self.assertTrue(numpy.array_equal(got["array"], value["array"]))

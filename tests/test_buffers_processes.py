@@ -15,7 +15,7 @@ import numpy
 from twisted.internet import defer, reactor
 
 from taskfarm.task import MapTask, Task
-from taskfarm.testing.cluster import ClusterTestCase
+from taskfarm.testing.cluster import ClusterTestCase, RealCluster
 from taskfarm.testing.helpers import async_test as run
 from taskfarm.testing.helpers import sleep
 
@@ -105,6 +105,25 @@ class BigValuesTests(ClusterTestCase):
         result = await _within(tc.get_task_result(taskid, block=True))
         self.assertEqual(len(result.ns.r), 32 * MB)
         self.assertEqual(result.ns.r, b"r" * (32 * MB))
+
+
+    @run
+    async def test_a_big_result_survives_a_controller_restart(self):
+        """A result kept as frames (an array and big bytes) is journaled in
+        its file and comes back whole from the controller that restarts on
+        the same profile."""
+        tc = await self.start_cluster(1)
+        taskid = await tc.run(Task(
+            "import numpy; a = numpy.arange(%d, dtype=numpy.int32); b = b'b' * %d" % (MB, MB),
+            pull=["a", "b"]))
+        first = await _within(tc.get_task_result(taskid, block=True))
+        await self.cluster.stop()
+        again = RealCluster(reactor, profile_root=str(self.cluster.profile.root))
+        self.cluster = again  # the cleanup stops this one now
+        await again.start(0)
+        result = await _within(again.task_client().get_task_result(taskid, block=True))
+        self.assertTrue(numpy.array_equal(result.ns.a, first.ns.a))
+        self.assertEqual(result.ns.b, b"b" * MB)
 
 
 async def _readline(child) -> bytes:
