@@ -308,8 +308,8 @@ def _equal(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-class GridTests(unittest.SynchronousTestCase):
-    """Round trips through the real clients and controller, in-process."""
+class _GridTestCase(unittest.SynchronousTestCase):
+    """The real clients and controller, in-process, with two engines."""
 
     def setUp(self):
         self.grid = LocalGrid()
@@ -323,6 +323,10 @@ class GridTests(unittest.SynchronousTestCase):
                 break
             self.grid.clock.advance(0.001)
         return self.successResultOf(d)
+
+
+class GridTests(_GridTestCase):
+    """Round trips of every buffer kind through the clients and controller."""
 
     def test_task_results_of_every_kind(self):
         tc = self.grid.task_client()
@@ -397,3 +401,33 @@ class JournalFramesTests(unittest.TestCase):
         got = serialization.loads(back)
         self.assertEqual(got["blob"], value["blob"])
         self.assertTrue(numpy.array_equal(got["array"], value["array"]))
+
+
+class PushLimitTests(_GridTestCase):
+    """A MultiEngine push of a big value just below, at and above the
+    controller's limit: the client counts every part of the request, and
+    refuses one over the limit with `MessageTooLarge` before sending it."""
+
+    def test_push_below_at_and_above_the_limit(self):
+        mec = self.grid.multiengine_client()
+        self.assertEqual(sorted(self.value(mec.get_ids())), [0, 1])
+        value = {"v": b"p" * BIG}
+        request = wire.EngineCall(
+            "push", 0, (serialization.dumps_value(value, "the pushed namespace"),), None
+        ).plain()
+        size = serialization.message_size(serialization.pack_message(request))
+        self.assertGreater(size, BIG)
+        for limit, fits in ((size + 1, True), (size, True), (size - 1, False)):
+            mec._connection.max_message_size = limit
+            d = mec.push(value, targets=0, block=True)
+            for _ in range(500):
+                if d.called:
+                    break
+                self.grid.clock.advance(0.001)
+            if fits:
+                self.successResultOf(d)
+            else:
+                self.failureResultOf(d, MessageTooLarge)
+        mec._connection.max_message_size = serialization.DEFAULT_MAX_MESSAGE_SIZE
+        (got,) = self.value(mec.pull("v", targets=0, block=True))
+        self.assertEqual(got, value["v"])
