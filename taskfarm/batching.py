@@ -6,6 +6,8 @@ commands the controller sends an engine, replies an engine sends back.
 
 from __future__ import annotations
 
+from pickle import PickleBuffer
+
 from taskfarm import serialization
 
 
@@ -28,7 +30,7 @@ def split_by_size(items: list, sizes: list[int], room: int) -> list[list]:
 
 
 def pickled_size_bound(value) -> int:
-    """An upper bound of ``len(serialization.pack(value))`` for the plain
+    """An upper bound of ``serialization.packed_size(value)`` for the plain
     data commands are made of, without pickling it (which would copy every
     payload once more on the hot path)."""
     size = _size_bound(value)
@@ -45,6 +47,10 @@ def _size_bound(value) -> int:
             item_kind = type(item)
             if item_kind is bytes:
                 size += len(item) + 10  # opcode, 8-byte length, MEMOIZE
+            elif item_kind is PickleBuffer:
+                # Out of band: its bytes travel beside the pickle (an
+                # opcode or two in it).
+                size += item.raw().nbytes + 10
             elif item is None or item_kind is bool:
                 size += 1
             elif item_kind is float or (item_kind is int and -(2**31) <= item < 2**31):
@@ -54,6 +60,8 @@ def _size_bound(value) -> int:
         return size
     if kind is bytes:
         return len(value) + 10
+    if kind is PickleBuffer:
+        return value.raw().nbytes + 10
     if kind is str:
         # isascii() is O(1) in CPython; others are encoded to be exact.
         return (len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))) + 10
@@ -61,12 +69,12 @@ def _size_bound(value) -> int:
         return 1
     if kind is float or (kind is int and -(2**31) <= value < 2**31):
         return 9
-    return len(serialization.pack(value))
+    return serialization.packed_size(value)
 
 
 def pickled_size(value, room: int) -> int:
     """The size `value` packs to, as far as fitting it in `room` goes: the
-    cheap bound when that fits, else the exact size (a pickle, only for
-    items near or over the limit)."""
+    cheap bound when that fits, else the exact size (a pickle of all but
+    its out-of-band buffers, only for items near or over the limit)."""
     bound = pickled_size_bound(value)
-    return bound if bound <= room else len(serialization.pack(value))
+    return bound if bound <= room else serialization.packed_size(value)

@@ -275,11 +275,15 @@ class ControllerConnection:
         if self._rref is None:
             await self.connect()
         for arg in args:
-            if isinstance(arg, bytes) and len(arg) > self.max_message_size:
-                raise MessageTooLarge(
-                    "a %s request of %d bytes exceeds the controller's limit of "
-                    "%d bytes" % (method, len(arg), self.max_message_size)
-                )
+            # A message is one byte string, or a list of them (in parts):
+            # all its parts count.
+            if isinstance(arg, (bytes, list)):
+                size = serialization.message_size(arg)
+                if size > self.max_message_size:
+                    raise MessageTooLarge(
+                        "a %s request of %d bytes exceeds the controller's limit of "
+                        "%d bytes" % (method, size, self.max_message_size)
+                    )
         rref = self._rref
         closes = self._closes
         d = rref.call(method, *args)

@@ -104,7 +104,7 @@ class MultiEngineClient(BaseClient):
         self, method, op, targets, args, decode, per_target=None, timeout=None
     ) -> list:
         targets = self.targets if targets is None else targets
-        request = serialization.pack(
+        request = serialization.pack_message(
             wire.EngineCall(op, targets, args, per_target, timeout).plain()
         )
         return _collect(method, await self._connection.call("engine_call", request), decode)
@@ -154,7 +154,7 @@ class MultiEngineClient(BaseClient):
         if not isinstance(namespace, dict):
             return defer.fail(TypeError("push takes a dict, not %s" % type(namespace).__name__))
         try:
-            blob = serialization.dumps(namespace, "the pushed namespace")
+            blob = serialization.dumps_value(namespace, "the pushed namespace")
         except Exception as e:
             return defer.fail(e)
         return self._answer(
@@ -280,7 +280,7 @@ class MultiEngineClient(BaseClient):
                 block_ = seq[start:stop]
                 if flatten and stop - start == 1:
                     block_ = block_[0]
-                per_target[engine_id] = (serialization.dumps({key: block_}, "a scattered block"),)
+                per_target[engine_id] = (serialization.dumps_value({key: block_}, "a scattered block"),)
             return await self._engine_call(
                 "scatter", "push", ids, (), lambda _: None, per_target, timeout
             )
@@ -320,7 +320,7 @@ class MultiEngineClient(BaseClient):
             call = functools.partial(function, **kwargs) if kwargs else function
             blob = serialization.dumps(call, "the mapped function")
             per_target = {
-                engine_id: (blob, serialization.dumps(arguments[start:stop], "map arguments"))
+                engine_id: (blob, serialization.dumps_value(arguments[start:stop], "map arguments"))
                 for engine_id, (start, stop) in zip(ids, partition(len(arguments), len(ids)), strict=True)
             }
             decode = lambda data: serialization.loads(data, "map results")  # noqa: E731
@@ -346,7 +346,7 @@ class MultiEngineClient(BaseClient):
 
     async def _map_block(self, engine_id: int, part, size: int, bar, timeout=None) -> list:
         """One engine's block of a map shown on `bar`: its raw outcomes."""
-        request = serialization.pack(
+        request = serialization.pack_message(
             wire.EngineCall("map", [engine_id], (), {engine_id: part}, timeout).plain()
         )
         answer = wire.parse_list(await self._connection.call("engine_call", request), "the answer to map")

@@ -123,7 +123,7 @@ class Submitter:
                 return MessageTooLarge(
                     "a submit request for %s of %d bytes exceeds the controller's "
                     "limit of %d bytes (--max-message-size); nothing was sent"
-                    % (which, len(serialization.pack(task.envelope)), self._connection.max_message_size)
+                    % (which, serialization.packed_size(task.envelope), self._connection.max_message_size)
                 )
         return None
 
@@ -247,7 +247,7 @@ class Submitter:
     async def _submit(self, envelopes: list[PackedTask], ids: list[int]) -> list[int]:
         # The token makes a resubmission after a lost connection harmless.
         envelopes = [task.envelope for task in envelopes]
-        request = serialization.pack(wire.Submission(uuid.uuid4().hex, envelopes, ids).plain())
+        request = serialization.pack_message(wire.Submission(uuid.uuid4().hex, envelopes, ids).plain())
         return await self._connection.call("submit", request, retry=True)
 
     def _controller_forgot(self) -> None:

@@ -259,8 +259,9 @@ class Task(BaseTask):
     push: dict[str, object] = attrs.field(default=None, converter=_push_values)
 
     def _payload(self) -> tuple[str, bytes]:
-        push = serialization.dumps(self.push, "the push dict") if self.push else None
-        return EXEC, serialization.pack((self.expression, self.pull, push))
+        push = serialization.dumps_value(self.push, "the push dict") if self.push else None
+        # Big pushed buffers stay out of band, up to the engine.
+        return EXEC, serialization.pack_frames((self.expression, self.pull, push))
 
     def __repr__(self) -> str:
         return "Task(%r, pull=%r)" % (self.expression, list(self.pull))
@@ -322,8 +323,8 @@ class MapTask(BaseTask):
         function = self._function_blob or serialization.dumps(
             self.function, "function %r" % (getattr(self.function, "__name__", "?"),)
         )
-        args = serialization.dumps((self.args, self.kwargs), "the arguments")
-        return CALL, serialization.pack((function, args))
+        args = serialization.dumps_value((self.args, self.kwargs), "the arguments")
+        return CALL, serialization.pack_frames((function, args))
 
     def __repr__(self) -> str:
         return "MapTask(%s, %r)" % (getattr(self.function, "__name__", "?"), self.args)

@@ -185,7 +185,7 @@ class TaskClient(BaseClient):
         head, rest = taskids[:RESULT_PROBE], taskids[RESULT_PROBE:]
         envelopes = await self._fetch(head)
         if rest:
-            sizes = [len(env.data) for env in envelopes if env is not None and env.ok]
+            sizes = [serialization.frames_size(env.data) for env in envelopes if env is not None and env.ok]
             mean = sum(sizes) / len(sizes) if sizes else 0
             per = max(1, int(self._slice_bytes() / max(mean, 1)))
             per = min(per, self._ids_per_request())

@@ -42,6 +42,7 @@ import sys
 from typing import Any, NamedTuple
 
 from taskfarm.errors import BadRequest, ProtocolVersionError
+from taskfarm.serialization import as_frames
 
 #: The wire version this code speaks; a peer with another one is refused at
 #: `hello`.  2: a blocking `wait` or `results` may answer `NOT_YET`.
@@ -53,6 +54,10 @@ from taskfarm.errors import BadRequest, ProtocolVersionError
 #: The Task interface answers ``why``; an engine's task reply carries
 #: the task's stdout and stderr (`Reply` version 4), and so does a result
 #: (`ResultEnvelope` version 4).
+#: Also in 4: a value field (a task's payload, a result, pushed or pulled values, a
+#: reply's data) may be *frames*, a list of byte strings with big buffers out
+#: of band (`serialization.dumps_value`), and a message may travel as a list
+#: of byte strings (`serialization.pack_message`); no message's fields changed.
 WIRE_VERSION = 4
 
 #: What a blocking `wait` or `results` answers when its tasks are still
@@ -160,6 +165,18 @@ def _check_kind(what: str, kind: object) -> None:
 def _plain(self) -> tuple:
     """The message as plain data, ready for `serialization.pack`."""
     return tuple(self)
+
+
+def _value(what: str, field: str, value: object, wanted: str = "bytes or frames"):
+    """A value field: one pickled blob (`bytes`), or frames (a non-empty
+    sequence of byte strings, kept as `PickleBuffer` so that they travel on
+    out of band, unopened)."""
+    if isinstance(value, bytes):
+        return value
+    frames = as_frames(value)
+    if frames is None:
+        raise _bad(what, field, wanted, value)
+    return frames
 
 
 def parse_list(value: object, what: str) -> list:
@@ -277,8 +294,8 @@ class TaskEnvelope(NamedTuple):
         kind, payload, options, depend, recovery = fields
         if kind != EXEC and kind != CALL:
             raise _bad(what, "kind", "%r or %r" % (EXEC, CALL), kind)
-        if not isinstance(payload, bytes):
-            raise _bad(what, "payload", "bytes", payload)
+        if type(payload) is not bytes:
+            payload = _value(what, "payload", payload)
         options = TaskOptions.parse(options, what + " options")
         if depend is not None and not isinstance(depend, bytes):
             raise _bad(what, "depend", "pickled bytes or None", depend)
@@ -399,8 +416,8 @@ class ResultEnvelope(NamedTuple):
         _check_kind(what, kind)
         if not isinstance(ok, bool):
             raise _bad(what, "ok", "True or False", ok)
-        if ok and not isinstance(data, bytes):
-            raise _bad(what, "data", "the pickled result (bytes)", data)
+        if ok and type(data) is not bytes:
+            data = _value(what, "data", data, "the pickled result (bytes or frames)")
         if not ok:
             WireError.parse(data)
         if engine_id is not None and not _is_int(engine_id):
@@ -410,7 +427,10 @@ class ResultEnvelope(NamedTuple):
         for name, time in (("started", started), ("completed", completed)):
             if time is not None and not _is_number(time):
                 raise _bad(what, name, "a time or None", time)
-        return tuple.__new__(cls, tuple(fields) + (attempts,) + output)
+        fields = tuple(fields)
+        if ok:
+            fields = fields[:3] + (data,) + fields[4:]
+        return tuple.__new__(cls, fields + (attempts,) + output)
 
     def plain(self) -> tuple:
         """Version 1 (eight fields) without `attempts`, version 3 with it,
@@ -557,8 +577,7 @@ class TaskArgs(NamedTuple):
     def parse(cls, value: object, what: str = "task command") -> TaskArgs:
         kind, payload, clear_before, clear_after, timeout = _fields(cls, value, what)
         _check_kind(what, kind)
-        if not isinstance(payload, bytes):
-            raise _bad(what, "payload", "bytes", payload)
+        payload = _value(what, "payload", payload)
         if not isinstance(clear_before, bool):
             raise _bad(what, "clear_before", "True or False", clear_before)
         if not isinstance(clear_after, bool):
@@ -595,7 +614,8 @@ class PushArgs(NamedTuple):
 
     @classmethod
     def parse(cls, value: object, what: str = "push command") -> PushArgs:
-        return _one_field(cls, value, what, lambda v: isinstance(v, bytes), "pickled bytes")
+        (values,) = _fields(cls, value, what)
+        return tuple.__new__(cls, (_value(what, "values", values, "pickled bytes or frames"),))
 
     plain = _plain
 
@@ -641,8 +661,7 @@ class MapArgs(NamedTuple):
         function, chunk = _fields(cls, value, what)
         if not isinstance(function, bytes):
             raise _bad(what, "function", "pickled bytes", function)
-        if not isinstance(chunk, bytes):
-            raise _bad(what, "chunk", "pickled bytes", chunk)
+        chunk = _value(what, "chunk", chunk, "pickled bytes or frames")
         return tuple.__new__(cls, (function, chunk))
 
     plain = _plain
@@ -761,8 +780,9 @@ class Reply(NamedTuple):
         if type(ok) is not bool:
             raise _bad("reply", "ok", "True or False", ok)
         if ok:
-            if not isinstance(data, bytes):
-                raise _bad("reply", "data", "the result (bytes)", data)
+            if type(data) is not bytes:
+                data = _value("reply", "data", data, "the result (bytes or frames)")
+                fields = (seq, ok, data, started, finished)
         elif not (type(data) is tuple and len(data) == 2 and isinstance(data[0], str)):
             raise _bad("reply", "data", "a wire error (name, detail)", data)
         if started is not None and not (type(started) is float and math.isfinite(started)):
@@ -881,6 +901,8 @@ class EngineOutcome(NamedTuple):
             raise _bad(what, "ok", "True or False", ok)
         if not ok:
             data = WireError.parse(data)
+        elif not isinstance(data, bytes) and as_frames(data) is not None:
+            data = as_frames(data)
         return tuple.__new__(cls, (engine_id, ok, data))
 
     def plain(self) -> tuple:

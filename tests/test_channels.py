@@ -115,7 +115,7 @@ class InlineWorker:
 
     def receive(self, commands: list) -> None:
         replies = run_commands(self.namespace, commands, self._aborted)
-        self.session.callRemoteOnly("replies", serialization.pack(replies))
+        self.session.callRemoteOnly("replies", serialization.pack_message(replies))
 
     def interrupt(self, seq: int) -> None:
         self._aborted.add(seq)

@@ -275,10 +275,16 @@ class _InProcessConnection:
         self.refuse_next: BaseException | None = None
 
     async def call(self, method: str, *args, retry: bool = False):
+        # A message is one byte string or a list of them (in parts).
+        sized = (bytes, list)
         for arg in args:
-            if isinstance(arg, bytes) and len(arg) > self.max_message_size:
-                raise MessageTooLarge("a %s request of %d bytes" % (method, len(arg)))
-        self.calls.append((method, len(args[0]) if isinstance(args[0], bytes) else args[0]))
+            if isinstance(arg, sized) and serialization.message_size(arg) > self.max_message_size:
+                raise MessageTooLarge(
+                    "a %s request of %d bytes" % (method, serialization.message_size(arg))
+                )
+        self.calls.append(
+            (method, serialization.message_size(args[0]) if isinstance(args[0], sized) else args[0])
+        )
         if method == "submit" and self.refuse_next is not None:
             error, self.refuse_next = self.refuse_next, None
             raise error

@@ -71,7 +71,7 @@ class DeliveryTests(LocalConnectionTestCase):
         as over taskfarm's Tubs (remote exception types are not exposed)."""
         worker = RecordingWorker()
         engine = self.connection.reference(_EngineReferenceable(WorkerCommands(worker)))
-        d = engine.callRemote("commands", b"not a pickle")
+        d = engine.callRemote("commands", [b"not a pickle"])
         self.turns()
         self.failureResultOf(d, RemoteException)
 

@@ -12,7 +12,7 @@ from zope.interface import implementer
 from taskfarm.remote import schemas
 from taskfarm.remote.schemas import MESSAGE, BoundedReferenceable, bounded, bounded_call
 from taskfarm.remote.tub import listen_and_locate, new_tub
-from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
+from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE, parts_limit
 from taskfarm.testing.helpers import async_test as run
 
 
@@ -25,7 +25,14 @@ class _Sink(BoundedReferenceable):
         self.received: list[int] = []
 
     def remote_replies(self, batch):
-        self.received.append(len(batch))
+        self.received.append(sum(map(len, batch)))
+
+
+def _string_limit(constraint) -> int:
+    """The byte-string bound of a `MESSAGE`, or of each part of a `PARTS`."""
+    if hasattr(constraint, "constraint"):
+        return constraint.constraint.maxLength
+    return constraint.maxLength
 
 
 class BoundedTests(unittest.SynchronousTestCase):
@@ -37,8 +44,12 @@ class BoundedTests(unittest.SynchronousTestCase):
         self.assertIs(bounded(schemas.RITaskController, 1024), small)
         self.assertIsNot(bounded(schemas.RITaskController, 2048), small)
         submit = small["submit"]
-        self.assertEqual(submit.argConstraints["batch"].maxLength, 1024)
+        self.assertEqual(_string_limit(submit.argConstraints["batch"]), 1024)
         self.assertEqual(submit.responseConstraint.maxLength, 1024)
+        # A message in parts: each part, and how many, bounded for the limit.
+        batch = submit.argConstraints["batch"]
+        self.assertEqual(batch.maxLength, parts_limit(1024))
+        self.assertEqual(_string_limit(small["results"].responseConstraint), 1024)
         results = small["results"]
         self.assertIs(
             results.argConstraints["block"],
@@ -47,7 +58,7 @@ class BoundedTests(unittest.SynchronousTestCase):
         self.assertEqual(sorted(small.names()), sorted(schemas.RITaskController.names()))
         self.assertEqual(MESSAGE.maxLength, DEFAULT_MAX_MESSAGE_SIZE)
         self.assertEqual(
-            schemas.RITaskController["submit"].argConstraints["batch"].maxLength,
+            _string_limit(schemas.RITaskController["submit"].argConstraints["batch"]),
             DEFAULT_MAX_MESSAGE_SIZE,
         )
 
@@ -57,7 +68,7 @@ class BoundedTests(unittest.SynchronousTestCase):
         sink = _Sink(1000)
         self.assertEqual(sink.getInterfaceName(), "taskfarm.RIEngineSession.v1")
         self.assertIs(sink.getInterface(), bounded(schemas.RIEngineSession, 1000))
-        self.assertEqual(sink.getInterface()["replies"].argConstraints["batch"].maxLength, 1000)
+        self.assertEqual(_string_limit(sink.getInterface()["replies"].argConstraints["batch"]), 1000)
 
 
 class PerTubLimitTests(unittest.TestCase):
@@ -75,7 +86,7 @@ class PerTubLimitTests(unittest.TestCase):
         """None if a `replies` batch of `size` bytes was taken, else the error text."""
         ref = await client.getReference(furl)
         try:
-            await ref.callRemote("replies", b"x" * size)
+            await ref.callRemote("replies", [b"x" * size])
         except Exception as e:
             return str(e)
         return None
@@ -112,7 +123,7 @@ class PerTubLimitTests(unittest.TestCase):
         sink = _Sink(1000)
         ref = await self.tub(listen=False).getReference(server.registerReference(sink))
         with self.assertRaises(Violation) as caught:
-            await ref.callRemote("replies", b"x" * 1001, **bounded_call(ref, "replies", 1000))
+            await ref.callRemote("replies", [b"x" * 1001], **bounded_call(ref, "replies", 1000))
         self.assertIn("too long (1001 > 1000)", str(caught.exception))
-        await ref.callRemote("replies", b"x" * 1000, **bounded_call(ref, "replies", 1000))
+        await ref.callRemote("replies", [b"x" * 1000], **bounded_call(ref, "replies", 1000))
         self.assertEqual(sink.received, [1000])

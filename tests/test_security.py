@@ -258,8 +258,10 @@ class MessageSizeTests(SecurityTestCase):
         cluster = await self.cluster(max_message_size=self.limit)
         furl = cluster.controller.server.furls[TASK]
         ref = await self.client_tub().getReference(furl)
+        # A submission travels in parts (a list of byte strings): each part
+        # is bounded while its header is read.
         with self.assertRaises(Exception) as caught:
-            await ref.callRemote("submit", b"x" * (self.limit + 1), _useSchema=False)
+            await ref.callRemote("submit", [b"x" * (self.limit + 1)], _useSchema=False)
         self.assertIn(
             "STRING token too large: %d>%d" % (self.limit + 1, self.limit), str(caught.exception)
         )

@@ -770,6 +770,10 @@ def _blob(record) -> object:
     from taskfarm import serialization
 
     if record.ok:
+        if serialization.is_frames(record.data):
+            # Written part by part (a file, or framed inline when small):
+            # read back as a list of the same byte strings.
+            return serialization.frames_parts(record.data)
         return record.data
     return serialization.pack(record.data)
 

@@ -231,8 +231,8 @@ class EngineHandle:
         if self._outbox and not self._lost:
             batch, self._outbox = self._outbox, []
             # Packed once: usually it fits, and that is the message.
-            packed = serialization.pack(batch)
-            if len(packed) <= self._registry.max_message_size:
+            packed = serialization.pack_message(batch)
+            if serialization.message_size(packed) <= self._registry.max_message_size:
                 self.channel.send(batch, packed)
                 return
             for message in self._fit(batch):

@@ -118,6 +118,8 @@ class TaskStore:
             stored.output = _stored_output(getattr(stored, "output", None))
             if stored.state != "queued" and not stored.ok and stored.data is not None:
                 stored.data = serialization.unpack(stored.data)
+            elif stored.ok and stored.data is not None:
+                stored.data = _as_value(stored.data)
             record = TaskRecord.restore(stored, spec)
             self.tasks[record.taskid] = record
             self.counts[record.state] += 1
@@ -241,7 +243,7 @@ class TaskStore:
         values = {}
         for record in stored:
             try:
-                values[record.taskid] = await self._journal.read_result(record.taskid)
+                values[record.taskid] = _as_value(await self._journal.read_result(record.taskid))
             except Exception:
                 if not self.is_current(record):
                     raise UnknownTask(
@@ -410,3 +412,11 @@ def _stored_output(blob: bytes | None) -> tuple[str, str] | None:
     ):
         return output
     return None
+
+
+def _as_value(data: object) -> object:
+    """A result the journal gave back: one blob as it is; a list of byte
+    strings (a result kept as frames) as frames again."""
+    if isinstance(data, list):
+        return serialization.as_frames(data) or data
+    return data

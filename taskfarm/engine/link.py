@@ -204,11 +204,12 @@ class EngineLink(service.Service):
 
         def send(replies: list) -> None:
             # Packed once: usually they fit in one message, which this is.
-            packed = serialization.pack(replies)
-            if len(packed) <= batch_bytes:
+            # Big results' buffers are not copied into it (out of band).
+            packed = serialization.pack_message(replies)
+            if serialization.message_size(packed) <= batch_bytes:
                 messages = [packed]
             else:
-                messages = map(serialization.pack, fit_replies(replies, room, batch_bytes))
+                messages = map(serialization.pack_message, fit_replies(replies, room, batch_bytes))
             for message in messages:
                 if not session.send_replies(message):
                     return
@@ -250,7 +251,7 @@ def fit_replies(replies: list, room: int, batch_bytes: int | None = None) -> lis
             size = pickled_size(reply, room)
         if size > room:
             reply = _too_large(reply, size, room)
-            size = len(serialization.pack(reply))
+            size = serialization.packed_size(reply)
         fitted.append(reply)
         sizes.append(size)
     return split_by_size(fitted, sizes, room if batch_bytes is None else batch_bytes)

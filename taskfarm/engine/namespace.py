@@ -294,7 +294,7 @@ class Namespace:
         """``[function(*args) for args in chunk]``, pickled."""
         function = self._function(function_blob)
         chunk = serialization.loads(chunk_blob, "the mapped arguments")
-        return serialization.dumps(
+        return serialization.dumps_value(
             [function(*args) for args in chunk], "the mapped results"
         )
 
@@ -343,18 +343,19 @@ class Namespace:
         compiled = compile(code, "<engine %d>" % self.engine_id, "exec")
         exec(compiled, self.user_ns)
 
-    def push(self, blob: bytes) -> bytes:
-        """Put pickled ``{name: value}`` into the namespace."""
+    def push(self, blob) -> bytes:
+        """Put pickled ``{name: value}`` (a blob or frames) into the namespace."""
         values = serialization.loads(blob, "the pushed values")
         self.user_ns.update(values)
         return b""
 
-    def pull(self, names: tuple[str, ...]) -> bytes:
-        """The pickled tuple of the values of `names`."""
-        return serialization.pack(tuple(self._pull_one(name) for name in names))
+    def pull(self, names: tuple[str, ...]):
+        """The pickled tuple of the values of `names` (each a blob or its
+        frames; big buffers stay out of band)."""
+        return serialization.pack_frames(tuple(self._pull_one(name) for name in names))
 
-    def _pull_one(self, name: str) -> bytes:
-        return serialization.dumps(self._lookup(name), "%r" % name)
+    def _pull_one(self, name: str):
+        return serialization.dumps_value(self._lookup(name), "%r" % name)
 
     def keys(self) -> bytes:
         """The pickled list of user names (without dunders)."""
@@ -369,7 +370,7 @@ class Namespace:
     def run_task(
         self,
         kind: str,
-        payload: bytes,
+        payload,
         clear_before: bool,
         clear_after: bool,
         timeout: float | None = None,
@@ -390,7 +391,7 @@ class Namespace:
                 function = self._function(function_blob)
                 args, kwargs = serialization.loads(args_blob, "the task's arguments")
                 result = function(*args, **kwargs)
-                return serialization.dumps(result, "the return value")
+                return serialization.dumps_value(result, "the return value")
             raise TaskfarmError("unknown task kind %r" % (kind,))
         finally:
             if clear_after:
@@ -405,9 +406,9 @@ class Namespace:
             ) from None
 
     @staticmethod
-    def _dump_pulled(values: dict) -> bytes:
+    def _dump_pulled(values: dict):
         try:
-            return serialization.dumps(values, "the pulled values")
+            return serialization.dumps_value(values, "the pulled values")
         except SerializationError:
             # Pickle them one by one to name the culprit in the error.
             for name, value in values.items():

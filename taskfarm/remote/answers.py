@@ -21,6 +21,15 @@ def _answer(value) -> bytes:
     return serialization.pack(wire.Answer(True, value).plain())
 
 
+def _answer_in_parts(value) -> list:
+    # Results and pulled values keep their buffers out of band.
+    return serialization.pack_message(wire.Answer(True, value).plain())
+
+
+def _refuse_in_parts(failure) -> list:
+    return [_refuse(failure)]
+
+
 def _refuse(failure) -> bytes:
     error = failure.value
     if isinstance(error, RecursionError):
@@ -37,6 +46,14 @@ def reply(function, *args) -> defer.Deferred:
     """Run `function(*args)` (value or Deferred) and answer an envelope."""
     d = defer.maybeDeferred(function, *args)
     d.addCallbacks(_answer, _refuse)
+    return d
+
+
+def reply_in_parts(function, *args) -> defer.Deferred:
+    """`reply` for a method that answers `schemas.PARTS`: the envelope in
+    parts (`serialization.pack_message`), big buffers out of band."""
+    d = defer.maybeDeferred(function, *args)
+    d.addCallbacks(_answer_in_parts, _refuse_in_parts)
     return d
 
 

@@ -320,7 +320,7 @@ class FoolscapControllerReference:
                 ) from None
             raise BadRequest("the controller refused %s: %s" % (method, text)) from None
         sweeper.received(answer)
-        ok, value = wire.Answer.parse(serialization.unpack(answer))
+        ok, value = wire.Answer.parse(serialization.unpack(answer, self._limit))
         if not ok:
             raise from_wire(value)
         return value

@@ -38,7 +38,7 @@ class _EngineReferenceable(BoundedReferenceable):
 
     def remote_commands(self, batch):
         sweeper.received(batch)
-        self._commands.receive(serialization.unpack(batch))
+        self._commands.receive(serialization.unpack(batch, self.max_message_size))
 
     def remote_interrupt(self, seq):
         self._commands.interrupt(seq)

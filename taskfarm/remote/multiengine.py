@@ -6,7 +6,7 @@ from zope.interface import implementer
 
 from taskfarm import serialization, wire
 from taskfarm.remote import schemas, sweeper
-from taskfarm.remote.answers import hello_blob, reply
+from taskfarm.remote.answers import hello_blob, reply, reply_in_parts
 from taskfarm.remote.schemas import BoundedReferenceable
 
 
@@ -31,7 +31,7 @@ class RemoteMultiEngine(BoundedReferenceable):
             op, targets, args, per_target, timeout = wire.EngineCall.parse(self._unpack(request))
             return self._multiengine.call(op, targets, args, per_target, timeout)
 
-        return sweeper.once_answered(reply(call), request)
+        return sweeper.once_answered(reply_in_parts(call), request)
 
     def remote_properties(self, request):
         def call():

@@ -5,7 +5,12 @@ module declares the Foolscap methods that carry them.
 
 Payloads travel as single byte strings (batches pickled by
 `taskfarm.serialization`): Foolscap's cost is per token, not per byte.
-Every byte-string argument and answer is declared as `MESSAGE`.  The
+Every byte-string argument and answer is declared as `MESSAGE`.  Those
+that may carry big values (commands, replies, submissions, results,
+MultiEngine calls) are `PARTS`: a list of byte strings
+(`serialization.pack_message`: the envelope, then each big buffer as it
+is, out of band).  Foolscap bounds each part and their count; the total is
+checked against the same limit as soon as the message is unpacked.  The
 limit is not a process-wide setting: each Referenceable has its own
 (`BoundedReferenceable`), and Foolscap reads a call's argument constraints
 from the receiving Referenceable's `getInterface()`.  So a controller and an
@@ -24,17 +29,29 @@ from foolscap.constraint import ByteStringConstraint
 from foolscap.remoteinterface import RemoteInterfaceClass, getRemoteInterface
 from foolscap.schema import ChoiceOf, ListOf, TupleOf
 
-from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE
+from taskfarm.serialization import DEFAULT_MAX_MESSAGE_SIZE, parts_limit
 from taskfarm.wire import NOT_YET, WIRE_VERSION
 
 __all__ = [
-    "WIRE_VERSION", "NOT_YET", "MESSAGE", "bounded", "bounded_call", "BoundedReferenceable",
+    "WIRE_VERSION", "NOT_YET", "MESSAGE", "PARTS", "bounded", "bounded_call",
+    "BoundedReferenceable",
     "RIEngine", "RIEngineSession", "RIEngineRegistrar", "RITaskController", "RIMultiEngine",
 ]
 
 #: A message: one byte string.  Its bound here is the default; a
 #: Referenceable's own limit replaces it (`bounded`).  Never mutated.
 MESSAGE = ByteStringConstraint(maxLength=DEFAULT_MAX_MESSAGE_SIZE)
+
+
+def _parts(message: ByteStringConstraint, limit: int):
+    # Always a list: Foolscap cannot choose between a string and a list
+    # for an argument (its list unslicer insists on a list constraint).
+    return ListOf(message, maxLength=parts_limit(limit))
+
+
+#: A message in parts: a list of byte strings, each bounded as a
+#: `MESSAGE` (`serialization.pack_message`).  Never mutated.
+PARTS = _parts(MESSAGE, DEFAULT_MAX_MESSAGE_SIZE)
 
 _bounded: dict[tuple[str, int], RemoteInterfaceClass] = {}
 
@@ -51,8 +68,11 @@ def bounded(interface: RemoteInterfaceClass, limit: int) -> RemoteInterfaceClass
     clone = _bounded.get(key)
     if clone is None:
         message = ByteStringConstraint(maxLength=limit)
+        parts = _parts(message, limit)
 
         def bound(constraint):
+            if constraint is PARTS:
+                return parts
             return message if constraint is MESSAGE else constraint
 
         attrs: dict = {"__remote_name__": "%s;max-message-size=%d" % key}
@@ -103,7 +123,7 @@ class RIEngine(RemoteInterface):
 
     __remote_name__ = "taskfarm.RIEngine.v1"
 
-    def commands(batch=MESSAGE):
+    def commands(batch=PARTS):
         """A pickled list of ``(seq, op, args)`` commands, run in order."""
         return None
 
@@ -129,7 +149,7 @@ class RIEngineSession(RemoteInterface):
 
     __remote_name__ = "taskfarm.RIEngineSession.v1"
 
-    def replies(batch=MESSAGE):
+    def replies(batch=PARTS):
         """A pickled list of ``(seq, ok, data, started, finished)`` replies."""
         return None
 
@@ -157,7 +177,7 @@ class RITaskController(RemoteInterface):
     def hello():
         return MESSAGE
 
-    def submit(batch=MESSAGE):
+    def submit(batch=PARTS):
         """A pickled ``(token, [envelope, ...], ids or None)``; answers the ids."""
         return MESSAGE
 
@@ -168,7 +188,7 @@ class RITaskController(RemoteInterface):
     def results(taskids=MESSAGE, block=bool):
         """Result envelopes of the pickled list of task ids (`NOT_YET` when
         `block` and they are still unfinished after the bound)."""
-        return MESSAGE
+        return PARTS
 
     def wait(taskids=MESSAGE):
         """Answer once every task in the pickled list is finished (None),
@@ -209,9 +229,9 @@ class RIMultiEngine(RemoteInterface):
     def hello():
         return MESSAGE
 
-    def engine_call(request=MESSAGE):
+    def engine_call(request=PARTS):
         """A pickled ``(op, targets, args, per_target_args_or_None)``."""
-        return MESSAGE
+        return PARTS
 
     def properties(request=MESSAGE):
         """A pickled ``(action, targets, argument)``."""

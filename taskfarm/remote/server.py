@@ -24,7 +24,7 @@ from taskfarm.interfaces import IEngineChannel
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK
 from taskfarm.remote import schemas, sweeper
 from taskfarm.remote import tub as tubs
-from taskfarm.remote.answers import hello_blob, reply
+from taskfarm.remote.answers import hello_blob, reply, reply_in_parts
 from taskfarm.remote.multiengine import RemoteMultiEngine
 from taskfarm.remote.schemas import BoundedReferenceable
 
@@ -33,6 +33,16 @@ _log = Logger()
 
 def _unpack_ids(blob: bytes, limit: int, allow_none: bool = False):
     return wire.TaskIds.parse(serialization.unpack(blob, limit), allow_none)
+
+
+def _digest(batch) -> str:
+    """Length and CRC-32 of a submission's bytes (one string or its parts)."""
+    if isinstance(batch, bytes):
+        return "%d:%08x" % (len(batch), zlib.crc32(batch))
+    crc = 0
+    for part in batch:
+        crc = zlib.crc32(part, crc)
+    return "%d:%08x" % (serialization.message_size(batch), crc)
 
 
 #: Seconds a blocking `wait` or `results` is held before it answers
@@ -89,7 +99,7 @@ class RemoteTaskController(BoundedReferenceable):
             )
             # A resend carries the very same bytes; a replayed token with
             # other tasks does not.
-            digest = "%d:%08x" % (len(batch), zlib.crc32(batch))
+            digest = _digest(batch)
             return defer.Deferred.fromCoroutine(
                 self._controller.submit_durably(envelopes, token, ids, digest)
             )
@@ -107,7 +117,7 @@ class RemoteTaskController(BoundedReferenceable):
             d.addCallback(_fit_unless_not_yet, self.max_message_size)
             return d
 
-        return reply(results)
+        return reply_in_parts(results)
 
     def remote_wait(self, taskids):
         def wait():
@@ -196,7 +206,7 @@ it sends is checked against the engine's limit, the controller's own."""
         self._limit = max_message_size
 
     def send(self, commands: list, packed: bytes | None = None) -> None:
-        self._call("commands", serialization.pack(commands) if packed is None else packed)
+        self._call("commands", serialization.pack_message(commands) if packed is None else packed)
 
     def interrupt(self, seq: int) -> None:
         self._call("interrupt", seq)

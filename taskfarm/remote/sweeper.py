@@ -124,11 +124,13 @@ def process_sweeper() -> CycleSweeper:
     return _process_sweeper
 
 
-def received(message: bytes) -> None:
+def received(message) -> None:
     """Count one received message, whose call is answered, towards this
     process's next collection."""
     if isinstance(message, bytes):  # anything else is refused later
         process_sweeper().received(len(message))
+    elif isinstance(message, list) and all(isinstance(part, bytes) for part in message):
+        process_sweeper().received(sum(map(len, message)))
 
 
 def once_answered(answer, message: bytes):
