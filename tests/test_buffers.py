@@ -377,6 +377,7 @@ class JournalFramesTests(unittest.TestCase):
 
         path = temp_dir(self, "taskfarm-buffers-journal-") / "journal.sqlite"
         journal = Journal(path, reactor)
+        journal.file_threshold = BIG  # these frames (2 x BIG) go to a file
         journal.open()
         self.addCleanup(journal.close)
         blob = serialization.pack(Task("a = 1").to_envelope())
