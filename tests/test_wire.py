@@ -664,7 +664,7 @@ class RealControllerTests(unittest.TestCase):
         try:
             client = cluster.task_client()
             with self.assertRaises(ProtocolVersionError):
-                await client._connection.call("submit", _newer_submission())
+                await client._connection.call("submit", [_newer_submission()])
             self.assertEqual(cluster.controller.tasks.queue_status()["scheduled"], 0)
             # The connection stays good for a well-formed submission.
             (taskid,) = await client.run_many([Task("a = 1")])

@@ -19,6 +19,7 @@ a partial file is never taken for a result.
 from __future__ import annotations
 
 import os
+import pickle
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +31,8 @@ _LENGTH = struct.Struct("<Q")
 #: How many buffers one writev call takes (Linux's IOV_MAX is 1024).
 _IOV_MAX = 1024
 
-_BYTES_TYPES = (bytes, bytearray, memoryview)
+# PickleBuffer: a result kept as out-of-band frames (`serialization.dumps_value`).
+_BYTES_TYPES = (bytes, bytearray, memoryview, pickle.PickleBuffer)
 
 
 class ResultFileError(OSError):
