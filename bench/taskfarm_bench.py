@@ -263,6 +263,91 @@ def run_core(args, emit, wd, cl, tc, meter_roles):
          desc="wall / ideal (1.0 is perfect)")
 
 
+#: The legs of one task's round trip, as `rtt_legs` splits it (t0: the
+#: client calls run; submitted: the controller accepts it, controller clock;
+#: started/completed: the engine runs it, engine clock; t1: the client has
+#: the value; all clocks are this host's time.time()).
+LEGS = (
+    ("client_to_controller", "run + get_task_result leave the client, the submit reaches the controller"),
+    ("controller_to_engine", "accepted -> running on the engine (journal, dispatch, command message, worker hand-off)"),
+    ("on_engine", "the task runs in the engine's worker thread"),
+    ("engine_to_client", "finished -> the value in the calling thread (reply message, store, results answer)"),
+)
+
+
+def rtt_legs(tc, n: int, deadline: float) -> tuple[list[float], dict[str, list[float]]]:
+    """`n` round trips of `tc.run(MapTask(noop))` + `get_task_result(block=True)`,
+    each split into `LEGS` by the task's own timestamps (bench-only: the
+    result envelope is read where the client presents it).  Returns the
+    round trips (s) and the legs (s) per sample."""
+    from taskfarm import taskclient
+    from taskfarm.client import MapTask
+
+    seen = []
+    present = taskclient._present
+
+    def keep(envelope, raising=True):
+        seen.append(envelope)
+        return present(envelope, raising)
+
+    taskclient._present = keep
+    lat: list[float] = []
+    legs: dict[str, list[float]] = {name: [] for name, _ in LEGS}
+    try:
+        for i in range(n):
+            seen.clear()
+            t0 = time.time()
+            p0 = time.perf_counter()
+            value = tc.get_task_result(tc.run(MapTask(noop, (i,))), block=True)
+            lat.append(time.perf_counter() - p0)
+            t1 = time.time()
+            assert value == i
+            env = seen[-1]
+            if env.started is not None and env.completed is not None:
+                for name, v in zip(
+                    (name for name, _ in LEGS),
+                    (env.submitted - t0, env.started - env.submitted,
+                     env.completed - env.started, t1 - env.completed),
+                    strict=True,
+                ):
+                    legs[name].append(v)
+            if time.monotonic() > deadline:
+                break
+    finally:
+        taskclient._present = present
+    return lat, legs
+
+
+def hop_costs(tc, n: int, deadline: float) -> dict[str, float]:
+    """Medians (us) of the blocking client's sub-paths: a no-op call into the
+    reactor thread and back, and one controller call (`engine_ids`)."""
+    from taskfarm import reactorthread
+
+    out = {}
+    for name, fn in (("thread_hop_us", lambda: reactorthread.call(lambda: None)),
+                     ("controller_call_us", tc.engine_ids)):
+        xs = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            xs.append(time.perf_counter() - t0)
+            if time.monotonic() > deadline:
+                break
+        out[name] = statistics.median(xs) * 1e6
+    return out
+
+
+def foolscap_floor(timeout: float = 90.0) -> dict:
+    """bench/fcfloor.py in a child process: the raw Foolscap sequential
+    round trip and 1 MB echo, measured now, on this machine's load."""
+    argv = [sys.executable, os.path.join(benchlib.HERE, "fcfloor.py"), "--deadline", str(max(10.0, timeout - 20))]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired) as e:
+        return {"error": "%s: %s" % (type(e).__name__, e)}
+
+
 def run_nojournal(args, emit, wd, cl, tc, meter_roles):
     tc.map(noop, range(16))
     wd.phase("bulk_map_nojournal", args.phase_timeout)

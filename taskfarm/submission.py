@@ -3,9 +3,10 @@
 `run` should not cost a network round trip.  The controller sets aside a
 block of task ids for the client (a *lease*, `reserve`); while the lease
 lasts, `run` takes the next id, queues the task and answers at once.
-Queued tasks leave together, within `FLUSH_DELAY` or before the client's
-next call, whichever comes first, so the controller always sees a task
-before any question about it.  Each batch is acknowledged once the
+A task leaves at once when no batch is on its way to the controller;
+otherwise queued tasks leave together, within `FLUSH_DELAY` or before the
+client's next call, whichever comes first, so the controller always sees a
+task before any question about it.  Each batch is acknowledged once the
 controller has journaled it; `confirm()` waits for that.  A batch that fails
 for good (not merely a lost connection, which is retried) makes the next
 `confirm()` raise, and every later question about its ids raises too.
@@ -203,7 +204,10 @@ class Submitter:
             self.flush()  # this one would not fit in the same message
         self._queue.append(entry)
         self._queued_bytes += size
-        if len(self._queue) >= MAX_BATCH:
+        if len(self._queue) >= MAX_BATCH or not self._in_flight:
+            # Nothing on its way: a lone task leaves at once.  While a batch
+            # is in flight the next ones gather for FLUSH_DELAY, so a loop
+            # of `run` still costs one message per batch.
             self.flush()
         elif self._flush_call is None:
             self._flush_call = self._reactor.callLater(FLUSH_DELAY, self.flush)

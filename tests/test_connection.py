@@ -300,34 +300,53 @@ class SubmitterTests(ConnectionTestCase):
         ]
 
     def test_run_answers_at_once_and_batches(self):
-        """Once a lease is held, run fires at once; runs of one moment leave
-        in one submit within FLUSH_DELAY, and the controller queues them."""
+        """Once a lease is held, run fires at once; a task leaves alone when
+        nothing is on its way, and the runs made while it is in flight
+        leave in one submit within FLUSH_DELAY; the controller queues them all."""
         first = self.submitter.run(self.blob)
         self.turns()
         ids = [self.successResultOf(first)]
+        self.assertEqual(len(self.submits()), 1)  # the lone task left at once
         ids += [self.successResultOf(self.submitter.run(self.blob)) for _ in range(9)]
         self.assertEqual(ids, list(range(10)))
+        # The second left alone too; the eight after it wait for the batch.
+        self.assertEqual(len(self.submits()), 2)
         self.clock.advance(FLUSH_DELAY)
         self.turns()
-        self.assertEqual(len(self.submits()), 1)
+        self.assertEqual(len(self.submits()), 3)
         self.assertEqual(self.grid.controller.queue_status()["scheduled"], 10)
         self.successResultOf(defer.Deferred.fromCoroutine(self.submitter.confirm()))
+
+    def test_a_lone_task_leaves_without_the_batch_timer(self):
+        """With nothing in flight, a task's submit leaves in the `run` call
+        itself: no FLUSH_DELAY timer is set and the clock need not move."""
+        self.successResultOf(self.turned(self.submitter.run(self.blob)))
+        self.successResultOf(self.turned(defer.Deferred.fromCoroutine(self.submitter.confirm())))
+        before = len(self.submits())
+        self.successResultOf(self.submitter.run(self.blob))
+        self.assertEqual(len(self.submits()), before + 1)
+        timers = [c for c in self.clock.getDelayedCalls() if c.func == self.submitter.flush]
+        self.assertEqual(timers, [])
+        self.turns()
+        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 2)
 
     def test_a_submit_lost_in_flight_is_resent_once(self):
         """The link breaks after the controller took a submission but before
         its answer: the submitter sends it again with the same token and the
         controller queues the tasks once."""
+        # A first task takes the lease (its submit is answered).
         self.successResultOf(self.turned(self.submitter.run(self.blob)))
-        self.tub.connection.hang_answers()  # the submit is taken, its answer lost
-        self.submitter.flush()
+        self.successResultOf(self.turned(defer.Deferred.fromCoroutine(self.submitter.confirm())))
+        self.tub.connection.hang_answers()  # the next submit is taken, its answer lost
+        self.successResultOf(self.submitter.run(self.blob))  # it leaves at once
         self.turns()
-        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 1)
+        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 2)
         self.tub.connection.disconnect()
         self.clock.pump([0.1] * 5)
         self.successResultOf(defer.Deferred.fromCoroutine(self.submitter.confirm()))
-        first, again = self.submits()
+        _, first, again = self.submits()
         self.assertEqual(first, again)
-        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 1)
+        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 2)
 
     def test_restart_without_journal_fails_what_was_not_acknowledged(self):
         """A controller restarted without its journal: a batch in flight
