@@ -85,6 +85,24 @@ class TaskClient(_BlockingClient):
 
     async_class = asyncclient.TaskClient
 
+    def run(self, task, block: bool = False):
+        """Submit one task; returns its id (with `block`, what
+        ``get_task_result(id, block=True)`` returns).
+
+        The task is packed in this thread; while this client holds task
+        ids the controller set aside, the id is taken here and the task is
+        handed to the reactor without waiting for it (one thread hop
+        instead of a round trip).  It leaves at once when nothing else is
+        on its way, else with the next batch, always before this client's
+        next call.  A task that cannot be sent raises a typed error here.
+        """
+        if block or reactorthread.in_reactor_thread():
+            return reactorthread.call(self._async.run, task, block)
+        taken = self._async.run_from_thread(task)
+        if isinstance(taken, int):
+            return taken
+        return reactorthread.call(self._async.run_packed, taken[1])
+
     def mapper(self, block: bool = True, **task_options) -> asyncclient.TaskMapper:
         """A mapper whose `map` runs function tasks with these options (and,
         with ``block=False``, returns task ids instead of results)."""

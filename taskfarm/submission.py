@@ -21,6 +21,7 @@ one message, so a function that its map tasks share travels once.
 from __future__ import annotations
 
 import collections
+import threading
 import uuid
 
 from twisted.internet import defer
@@ -69,6 +70,8 @@ class Submitter:
         self._waiting: collections.deque = collections.deque()
         self._flush_call = None
         self._leases: collections.deque = collections.deque()
+        #: Guards `_leases`: `run_from_thread` takes ids in a caller's thread.
+        self._lease_lock = threading.Lock()
         self._lease_size = FIRST_LEASE
         self._reserving = False
         self._in_flight: set[defer.Deferred] = set()
@@ -93,6 +96,33 @@ class Submitter:
         self._waiting.append(([envelope], waiter, False))
         self._top_up()
         return waiter
+
+    def run_from_thread(self, envelope: PackedTask) -> int | None:
+        """`run` for a thread other than the reactor's (the blocking
+        client): while a lease lasts, take the task's id here and hand the
+        task to the reactor without waiting for it (one thread hop, not a
+        round trip).  Returns the id, or None when `run` must decide (no
+        lease, submissions waiting for ids, or a task near the size limit).
+
+        The reactor's thread queue keeps order: the task is queued before
+        any call this thread makes next, so the controller sees it first.
+        """
+        if len(envelope) > self._room() - PER_TASK_OVERHEAD:
+            return None  # `run` measures it and may refuse it
+        with self._lease_lock:
+            if self._waiting or not self._leases:
+                return None
+            lease = self._leases[0]
+            taskid = lease[0]
+            lease[0] += 1
+            if lease[0] >= lease[1]:
+                self._leases.popleft()
+        self._reactor.callFromThread(self._queue_taken, envelope, taskid)
+        return taskid
+
+    def _queue_taken(self, envelope: PackedTask, taskid: int) -> None:
+        self._enqueue((envelope, taskid))
+        self._top_up()
 
     def run_many(self, envelopes: list[PackedTask]) -> defer.Deferred:
         """Send packed tasks now; fires with their ids once all are accepted.
@@ -132,17 +162,19 @@ class Submitter:
     # task ids grow in the order it submits them.
 
     def _available(self) -> int:
-        return sum(end - start for start, end in self._leases)
+        with self._lease_lock:
+            return sum(end - start for start, end in self._leases)
 
     def _take(self, count: int) -> list[int]:
         ids: list[int] = []
-        while len(ids) < count:
-            lease = self._leases[0]
-            n = min(count - len(ids), lease[1] - lease[0])
-            ids.extend(range(lease[0], lease[0] + n))
-            lease[0] += n
-            if lease[0] >= lease[1]:
-                self._leases.popleft()
+        with self._lease_lock:
+            while len(ids) < count:
+                lease = self._leases[0]
+                n = min(count - len(ids), lease[1] - lease[0])
+                ids.extend(range(lease[0], lease[0] + n))
+                lease[0] += n
+                if lease[0] >= lease[1]:
+                    self._leases.popleft()
         return ids
 
     def _serve_waiting(self) -> None:
@@ -186,7 +218,8 @@ class Submitter:
 
         def leased(first: int) -> None:
             self._reserving = False
-            self._leases.append([first, first + size])
+            with self._lease_lock:
+                self._leases.append([first, first + size])
             self._serve_waiting()
             self._top_up()
 
@@ -257,7 +290,8 @@ class Submitter:
     def _controller_forgot(self) -> None:
         """The controller restarted without its journal: ids reserved before
         mean nothing now, and batches not yet acknowledged are lost."""
-        self._leases.clear()
+        with self._lease_lock:
+            self._leases.clear()
         self._queue, queued = [], self._queue
         self._queued_bytes = 0
         lost = ConnectionLost(

@@ -330,6 +330,41 @@ class SubmitterTests(ConnectionTestCase):
         self.turns()
         self.assertEqual(self.grid.controller.queue_status()["scheduled"], 2)
 
+    def thread_hops(self) -> list:
+        """Let the clock take calls from other threads, held until run."""
+        held: list = []
+        self.clock.callFromThread = lambda f, *a, **kw: held.append((f, a, kw))
+        return held
+
+    def test_run_from_thread_takes_the_id_without_the_reactor(self):
+        """While a lease lasts, run_from_thread answers the next id at once
+        and only hands the task to the reactor (one held call); once the
+        reactor runs it, the task leaves and the controller queues it."""
+        held = self.thread_hops()
+        self.successResultOf(self.turned(self.submitter.run(self.blob)))
+        sent = len(self.submits())
+        taskid = self.submitter.run_from_thread(self.blob)
+        self.assertEqual(taskid, 1)
+        self.assertEqual(len(held), 1)
+        self.assertEqual(len(self.submits()), sent)  # nothing left from this thread
+        f, a, kw = held.pop()
+        f(*a, **kw)
+        self.assertEqual(len(self.submits()), sent + 1)
+        self.turns()
+        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 2)
+        self.successResultOf(defer.Deferred.fromCoroutine(self.submitter.confirm()))
+
+    def test_run_from_thread_leaves_it_to_run_without_a_lease(self):
+        """With no lease yet, or submissions waiting for ids, it takes no id
+        and hands nothing over: `run` decides, in the reactor."""
+        held = self.thread_hops()
+        self.assertIsNone(self.submitter.run_from_thread(self.blob))
+        waiting = self.submitter.run(self.blob)  # waits for the first lease
+        self.assertIsNone(self.submitter.run_from_thread(self.blob))
+        self.assertEqual(held, [])
+        self.turns()
+        self.assertEqual(self.successResultOf(waiting), 0)
+
     def test_a_submit_lost_in_flight_is_resent_once(self):
         """The link breaks after the controller took a submission but before
         its answer: the submitter sends it again with the same token and the
