@@ -72,6 +72,9 @@ class Submitter:
         self._leases: collections.deque = collections.deque()
         #: Guards `_leases`: `run_from_thread` takes ids in a caller's thread.
         self._lease_lock = threading.Lock()
+        #: Counts the controller's forgetting (`_controller_forgot`): an id
+        #: taken in another thread before it means nothing after it.
+        self._lease_epoch = 0
         self._lease_size = FIRST_LEASE
         self._reserving = False
         self._in_flight: set[defer.Deferred] = set()
@@ -117,10 +120,15 @@ class Submitter:
             lease[0] += 1
             if lease[0] >= lease[1]:
                 self._leases.popleft()
-        self._reactor.callFromThread(self._queue_taken, envelope, taskid)
+            epoch = self._lease_epoch
+        self._reactor.callFromThread(self._queue_taken, envelope, taskid, epoch)
         return taskid
 
-    def _queue_taken(self, envelope: PackedTask, taskid: int) -> None:
+    def _queue_taken(self, envelope: PackedTask, taskid: int, epoch: int) -> None:
+        if epoch != self._lease_epoch:
+            # Its id was leased by a controller that has since forgotten it.
+            self._lost([taskid])
+            return
         self._enqueue((envelope, taskid))
         self._top_up()
 
@@ -292,14 +300,18 @@ class Submitter:
         mean nothing now, and batches not yet acknowledged are lost."""
         with self._lease_lock:
             self._leases.clear()
+            self._lease_epoch += 1
         self._queue, queued = [], self._queue
         self._queued_bytes = 0
+        self._lost([taskid for _, taskid in queued])
+
+    def _lost(self, taskids: list[int]) -> None:
         lost = ConnectionLost(
             "the controller restarted without a journal (--no-journal): tasks "
             "sent to it before are lost"
         )
         self._error = self._error or lost
-        for _, taskid in queued:
+        for taskid in taskids:
             self._failed[taskid] = lost
 
     # -- confirmation ----------------------------------------------------------------

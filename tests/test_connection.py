@@ -365,6 +365,22 @@ class SubmitterTests(ConnectionTestCase):
         self.turns()
         self.assertEqual(self.successResultOf(waiting), 0)
 
+    def test_an_id_taken_before_the_controller_forgot_is_lost_not_sent(self):
+        """An id taken in another thread, then the controller restarts
+        without its journal before the reactor queues the task: the task is
+        not sent under the stale id; it is lost, as the queued ones are."""
+        held = self.thread_hops()
+        self.successResultOf(self.turned(self.submitter.run(self.blob)))
+        self.successResultOf(self.turned(defer.Deferred.fromCoroutine(self.submitter.confirm())))
+        sent = len(self.submits())
+        taskid = self.submitter.run_from_thread(self.blob)
+        self.submitter._controller_forgot()
+        f, a, kw = held.pop()
+        f(*a, **kw)
+        self.turns()
+        self.assertEqual(len(self.submits()), sent)
+        self.assertRaises(ConnectionLost, self.submitter.check, [taskid])
+
     def test_a_submit_lost_in_flight_is_resent_once(self):
         """The link breaks after the controller took a submission but before
         its answer: the submitter sends it again with the same token and the

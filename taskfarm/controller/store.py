@@ -343,7 +343,6 @@ class TaskStore:
             self._journal.cleared(expired)
 
 
-
 class _Commit:
     """The commit of one batch dispatched early, as its waiters see it."""
 
