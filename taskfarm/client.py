@@ -85,7 +85,7 @@ class TaskClient(_BlockingClient):
 
     async_class = asyncclient.TaskClient
 
-    def run(self, task, block: bool = False):
+    def run(self, task, block: bool = False) -> object:
         """Submit one task; returns its id (with `block`, what
         ``get_task_result(id, block=True)`` returns).
 
@@ -98,10 +98,10 @@ class TaskClient(_BlockingClient):
         """
         if block or reactorthread.in_reactor_thread():
             return reactorthread.call(self._async.run, task, block)
-        taken = self._async.run_from_thread(task)
+        taken = self._async._run_from_thread(task)
         if isinstance(taken, int):
             return taken
-        return reactorthread.call(self._async.run_packed, taken[1])
+        return reactorthread.call(self._async._run_packed, taken[1])
 
     def mapper(self, block: bool = True, **task_options) -> asyncclient.TaskMapper:
         """A mapper whose `map` runs function tasks with these options (and,

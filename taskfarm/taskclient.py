@@ -67,18 +67,18 @@ class TaskClient(BaseClient):
             d.addCallback(self.get_task_result, True)
         return d
 
-    def run_from_thread(self, task: BaseTask) -> int | tuple[None, object]:
+    def _run_from_thread(self, task: BaseTask) -> int | tuple[None, object]:
         """For the blocking client, called in its caller's thread: build the
         task's envelope there and, while a lease lasts, queue it with one
         hop to the reactor (`Submitter.run_from_thread`).  Returns the id,
-        or ``(None, envelope)`` to give to `run_packed` in the reactor.  A
+        or ``(None, envelope)`` to give to `_run_packed` in the reactor.  A
         task that cannot be packed raises here, as `run` fails."""
         envelope = _envelope(task)
         taskid = self._submitter.run_from_thread(envelope)
         return (None, envelope) if taskid is None else taskid
 
-    def run_packed(self, envelope) -> defer.Deferred:
-        """`run` of a task `run_from_thread` packed already."""
+    def _run_packed(self, envelope) -> defer.Deferred:
+        """`run` of a task `_run_from_thread` packed already."""
         return self._submitter.run(envelope)
 
     def run_many(self, tasks: Iterable[BaseTask]) -> defer.Deferred:
