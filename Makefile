@@ -24,9 +24,9 @@ test: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not process" tests
 
-# The performance comparison (docs/performance.md): 11-14 minutes, or
+# The performance comparison (docs/performance.md): 12-15 minutes, or
 # `make bench BENCH_ARGS="--quick --reps 1"` for a short check.  Other
-# options: --reps N, --only taskfarm|peers, --update-docs.
+# options: --reps N, --only taskfarm|peers, --data-mb N, --update-docs.
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

@@ -45,6 +45,16 @@ WORKLOADS = [
     ("(c) single-task round trip, 200 samples", [
         ("rtt_ms_median", "median"),
         ("rtt_ms_p99", "p99"),
+        ("rtt_leg_client_to_controller_us", "leg: client -> controller accepted"),
+        ("rtt_leg_controller_to_engine_us", "leg: accepted -> running on the engine"),
+        ("rtt_leg_on_engine_us", "leg: running on the engine"),
+        ("rtt_leg_engine_to_client_us", "leg: finished -> value in the calling thread"),
+        ("thread_hop_us", "blocking client: a no-op call into the reactor thread"),
+        ("controller_call_us", "blocking client: one controller call (engine_ids)"),
+        ("fc_seq_rtt_us_median", "raw Foolscap sequential round trip, median"),
+        ("fc_seq_rtt_us_p99", "raw Foolscap sequential round trip, p99"),
+        ("fc_echo1MB_MBps", "raw Foolscap 1 MiB echo"),
+        ("rtt_over_fc_rtt", "round trip / raw Foolscap round trip"),
     ]),
     ("(d) 100 x 1 MiB results gathered at the client", [
         ("ret1MB_MBps", "MB/s"),
@@ -79,6 +89,21 @@ WORKLOADS = [
     ]),
     ("(h) controller memory per finished task (fetched and cleared)", [
         ("mem_per_finished_task_bytes", "RSS delta / tasks"),
+    ]),
+    ("(i) data path: one NumPy array (--data-mb, 200 MiB) on one engine", [
+        ("data_push_MBps", "push"),
+        ("data_pull_MBps", "pull"),
+        ("data_result_MBps", "returned as a task result"),
+        ("data_push_rss_growth_client_x", "push: client peak RSS growth / payload"),
+        ("data_push_rss_growth_controller_x", "push: controller peak RSS growth / payload"),
+        ("data_push_rss_growth_engine_x", "push: engine peak RSS growth / payload"),
+        ("data_pull_rss_growth_client_x", "pull: client peak RSS growth / payload"),
+        ("data_pull_rss_growth_controller_x", "pull: controller peak RSS growth / payload"),
+        ("data_pull_rss_growth_engine_x", "pull: engine peak RSS growth / payload"),
+        ("data_result_rss_growth_client_x", "result: client peak RSS growth / payload"),
+        ("data_result_rss_growth_controller_x", "result: controller peak RSS growth / payload"),
+        ("data_result_rss_growth_engine_x", "result: engine peak RSS growth / payload"),
+        ("journal_disk_after_clear_mib", "journal disk use after clear()"),
     ]),
     ("cluster start-up", [
         ("startup_s", "until 4 workers answer"),
@@ -274,6 +299,83 @@ def targets(st: Stats) -> tuple[list[str], list[dict]]:
     return lines, rows
 
 
+def met(ok) -> str:
+    return "n/a" if ok is None else ("met" if ok else "missed")
+
+
+def issue12_targets(st: Stats) -> tuple[list[str], list[dict]]:
+    """Issue 12's targets, each a ratio or bound measured in this run,
+    side by side with what it is compared to, as met / missed."""
+    rows: list[dict] = []
+    tf = lambda m: st.median("taskfarm", m)  # noqa: E731
+    ray = lambda m: st.median("ray", m)  # noqa: E731
+
+    def add(name, value, goal, ok, against=""):
+        rows.append({"target": name, "value": value, "goal": goal, "result": met(ok), "against": against})
+
+    big, rbig = tf("ret1MB_MBps"), ray("ret1MB_MBps")
+    if big is not None:
+        if rbig:
+            add("100 x 1 MiB results: taskfarm / Ray", "%.2fx" % (big / rbig), ">= 1.0x", big / rbig >= 1.0,
+                "taskfarm %s MB/s, Ray %s MB/s" % (fmt(big), fmt(rbig)))
+        add("100 x 1 MiB results (MB/s)", fmt(big), ">= 600 (quiet machine)", big >= 600)
+    payload = None
+    for name in ("push", "pull", "result"):
+        rate = tf("data_%s_MBps" % name)
+        s = st.get("taskfarm", "data_%s_MBps" % name)
+        if rate is None:
+            continue
+        payload = s["median_run"].get("mb", payload)
+        add("%s MiB array, %s (MB/s)" % (payload, name), fmt(rate), ">= 500", rate >= 500)
+        worst, who = None, None
+        for role in ("client", "controller", "engine"):
+            x = tf("data_%s_rss_growth_%s_x" % (name, role))
+            if x is not None and (worst is None or x > worst):
+                worst, who = x, role
+        if worst is not None:
+            add("%s MiB array, %s: peak RSS growth / payload" % (payload, name), "%.2fx" % worst, "<= 2x",
+                worst <= 2, "largest in the %s" % who)
+    rtt, rrtt = tf("rtt_ms_median"), ray("rtt_ms_median")
+    if rtt is not None:
+        if rrtt:
+            add("round trip median vs Ray", "%s ms" % fmt(rtt), "< Ray", rtt < rrtt, "Ray %s ms" % fmt(rrtt))
+        floor = tf("fc_seq_rtt_us_median")
+        ratio = tf("rtt_over_fc_rtt")
+        if floor and ratio is not None:
+            add("round trip / raw Foolscap round trip", "%.2fx" % ratio, "<= 4x", ratio <= 4,
+                "raw Foolscap %s us" % fmt(floor))
+        p99 = tf("rtt_ms_p99")
+        if p99 is not None:
+            add("round trip p99 / median", "%.2fx" % (p99 / rtt), "<= 2x", p99 / rtt <= 2,
+                "p99 %s ms" % fmt(p99))
+    bulk = tf("bulk_map_tasks_s")
+    if bulk is not None:
+        add("bulk no-op tasks/s", fmt(bulk), ">= 19,000 (quiet machine)", bulk >= 19_000)
+    mem = tf("mem_per_finished_task_bytes")
+    if mem is not None:
+        add("memory per finished task (B)", fmt(mem), "<= 2 KiB", mem <= 2048)
+    s = st.get("taskfarm", "queue_peak_rss_mib")
+    if s is not None:
+        total = s["median_run"].get("total", 0)
+        per = tf("queue_rss_per_queued_task_bytes")
+        if total >= 1_000_000:
+            add("1,000,000 queued: controller RSS", "%s MiB" % fmt(s["median"]), "< 2 GiB", s["median"] < 2048)
+        elif per is not None:
+            proj = s["median_run"].get("rss_before_mib", 0) + per * 1_000_000 / 2**20
+            add("1,000,000 queued: controller RSS (projected)", "%s MiB" % fmt(proj), "< 2 GiB", proj < 2048,
+                "from %s queued" % fmt(total))
+    disk = st.get("taskfarm", "journal_disk_after_clear_mib")
+    if disk is not None:
+        before = disk["median_run"].get("before_mib")
+        ok = None if before is None else disk["median"] <= 1.1 * before + 0.1
+        add("journal disk use after clear()", "%s MiB" % fmt(disk["median"]),
+            "within 10% of live tasks' need", ok, "before the data phases: %s MiB" % fmt(before))
+    lines = ["| target | taskfarm | goal | met? | compared with (same run) |", "|---|---:|---|---|---|"]
+    for r in rows:
+        lines.append("| %s | %s | %s | %s | %s |" % (r["target"], r["value"], r["goal"], r["result"], r["against"]))
+    return lines, rows
+
+
 def problems(records) -> list[str]:
     out = []
     for r in records:
@@ -311,6 +413,11 @@ def render(records, meta) -> tuple[str, dict]:
     md.append("### Targets\n")
     md.extend(target_lines)
     md.append("")
+    issue_lines, issue_rows = issue12_targets(st)
+    if issue_rows:
+        md.append("### Issue 12 targets (ratios measured in this run)\n")
+        md.extend(issue_lines)
+        md.append("")
     md.extend(workload_tables(st))
     probs = problems(records)
     if probs:
@@ -320,6 +427,7 @@ def render(records, meta) -> tuple[str, dict]:
     summary = {
         "meta": meta,
         "targets": target_rows,
+        "issue12_targets": issue_rows,
         "metrics": {"%s/%s" % k: {kk: vv for kk, vv in (st.get(*k) or {}).items() if kk != "median_run"}
                     for k in sorted(st.groups, key=lambda k: (str(k[0]), str(k[1])))},
     }

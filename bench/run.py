@@ -1,19 +1,20 @@
 #!/usr/bin/env python
 """`make bench`: the whole comparison in one command, bounded in time.
 
-    python bench/run.py [--quick] [--reps N] [--only taskfarm|peers] [--budget SECONDS] [--update-docs]
+    python bench/run.py [--quick] [--reps N] [--only taskfarm|peers] [--budget SECONDS] [--data-mb N] [--update-docs]
 
 1. makes bench/.venv-peers (bench/setup_peers.sh) if it is missing;
 2. for each rep: the taskfarm core workloads (a-e) and the journal-off bulk
    run (f), then the same workloads on the peers (ProcessPoolExecutor, dask,
    ipyparallel, ray), so both see the same machine conditions;
-3. once: controller memory per finished task (h), queue growth to
+3. once: controller memory per finished task (h), the data path (i: a
+   200 MiB NumPy array pushed, pulled and returned), queue growth to
    1,000,000 tasks (100,000 with --quick) and again with half the tasks
    carrying a `depend` predicate (g);
 4. bench/report.py: bench/results/latest.md and latest.json, printed.
 
 Every stage is a child process with a deadline; the run as a whole keeps to
---budget seconds (default 830 s full, 900 s quick): the last stages (queue
+--budget seconds (default 900 s): the last stages (queue
 drains first) get what is left, and anything cut short is noted in the
 report.  With --update-docs the table is pasted into docs/performance.md
 between its "latest-results" markers.
@@ -80,14 +81,16 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", choices=["taskfarm", "peers"])
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for the whole run (default 830 full, 900 quick)")
+                    help="seconds for the whole run (default 900)")
     ap.add_argument("--queue-total", type=int, default=None)
+    ap.add_argument("--data-mb", type=int, default=200,
+                    help="MiB of the NumPy array pushed, pulled and returned (i)")
     ap.add_argument("--update-docs", action="store_true", help="paste the table into docs/performance.md")
     args = ap.parse_args()
     benchlib.install_term_handler()
 
     t_start = time.monotonic()
-    budget = args.budget or (900.0 if args.quick else 830.0)
+    budget = args.budget or 900.0
     deadline = t_start + budget
     left = lambda: deadline - time.monotonic()  # noqa: E731
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -169,7 +172,7 @@ def main() -> int:
     # 2. reps: taskfarm core + journal-off, then the peers, turn about.
     # What memory + the two queue passes need afterwards (1M tasks: about
     # 25-45 s to submit and 30-40 s to drain each, on this machine).
-    heavy_reserve = 0 if not do_tf else (120 if args.quick else 230)
+    heavy_reserve = 0 if not do_tf else (180 if args.quick else 290)
     tf_est, peers_est = 25.0, 150.0  # seconds per rep, updated as reps finish
     for run in range(1, args.reps + 1):
         reps_after = args.reps - run
@@ -200,6 +203,10 @@ def main() -> int:
                                           "--results", tf_results], min(300, left() - heavy_reserve), tf_results)
         stage("taskfarm memory per finished task", tf + ["--reps", "1", "--groups", "memory",
                                                           "--results", tf_results], min(150, left() - 60), tf_results)
+        stage("taskfarm data path (%d MiB array)" % args.data_mb,
+              tf + ["--reps", "1", "--groups", "data", "--results", tf_results,
+                    "--data-mb", str(args.data_mb), "--phase-timeout", "120"],
+              min(300, left() - 60), tf_results)
         for i, group in enumerate(("queue", "queue_depend")):
             # the plain pass is the quicker one (no depend to check)
             share = (left() - 15) * (0.42 if i == 0 else 1.0)

@@ -2,7 +2,7 @@
 """taskfarm benchmarks: a controller and 4 engines on this machine, loopback,
 measured with the BLOCKING client (`taskfarm.client.TaskClient`).
 
-    python bench/taskfarm_bench.py [--reps 3] [--quick] [--groups core,nojournal,queue,memory]
+    python bench/taskfarm_bench.py [--reps 3] [--quick] [--groups core,nojournal,queue,memory,data]
 
 Each group runs in a child process of its own, on a fresh cluster (started
 by bench/tfcluster.py with `taskfarm.cluster.launcher.Cluster`, in a
@@ -23,6 +23,10 @@ Groups and workloads (letters as in docs/performance.md):
              again with half the tasks carrying one shared `depend` predicate
   memory     (h) controller RSS per finished task after results are fetched
              and cleared
+  data       (i) a --data-mb (200) MiB NumPy array pushed, pulled and returned
+             as a task result on one engine: MB/s, and peak RSS growth of the
+             client, controller and engine / payload (DATA_WORKLOADS); the
+             journal's disk use after clear()
 """
 
 from __future__ import annotations
@@ -222,25 +226,35 @@ def run_core(args, emit, wd, cl, tc, meter_roles):
          wall_s=round(t_barrier, 3), desc="run loop + barrier", **note)
     emit("run_call_us", t_submit / done * 1e6, "us", n=done, desc="one blocking tc.run")
 
-    # (c) round trip: run + get_task_result(block=True)
+    # (c) round trip: run + get_task_result(block=True), each split into
+    # its legs by the task's own timestamps; then the blocking client's
+    # sub-paths and the raw Foolscap floor, measured now, on the same load
     wd.phase("rtt", args.phase_timeout)
-    lat = []
     for i in range(10):  # warm
         tc.get_task_result(tc.run(MapTask(noop, (i,))), block=True)
-    deadline = time.monotonic() + args.phase_timeout / 2
-    ids = []
-    for i in range(args.rtt):
-        t0 = time.perf_counter()
-        tid = tc.run(MapTask(noop, (i,)))
-        value = tc.get_task_result(tid, block=True)
-        lat.append(time.perf_counter() - t0)
-        ids.append(tid)
-        assert value == i
-        if time.monotonic() > deadline:
-            break
+    lat, legs = rtt_legs(tc, args.rtt, time.monotonic() + args.phase_timeout / 2)
     tc.clear()
     emit("rtt_ms_median", statistics.median(lat) * 1e3, "ms", n=len(lat))
     emit("rtt_ms_p99", benchlib.pct(lat, 99) * 1e3, "ms", n=len(lat))
+    for (name, desc) in LEGS:
+        if legs[name]:
+            emit("rtt_leg_%s_us" % name, statistics.median(legs[name]) * 1e6, "us",
+                 n=len(legs[name]), desc=desc)
+    wd.phase("hops", args.phase_timeout)
+    for name, value in hop_costs(tc, 200, time.monotonic() + 20).items():
+        emit(name, value, "us", n=200)
+    wd.phase("foolscap_floor", args.phase_timeout)
+    floor = foolscap_floor(min(90.0, args.phase_timeout))
+    if "error" in floor:
+        emit("error", 1, "flag", group="core", error="foolscap floor: %s" % floor["error"])
+    else:
+        emit("fc_seq_rtt_us_median", floor["seq_us_median"], "us", n=floor["seq_n"],
+             desc="raw Foolscap sequential callRemote round trip (bench/fcfloor.py)")
+        emit("fc_seq_rtt_us_p99", floor["seq_us_p99"], "us", n=floor["seq_n"])
+        emit("fc_echo1MB_MBps", floor["echo1MB_MBps"], "MB/s", n=floor["echo_n"],
+             desc="raw Foolscap echo of 1 MiB bytes, 4 outstanding")
+        emit("rtt_over_fc_rtt", statistics.median(lat) * 1e6 / floor["seq_us_median"], "x",
+             desc="taskfarm round trip median / raw Foolscap round trip median, same run")
 
     # (d) 100 x 1 MiB results
     wd.phase("ret1MB", args.phase_timeout)
@@ -261,6 +275,222 @@ def run_core(args, emit, wd, cl, tc, meter_roles):
     emit("fairness_wall_s", dt, "s", n=k, ideal_s=ideal, per_engine=counts)
     emit("fairness_ratio", dt / ideal, "x", n=k, ideal_s=ideal, per_engine=counts,
          desc="wall / ideal (1.0 is perfect)")
+
+
+#: The legs of one task's round trip, as `rtt_legs` splits it (t0: the
+#: client calls run; submitted: the controller accepts it, controller clock;
+#: started/completed: the engine runs it, engine clock; t1: the client has
+#: the value; all clocks are this host's time.time()).
+LEGS = (
+    ("client_to_controller", "run + get_task_result leave the client, the submit reaches the controller"),
+    ("controller_to_engine", "accepted -> running on the engine (journal, dispatch, command message, worker hand-off)"),
+    ("on_engine", "the task runs in the engine's worker thread"),
+    ("engine_to_client", "finished -> the value in the calling thread (reply message, store, results answer)"),
+)
+
+
+def rtt_legs(tc, n: int, deadline: float) -> tuple[list[float], dict[str, list[float]]]:
+    """`n` round trips of `tc.run(MapTask(noop))` + `get_task_result(block=True)`,
+    each split into `LEGS` by the task's own timestamps (bench-only: the
+    result envelope is read where the client presents it).  Returns the
+    round trips (s) and the legs (s) per sample."""
+    from taskfarm import taskclient
+    from taskfarm.client import MapTask
+
+    seen = []
+    present = taskclient._present
+
+    def keep(envelope, raising=True):
+        seen.append(envelope)
+        return present(envelope, raising)
+
+    taskclient._present = keep
+    lat: list[float] = []
+    legs: dict[str, list[float]] = {name: [] for name, _ in LEGS}
+    try:
+        for i in range(n):
+            seen.clear()
+            t0 = time.time()
+            p0 = time.perf_counter()
+            value = tc.get_task_result(tc.run(MapTask(noop, (i,))), block=True)
+            lat.append(time.perf_counter() - p0)
+            t1 = time.time()
+            assert value == i
+            env = seen[-1]
+            if env.started is not None and env.completed is not None:
+                for name, v in zip(
+                    (name for name, _ in LEGS),
+                    (env.submitted - t0, env.started - env.submitted,
+                     env.completed - env.started, t1 - env.completed),
+                    strict=True,
+                ):
+                    legs[name].append(v)
+            if time.monotonic() > deadline:
+                break
+    finally:
+        taskclient._present = present
+    return lat, legs
+
+
+def hop_costs(tc, n: int, deadline: float) -> dict[str, float]:
+    """Medians (us) of the blocking client's sub-paths: a no-op call into the
+    reactor thread and back, and one controller call (`engine_ids`)."""
+    from taskfarm import reactorthread
+
+    out = {}
+    for name, fn in (("thread_hop_us", lambda: reactorthread.call(lambda: None)),
+                     ("controller_call_us", tc.engine_ids)):
+        xs = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            xs.append(time.perf_counter() - t0)
+            if time.monotonic() > deadline:
+                break
+        out[name] = statistics.median(xs) * 1e6
+    return out
+
+
+def foolscap_floor(timeout: float = 90.0) -> dict:
+    """bench/fcfloor.py in a child process: the raw Foolscap sequential
+    round trip and 1 MB echo, measured now, on this machine's load."""
+    argv = [sys.executable, os.path.join(benchlib.HERE, "fcfloor.py"), "--deadline", str(max(10.0, timeout - 20))]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired) as e:
+        return {"error": "%s: %s" % (type(e).__name__, e)}
+
+
+# -- (i) the data path: one large NumPy array each way ------------------------------
+
+
+def bench_array(mb):
+    """A float64 array of `mb` MiB, made once per process and reused."""
+    import sys
+
+    import numpy
+
+    cache = sys.__dict__.setdefault("_taskfarm_bench_arrays", {})
+    a = cache.get(mb)
+    if a is None:
+        a = cache[mb] = numpy.arange(mb * (1 << 20) // 8, dtype=numpy.float64)
+    return a
+
+
+def array_ready(mb):
+    bench_array(mb)
+    return True
+
+
+def _push(ctx) -> int:
+    ctx.mec.push({"bench_array": ctx.array}, targets=ctx.targets, block=True)
+    return ctx.array.nbytes
+
+
+def _pull(ctx) -> int:
+    (value,) = ctx.mec.pull("bench_array", targets=ctx.targets, block=True)
+    assert value.shape == ctx.array.shape and value[-1] == ctx.array[-1]
+    return value.nbytes
+
+
+def _task_result(ctx) -> int:
+    from taskfarm.client import MapTask
+
+    taskid = ctx.tc.run(MapTask(bench_array, (ctx.mb,)))
+    value = ctx.tc.get_task_result(taskid, block=True)
+    assert value.shape == ctx.array.shape and value[-1] == ctx.array[-1]
+    ctx.tc.clear([taskid])
+    return value.nbytes
+
+
+#: The data-path workloads, in order: (name, description, function(ctx) ->
+#: bytes moved).  Each is timed, and each process's peak RSS growth over it
+#: is measured against the payload.  Other data-path workloads (buffer kinds,
+#: a bulk channel, shared memory) are appended here.
+DATA_WORKLOADS = [
+    ("push", "mec.push of the array to one engine", _push),
+    ("pull", "mec.pull of it back", _pull),
+    ("result", "a MapTask returning the array, run + get_task_result(block=True)", _task_result),
+]
+
+
+class DataContext:
+    """What a data workload uses: the clients, its engine, the array."""
+
+    def __init__(self, tc, mec, targets, mb: int) -> None:
+        self.tc, self.mec, self.targets, self.mb = tc, mec, targets, mb
+        self.array = bench_array(mb)
+
+
+def reset_peak_rss(pids) -> None:
+    """Reset VmHWM to the current RSS (Linux: 5 into /proc/PID/clear_refs)."""
+    for pid in pids:
+        try:
+            with open("/proc/%d/clear_refs" % pid, "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def disk_use(path) -> int:
+    """Bytes of the journal: the database, its WAL and result files."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            if name.startswith("journal"):
+                try:
+                    total += os.path.getsize(os.path.join(root, name))
+                except OSError:
+                    pass
+        for sub in ("journal.sqlite-results",):
+            folder = os.path.join(root, sub)
+            if os.path.isdir(folder):
+                for name in os.listdir(folder):
+                    try:
+                        total += os.path.getsize(os.path.join(folder, name))
+                    except OSError:
+                        pass
+        break
+    return total
+
+
+def run_data(args, emit, wd, cl, tc, meter_roles):
+    """(i) A large NumPy array pushed, pulled and returned as a task result,
+    on one engine: MB/s each way and the peak RSS growth of the client, the
+    controller and the engine, as a multiple of the payload; then the
+    journal's disk use after clear() against before."""
+    from taskfarm import client
+
+    mb = args.data_mb
+    wd.phase("data_setup", args.phase_timeout)
+    mec = client.MultiEngineClient(cl.profile, connect_timeout=30)
+    targets = mec.get_ids()[:1]
+    assert tc.get_task_result(tc.run(client.MapTask(array_ready, (mb,))), block=True)
+    tc.clear()
+    ctx = DataContext(tc, mec, targets, mb)
+    journal_before = disk_use(cl.profile)
+    roles = {"client": os.getpid(), "controller": cl.controller_pid, "engine": cl.engine_pids[0]}
+    for name, desc, fn in DATA_WORKLOADS:
+        wd.phase("data_" + name, args.phase_timeout)
+        before = {role: benchlib.rss_kib(pid) for role, pid in roles.items()}
+        reset_peak_rss(roles.values())
+        dt, moved = timed(lambda fn=fn: fn(ctx))
+        growth = {role: (benchlib.rss_kib(pid, "VmHWM") - before[role]) * 1024.0
+                  for role, pid in roles.items()}
+        emit("data_%s_MBps" % name, moved / dt / 1e6, "MB/s", mb=mb, wall_s=round(dt, 3), desc=desc)
+        for role, grew in growth.items():
+            emit("data_%s_rss_growth_%s_x" % (name, role), grew / moved, "x", mb=mb,
+                 growth_mib=round(grew / MiB, 1), desc="peak RSS growth / payload, %s" % role)
+    wd.phase("data_clear", args.phase_timeout)
+    tc.clear()
+    mec.execute("del bench_array", targets=targets, block=True)
+    time.sleep(1.0)
+    journal_after = disk_use(cl.profile)
+    emit("journal_disk_after_clear_mib", journal_after / MiB, "MiB",
+         before_mib=round(journal_before / MiB, 2), grew_mib=round((journal_after - journal_before) / MiB, 2),
+         desc="journal database + WAL + result files after clear(), vs before the data phases")
+    mec.close()
 
 
 def run_nojournal(args, emit, wd, cl, tc, meter_roles):
@@ -421,6 +651,8 @@ GROUPS = {
     "queue": (["--unmet-timeout=0"], run_queue, 0),
     "queue_depend": (["--unmet-timeout=0"], run_queue_depend, 0),
     "memory": ([], run_memory, ENGINES),
+    # one engine: the array is made once, where the task that returns it runs
+    "data": ([], run_data, 1),
 }
 
 
@@ -487,7 +719,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="queue growth to 100,000 tasks, not 1,000,000")
-    ap.add_argument("--groups", default="core,nojournal,queue,queue_depend,memory")
+    ap.add_argument("--groups", default="core,nojournal,queue,queue_depend,memory,data")
     ap.add_argument("--heavy-reps", type=int, default=1,
                     help="repetitions of the queue and memory groups (default 1: they are long)")
     ap.add_argument("--n", type=int, default=10_000, help="tasks in the bulk and one-by-one phases")
@@ -505,6 +737,7 @@ def main() -> int:
                     help="seconds for a whole queue pass: submission gets at most 65%%, the drain the rest")
     ap.add_argument("--no-journal-queue", action="store_true", help="queue groups with --no-journal")
     ap.add_argument("--mem-total", type=int, default=100_000)
+    ap.add_argument("--data-mb", type=int, default=200, help="MiB of the array in the data group")
     ap.add_argument("--phase-timeout", type=float, default=120)
     ap.add_argument("--results", default=os.path.join(benchlib.RESULTS, "taskfarm.jsonl"))
     ap.add_argument("--child", choices=sorted(GROUPS), help=argparse.SUPPRESS)
@@ -526,7 +759,7 @@ def main() -> int:
     passthrough = []
     for name in ("n", "rtt", "big", "fair_tasks", "onebyone_budget", "queue_total", "queue_depend_total",
                  "queue_batch", "queue_submit_timeout", "queue_drain_timeout", "queue_budget", "mem_total",
-                 "phase_timeout"):
+                 "data_mb", "phase_timeout"):
         value = getattr(args, name)
         if value is not None:
             passthrough += ["--" + name.replace("_", "-"), str(value)]
@@ -536,14 +769,14 @@ def main() -> int:
     t_all = time.monotonic()
     for run in range(1, args.reps + 1):
         for g in groups:
-            heavy = g.startswith("queue") or g == "memory"
+            heavy = g.startswith("queue") or g in ("memory", "data")
             if heavy and run > args.heavy_reps:
                 continue
             if g.startswith("queue"):
                 limit = args.queue_submit_timeout + args.queue_drain_timeout + 300
                 if args.queue_budget:
                     limit = args.queue_budget + 150
-            elif g == "memory":
+            elif g in ("memory", "data"):
                 limit = args.phase_timeout * 3 + 300
             else:
                 limit = args.phase_timeout * 7 + 300

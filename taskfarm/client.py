@@ -342,6 +342,32 @@ class TaskClient(_BlockingClient):
 
     async_class = asyncclient.TaskClient
 
+    def run(self, task, block: bool = False, timeout: float | None = None) -> int | TaskResult | Any:
+        """Submit one task; returns its id.  With `block`, returns what
+        ``get_task_result(id, block=True, timeout=timeout)`` returns: its
+        `TaskResult`, or for a `MapTask` its value (a failure is raised).
+
+        The task is packed in this thread; while this client holds task
+        ids the controller set aside, the id is taken here and the task is
+        handed to the reactor without waiting for it (one thread hop
+        instead of a round trip).  It leaves at once when nothing else is
+        on its way, else with the next batch, always before this client's
+        next call.  A task that cannot be sent raises a typed error here.
+        """
+        if block or reactorthread.in_reactor_thread():
+            ok, value = _outcome(self._async.run, task, block, timeout)
+        else:
+            try:
+                taken = self._async._run_from_thread(task)
+            except Exception as e:
+                raise _trimmed(e) from None
+            if isinstance(taken, int):
+                return taken
+            ok, value = _outcome(self._async._run_packed, taken[1])
+        if not ok:
+            raise _trimmed(value)
+        return value
+
     def mapper(self, block: bool = True, **task_options) -> asyncclient.TaskMapper:
         """A mapper whose `map` runs function tasks with these options (and,
         with ``block=False``, returns task ids instead of results)."""

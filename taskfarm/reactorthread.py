@@ -60,12 +60,17 @@ def ensure_running():
         return reactor
 
 
+def in_reactor_thread() -> bool:
+    """Whether the caller is the reactor thread (where blocking calls are refused)."""
+    return _thread is not None and threading.current_thread() is _thread
+
+
 def call(function, *args, **kwargs):
     """Run `function` (which may return a Deferred) in the reactor thread and
     wait for its result; its failure is raised here."""
     from twisted.internet import reactor
 
-    if _thread is not None and threading.current_thread() is _thread:
+    if in_reactor_thread():
         raise RuntimeError("a blocking taskfarm call was made from the reactor thread")
     return threads.blockingCallFromThread(reactor, function, *args, **kwargs)
 

@@ -3,9 +3,10 @@
 `run` should not cost a network round trip.  The controller sets aside a
 block of task ids for the client (a *lease*, `reserve`); while the lease
 lasts, `run` takes the next id, queues the task and answers at once.
-Queued tasks leave together, within `FLUSH_DELAY` or before the client's
-next call, whichever comes first, so the controller always sees a task
-before any question about it.  Each batch is acknowledged once the
+A task leaves at once when no batch is on its way to the controller;
+otherwise queued tasks leave together, within `FLUSH_DELAY` or before the
+client's next call, whichever comes first, so the controller always sees a
+task before any question about it.  Each batch is acknowledged once the
 controller has journaled it; `confirm()` waits for that.  A batch that fails
 for good (not merely a lost connection, which is retried) makes the next
 `confirm()` raise, and every later question about its ids raises too.
@@ -20,6 +21,7 @@ one message, so a function that its map tasks share travels once.
 from __future__ import annotations
 
 import collections
+import threading
 import uuid
 
 from twisted.internet import defer
@@ -68,6 +70,11 @@ class Submitter:
         self._waiting: collections.deque = collections.deque()
         self._flush_call = None
         self._leases: collections.deque = collections.deque()
+        #: Guards `_leases`: `run_from_thread` takes ids in a caller's thread.
+        self._lease_lock = threading.Lock()
+        #: Counts the controller's forgetting (`_controller_forgot`): an id
+        #: taken in another thread before it means nothing after it.
+        self._lease_epoch = 0
         self._lease_size = FIRST_LEASE
         self._reserving = False
         self._in_flight: set[defer.Deferred] = set()
@@ -92,6 +99,38 @@ class Submitter:
         self._waiting.append(([envelope], waiter, False))
         self._top_up()
         return waiter
+
+    def run_from_thread(self, envelope: PackedTask) -> int | None:
+        """`run` for a thread other than the reactor's (the blocking
+        client): while a lease lasts, take the task's id here and hand the
+        task to the reactor without waiting for it (one thread hop, not a
+        round trip).  Returns the id, or None when `run` must decide (no
+        lease, submissions waiting for ids, or a task near the size limit).
+
+        The reactor's thread queue keeps order: the task is queued before
+        any call this thread makes next, so the controller sees it first.
+        """
+        if len(envelope) > self._room() - PER_TASK_OVERHEAD:
+            return None  # `run` measures it and may refuse it
+        with self._lease_lock:
+            if self._waiting or not self._leases:
+                return None
+            lease = self._leases[0]
+            taskid = lease[0]
+            lease[0] += 1
+            if lease[0] >= lease[1]:
+                self._leases.popleft()
+            epoch = self._lease_epoch
+        self._reactor.callFromThread(self._queue_taken, envelope, taskid, epoch)
+        return taskid
+
+    def _queue_taken(self, envelope: PackedTask, taskid: int, epoch: int) -> None:
+        if epoch != self._lease_epoch:
+            # Its id was leased by a controller that has since forgotten it.
+            self._lost([taskid])
+            return
+        self._enqueue((envelope, taskid))
+        self._top_up()
 
     def run_many(self, envelopes: list[PackedTask]) -> defer.Deferred:
         """Send packed tasks now; fires with their ids once all are accepted.
@@ -131,17 +170,19 @@ class Submitter:
     # task ids grow in the order it submits them.
 
     def _available(self) -> int:
-        return sum(end - start for start, end in self._leases)
+        with self._lease_lock:
+            return sum(end - start for start, end in self._leases)
 
     def _take(self, count: int) -> list[int]:
         ids: list[int] = []
-        while len(ids) < count:
-            lease = self._leases[0]
-            n = min(count - len(ids), lease[1] - lease[0])
-            ids.extend(range(lease[0], lease[0] + n))
-            lease[0] += n
-            if lease[0] >= lease[1]:
-                self._leases.popleft()
+        with self._lease_lock:
+            while len(ids) < count:
+                lease = self._leases[0]
+                n = min(count - len(ids), lease[1] - lease[0])
+                ids.extend(range(lease[0], lease[0] + n))
+                lease[0] += n
+                if lease[0] >= lease[1]:
+                    self._leases.popleft()
         return ids
 
     def _serve_waiting(self) -> None:
@@ -185,7 +226,8 @@ class Submitter:
 
         def leased(first: int) -> None:
             self._reserving = False
-            self._leases.append([first, first + size])
+            with self._lease_lock:
+                self._leases.append([first, first + size])
             self._serve_waiting()
             self._top_up()
 
@@ -203,7 +245,10 @@ class Submitter:
             self.flush()  # this one would not fit in the same message
         self._queue.append(entry)
         self._queued_bytes += size
-        if len(self._queue) >= MAX_BATCH:
+        if len(self._queue) >= MAX_BATCH or not self._in_flight:
+            # Nothing on its way: a lone task leaves at once.  While a batch
+            # is in flight the next ones gather for FLUSH_DELAY, so a loop
+            # of `run` still costs one message per batch.
             self.flush()
         elif self._flush_call is None:
             self._flush_call = self._reactor.callLater(FLUSH_DELAY, self.flush)
@@ -253,15 +298,20 @@ class Submitter:
     def _controller_forgot(self) -> None:
         """The controller restarted without its journal: ids reserved before
         mean nothing now, and batches not yet acknowledged are lost."""
-        self._leases.clear()
+        with self._lease_lock:
+            self._leases.clear()
+            self._lease_epoch += 1
         self._queue, queued = [], self._queue
         self._queued_bytes = 0
+        self._lost([taskid for _, taskid in queued])
+
+    def _lost(self, taskids: list[int]) -> None:
         lost = ConnectionLost(
             "the controller restarted without a journal (--no-journal): tasks "
             "sent to it before are lost"
         )
         self._error = self._error or lost
-        for _, taskid in queued:
+        for taskid in taskids:
             self._failed[taskid] = lost
 
     # -- confirmation ----------------------------------------------------------------

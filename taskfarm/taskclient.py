@@ -82,6 +82,20 @@ class TaskClient(BaseClient):
             d.addCallback(self.get_task_result, True, timeout=timeout)
         return d
 
+    def _run_from_thread(self, task: BaseTask) -> int | tuple[None, object]:
+        """For the blocking client, called in its caller's thread: build the
+        task's envelope there and, while a lease lasts, queue it with one
+        hop to the reactor (`Submitter.run_from_thread`).  Returns the id,
+        or ``(None, envelope)`` to give to `_run_packed` in the reactor.  A
+        task that cannot be packed raises here, as `run` fails."""
+        envelope = _envelope(task)
+        taskid = self._submitter.run_from_thread(envelope)
+        return (None, envelope) if taskid is None else taskid
+
+    def _run_packed(self, envelope) -> defer.Deferred:
+        """`run` of a task `_run_from_thread` packed already."""
+        return self._submitter.run(envelope)
+
     def run_many(self, tasks: Iterable[BaseTask]) -> defer.Deferred:
         """Submit many tasks at once; fires with their ids, in order, once
         the controller has accepted them.  They travel in as few messages

@@ -300,34 +300,104 @@ class SubmitterTests(ConnectionTestCase):
         ]
 
     def test_run_answers_at_once_and_batches(self):
-        """Once a lease is held, run fires at once; runs of one moment leave
-        in one submit within FLUSH_DELAY, and the controller queues them."""
+        """Once a lease is held, run fires at once; a task leaves alone when
+        nothing is on its way, and the runs made while it is in flight
+        leave in one submit within FLUSH_DELAY; the controller queues them all."""
         first = self.submitter.run(self.blob)
         self.turns()
         ids = [self.successResultOf(first)]
+        self.assertEqual(len(self.submits()), 1)  # the lone task left at once
         ids += [self.successResultOf(self.submitter.run(self.blob)) for _ in range(9)]
         self.assertEqual(ids, list(range(10)))
+        # The second left alone too; the eight after it wait for the batch.
+        self.assertEqual(len(self.submits()), 2)
         self.clock.advance(FLUSH_DELAY)
         self.turns()
-        self.assertEqual(len(self.submits()), 1)
+        self.assertEqual(len(self.submits()), 3)
         self.assertEqual(self.grid.controller.queue_status()["scheduled"], 10)
         self.successResultOf(defer.Deferred.fromCoroutine(self.submitter.confirm()))
+
+    def test_a_lone_task_leaves_without_the_batch_timer(self):
+        """With nothing in flight, a task's submit leaves in the `run` call
+        itself: no FLUSH_DELAY timer is set and the clock need not move."""
+        self.successResultOf(self.turned(self.submitter.run(self.blob)))
+        self.successResultOf(self.turned(defer.Deferred.fromCoroutine(self.submitter.confirm())))
+        before = len(self.submits())
+        self.successResultOf(self.submitter.run(self.blob))
+        self.assertEqual(len(self.submits()), before + 1)
+        timers = [c for c in self.clock.getDelayedCalls() if c.func == self.submitter.flush]
+        self.assertEqual(timers, [])
+        self.turns()
+        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 2)
+
+    def thread_hops(self) -> list:
+        """Let the clock take calls from other threads, held until run."""
+        held: list = []
+        self.clock.callFromThread = lambda f, *a, **kw: held.append((f, a, kw))
+        return held
+
+    def test_run_from_thread_takes_the_id_without_the_reactor(self):
+        """While a lease lasts, run_from_thread answers the next id at once
+        and only hands the task to the reactor (one held call); once the
+        reactor runs it, the task leaves and the controller queues it."""
+        held = self.thread_hops()
+        self.successResultOf(self.turned(self.submitter.run(self.blob)))
+        sent = len(self.submits())
+        taskid = self.submitter.run_from_thread(self.blob)
+        self.assertEqual(taskid, 1)
+        self.assertEqual(len(held), 1)
+        self.assertEqual(len(self.submits()), sent)  # nothing left from this thread
+        f, a, kw = held.pop()
+        f(*a, **kw)
+        self.assertEqual(len(self.submits()), sent + 1)
+        self.turns()
+        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 2)
+        self.successResultOf(defer.Deferred.fromCoroutine(self.submitter.confirm()))
+
+    def test_run_from_thread_leaves_it_to_run_without_a_lease(self):
+        """With no lease yet, or submissions waiting for ids, it takes no id
+        and hands nothing over: `run` decides, in the reactor."""
+        held = self.thread_hops()
+        self.assertIsNone(self.submitter.run_from_thread(self.blob))
+        waiting = self.submitter.run(self.blob)  # waits for the first lease
+        self.assertIsNone(self.submitter.run_from_thread(self.blob))
+        self.assertEqual(held, [])
+        self.turns()
+        self.assertEqual(self.successResultOf(waiting), 0)
+
+    def test_an_id_taken_before_the_controller_forgot_is_lost_not_sent(self):
+        """An id taken in another thread, then the controller restarts
+        without its journal before the reactor queues the task: the task is
+        not sent under the stale id; it is lost, as the queued ones are."""
+        held = self.thread_hops()
+        self.successResultOf(self.turned(self.submitter.run(self.blob)))
+        self.successResultOf(self.turned(defer.Deferred.fromCoroutine(self.submitter.confirm())))
+        sent = len(self.submits())
+        taskid = self.submitter.run_from_thread(self.blob)
+        self.submitter._controller_forgot()
+        f, a, kw = held.pop()
+        f(*a, **kw)
+        self.turns()
+        self.assertEqual(len(self.submits()), sent)
+        self.assertRaises(ConnectionLost, self.submitter.check, [taskid])
 
     def test_a_submit_lost_in_flight_is_resent_once(self):
         """The link breaks after the controller took a submission but before
         its answer: the submitter sends it again with the same token and the
         controller queues the tasks once."""
+        # A first task takes the lease (its submit is answered).
         self.successResultOf(self.turned(self.submitter.run(self.blob)))
-        self.tub.connection.hang_answers()  # the submit is taken, its answer lost
-        self.submitter.flush()
+        self.successResultOf(self.turned(defer.Deferred.fromCoroutine(self.submitter.confirm())))
+        self.tub.connection.hang_answers()  # the next submit is taken, its answer lost
+        self.successResultOf(self.submitter.run(self.blob))  # it leaves at once
         self.turns()
-        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 1)
+        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 2)
         self.tub.connection.disconnect()
         self.clock.pump([0.1] * 5)
         self.successResultOf(defer.Deferred.fromCoroutine(self.submitter.confirm()))
-        first, again = self.submits()
+        _, first, again = self.submits()
         self.assertEqual(first, again)
-        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 1)
+        self.assertEqual(self.grid.controller.queue_status()["scheduled"], 2)
 
     def test_restart_without_journal_fails_what_was_not_acknowledged(self):
         """A controller restarted without its journal: a batch in flight

@@ -359,14 +359,26 @@ class DispatcherTests(unittest.SynchronousTestCase):
     def test_many_kicks_one_pass(self):
         """Kicks in one turn make one pass, at the end of the turn."""
         channel = self.engine()
+        self.clock.advance(0)  # the pass the engine's arrival asked for
+        (record,) = self.store.add([0], [_spec()], self.clock.seconds())
+        self.dispatcher._scheduler.add_task(record)  # queued, no pass asked for yet
         self.dispatcher.kick()
         self.dispatcher.kick()
-        self.admit(_spec())
         self.assertEqual(len(self.clock.getDelayedCalls()), 2)  # the pass, the unmet timer
         self.assertEqual(channel.sent, [])
         self.clock.advance(0)
         self.assertEqual(len(channel.sent), 1)
         self.assertEqual(self.store.counts[TaskState.RUNNING], 1)
+
+    def test_an_admitted_batch_is_dispatched_at_once(self):
+        """admit runs the pass itself: the batch's commands leave before the
+        turn ends, and the pass a kick asked for earlier is not run twice."""
+        channel = self.engine()
+        self.dispatcher.kick()
+        self.admit(_spec(), _spec())
+        self.assertEqual(len(channel.messages), 1)
+        self.assertEqual(len(channel.sent), 2)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # the unmet timer
 
     def test_reply_finishes_the_task_in_the_store(self):
         """A success reply finishes the task and wakes its waiter."""

@@ -127,13 +127,14 @@ class SubmitAndDispatchTests(ControllerTestCase):
         self.assertEqual(self.submit(Task("a"), Task("b"), Task("c")), [0, 1, 2])
         self.assertEqual(self.submit(Task("d")), [3])
 
-    def test_dispatch_waits_for_the_turn(self):
-        """Tasks leave in one batch at the end of the reactor turn, not at submit."""
+    def test_a_batch_leaves_in_one_message_at_submit(self):
+        """A submitted batch's tasks leave at once, together in one message
+        (the submit's own dispatch pass; they used to wait for the turn)."""
         channel = self.add_engine()
+        self.turn()  # the pass the engine's arrival asked for
         self.submit(Task("a"), Task("b"))
-        self.assertEqual(channel.sent, [])
-        self.turn()
         self.assertEqual([op for _, op, _ in channel.sent], ["task", "task"])
+        self.assertEqual(len(channel.messages), 1)
 
     def test_respects_task_slots(self):
         """An engine holds at most task_slots tasks; an answer frees a slot for the next."""

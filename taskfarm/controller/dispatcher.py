@@ -156,7 +156,9 @@ class Dispatcher(RegistryListener):
             # One may have been aborted while its batch was being journaled.
             if record.is_queued and self._store.is_current(record):
                 self._scheduler.add_task(record)
-        self.kick()
+        # A pass now, not at the end of the turn: a batch is one event
+        # already, and its tasks leave before the turn's other work.
+        self.dispatch()
 
     def abort(self, record: TaskRecord) -> None:
         """Abort a queued or running task; it finishes with `TaskAborted`."""
@@ -164,7 +166,20 @@ class Dispatcher(RegistryListener):
             raise TaskAlreadyAborted()
         if record.is_final:
             raise TaskAlreadyCompleted()
-        error = to_wire(TaskAborted("task %d was aborted" % record.taskid))
+        self._take_back(record, to_wire(TaskAborted("task %d was aborted" % record.taskid)))
+        self._store.finished(record)
+
+    def withdraw(self, records: list[TaskRecord], error: BaseException) -> None:
+        """Take back the unfinished tasks of a batch whose commit failed
+        (they were dispatched before it): out of the scheduler, interrupted
+        on their engines, ended as aborted with `error`, not journaled (the
+        store forgets them next)."""
+        wire_error = to_wire(error)
+        for record in records:
+            if not record.is_final and self._store.is_current(record):
+                self._take_back(record, wire_error)
+
+    def _take_back(self, record: TaskRecord, error: tuple) -> None:
         self._end_timers(record.taskid)
         if record.is_queued:
             self._scheduler.remove_task(record)
@@ -175,7 +190,6 @@ class Dispatcher(RegistryListener):
             if engine is not None:
                 engine.interrupt(record.seq)
         self._store.move(record, record.abort, error, self._clock.seconds())
-        self._store.finished(record)
 
     # -- RegistryListener ---------------------------------------------------------------
 
@@ -213,6 +227,9 @@ class Dispatcher(RegistryListener):
                 None if timeout is None else partial(self._task_overdue, record, engine.engine_id),
             )
             self._store.move(record, record.start, engine.engine_id, seq)
+        # The pass is the turn's batch already: its commands leave now, not
+        # one more reactor turn later.
+        self._registry.flush()
 
     def _fail_broken_depends(self) -> None:
         """Tasks whose depend can never be loaded fail with `DependError`."""

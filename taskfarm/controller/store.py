@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from taskfarm import serialization
 from taskfarm.controller import resultfiles
@@ -88,6 +89,9 @@ class TaskStore:
         #: Called after each sweep (the ledger forgets old tokens then).
         self.sweep_hooks: list[Callable[[], None]] = []
         self._waiters: dict[int, list[_Countdown]] = {}
+        #: taskid -> the commit of its batch, for tasks dispatched before
+        #: their batch was committed; no answer about them leaves before it.
+        self._uncommitted: dict[int, _Commit] = {}
         self._sweep_loop: task.LoopingCall | None = None
         #: Called as ``watcher(record, before, engine_id)`` after every
         #: move (`taskfarm.controller.monitor.Monitor.moved`), or None.
@@ -149,13 +153,48 @@ class TaskStore:
             records.append(record)
         return records
 
-    def accept(self, records: list[TaskRecord], envelopes: list, token_row) -> defer.Deferred:
-        """Journal a new batch; fires once it is committed (`JournalError` if never)."""
+    def accept(
+        self, records: list[TaskRecord], envelopes: list, token_row, early: bool = False
+    ) -> defer.Deferred:
+        """Journal a new batch; fires once it is committed (`JournalError` if never).
+
+        With `early`, its tasks may run before the commit: until it, `wait`
+        and blocking `results` about them hold their answers, and a
+        non-blocking `results` answers them as unfinished.
+        """
         rows = (
             (record.taskid, serialization.pack(envelope), record.submitted, record.spec.retries)
             for record, envelope in zip(records, envelopes, strict=True)
         )
-        return self._journal.accept_batch(rows, token_row)
+        committed = self._journal.accept_batch(rows, token_row)
+        if early and not committed.called:
+            commit = _Commit()
+            uncommitted = self._uncommitted
+            for record in records:
+                uncommitted[record.taskid] = commit
+            # The first callback: it sees the commit's own outcome.
+            committed.addBoth(self._committed, records, commit)
+        return committed
+
+    def _committed(self, result, records: list[TaskRecord], commit: _Commit):
+        uncommitted = self._uncommitted
+        for record in records:
+            if uncommitted.get(record.taskid) is commit:
+                del uncommitted[record.taskid]
+        commit.done(result)
+        return result
+
+    def _after_commit(self, taskids) -> defer.Deferred | None:
+        """Fires once the batches of `taskids` are committed (fails with the
+        error of one that never is); None if they are already."""
+        if not self._uncommitted:
+            return None
+        pending = {id(c): c for c in map(self._uncommitted.get, taskids) if c is not None}
+        if not pending:
+            return None
+        done = defer.gatherResults([c.wait() for c in pending.values()], consumeErrors=True)
+        done.addCallbacks(lambda _: None, lambda failure: failure.value.subFailure)
+        return done
 
     def refuse(self, records: list[TaskRecord], error: BaseException) -> None:
         """Forget a batch that could not be journaled; its waiters fail with `error`."""
@@ -216,10 +255,14 @@ class TaskStore:
         records = self.records(taskids)
         unfinished = {r.taskid for r in records if not r.is_final}
         if not unfinished:
-            return defer.succeed(None)
+            return self._after_commit(taskids) or defer.succeed(None)
         countdown = _Countdown(unfinished, self._release)
         for taskid in unfinished:
             self._waiters.setdefault(taskid, []).append(countdown)
+        if self._uncommitted:
+            # In the turn the last one finishes: its batch is committed by
+            # then unless the engine beat the journal writer.
+            countdown.deferred.addCallback(lambda _: self._after_commit(taskids))
         return countdown.deferred
 
     def results(self, taskids: list[int], block: bool = False) -> defer.Deferred:
@@ -234,9 +277,13 @@ class TaskStore:
 
     def _envelopes(self, records: list[TaskRecord]) -> defer.Deferred:
         # Results held on disk only are read back (in a thread) first.
-        stored = [r for r in records if r.is_final and isinstance(r.data, StoredResult)]
+        # A task dispatched before its batch was committed has no answer
+        # before that commit.
+        uncommitted = self._uncommitted
+        records = [r if r.is_final and r.taskid not in uncommitted else None for r in records]
+        stored = [r for r in records if r is not None and isinstance(r.data, StoredResult)]
         if not stored:
-            return defer.succeed([r.result_envelope() if r.is_final else None for r in records])
+            return defer.succeed([None if r is None else r.result_envelope() for r in records])
         return defer.Deferred.fromCoroutine(self._read_envelopes(records, stored))
 
     async def _read_envelopes(self, records: list[TaskRecord], stored: list[TaskRecord]) -> list:
@@ -251,7 +298,7 @@ class TaskStore:
                     ) from None
                 raise
         return [
-            None if not r.is_final
+            None if r is None
             else r.result_envelope(values[r.taskid]) if r.taskid in values
             else r.result_envelope()
             for r in records
@@ -420,3 +467,25 @@ def _as_value(data: object) -> object:
     if isinstance(data, list):
         return serialization.as_frames(data) or data
     return data
+
+
+class _Commit:
+    """The commit of one batch dispatched early, as its waiters see it."""
+
+    __slots__ = ("waiters",)
+
+    def __init__(self) -> None:
+        self.waiters: list[defer.Deferred] = []
+
+    def wait(self) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.waiters.append(d)
+        return d
+
+    def done(self, result) -> None:
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(None)

@@ -193,18 +193,36 @@ class TaskController:
         if token is not None:
             self.ledger.remember(token, first, len(specs), digest)
             token_row = self.ledger.token_row(token, now)
-        admitted = self.store.accept(records, envelopes, token_row)
-        admitted.addCallbacks(
-            lambda _: self.dispatcher.admit(records), partial(self._refuse_batch, records, token)
-        )
+        # While the journal writes, the batch may run already: its commit
+        # goes on in the writer thread, in parallel.  "Accepted" still means
+        # journaled (the answer waits for the commit), and no result of the
+        # batch reaches a client before its commit (the store holds them).
+        # A journal that has failed to write puts dispatch back behind the
+        # commit, so a batch that it refuses then never runs.
+        early = getattr(self._journal, "trouble", None) is None
+        admitted = self.store.accept(records, envelopes, token_row, early)
+        if early:
+            self.dispatcher.admit(records)
+            admitted.addErrback(partial(self._refuse_batch, records, token))
+        else:
+            admitted.addCallbacks(
+                lambda _: self.dispatcher.admit(records), partial(self._refuse_batch, records, token)
+            )
         return ids, admitted
 
     def _refuse_batch(self, records: list[TaskRecord], token: str | None, failure):
-        """The batch could not be journaled: it is forgotten whole (none of
-        it ran, since it never reached the scheduler)."""
+        """The batch could not be journaled: it is forgotten whole.  Tasks
+        of it that were dispatched before the commit failed are taken back
+        (interrupted if running); no client saw a result of it."""
         error = failure.value
         if not isinstance(error, JournalError):
             error = JournalError("the journal cannot be written: %s" % (error,))
+        # Dispatched before its commit: what of it ran is dropped (its rows
+        # and result files, if any were written, go too).
+        ran = [r.taskid for r in records if r.is_final and self.store.is_current(r)]
+        self.dispatcher.withdraw(records, error)
+        if ran:
+            self._journal.cleared(ran)
         self.store.refuse(records, error)
         if token is not None:
             self.ledger.forget(token)
