@@ -5,17 +5,13 @@ harness of test_magics), in both modes too.
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-
 from test_magics import run_kernel_session
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, threads
 
-from taskfarm.childprocess import exit_status
 from taskfarm.profile import TASK
 from taskfarm.testing.cluster import ClusterTestCase
-from taskfarm.testing.helpers import OutputChild, temp_dir
+from taskfarm.testing.helpers import temp_dir
+from taskfarm.testing.processes import run_python
 
 #: What both modes run; `MODE` and the set-up come before it.
 COMMON = r"""
@@ -107,20 +103,7 @@ class AsyncioProgramTests(ClusterTestCase):
     timeout = 120
 
     async def run_child(self, script: str) -> tuple[dict, str]:
-        child = OutputChild()
-        env = dict(os.environ, TASKFARM_PROFILE=str(self.cluster.profile.root),
-                   PYTHONPATH=os.pathsep.join(sys.path), PYTHONUNBUFFERED="1")
-        reactor.spawnProcess(child, sys.executable, [sys.executable, "-c", script], env=env)
-        killer = reactor.callLater(90, child.kill)
-        code = exit_status(await child.ended)
-        if killer.active():
-            killer.cancel()
-        err = child.err.decode()
-        answers = {}
-        for line in child.out.decode().splitlines():
-            name, sep, value = line.partition("=")
-            if sep:
-                answers[name] = json.loads(value)
+        code, answers, err = await run_python(script, str(self.cluster.profile.root))
         self.assertEqual(code, 0, "the program failed:\n%s\n%s" % (answers, err[-4000:]))
         return answers, err
 

@@ -9,16 +9,12 @@ engines that this test starts; the child finds the cluster through
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from taskfarm.childprocess import exit_status
 from taskfarm.testing.cluster import RealCluster
-from taskfarm.testing.helpers import OutputChild, temp_dir
+from taskfarm.testing.helpers import temp_dir
+from taskfarm.testing.processes import run_python
 
 #: The example from the issue, with `import math` in place of numpy (numpy
 #: is not a dependency); each answer is printed for the test to check.
@@ -84,27 +80,7 @@ class BlockingExampleTests(unittest.TestCase):
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(cluster.stop()))
         await cluster.start(4)
 
-        child = OutputChild()
-        env = dict(
-            os.environ,
-            TASKFARM_PROFILE=root,
-            PYTHONPATH=os.pathsep.join(sys.path),
-            PYTHONUNBUFFERED="1",
-        )
-        reactor.spawnProcess(
-            child, sys.executable, [sys.executable, "-c", EXAMPLE], env=env
-        )
-        # Never leave the child behind: SIGKILL it by PID if it hangs.
-        killer = reactor.callLater(90, child.kill)
-        code = exit_status(await child.ended)
-        if killer.active():
-            killer.cancel()
-        answers = {}
-        for line in child.out.decode().splitlines():
-            name, sep, value = line.partition("=")
-            if sep:
-                answers[name] = json.loads(value)
-        return code, answers, child.err.decode()
+        return await run_python(EXAMPLE, root)
 
     def test_blocking_example(self):
         """The example session of the blocking MultiEngine and Task clients

@@ -9,16 +9,12 @@ two engines this test starts; the child prints each answer as one
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from taskfarm.childprocess import exit_status
 from taskfarm.testing.cluster import RealCluster
-from taskfarm.testing.helpers import OutputChild, temp_dir
+from taskfarm.testing.helpers import temp_dir
+from taskfarm.testing.processes import run_python
 
 SCRIPT = r"""
 import concurrent.futures as cf
@@ -202,20 +198,7 @@ class FuturesTests(unittest.TestCase):
             cluster = RealCluster(reactor, profile_root=root)
             self.addCleanup(lambda: defer.Deferred.fromCoroutine(cluster.stop()))
             await cluster.start(2)
-            child = OutputChild()
-            env = dict(os.environ, TASKFARM_PROFILE=root, PYTHONPATH=os.pathsep.join(sys.path),
-                       PYTHONUNBUFFERED="1", TASKFARM_PROGRESS="0")
-            reactor.spawnProcess(child, sys.executable, [sys.executable, "-c", SCRIPT], env=env)
-            killer = reactor.callLater(90, child.kill)
-            code = exit_status(await child.ended)
-            if killer.active():
-                killer.cancel()
-            err = child.err.decode()
-            answers = {}
-            for line in child.out.decode().splitlines():
-                name, sep, value = line.partition("=")
-                if sep:
-                    answers[name] = json.loads(value)
+            code, answers, err = await run_python(SCRIPT, root, TASKFARM_PROGRESS="0")
             self.assertEqual(code, 0, "the script failed:\n%s\n%s" % (answers, err[-4000:]))
             a = answers
             self.assertEqual(a["submit"], 1024)

@@ -464,7 +464,7 @@ class TaskResultTests(unittest.TestCase):
     def test_ns_missing_name(self):
         """A name the task did not pull is an AttributeError naming it."""
         with self.assertRaises(AttributeError) as caught:
-            _result().ns.b
+            _ = _result().ns.b
         self.assertIn("'b'", str(caught.exception))
 
     def test_ns_read_only(self):
@@ -483,7 +483,7 @@ class TaskResultTests(unittest.TestCase):
         error = EngineLost("engine 2 was lost")
         r = _result(results={}, failure=error)
         with self.assertRaises(EngineLost):
-            r.ns.a
+            _ = r.ns.a
         with self.assertRaises(EngineLost):
             r["a"]
 

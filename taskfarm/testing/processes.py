@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
+from taskfarm.childprocess import OutputChild, exit_status
 from taskfarm.cluster.slots import signal_if_alive
 from taskfarm.profile import Profile
 from taskfarm.testing.helpers import children_of, proc_stat, temp_dir, wait_until
@@ -33,6 +35,32 @@ def processes_naming(text: str) -> list[int]:
         if text in cmdline and fields is not None and fields[0] != "Z":
             found.append(int(entry))
     return found
+
+
+async def run_python(script: str, profile: str, limit: float = 90, **env) -> tuple[int, dict, str]:
+    """Run `script` in a fresh Python process that sees this checkout and
+    the cluster of `profile` (TASKFARM_PROFILE); `env` adds variables.
+    Returns its exit status, the ``name=<json>`` lines it printed as a
+    dict, and its stderr.  A child still running after `limit` seconds is
+    SIGKILLed by PID, so none is ever left behind."""
+    from twisted.internet import reactor
+
+    child = OutputChild()
+    environment = dict(
+        os.environ, TASKFARM_PROFILE=profile, PYTHONPATH=os.pathsep.join(sys.path),
+        PYTHONUNBUFFERED="1", **env,
+    )
+    reactor.spawnProcess(child, sys.executable, [sys.executable, "-c", script], env=environment)
+    killer = reactor.callLater(limit, child.kill)
+    code = exit_status(await child.ended)
+    if killer.active():
+        killer.cancel()
+    answers = {}
+    for line in child.out.decode().splitlines():
+        name, sep, value = line.partition("=")
+        if sep:
+            answers[name] = json.loads(value)
+    return code, answers, child.err.decode()
 
 
 def kill_if_alive(pid: int, started: str, signum: int = signal.SIGKILL) -> bool:
