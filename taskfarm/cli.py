@@ -474,6 +474,14 @@ def main(argv: list[str] | None = None) -> None:
     sub.raw_argv = argv[argv.index(options.subCommand) + 1 :]
 
     if options.subCommand in ("cluster", "engines") and not sub.get("daemon"):
+        from taskfarm.cluster.manage import DAEMON_ENV
+
+        if os.environ.get(DAEMON_ENV) == "1":
+            # A detached run (`--daemon`): its output, cluster.out, rotates.
+            from taskfarm import logfiles
+
+            profile = Profile.from_option(sub.get("profile-dir"))
+            logfiles.redirect_stdio(profile.log_dir / "cluster.out")
         # The launcher's own news (restarts, clean exits) goes to stdout.
         globalLogBeginner.beginLoggingTo(
             [FilteringLogObserver(textFileLogObserver(sys.stdout), [_info_and_up])],

@@ -243,7 +243,7 @@ class MPIExecTests(ClusterTestCase):
         with self.assertRaises(ClusterError) as caught:
             await launcher.start(RANKS, self.cluster.profile.furl_file(ENGINE), [])
         self.assertIn("mpiexec exited at start", str(caught.exception))
-        self.assertIn("mpiexec.out", str(caught.exception))
+        self.assertIn("mpiexec-0.out", str(caught.exception))
         self.assertIn("no-such-option", str(caught.exception))  # mpiexec's complaint
         self.assertIs(launcher.state, JobState.EXITED)
         self.assertEqual(launcher.restarts, 0)

@@ -15,8 +15,8 @@ controller's pid and location, and its launcher's ``describe()``.
   time, so never a later process given the same pid), or calls the
   launcher class's ``clean_up`` for engines elsewhere.
 - `run_daemon` starts ``taskfarm cluster`` detached (its own session,
-  stdin closed, output to ``PROFILE/log/cluster.out``) and returns once
-  the state file says all its engines registered.
+  stdin closed, output to ``PROFILE/log/cluster.out``, which it rotates by
+  size) and returns once the state file says all its engines registered.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from twisted.internet import task
 from twisted.logger import Logger
 
 from taskfarm.cluster.slots import process_alive, process_start_time, signal_if_alive
+from taskfarm.logfiles import read_since
 from taskfarm.profile import MULTIENGINE, TASK, Profile, in_use_error, read_holder, write_secret
 
 #: Seconds between two refreshes of the state file.
@@ -431,8 +432,7 @@ async def run_daemon(reactor, argv: list[str], profile: Profile, timeout: float)
         why = "did not register all its engines within %g s" % timeout
     else:
         why = "exited with status %d" % child.returncode
-    with open(out_path, "rb") as f:
-        f.seek(offset)
-        words = f.read().decode(errors="replace").strip()
+    # It rotates (`logfiles.redirect_stdio`): what it wrote may begin in cluster.out.1.
+    words = read_since(out_path, offset).decode(errors="replace").strip()
     print("taskfarm cluster: the background cluster %s:\n%s" % (why, words), file=sys.stderr)
     return 1

@@ -7,6 +7,7 @@ import os
 
 from twisted.python import usage
 
+from taskfarm import exitcodes, logfiles
 from taskfarm.engine import mpi
 from taskfarm.engine.namespace import DEFAULT_MAX_TASK_OUTPUT
 from taskfarm.lifeline import follow_launcher
@@ -34,7 +35,7 @@ class Options(BriefUsage, usage.Options):
 
     command = "twistd taskengine"
 
-    synopsis = "[--furl-file FILE] [--property KEY=VALUE ...] [--mpi]"
+    synopsis = "[--furl-file FILE] [--property KEY=VALUE ...] [--mpi] [--log-file PATH]"
     optFlags = [
         [
             "mpi",
@@ -52,6 +53,30 @@ class Options(BriefUsage, usage.Options):
             DEFAULT_MAX_TASK_OUTPUT,
             "Bytes of stdout, and as many of stderr, kept of each task (the rest "
             "is cut, and the result says how much).",
+            int,
+        ],
+        [
+            "log-file",
+            None,
+            None,
+            "Write this engine's log (and what it prints outside tasks) to PATH, "
+            "rotated by size, instead of to stdout.  {rank} (the MPI rank), {job} "
+            "(the SLURM/PBS job id), {host} and {pid} in PATH are filled in, so "
+            "that each engine has a file of its own.",
+        ],
+        [
+            "log-rotate-bytes",
+            None,
+            logfiles.ROTATE_LENGTH,
+            "With --log-file: bytes after which the file is renamed PATH.1 (older "
+            "ones shift) and a fresh one started.",
+            int,
+        ],
+        [
+            "log-keep",
+            None,
+            logfiles.MAX_ROTATED,
+            "With --log-file: rotated files kept (PATH.1 .. PATH.N).",
             int,
         ],
     ]
@@ -80,6 +105,42 @@ class Options(BriefUsage, usage.Options):
             self["furl-file"] = str(
                 Profile.from_option(self["profile-dir"]).furl_file(ENGINE)
             )
+        self["log-observer"] = None
+        if self["log-file"] is not None:
+            self._log_to_file()
+
+    def _log_to_file(self) -> None:
+        """Open the rotating ``--log-file`` now (an error is a usage error,
+        before anything starts) and make it twistd's log observer, through
+        twistd's own ``--logger`` hook."""
+        if self["log-rotate-bytes"] < 1024:
+            raise usage.UsageError("--log-rotate-bytes must be at least 1024")
+        if self["log-keep"] < 1:
+            raise usage.UsageError("--log-keep must be at least 1")
+        parent = getattr(self, "parent", None)
+        if parent is not None and parent.get("logger"):
+            raise usage.UsageError("--log-file and twistd's --logger both name the log")
+        rank = mpi.rank_from_environment(os.environ) if self["mpi"] else None
+        try:
+            path = logfiles.engine_log_path(self["log-file"], rank=rank)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        try:
+            factory = logfiles.rotating_observer_factory(
+                path.absolute(), self["log-rotate-bytes"], self["log-keep"]
+            )
+        except OSError as e:
+            raise usage.UsageError(
+                "--log-file %s cannot be written: %s" % (path, e.strerror or e)
+            ) from None
+        self["log-file"] = str(path.absolute())
+        self["log-observer"] = factory
+        if parent is not None:
+            # twistd's --logger takes precedence over its --logfile.
+            parent["logger"] = logfiles.use_for_twistd(factory)
+        # Launchers that watch the engine's stderr (mpiexec's) still see
+        # why it exits.
+        exitcodes.say_exit_on_stderr()
 
 
 def makeService(options: Options):
