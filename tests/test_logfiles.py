@@ -196,6 +196,25 @@ class EngineLogOptionTests(unittest.SynchronousTestCase):
             error = self.assertRaises(usage.UsageError, self.parse, *args)
             self.assertIn(said, str(error))
 
+    def test_twist_logs_to_the_rotating_file(self):
+        """``python -m twisted taskengine`` (what the launchers run): the
+        runner's log file is the rotating one."""
+        from twisted.application.twist._options import TwistOptions
+        from twisted.internet import reactor
+
+        config = TwistOptions()
+        config["reactor"] = reactor  # installed already
+        path = self.folder / "engine.log"
+        config.parseOptions(
+            ["--log-format", "text", "taskengine", "--furl-file", str(self.folder / "furl"),
+             "--log-file", str(path), "--log-rotate-bytes", "1024", "--log-keep", "1"]
+        )
+        log_file = config["logFile"]
+        self.assertIsInstance(log_file, logfiles.LogFile)
+        self.assertEqual(log_file.path, str(path))
+        self.assertEqual((log_file.rotateLength, log_file.maxRotatedFiles), (1024, 1))
+        log_file.close()
+
     def test_without_it_twistd_logs_as_usual(self):
         config = self.parse()
         self.assertIsNone(config["logger"])

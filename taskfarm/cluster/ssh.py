@@ -480,7 +480,7 @@ class HostSlot:
                     call.cancel()
             self.state = HostState.STOPPED
         for handle in [self._ssh_log] + [e.log for e in self.engines.values()]:
-            if handle is not None:
+            if handle is not None and not handle.closed:
                 handle.close()
         claims, self._claims = self._claims, []
         for claim in claims:

@@ -111,14 +111,15 @@ class Options(BriefUsage, usage.Options):
 
     def _log_to_file(self) -> None:
         """Open the rotating ``--log-file`` now (an error is a usage error,
-        before anything starts) and make it twistd's log observer, through
-        twistd's own ``--logger`` hook."""
+        before anything starts) and make it where the runner logs: the log
+        file of ``python -m twisted`` (twist), or twistd's log observer
+        through its own ``--logger`` hook."""
         if self["log-rotate-bytes"] < 1024:
             raise usage.UsageError("--log-rotate-bytes must be at least 1024")
         if self["log-keep"] < 1:
             raise usage.UsageError("--log-keep must be at least 1")
         parent = getattr(self, "parent", None)
-        if parent is not None and parent.get("logger"):
+        if parent is not None and "logFile" not in parent and parent.get("logger"):
             raise usage.UsageError("--log-file and twistd's --logger both name the log")
         rank = mpi.rank_from_environment(os.environ) if self["mpi"] else None
         try:
@@ -135,8 +136,12 @@ class Options(BriefUsage, usage.Options):
             ) from None
         self["log-file"] = str(path.absolute())
         self["log-observer"] = factory
-        if parent is not None:
-            # twistd's --logger takes precedence over its --logfile.
+        if parent is not None and "logFile" in parent:
+            # ``python -m twisted`` (twist): its log observer writes to
+            # parent["logFile"] (in the format of its --log-format).
+            parent["logFile"] = factory.args[0]
+        elif parent is not None:
+            # twistd: its --logger takes precedence over its --logfile.
             parent["logger"] = logfiles.use_for_twistd(factory)
         # Launchers that watch the engine's stderr (mpiexec's) still see
         # why it exits.
