@@ -219,9 +219,12 @@ class _StdioLogFile(LogFile):
     them, so that what bypasses ``sys.stdout`` (C code, a dying
     interpreter's last traceback) lands in the current file too."""
 
+    #: The descriptors it is made to be.
+    fds = (1, 2)
+
     def _openFile(self) -> None:
         super()._openFile()
-        for fd in (1, 2):
+        for fd in self.fds:
             os.dup2(self._file.fileno(), fd)
 
 

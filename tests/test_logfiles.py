@@ -9,6 +9,7 @@ names, so two launchers never interleave their engines' output in one file
 from __future__ import annotations
 
 import os
+import socket
 
 from twisted.internet import task
 from twisted.trial import unittest
@@ -215,6 +216,25 @@ class EngineLogOptionTests(unittest.SynchronousTestCase):
         self.assertEqual((log_file.rotateLength, log_file.maxRotatedFiles), (1024, 1))
         log_file.close()
 
+    def test_the_controller_takes_it_too(self):
+        """``twistd taskcontroller --log-file PATH`` (a controller run by
+        hand, daemonized): twistd's log is the rotating file too."""
+        from twisted.scripts._twistd_unix import ServerOptions
+
+        config = ServerOptions()
+        path = self.folder / "controller-{host}.log"
+        config.parseOptions(
+            ["taskcontroller", "--profile-dir", str(self.folder / "p"),
+             "--log-file", str(path), "--log-keep", "3"]
+        )
+        self.assertIs(config["logger"], logfiles.twistd_observer)
+        observer = logfiles.twistd_observer()
+        self.assertEqual(observer._outFile.maxRotatedFiles, 3)
+        self.assertEqual(
+            observer._outFile.path, str(self.folder / ("controller-%s.log" % socket.gethostname()))
+        )
+        observer._outFile.close()
+
     def test_without_it_twistd_logs_as_usual(self):
         config = self.parse()
         self.assertIsNone(config["logger"])
@@ -249,6 +269,32 @@ class ReadBackTests(unittest.SynchronousTestCase):
         log.close()
         self.assertEqual(logfiles.read_tail(path, 13), "old line\nnew\n")
         self.assertEqual(logfiles.read_tail(self.folder / "none"), "")
+
+
+class DaemonOutputTests(unittest.SynchronousTestCase):
+    """A detached ``taskfarm cluster`` writes its output through a rotating
+    file that is also its descriptors 1 and 2 (here: a spare descriptor
+    stands for them)."""
+
+    def test_descriptors_follow_each_rotation(self):
+        folder = temp_dir(self, "taskfarm-logs-")
+        spare = os.open(os.devnull, os.O_WRONLY)
+        self.addCleanup(os.close, spare)
+
+        class Spare(logfiles._StdioLogFile):
+            fds = (spare,)
+
+        log = Spare("cluster.out", str(folder), rotateLength=100, defaultMode=0o600,
+                    maxRotatedFiles=2)
+        stream = logfiles._TextToLog(log)
+        stream.write("x" * 120)
+        os.write(spare, b"<C code>")  # bypassing sys.stdout
+        stream.write("after the rotation\n")
+        os.write(spare, b"<C code again>")
+        log.close()
+        self.assertEqual((folder / "cluster.out.1").read_bytes(), b"x" * 120 + b"<C code>")
+        self.assertEqual((folder / "cluster.out").read_bytes(),
+                         b"after the rotation\n<C code again>")
 
 
 class LauncherLogNameTests(unittest.SynchronousTestCase):

@@ -383,7 +383,8 @@ async def run_daemon(reactor, argv: list[str], profile: Profile, timeout: float)
         return 1
     profile.ensure()
     out_path = profile.log_dir / "cluster.out"
-    with open(out_path, "ab") as out:
+    # Owner-only, as every log (the child's `logfiles.redirect_stdio` keeps it so).
+    with os.fdopen(os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as out:
         offset = out.tell()
         child = subprocess.Popen(
             [sys.executable, "-c", "from taskfarm.cli import main; main()", "cluster", *argv],

@@ -7,7 +7,7 @@ import os
 
 from twisted.python import usage
 
-from taskfarm import exitcodes, logfiles
+from taskfarm import logoptions
 from taskfarm.engine import mpi
 from taskfarm.engine.namespace import DEFAULT_MAX_TASK_OUTPUT
 from taskfarm.lifeline import follow_launcher
@@ -55,30 +55,10 @@ class Options(BriefUsage, usage.Options):
             "is cut, and the result says how much).",
             int,
         ],
-        [
-            "log-file",
-            None,
-            None,
-            "Write this engine's log (and what it prints outside tasks) to PATH, "
-            "rotated by size, instead of to stdout.  {rank} (the MPI rank), {job} "
-            "(the SLURM/PBS job id), {host} and {pid} in PATH are filled in, so "
-            "that each engine has a file of its own.",
-        ],
-        [
-            "log-rotate-bytes",
-            None,
-            logfiles.ROTATE_LENGTH,
-            "With --log-file: bytes after which the file is renamed PATH.1 (older "
-            "ones shift) and a fresh one started.",
-            int,
-        ],
-        [
-            "log-keep",
-            None,
-            logfiles.MAX_ROTATED,
-            "With --log-file: rotated files kept (PATH.1 .. PATH.N).",
-            int,
-        ],
+        *logoptions.parameters(
+            "{rank} (the MPI rank), {job} (the SLURM/PBS job id), {host} and {pid} in "
+            "PATH are filled in, so that each engine has a file of its own."
+        ),
     ]
 
     def __init__(self) -> None:
@@ -105,47 +85,8 @@ class Options(BriefUsage, usage.Options):
             self["furl-file"] = str(
                 Profile.from_option(self["profile-dir"]).furl_file(ENGINE)
             )
-        self["log-observer"] = None
-        if self["log-file"] is not None:
-            self._log_to_file()
-
-    def _log_to_file(self) -> None:
-        """Open the rotating ``--log-file`` now (an error is a usage error,
-        before anything starts) and make it where the runner logs: the log
-        file of ``python -m twisted`` (twist), or twistd's log observer
-        through its own ``--logger`` hook."""
-        if self["log-rotate-bytes"] < 1024:
-            raise usage.UsageError("--log-rotate-bytes must be at least 1024")
-        if self["log-keep"] < 1:
-            raise usage.UsageError("--log-keep must be at least 1")
-        parent = getattr(self, "parent", None)
-        if parent is not None and "logFile" not in parent and parent.get("logger"):
-            raise usage.UsageError("--log-file and twistd's --logger both name the log")
         rank = mpi.rank_from_environment(os.environ) if self["mpi"] else None
-        try:
-            path = logfiles.engine_log_path(self["log-file"], rank=rank)
-        except ValueError as e:
-            raise usage.UsageError(str(e)) from None
-        try:
-            factory = logfiles.rotating_observer_factory(
-                path.absolute(), self["log-rotate-bytes"], self["log-keep"]
-            )
-        except OSError as e:
-            raise usage.UsageError(
-                "--log-file %s cannot be written: %s" % (path, e.strerror or e)
-            ) from None
-        self["log-file"] = str(path.absolute())
-        self["log-observer"] = factory
-        if parent is not None and "logFile" in parent:
-            # ``python -m twisted`` (twist): its log observer writes to
-            # parent["logFile"] (in the format of its --log-format).
-            parent["logFile"] = factory.args[0]
-        elif parent is not None:
-            # twistd: its --logger takes precedence over its --logfile.
-            parent["logger"] = logfiles.use_for_twistd(factory)
-        # Launchers that watch the engine's stderr (mpiexec's) still see
-        # why it exits.
-        exitcodes.say_exit_on_stderr()
+        logoptions.apply(self, rank=rank)
 
 
 def makeService(options: Options):
