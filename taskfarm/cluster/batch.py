@@ -27,7 +27,8 @@ none of them.
 ``--slurm-template``, ``--slurm-poll`` and ``--keep-engines``; ``--launcher
 pbs`` with the same options spelled ``--pbs-`` (``--pbs-queue`` for the
 partition).  Their scripts and the jobs' output go to ``PROFILE/log/slurm``
-(``PROFILE/log/pbs``).
+(``PROFILE/log/pbs``); each engine writes its own rotated log there,
+``engine-JOBID_TASK.log`` (``engine-JOBID.log``), by ``--log-file``.
 """
 
 from __future__ import annotations

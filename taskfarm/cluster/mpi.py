@@ -38,6 +38,12 @@ ranks said it stopped for a MultiEngine kill (`exitcodes.EXIT_LINE` in the
 job's output: mpiexec's own exit status need not be the rank's).  A
 MultiEngine kill of one rank so ends the whole job, as MPI aborts the
 world when one rank leaves it.
+
+Each rank writes its own log (``--log-file``, `rank_log_template`:
+``PROFILE/log/mpiexec-N-rank-R.log``, rotated); mpiexec's own output goes to
+``PROFILE/log/mpiexec-N.out`` (`log_path`, rotated), N claimed per launcher
+(`taskfarm.logfiles.claim_log_name`).  A rank logging to its file still
+writes `exitcodes.EXIT_LINE` to its own stderr, which mpiexec passes on.
 """
 
 from __future__ import annotations
