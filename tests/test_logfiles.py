@@ -241,6 +241,24 @@ class EngineLogOptionTests(unittest.SynchronousTestCase):
         self.assertIsNone(config.subOptions["log-observer"])
 
 
+class ClusterRefusesLogFileTests(unittest.SynchronousTestCase):
+    def test_taskfarm_cluster(self):
+        """``taskfarm cluster`` takes every controller option but
+        ``--log-file`` (its controller logs to the profile), and passes no
+        log option on to its controller."""
+        from twisted.python import usage
+
+        from taskfarm.cli import ClusterOptions
+
+        error = self.assertRaises(
+            usage.UsageError, ClusterOptions().parseOptions, ["--log-file", "/tmp/x.log"]
+        )
+        self.assertIn("controller.log", str(error))
+        options = ClusterOptions()
+        options.parseOptions(["--log-keep", "2", "--retention", "5"])
+        self.assertEqual(options.controller_options(), ["--retention", "5.0"])
+
+
 class ReadBackTests(unittest.SynchronousTestCase):
     """The launchers quote a log's last lines; a rotation in between loses
     nothing of them."""
