@@ -254,6 +254,7 @@ class MPIExecTests(ClusterTestCase):
             await launcher.start(RANKS, self.cluster.profile.furl_file(ENGINE), [])
         self.assertIn("mpiexec exited at start", str(caught.exception))
         self.assertIn("mpiexec-0.out", str(caught.exception))
+        self.assertIn("mpiexec-0-rank-R.log", str(caught.exception))
         self.assertIn("no-such-option", str(caught.exception))  # mpiexec's complaint
         self.assertIs(launcher.state, JobState.EXITED)
         self.assertEqual(launcher.restarts, 0)

@@ -459,8 +459,9 @@ class MPIExecLauncher:
             first, last = job.first_words(), job.last_words()
             words = " ... ".join(dict.fromkeys(x for x in (first, last) if x)) or "no output"
             raise ClusterError(
-                "mpiexec exited at start (%s): %s; see %s"
-                % (self.last_reason, words, self.log_path)
+                "mpiexec exited at start (%s): %s; see %s and the ranks' own logs, %s"
+                % (self.last_reason, words, self.log_path,
+                   self.rank_log_template.replace("{rank}", "R"))
             )
 
     def _spawn(self) -> None:
@@ -560,8 +561,9 @@ class MPIExecLauncher:
         elif event == "gave up":
             self._log.error(
                 "mpiexec job (pid {pid}) ended ({reason}) {n} times in a row; not starting "
-                "it again (see {log})",
+                "it again (see {log} and the ranks' own logs, {ranks})",
                 pid=job.last_pid, reason=reason, n=self._quick_deaths, log=self.log_path,
+                ranks=self.rank_log_template.replace("{rank}", "R"),
             )
         else:
             delay = self._delay_for(self._quick_deaths - 1)
