@@ -96,10 +96,15 @@ for _name, _handler in launchers.repeated_handlers().items():  # --slurm-option 
     setattr(_LauncherChoice, _name, _handler)
 
 
+#: Controller options `ClusterOptions.controller_options` does not pass on.
+_NOT_FORWARDED = frozenset({"profile-dir", "log-file", "log-rotate-bytes", "log-keep"})
+
+
 class ClusterOptions(_EngineCount, _LauncherChoice, controller_tap.Options):
     """``taskfarm cluster``: every controller option, plus the engines'."""
 
     command = "taskfarm cluster"
+    runner_log = False
 
     synopsis = "[-n N] [--launcher NAME] [--daemon] [--profile-dir DIR] [--engine-property KEY=VALUE ...] [controller options]"
     optParameters = [
@@ -129,7 +134,7 @@ class ClusterOptions(_EngineCount, _LauncherChoice, controller_tap.Options):
         """The controller options given, as command-line arguments again."""
         argv = []
         for name, _, default, *_ in controller_tap.Options.optParameters:
-            if name != "profile-dir" and self[name] != default:
+            if name not in _NOT_FORWARDED and self[name] != default:
                 argv += ["--" + name, str(self[name])]
         for name, *_ in controller_tap.Options.optFlags:
             if self[name]:
@@ -474,6 +479,14 @@ def main(argv: list[str] | None = None) -> None:
     sub.raw_argv = argv[argv.index(options.subCommand) + 1 :]
 
     if options.subCommand in ("cluster", "engines") and not sub.get("daemon"):
+        from taskfarm.cluster.manage import DAEMON_ENV
+
+        if os.environ.get(DAEMON_ENV) == "1":
+            # A detached run (`--daemon`): its output, cluster.out, rotates.
+            from taskfarm import logfiles
+
+            profile = Profile.from_option(sub.get("profile-dir"))
+            logfiles.redirect_stdio(profile.log_dir / "cluster.out")
         # The launcher's own news (restarts, clean exits) goes to stdout.
         globalLogBeginner.beginLoggingTo(
             [FilteringLogObserver(textFileLogObserver(sys.stdout), [_info_and_up])],

@@ -45,6 +45,17 @@ EXIT_TERMINATED = 79
 EXIT_LINE = "taskfarm: exiting with status %d"
 
 
+#: Set (`say_exit_on_stderr`) when this process logs to a file: the exit
+#: line then goes to the original stderr as well as to the log.
+_ALSO_ON_STDERR = []
+
+
+def say_exit_on_stderr() -> None:
+    """Write `EXIT_LINE` to the process's own stderr too (its log goes to
+    a file; whoever watches its stderr, mpiexec's launcher, must see it)."""
+    _ALSO_ON_STDERR[:] = [True]
+
+
 def stop_reactor_and_exit(reactor, status: int) -> None:
     """Stop `reactor` (services stop as usual), then end the process with
     `status` instead of the 0 the runner would give (saying so on stderr:
@@ -55,6 +66,11 @@ def stop_reactor_and_exit(reactor, status: int) -> None:
             print(EXIT_LINE % status, file=sys.stderr)
         except (OSError, ValueError):
             pass
+        if _ALSO_ON_STDERR and sys.__stderr__ is not None and sys.__stderr__ is not sys.stderr:
+            try:
+                print(EXIT_LINE % status, file=sys.__stderr__, flush=True)
+            except (OSError, ValueError):
+                pass
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

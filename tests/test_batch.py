@@ -126,6 +126,18 @@ class SlurmLauncherTests(unittest.TestCase):
         status = await tc.queue_status()
         self.assertEqual((status["succeeded"], status["failed"]), (200, 0))
         self.assertEqual(sorted(d["job"] for d in self.launcher.describe()), sorted(jobs))
+        # Each engine writes its own log on its node, rotated (0600).
+        work_dir = self.launcher.work_dir
+        self.assertEqual(
+            sorted(p.name for p in work_dir.glob("engine-*.log")),
+            sorted("engine-%s.log" % job for job in jobs),
+        )
+        for engine_id, job in self._engine_jobs().items():
+            path = work_dir / ("engine-%s.log" % job)
+            self.assertEqual(path.stat().st_mode & 0o777, 0o600)
+            text = path.read_text()
+            self.assertEqual(text.count("registered with the controller"), 1, (path.name, text[-2000:]))
+            self.assertIn("as engine %d" % engine_id, text)
         await self.launcher.stop()
         self.assertEqual(await self.slurm.jobs(), {})
         await self.cluster.wait_for_engines(0, timeout=20)

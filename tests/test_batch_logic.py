@@ -172,9 +172,13 @@ class TemplateTests(unittest.SynchronousTestCase):
         self.assertLess(last_directive, first_command)
         self.assertIn(
             "exec /opt/py/bin/python3 -m twisted --log-format text taskengine --furl-file %s "
-            "--property %s --property "
+            "--log-file %s --property %s --property "
             "\"batch_job='${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}'\""
-            % (self.furl_file, shlex.quote("site='lab'")),
+            % (
+                self.furl_file,
+                shlex.quote(str(self.folder / "work" / "engine-{job}.log")),
+                shlex.quote("site='lab'"),
+            ),
             script,
         )
         self.assertNotIn("secret", script)
@@ -207,7 +211,8 @@ class TemplateTests(unittest.SynchronousTestCase):
         self.assertNotIn("SBATCH", script)
         self.assertIn(
             "exec /usr/bin/python3 -m twisted --log-format text taskengine --furl-file %s "
-            "--property \"batch_job='${PBS_JOBID}'\"" % self.furl_file,
+            "--log-file %s --property \"batch_job='${PBS_JOBID}'\""
+            % (self.furl_file, shlex.quote(str(self.folder / "work" / "engine-{job}.log"))),
             script,
         )
         self.assertNotIn("secret", script)

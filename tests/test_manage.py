@@ -119,6 +119,11 @@ class DaemonStatusStopTests(_ManageTestCase):
         self.assertEqual(
             os.readlink("/proc/%d/fd/1" % launcher), str(profile.log_dir / "cluster.out")
         )
+        # ... which it rotates itself: stderr too, owner-only.
+        self.assertEqual(
+            os.readlink("/proc/%d/fd/2" % launcher), str(profile.log_dir / "cluster.out")
+        )
+        self.assertEqual((profile.log_dir / "cluster.out").stat().st_mode & 0o777, 0o600)
 
         tc = TaskClient(profile.furl_file(TASK), reactor, connect_timeout=10)
         self.addCleanup(tc.disconnect)

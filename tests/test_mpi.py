@@ -129,6 +129,16 @@ class MPIExecTests(ClusterTestCase):
             {entry["rank"]: entry["pid"] for entry in described[1:]},
             {i: self.cluster.engine_pid(i) for i in range(RANKS)},
         )
+        # Each rank writes its own log, rotated (0600), not into mpiexec's.
+        log_dir = self.cluster.profile.log_dir
+        self.assertEqual(launcher.log_path, log_dir / "mpiexec-0.out")
+        for rank in range(RANKS):
+            path = log_dir / ("mpiexec-0-rank-%d.log" % rank)
+            self.assertEqual(path.stat().st_mode & 0o777, 0o600)
+            text = path.read_text()
+            self.assertEqual(text.count("registered with the controller"), 1, (path.name, text[-2000:]))
+            self.assertIn("as engine %d" % rank, text)
+        self.assertNotIn("registered with the controller", launcher.log_path.read_text())
 
     @run
     async def test_stop_leaves_no_process(self):
@@ -243,7 +253,8 @@ class MPIExecTests(ClusterTestCase):
         with self.assertRaises(ClusterError) as caught:
             await launcher.start(RANKS, self.cluster.profile.furl_file(ENGINE), [])
         self.assertIn("mpiexec exited at start", str(caught.exception))
-        self.assertIn("mpiexec.out", str(caught.exception))
+        self.assertIn("mpiexec-0.out", str(caught.exception))
+        self.assertIn("mpiexec-0-rank-R.log", str(caught.exception))
         self.assertIn("no-such-option", str(caught.exception))  # mpiexec's complaint
         self.assertIs(launcher.state, JobState.EXITED)
         self.assertEqual(launcher.restarts, 0)

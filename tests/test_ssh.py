@@ -122,10 +122,24 @@ class SSHLauncherTests(ClusterTestCase):
             sorted(e.properties["pid"] for e in self.cluster.controller.registry.engines.values()),
             sorted(d["pid"] for d in described),
         )
-        # Each engine runs in its host's namespace.
+        # Each engine runs in its host's namespace, and its output comes
+        # back to a rotated file of its own.
+        log_paths = set()
         for slot, host in zip(launcher.slots, hosts.hosts, strict=True):
-            for engine in slot.engines.values():
+            for index, engine in slot.engines.items():
                 self.assertIn(engine.pid, hosts.pids(host.index))
+                await wait_until(
+                    lambda e=engine: e.log is not None
+                    and "registered with the controller" in Path(e.log.path).read_text(),
+                    "%s logged its registration" % engine.label,
+                    10,
+                )
+                path = Path(engine.log.path)
+                self.assertEqual(path.name, "ssh-%s-engine-%d.out" % (host.address, index))
+                self.assertEqual(path.stat().st_mode & 0o777, 0o600)
+                self.assertEqual(path.read_text().count("registered with the controller"), 1)
+                log_paths.add(path)
+        self.assertEqual(len(log_paths), 4)
         # The quick-start, on the hosts.
         # Submitted at once, so that every engine's slots fill at the start.
         ids = await tc.run_many([Task("a = %i" % n, pull="a") for n in range(200)])

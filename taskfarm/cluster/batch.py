@@ -27,7 +27,8 @@ none of them.
 ``--slurm-template``, ``--slurm-poll`` and ``--keep-engines``; ``--launcher
 pbs`` with the same options spelled ``--pbs-`` (``--pbs-queue`` for the
 partition).  Their scripts and the jobs' output go to ``PROFILE/log/slurm``
-(``PROFILE/log/pbs``).
+(``PROFILE/log/pbs``); each engine writes its own rotated log there,
+``engine-JOBID_TASK.log`` (``engine-JOBID.log``), by ``--log-file``.
 """
 
 from __future__ import annotations
@@ -174,8 +175,20 @@ class BatchLauncher:
 
     # -- rendering ---------------------------------------------------------------
 
+    @property
+    def engine_log_template(self) -> str:
+        """Each engine's own log (``--log-file``), written by the engine on
+        its node, rotated: ``engine-{job}.log`` in `work_dir`, {job} the
+        engine's SLURM array job and task (``JOBID_TASK``) or PBS job id."""
+        return str(self.work_dir / "engine-{job}.log")
+
     def engine_argv(self, furl_file: Path, engine_options: list[str]) -> list[str]:
-        argv = twisted_argv("taskengine", "--furl-file", str(furl_file), *engine_options)
+        log = [] if any(str(x).startswith("--log-file") for x in engine_options) else [
+            "--log-file", self.engine_log_template
+        ]
+        argv = twisted_argv(
+            "taskengine", "--furl-file", str(furl_file), *log, *engine_options
+        )
         argv[0] = self._python
         return argv
 

@@ -15,8 +15,8 @@ controller's pid and location, and its launcher's ``describe()``.
   time, so never a later process given the same pid), or calls the
   launcher class's ``clean_up`` for engines elsewhere.
 - `run_daemon` starts ``taskfarm cluster`` detached (its own session,
-  stdin closed, output to ``PROFILE/log/cluster.out``) and returns once
-  the state file says all its engines registered.
+  stdin closed, output to ``PROFILE/log/cluster.out``, which it rotates by
+  size) and returns once the state file says all its engines registered.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from twisted.internet import task
 from twisted.logger import Logger
 
 from taskfarm.cluster.slots import process_alive, process_start_time, signal_if_alive
+from taskfarm.logfiles import read_since
 from taskfarm.profile import MULTIENGINE, TASK, Profile, in_use_error, read_holder, write_secret
 
 #: Seconds between two refreshes of the state file.
@@ -382,7 +383,8 @@ async def run_daemon(reactor, argv: list[str], profile: Profile, timeout: float)
         return 1
     profile.ensure()
     out_path = profile.log_dir / "cluster.out"
-    with open(out_path, "ab") as out:
+    # Owner-only, as every log (the child's `logfiles.redirect_stdio` keeps it so).
+    with os.fdopen(os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as out:
         offset = out.tell()
         child = subprocess.Popen(
             [sys.executable, "-c", "from taskfarm.cli import main; main()", "cluster", *argv],
@@ -431,8 +433,7 @@ async def run_daemon(reactor, argv: list[str], profile: Profile, timeout: float)
         why = "did not register all its engines within %g s" % timeout
     else:
         why = "exited with status %d" % child.returncode
-    with open(out_path, "rb") as f:
-        f.seek(offset)
-        words = f.read().decode(errors="replace").strip()
+    # It rotates (`logfiles.redirect_stdio`): what it wrote may begin in cluster.out.1.
+    words = read_since(out_path, offset).decode(errors="replace").strip()
     print("taskfarm cluster: the background cluster %s:\n%s" % (why, words), file=sys.stderr)
     return 1

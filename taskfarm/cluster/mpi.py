@@ -38,6 +38,12 @@ ranks said it stopped for a MultiEngine kill (`exitcodes.EXIT_LINE` in the
 job's output: mpiexec's own exit status need not be the rank's).  A
 MultiEngine kill of one rank so ends the whole job, as MPI aborts the
 world when one rank leaves it.
+
+Each rank writes its own log (``--log-file``, `rank_log_template`:
+``PROFILE/log/mpiexec-N-rank-R.log``, rotated); mpiexec's own output goes to
+``PROFILE/log/mpiexec-N.out`` (`log_path`, rotated), N claimed per launcher
+(`taskfarm.logfiles.claim_log_name`).  A rank logging to its file still
+writes `exitcodes.EXIT_LINE` to its own stderr, which mpiexec passes on.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from taskfarm.childprocess import GroupChild, exit_status
 from taskfarm.cluster.slots import ClusterError
 from taskfarm.engine.mpi import MPI_LAUNCHER_PID, rank_from_environment
 from taskfarm.interfaces import IEngineLauncher
+from taskfarm.logfiles import LogClaim, claim_log_name, rotating_file
 
 #: What to say when there is no mpiexec.
 INSTALL_HINT = "apt-get install -y mpich"
@@ -196,7 +203,8 @@ class _JobProcess(GroupChild):
     def __init__(self, log_path: Path, reactor) -> None:
         super().__init__()
         self._reactor = reactor
-        self._log_file = open(log_path, "ab")
+        # Appended to across restarts of the job; rotated by size.
+        self._log_file = rotating_file(Path(log_path))
         self._head = bytearray()
         self._tail = bytearray()
         #: Set once a rank said it ends for a MultiEngine kill.
@@ -216,8 +224,7 @@ class _JobProcess(GroupChild):
             self.rank_killed = True
         del self._tail[:-_TAIL_BYTES]
         if not self._log_file.closed:
-            self._log_file.write(data)
-            self._log_file.flush()
+            self._log_file.write(data)  # unbuffered
 
     def last_words(self) -> str:
         """The last non-empty line of its output."""
@@ -364,6 +371,7 @@ class MPIExecLauncher:
         self.ranks: dict[int, tuple[int, str]] = {}
         #: Every process of the running job seen (pid -> start time), for `stop`.
         self.processes: dict[int, str] = {}
+        self._claim: LogClaim | None = None
 
     @classmethod
     def check_options(cls, options: dict) -> None:
@@ -387,7 +395,25 @@ class MPIExecLauncher:
 
     @property
     def log_path(self) -> Path:
-        return self.profile.log_dir / "mpiexec.out"
+        """mpiexec's own output: ``PROFILE/log/mpiexec-N.out``, N the first
+        number no other launcher on this profile holds (`claim_log_name`)."""
+        if self._claim is None:
+            self.profile.ensure()
+            self._claim = claim_log_name(self.profile.log_dir, "mpiexec")
+        return self._claim.path
+
+    @property
+    def rank_log_template(self) -> str:
+        """Each rank's own log (``--log-file``): ``mpiexec-N-rank-R.log``
+        beside `log_path`, written by the rank itself, rotated."""
+        return str(self.log_path.with_suffix("")) + "-rank-{rank}.log"
+
+    def rank_options(self, engine_options: list[str]) -> list[str]:
+        """`engine_options` with ``--log-file`` `rank_log_template` unless
+        they name a log file already."""
+        if any(str(x).startswith("--log-file") for x in engine_options):
+            return list(engine_options)
+        return [*engine_options, "--log-file", self.rank_log_template]
 
     # -- IEngineLauncher ------------------------------------------------------------------
 
@@ -412,7 +438,8 @@ class MPIExecLauncher:
             )
         self.profile.ensure()
         self.argv = mpiexec_argv(
-            program, count, furl_file, engine_options, self.hostfile, self.extra
+            program, count, furl_file, self.rank_options(engine_options), self.hostfile,
+            self.extra,
         )
         self._move("start")
         self._starting = True
@@ -432,8 +459,9 @@ class MPIExecLauncher:
             first, last = job.first_words(), job.last_words()
             words = " ... ".join(dict.fromkeys(x for x in (first, last) if x)) or "no output"
             raise ClusterError(
-                "mpiexec exited at start (%s): %s; see %s"
-                % (self.last_reason, words, self.log_path)
+                "mpiexec exited at start (%s): %s; see %s and the ranks' own logs, %s"
+                % (self.last_reason, words, self.log_path,
+                   self.rank_log_template.replace("{rank}", "R"))
             )
 
     def _spawn(self) -> None:
@@ -533,8 +561,9 @@ class MPIExecLauncher:
         elif event == "gave up":
             self._log.error(
                 "mpiexec job (pid {pid}) ended ({reason}) {n} times in a row; not starting "
-                "it again (see {log})",
+                "it again (see {log} and the ranks' own logs, {ranks})",
                 pid=job.last_pid, reason=reason, n=self._quick_deaths, log=self.log_path,
+                ranks=self.rank_log_template.replace("{rank}", "R"),
             )
         else:
             delay = self._delay_for(self._quick_deaths - 1)
@@ -576,8 +605,15 @@ class MPIExecLauncher:
         return entries
 
     def stop(self, grace: float = 5.0) -> defer.Deferred:
-        """End the whole job; fires once every process of it is gone."""
-        return defer.Deferred.fromCoroutine(self._stop(grace))
+        """End the whole job; fires once every process of it is gone (its
+        log names are free again then)."""
+        return defer.Deferred.fromCoroutine(self._stop(grace)).addBoth(self._release_claim)
+
+    def _release_claim(self, result):
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            claim.release()
+        return result
 
     async def _stop(self, grace: float) -> None:
         if self._restart_call is not None and self._restart_call.active():

@@ -62,6 +62,7 @@ from taskfarm.cluster.sshhosts import (
 )
 from taskfarm.controller.registry import DEFAULT_HEARTBEAT_TIMEOUT
 from taskfarm.interfaces import IEngineLauncher
+from taskfarm.logfiles import LogClaim, claim_log_name, rotating_file
 
 #: A child that lived longer than this many seconds gets a fresh back-off.
 LONG_LIFE = 60.0
@@ -207,6 +208,7 @@ class HostSlot:
         self._ticker = None
         self._reconnect_call = None
         self._ssh_log = None
+        self._claims: list[LogClaim] = []
         #: Fires once every engine was started the first time, or fails
         #: with `ClusterError` if the first connection failed.
         self.started: defer.Deferred = defer.Deferred()
@@ -229,7 +231,7 @@ class HostSlot:
         self.process = process
         argv = self.settings.argv(self.host)
         if self._log_dir is not None and self._ssh_log is None:
-            self._ssh_log = open(self._log_dir / ("ssh-%s.out" % self.host.address), "ab")
+            self._ssh_log = self._claimed_log("ssh-%s" % self.host.address, 0)
         self._reactor.spawnProcess(
             process, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r"}
         )
@@ -276,10 +278,16 @@ class HostSlot:
         process.silenced = "no word from the host for %g s" % timeout
         process.kill()
 
+    def _claimed_log(self, prefix: str, start: int):
+        """A rotating ``PREFIX-N.out`` (N >= `start`) no other launcher on
+        this profile holds (`claim_log_name`), held until `stop`."""
+        claim = claim_log_name(self._log_dir, prefix.replace(os.sep, "_"), start)
+        self._claims.append(claim)
+        return rotating_file(claim.path)
+
     def ssh_output(self, data: bytes) -> None:
         if self._ssh_log is not None and not self._ssh_log.closed:
-            self._ssh_log.write(data)
-            self._ssh_log.flush()
+            self._ssh_log.write(data)  # unbuffered
 
     # -- from the host
 
@@ -330,10 +338,10 @@ class HostSlot:
         if engine is None or self._log_dir is None:
             return
         if engine.log is None:
-            name = "ssh-%s-engine-%d.out" % (self.host.address, index)
-            engine.log = open(self._log_dir / name, "ab")
-        engine.log.write(text.encode() + b"\n")
-        engine.log.flush()
+            # Its own file, even beside another launcher to this host.
+            engine.log = self._claimed_log("ssh-%s-engine" % self.host.address, index)
+        if not engine.log.closed:
+            engine.log.write(text.encode() + b"\n")  # unbuffered
 
     def _engine_ended(self, index: int, status, signum) -> None:
         engine = self.engines.get(index)
@@ -472,8 +480,11 @@ class HostSlot:
                     call.cancel()
             self.state = HostState.STOPPED
         for handle in [self._ssh_log] + [e.log for e in self.engines.values()]:
-            if handle is not None:
+            if handle is not None and not handle.closed:
                 handle.close()
+        claims, self._claims = self._claims, []
+        for claim in claims:
+            claim.release()
 
     def describe(self) -> list[dict]:
         ssh_pid = self.process.pid if self.process is not None else None
@@ -503,8 +514,11 @@ class SSHLauncher:
     options (`optParameters`); `engine_timeout`, the controller's heartbeat
     timeout, is also how long either end of a host's connection waits for a
     word from the other.  Tests pass `hosts` and `settings` directly.
-    Engine output goes to ``PROFILE/log/ssh-HOST-engine-N.out``, ssh's own
-    to ``PROFILE/log/ssh-HOST.out``.
+    Each engine's output comes back over its host's connection line by
+    line and goes to a file of its own, ``PROFILE/log/ssh-HOST-engine-N.out``
+    (N its number, or the next one no other launcher on this profile
+    holds); ssh's own to ``PROFILE/log/ssh-HOST-N.out``.  Both rotate by
+    size (`taskfarm.logfiles`).
     """
 
     name = "ssh"

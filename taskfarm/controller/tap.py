@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from twisted.python import reflect, usage
 
+from taskfarm import logoptions
 from taskfarm.controller.predicates import DEFAULT_DEPEND_TIMEOUT
 from taskfarm.controller.registry import (
     DEFAULT_HEARTBEAT_PERIOD,
@@ -43,6 +44,10 @@ class Options(BriefUsage, usage.Options):
 
     command = "twistd taskcontroller"
 
+    #: Whether ``--log-file`` sets the runner's log (twistd, twist); not
+    #: for ``taskfarm cluster``, which takes these options for its controller.
+    runner_log = True
+
     synopsis = "[--profile-dir DIR] [--listen ENDPOINT] [--location HOST:PORT] [--scheduler DOTTED.NAME]"
     optParameters = [
         ["profile-dir", "p", None, "The profile folder (default ~/.taskfarm or $TASKFARM_PROFILE)."],
@@ -61,6 +66,10 @@ class Options(BriefUsage, usage.Options):
         ["failure-penalty", None, DEFAULT_FAILURE_PENALTY, "Seconds the engine a task failed on sits out for that task while another engine is free (0: none).", float],
         ["retention", None, DEFAULT_RETENTION, "Seconds finished tasks are kept unless cleared (0: until cleared).", float],
         ["dashboard", None, None, "Serve the web dashboard and /metrics here, e.g. tcp:8765:interface=127.0.0.1 (loopback unless an interface is named; off by default). Its URL, with its access token, is logged and written to security/dashboard.url in the profile."],
+        *logoptions.parameters(
+            "{host} and {pid} in PATH are filled in.  PROFILE/log/controller.log "
+            "holds the same lines, rotated, with or without it."
+        ),
     ]
     optFlags = [
         ["no-journal", None, "Keep tasks in memory only: a controller restart loses them."],
@@ -109,6 +118,13 @@ class Options(BriefUsage, usage.Options):
             raise usage.UsageError("--retention must be >= 0")
         if self["max-message-size"] < 1024:
             raise usage.UsageError("--max-message-size must be at least 1024 bytes")
+        if self.runner_log:
+            logoptions.apply(self)
+        elif self["log-file"] is not None:
+            raise usage.UsageError(
+                "--log-file is for twistd taskcontroller; here the controller's log is "
+                "PROFILE/log/controller.log (and controller.out), both rotated"
+            )
 
 
 def _stay_down_on_sigterm(reactor) -> None:

@@ -7,6 +7,7 @@ import os
 
 from twisted.python import usage
 
+from taskfarm import logoptions
 from taskfarm.engine import mpi
 from taskfarm.engine.namespace import DEFAULT_MAX_TASK_OUTPUT
 from taskfarm.lifeline import follow_launcher
@@ -34,7 +35,7 @@ class Options(BriefUsage, usage.Options):
 
     command = "twistd taskengine"
 
-    synopsis = "[--furl-file FILE] [--property KEY=VALUE ...] [--mpi]"
+    synopsis = "[--furl-file FILE] [--property KEY=VALUE ...] [--mpi] [--log-file PATH]"
     optFlags = [
         [
             "mpi",
@@ -54,6 +55,10 @@ class Options(BriefUsage, usage.Options):
             "is cut, and the result says how much).",
             int,
         ],
+        *logoptions.parameters(
+            "{rank} (the MPI rank), {job} (the SLURM/PBS job id), {host} and {pid} in "
+            "PATH are filled in, so that each engine has a file of its own."
+        ),
     ]
 
     def __init__(self) -> None:
@@ -80,6 +85,8 @@ class Options(BriefUsage, usage.Options):
             self["furl-file"] = str(
                 Profile.from_option(self["profile-dir"]).furl_file(ENGINE)
             )
+        rank = mpi.rank_from_environment(os.environ) if self["mpi"] else None
+        logoptions.apply(self, rank=rank)
 
 
 def makeService(options: Options):
