@@ -81,6 +81,7 @@ def hook_cost_us(rounds: int = 200_000) -> float:
     """Microseconds `Monitor.moved` adds per task (into and out of running),
     net of the loop that plays the transitions; on the reactor's clock
     (`time.time`), as in the controller."""
+    from taskfarm.controller.journal import NullJournal
     from taskfarm.controller.monitor import Monitor
     from taskfarm.controller.registry import EngineRegistry
     from taskfarm.controller.store import TaskStore
@@ -91,7 +92,7 @@ def hook_cost_us(rounds: int = 200_000) -> float:
 
     clock = Clock()
     registry = EngineRegistry(clock, heartbeat_period=None)
-    monitor = Monitor(clock, registry, TaskStore(clock, None, None))
+    monitor = Monitor(clock, registry, TaskStore(clock, NullJournal(), None))
 
     class Record:
         __slots__ = ("taskid", "state", "engine_id", "seq", "attempts", "submitted", "data")

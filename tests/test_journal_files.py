@@ -264,6 +264,25 @@ class StoreTests(_JournalCase):
         return record
 
     @async_test
+    async def test_a_result_dropped_to_its_file_during_a_read(self):
+        """A result still in memory when a results() call begins, but
+        dropped to its file while that call reads another from disk, is
+        answered whole (was: its StoredResult stand-in went out)."""
+        journal = self.open_journal()
+        store = self.store(journal, 3 * SMALL)
+        values = {t: [b"head%d" % t, bytes([t]) * (2 * SMALL)] for t in range(2)}
+        records = [await self.finish(store, t, v) for t, v in values.items()]
+        await journal.sync()
+        self.assertEqual([isinstance(r.data, StoredResult) for r in records], [True, False])
+        d = store.results([0, 1])
+        # Task 1's bytes leave memory before the read of task 0 is done.
+        store._resident_limit = 0
+        store._results_durable([])
+        self.assertIsInstance(records[1].data, StoredResult)
+        envelopes = await d
+        self.assertEqual([_parts(e[3]) for e in envelopes], list(values.values()))
+
+    @async_test
     async def test_memory_bounded_and_results_read_back(self):
         """With room for two results of 128 KiB in memory, the oldest of four is
         held on disk only once durable; results() gives every value back

@@ -284,9 +284,18 @@ class TaskStore:
         stored = [r for r in records if r is not None and isinstance(r.data, StoredResult)]
         if not stored:
             return defer.succeed([None if r is None else r.result_envelope() for r in records])
-        return defer.Deferred.fromCoroutine(self._read_envelopes(records, stored))
+        # The others' envelopes are taken now: while the files are read, a
+        # result still in memory may be dropped to its file.
+        ready = {
+            r.taskid: r.result_envelope()
+            for r in records
+            if r is not None and not isinstance(r.data, StoredResult)
+        }
+        return defer.Deferred.fromCoroutine(self._read_envelopes(records, stored, ready))
 
-    async def _read_envelopes(self, records: list[TaskRecord], stored: list[TaskRecord]) -> list:
+    async def _read_envelopes(
+        self, records: list[TaskRecord], stored: list[TaskRecord], ready: dict
+    ) -> list:
         values = {}
         for record in stored:
             try:
@@ -300,7 +309,7 @@ class TaskStore:
         return [
             None if r is None
             else r.result_envelope(values[r.taskid]) if r.taskid in values
-            else r.result_envelope()
+            else ready[r.taskid]
             for r in records
         ]
 
