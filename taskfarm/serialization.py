@@ -84,7 +84,17 @@ def _rebuild_array(buffer, dtype, shape: tuple, fortran: bool, writeable: bool):
         # Received bytes are immutable: a writable array needs its own copy.
         buffer = bytearray(buffer)
     array = numpy.frombuffer(buffer, dtype=dtype)
+    if not writeable and array.flags.writeable:
+        array.flags.writeable = False  # a ReceivedBuffer, kept as it was sent
     return array.reshape(shape, order="F" if fortran else "C")
+
+
+class ReceivedBuffer(bytearray):
+    """A buffer received straight into this process's memory (the bulk-data
+    channel receives each frame into one): `loads` hands it to the value
+    it rebuilds as it is, so a NumPy array keeps it without a copy."""
+
+    __slots__ = ()
 
 
 class _Raw:
@@ -227,6 +237,16 @@ def _part_bytes(part) -> bytes:
     return view.tobytes()
 
 
+def _loadable(part):
+    """A frame as `loads` hands it to pickle: a whole `ReceivedBuffer` as
+    it is (the value may keep it), else as `_part_bytes`."""
+    view = part.raw() if type(part) is PickleBuffer else memoryview(part)
+    owner = view.obj
+    if type(owner) is ReceivedBuffer and view.nbytes == len(owner):
+        return owner
+    return _part_bytes(part)
+
+
 def dumps(value: object, what: str = "value") -> bytes:
     """Pickle a user value with cloudpickle; `what` names it in errors."""
     try:
@@ -268,7 +288,7 @@ def loads(blob, what: str = "value") -> object:
     frames); `what` names it in errors."""
     try:
         if is_frames(blob):
-            parts = [_part_bytes(part) for part in blob]
+            parts = [_loadable(part) for part in blob]
             return pickle.loads(parts[0], buffers=parts[1:])
         return pickle.loads(blob)
     except Exception as e:

@@ -190,6 +190,11 @@ class RITaskController(RemoteInterface):
         `block` and they are still unfinished after the bound)."""
         return PARTS
 
+    def results_bulk(taskids=MESSAGE, block=bool):
+        """`results`, answered as a `wire.BulkResults`: big results' frames
+        are fetched over the bulk-data channel (version 5)."""
+        return PARTS
+
     def wait(taskids=MESSAGE):
         """Answer once every task in the pickled list is finished (None),
         or `NOT_YET` once the bound has passed first."""

@@ -1,0 +1,109 @@
+"""What travels over the bulk-data channel, and how answers carry it.
+
+A ``results`` answer moves the frames of each result of `BULK_MIN` bytes
+or more to the channel (`split_results`, on the controller); the client
+receives them into one preallocated `bytearray` per frame and puts them
+back as the results' data (`join_results`), which `serialization.loads`
+unpickles without joining them.  Smaller results stay in the Foolscap
+answer: below about a MiB, a TLS handshake and a thread hand-off cost
+more than Foolscap's copies.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import threads
+
+from taskfarm import serialization, wire
+from taskfarm.bulk import channel
+from taskfarm.errors import BadRequest
+
+#: Results of at least this many bytes (all their frames) go over the
+#: bulk-data channel.
+BULK_MIN = 1 << 20
+
+#: Seconds each socket operation of a transfer may take.
+TRANSFER_TIMEOUT = 60.0
+
+#: Index of a result envelope's data field (`wire.ResultEnvelope`).
+_DATA = 3
+
+
+def split_results(envelopes: list, threshold: int = BULK_MIN) -> tuple[list, list, list]:
+    """``(envelopes, parts, moved)``: the plain result envelopes with the
+    data of each ok one of `threshold` bytes or more (as frames) taken out
+    (left ``b""``), those frames' buffers in order, and ``(index, count)``
+    for each envelope emptied (see `wire.BulkResults`)."""
+    out: list = []
+    parts: list = []
+    moved: list = []
+    for index, envelope in enumerate(envelopes):
+        if envelope is not None and envelope[2] is True:
+            data = envelope[_DATA]
+            if serialization.is_frames(data) and serialization.frames_size(data) >= threshold:
+                parts.extend(data)
+                moved.append((index, len(data)))
+                envelope = envelope[:_DATA] + (b"",) + envelope[_DATA + 1 :]
+        out.append(envelope)
+    return out, parts, moved
+
+
+def join_results(answer: wire.BulkResults, parts: list) -> list:
+    """The answer's envelopes with each moved one's data back, as frames
+    made of the received `parts` (in the order `split_results` took them)."""
+    if len(parts) != len(answer.sizes):
+        raise BadRequest("the bulk transfer gave %d parts, not %d" % (len(parts), len(answer.sizes)))
+    envelopes = list(answer.envelopes)
+    at = 0
+    for index, count in answer.moved:
+        envelope = envelopes[index]
+        if not isinstance(envelope, tuple) or len(envelope) <= _DATA:
+            raise BadRequest("bulk results: moved entry %d is not a result envelope" % index)
+        frames = tuple(parts[at : at + count])
+        at += count
+        envelopes[index] = envelope[:_DATA] + (frames,) + envelope[_DATA + 1 :]
+    return envelopes
+
+
+def results_answer(envelopes: list, offers, threshold: int = BULK_MIN) -> tuple:
+    """A plain `wire.BulkResults` for `envelopes`: their big frames offered
+    in `offers` (`taskfarm.bulk.channel.Offers`) under one capability."""
+    envelopes, parts, moved = split_results(envelopes, threshold)
+    if not parts:
+        return wire.BulkResults(envelopes, None, [], []).plain()
+    sizes = [memoryview(part).nbytes for part in parts]
+    return wire.BulkResults(envelopes, offers.offer(parts), sizes, moved).plain()
+
+
+class BulkResultsPolicy:
+    """The controller's use of its bulk-data channel for ``results``: where
+    the channel is (`location`, HOST:PORT for `Hello`), the capabilities
+    handed out (`offers`), and from which size a result goes over it."""
+
+    def __init__(self, offers, location: str, threshold: int = BULK_MIN) -> None:
+        self.offers = offers
+        self.location = location
+        self.threshold = threshold
+        #: Capabilities handed out for results, since the start.
+        self.offered = 0
+
+    def results_answer(self, envelopes: list) -> tuple:
+        """`results_answer` with this policy's offers and threshold."""
+        answer = results_answer(envelopes, self.offers, self.threshold)
+        if answer[1] is not None:
+            self.offered += 1
+        return answer
+
+
+async def receive_results(reactor, location: str, tubid: str, answer: wire.BulkResults) -> list:
+    """The envelopes of a `wire.BulkResults` answer, their moved frames
+    fetched from the bulk-data channel at `location` (HOST:PORT) whose
+    certificate has `tubid`, in a thread of `reactor`'s pool.  Raises what
+    `channel.fetch` raises; nothing partial is ever returned."""
+    if answer.capability is None:
+        return list(answer.envelopes)
+    host, port = location.rsplit(":", 1)
+    parts = await threads.deferToThreadPool(
+        reactor, reactor.getThreadPool(), channel.fetch, host, int(port), tubid,
+        answer.capability, answer.sizes, TRANSFER_TIMEOUT, serialization.ReceivedBuffer,
+    )
+    return join_results(answer, parts)

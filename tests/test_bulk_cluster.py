@@ -1,0 +1,94 @@
+"""Big results over the bulk-data channel of a real cluster (a controller
+in this process, engine processes): the whole path, the fallback to
+Foolscap, and a controller without a channel."""
+
+from __future__ import annotations
+
+import numpy
+from twisted.internet import reactor
+
+from taskfarm.bulk import channel
+from taskfarm.bulk.policy import BULK_MIN
+from taskfarm.task import MapTask, Task
+from taskfarm.testing.cluster import ClusterTestCase
+from taskfarm.testing.helpers import async_test as run
+
+MB = 1_000_000
+
+
+def _within(d, seconds: float = 60.0):
+    return d.addTimeout(seconds, reactor)
+
+
+class BulkResultsTests(ClusterTestCase):
+    folder_prefix = "taskfarm-bulk-"
+
+    def bulk(self):
+        return self.cluster.controller.server.bulk
+
+    @run
+    async def test_big_results_come_over_the_bulk_channel(self):
+        """A 4 MB array and a Task's big bytes travel over the channel and
+        come back equal (the array writable and without a copy of its own:
+        it keeps the received buffer); a small result stays on Foolscap;
+        no capability is left behind."""
+        tc = await self.start_cluster(1)
+        array = numpy.arange(MB // 2, dtype=numpy.float64)
+        value = await _within(tc.get_task_result(
+            await tc.run(MapTask(numpy.copy, args=(array,))), block=True))
+        self.assertTrue(numpy.array_equal(value, array))
+        self.assertTrue(value.flags.writeable)
+        self.assertEqual(self.bulk().offered, 1)
+        ids = [await tc.run(Task("b = b'x' * %d" % (2 * MB), pull="b")) for _ in range(3)]
+        results = await _within(tc.get_task_results(ids, block=True))
+        self.assertEqual([r.ns.b for r in results], [b"x" * (2 * MB)] * 3)
+        self.assertEqual(self.bulk().offered, 2)  # one answer, one capability
+        small = await _within(tc.get_task_result(
+            await tc.run(MapTask(len, args=(b"s" * (BULK_MIN // 2),))), block=True))
+        self.assertEqual(small, BULK_MIN // 2)
+        self.assertEqual(self.bulk().offered, 2)
+        self.assertEqual(len(self.bulk().offers), 0)
+
+    @run
+    async def test_a_client_without_the_channel_gets_results_over_foolscap(self):
+        tc = await self.start_cluster(1)
+        tc.use_bulk = False
+        value = await _within(tc.get_task_result(
+            await tc.run(MapTask(bytes, args=(3 * MB,))), block=True))
+        self.assertEqual(value, bytes(3 * MB))
+        self.assertEqual(self.bulk().offered, 0)
+
+    @run
+    async def test_a_refused_transfer_falls_back_to_foolscap(self):
+        """The channel the client dials has another certificate than the
+        furl's: the client refuses it before sending the capability, and
+        asks for the result over Foolscap instead (the offer it did not
+        take expires)."""
+        from taskfarm.remote.tub import new_tub
+
+        tc = await self.start_cluster(1)
+        await tc.engine_ids()  # connected: the channel's location is known
+        impostor = channel.listen(
+            reactor, channel.BulkFactory(channel.Offers(reactor), reactor),
+            new_tub().getCertData(), "127.0.0.1",
+        )
+        self.addCleanup(impostor.stopListening)
+        tc._connection.bulk_location = "127.0.0.1:%d" % impostor.getHost().port
+        value = await _within(tc.get_task_result(
+            await tc.run(MapTask(bytes, args=(3 * MB,))), block=True))
+        self.assertEqual(value, bytes(3 * MB))
+        self.assertEqual(self.bulk().offered, 1)
+        self.assertEqual(len(self.bulk().offers), 1)  # untaken, until it expires
+
+
+class NoBulkChannelTests(ClusterTestCase):
+    folder_prefix = "taskfarm-nobulk-"
+
+    @run
+    async def test_a_controller_without_a_channel_answers_over_foolscap(self):
+        tc = await self.start_cluster(1, bulk_listen="none")
+        self.assertIsNone(self.cluster.controller.server.bulk)
+        value = await _within(tc.get_task_result(
+            await tc.run(MapTask(bytes, args=(3 * MB,))), block=True))
+        self.assertEqual(value, bytes(3 * MB))
+        self.assertIsNone(tc._connection.bulk_location)
