@@ -68,12 +68,10 @@ class BulkResultsTests(ClusterTestCase):
 
         tc = await self.start_cluster(1)
         await tc.engine_ids()  # connected: the channel's location is known
-        impostor = channel.listen(
-            reactor, channel.BulkFactory(channel.Offers(reactor), reactor),
-            new_tub().getCertData(), "127.0.0.1",
-        )
-        self.addCleanup(impostor.stopListening)
-        tc._connection.bulk_location = "127.0.0.1:%d" % impostor.getHost().port
+        impostor = channel.BulkServer(reactor, channel.Offers(reactor), new_tub().getCertData())
+        impostor.start()
+        self.addCleanup(impostor.stop)
+        tc._connection.bulk_location = "127.0.0.1:%d" % impostor.port
         value = await _within(tc.get_task_result(
             await tc.run(MapTask(bytes, args=(3 * MB,))), block=True))
         self.assertEqual(value, bytes(3 * MB))

@@ -349,7 +349,8 @@ class ControllerServer(Service):
         #: Where the bulk-data channel listens: a tcp endpoint, None for a
         #: free port on the Tub's interface, "none" for no channel.
         self._bulk_listen = bulk_listen
-        self._bulk_port = None
+        #: The bulk-data channel (`taskfarm.bulk.channel.BulkServer`), or None.
+        self.bulk_server = None
         self.bulk = None
         self._reactor = reactor
         self._registry = registry
@@ -394,20 +395,18 @@ class ControllerServer(Service):
         if self._bulk_listen is None:
             port = 0
         offers = channel.Offers(self._reactor)
-        self._bulk_port = channel.listen(
-            self._reactor, channel.BulkFactory(offers, self._reactor), cert, interface, port
-        )
+        self.bulk_server = channel.BulkServer(self._reactor, offers, cert, interface, port)
+        self.bulk_server.start()
         location = self.location[4:] if self.location.startswith("tcp:") else self.location
         host = location.rsplit(":", 1)[0]
-        self.bulk = BulkResultsPolicy(offers, "%s:%d" % (host, self._bulk_port.getHost().port))
+        self.bulk = BulkResultsPolicy(offers, "%s:%d" % (host, self.bulk_server.port))
 
     async def stopService(self) -> None:
         super().stopService()
         sweeper.process_sweeper().stop()
-        if self._bulk_port is not None:
-            port, self._bulk_port = self._bulk_port, None
-            self.bulk.offers.clear()
-            await defer.maybeDeferred(port.stopListening)
+        if self.bulk_server is not None:
+            server, self.bulk_server = self.bulk_server, None
+            server.stop()
         if self.tub is not None:
             self._referenceables[TASK].release_held()
             await self.tub.stopService()
