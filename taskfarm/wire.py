@@ -62,6 +62,8 @@ from taskfarm.serialization import as_frames
 #: HOST:PORT or None), and the Task interface answers ``results_bulk``
 #: (`BulkResults`): big results' frames travel over that channel
 #: (`taskfarm.bulk`) and the answer holds their capability and sizes.
+#: An engine's session answers ``upload`` (a capability for a big reply's
+#: frames) and a reply may name its uploaded frames (`Reply` version 5).
 WIRE_VERSION = 5
 
 #: What a blocking `wait` or `results` answers when its tasks are still
@@ -821,18 +823,33 @@ class Reply(NamedTuple):
     #: (version 4; None in a reply to any other command).
     stdout: str | None = None
     stderr: str | None = None
+    #: The capability under which the engine uploaded this reply's frames
+    #: over the bulk-data channel (version 5; `data` is then empty), or None.
+    upload: bytes | None = None
 
     @classmethod
     def parse(cls, value: object) -> Reply:
         output = (None, None)
+        upload = None
         if type(value) is tuple and len(value) == 8 and type(value[5]) is int and value[5] == 4:
             output = value[6:8]
             for name, text in zip(("stdout", "stderr"), output, strict=True):
                 if not isinstance(text, str):
                     raise _bad("reply", name, "a str", text)
             value = value[:5]
+        elif type(value) is tuple and len(value) == 9 and type(value[5]) is int and value[5] == 5:
+            output, upload = value[6:8], value[8]
+            for name, text in zip(("stdout", "stderr"), output, strict=True):
+                if text is not None and not isinstance(text, str):
+                    raise _bad("reply", name, "a str or None", text)
+            if not (type(upload) is bytes and len(upload) == CAPABILITY_BYTES):
+                raise _bad("reply", "upload", "a capability of %d bytes" % CAPABILITY_BYTES, upload)
+            if value[1] is not True or value[2] != b"":
+                raise _bad("reply", "upload", "an ok reply with empty data", upload)
+            value = value[:5]
         elif isinstance(value, cls):
             output = (value.stdout, value.stderr)
+            upload = value.upload
             value = tuple(value[:5])
         seq, ok, data, started, finished = fields = _fields(_ReplyFieldsV1, value, "reply")
         if type(seq) is not int:
@@ -849,10 +866,13 @@ class Reply(NamedTuple):
             raise _bad("reply", "started", "None or a finite float time", started)
         if not (type(finished) is float and math.isfinite(finished)):
             raise _bad("reply", "finished", "a finite float time", finished)
-        return tuple.__new__(cls, tuple(fields) + tuple(output))
+        return tuple.__new__(cls, tuple(fields) + tuple(output) + (upload,))
 
     def plain(self) -> tuple:
-        """Version 1 (five fields) without output, else version 4."""
+        """Version 1 (five fields) without output, version 4 with it,
+        version 5 when the frames were uploaded."""
+        if self.upload is not None:
+            return tuple(self[:5]) + (5, self.stdout, self.stderr, self.upload)
         if self.stdout is None and self.stderr is None:
             return tuple(self[:5])
         return tuple(self[:5]) + (4, self.stdout or "", self.stderr or "")

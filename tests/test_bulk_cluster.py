@@ -79,6 +79,72 @@ class BulkResultsTests(ClusterTestCase):
         self.assertEqual(len(self.bulk().offers), 1)  # untaken, until it expires
 
 
+class BulkUploadTests(ClusterTestCase):
+    """Engines upload big replies over the channel before naming them."""
+
+    folder_prefix = "taskfarm-bulkup-"
+
+    def bulk(self):
+        return self.cluster.controller.server.bulk
+
+    @run
+    async def test_big_replies_are_uploaded_and_small_ones_are_not(self):
+        """A big task result and a MultiEngine pull answer travel from the
+        engine over the channel; a small one does not; nothing stays in the
+        capability table."""
+        tc = await self.start_cluster(1)
+        value = await _within(tc.get_task_result(
+            await tc.run(MapTask(bytes, args=(3 * MB,))), block=True))
+        self.assertEqual(value, bytes(3 * MB))
+        self.assertEqual(self.bulk().uploads, 1)
+        small = await _within(tc.get_task_result(await tc.run(MapTask(len, args=("ab",))),
+                                                 block=True))
+        self.assertEqual(small, 2)
+        self.assertEqual(self.bulk().uploads, 1)
+        mec = self.cluster.multiengine_client()
+        array = numpy.arange(MB, dtype=numpy.int32)
+        await _within(mec.push({"a": array}, targets=0, block=True))
+        (pulled,) = await _within(mec.pull("a", targets=0, block=True))
+        self.assertTrue(numpy.array_equal(pulled, array))
+        self.assertEqual(self.bulk().uploads, 2)
+        self.assertEqual(len(self.bulk().offers), 0)
+
+    @run
+    async def test_an_engine_killed_mid_upload_leaves_nothing_partial(self):
+        """The engine is SIGKILLed while it uploads a 64 MB result: the
+        upload is dropped (nothing claimable, nothing kept), the task runs
+        again on the other engine, and the client gets the whole value."""
+        import os
+        import signal
+
+        from twisted.internet import task
+
+        tc = await self.start_cluster(2)
+        mec = self.cluster.multiengine_client()
+        await _within(mec.execute("import os; pid = os.getpid()", targets=[0, 1], block=True))
+        pids = dict(zip([0, 1], await _within(mec.pull("pid", targets=[0, 1], block=True)),
+                        strict=True))
+        server = self.cluster.controller.server.bulk_server
+        code = "import os; r = bytes(range(256)) * (256 * 1024)"
+        taskid = await tc.run(Task(code, pull="r", retries=1))
+        for _ in range(2000):
+            # Under way: the slot is taken, and bytes are coming in.
+            if server._active and self.bulk().uploads and not len(self.bulk().offers):
+                break
+            await task.deferLater(reactor, 0.005, lambda: None)
+        else:
+            self.fail("no upload started")
+        # The engine that holds the task is the one uploading.
+        record = self.cluster.controller.tasks.store.tasks[taskid]
+        os.kill(pids[record.engine_id], signal.SIGKILL)
+        result = await _within(tc.get_task_result(taskid, block=True), 90)
+        self.assertIsNone(result.failure)
+        self.assertEqual(result.ns.r, bytes(range(256)) * (256 * 1024))
+        self.assertEqual(result.attempts, 2)
+        self.assertGreaterEqual(server.failed, 1)
+        self.assertEqual(len(self.bulk().offers), 0)
+
+
 class NoBulkChannelTests(ClusterTestCase):
     folder_prefix = "taskfarm-nobulk-"
 

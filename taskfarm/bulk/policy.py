@@ -15,7 +15,7 @@ from twisted.internet import threads
 
 from taskfarm import serialization, wire
 from taskfarm.bulk import channel
-from taskfarm.errors import BadRequest
+from taskfarm.errors import BadRequest, ConnectionLost, MessageTooLarge, to_wire
 
 #: Results of at least this many bytes (all their frames) go over the
 #: bulk-data channel.
@@ -74,17 +74,19 @@ def results_answer(envelopes: list, offers, threshold: int = BULK_MIN) -> tuple:
     return wire.BulkResults(envelopes, offers.offer(parts), sizes, moved).plain()
 
 
-class BulkResultsPolicy:
-    """The controller's use of its bulk-data channel for ``results``: where
-    the channel is (`location`, HOST:PORT for `Hello`), the capabilities
-    handed out (`offers`), and from which size a result goes over it."""
+class BulkPolicy:
+    """The controller's use of its bulk-data channel: where the channel is
+    (`location`, HOST:PORT for `Hello`), the capabilities handed out
+    (`offers`), from which size a result goes over it (``results``), and
+    the uploads of engines' big replies."""
 
     def __init__(self, offers, location: str, threshold: int = BULK_MIN) -> None:
         self.offers = offers
         self.location = location
         self.threshold = threshold
-        #: Capabilities handed out for results, since the start.
+        #: Capabilities handed out for results, and for uploads, since the start.
         self.offered = 0
+        self.uploads = 0
 
     def results_answer(self, envelopes: list) -> tuple:
         """`results_answer` with this policy's offers and threshold."""
@@ -92,6 +94,65 @@ class BulkResultsPolicy:
         if answer[1] is not None:
             self.offered += 1
         return answer
+
+    def upload_capability(self, sizes: object, limit: int) -> bytes:
+        """A capability to upload parts of `sizes` bytes (a list of ints),
+        checked against the message `limit`: `MessageTooLarge` at more,
+        `BadRequest` for anything but sizes."""
+        if not isinstance(sizes, list) or not sizes or not all(
+            type(n) is int and n >= 0 for n in sizes
+        ):
+            raise BadRequest("an upload needs a non-empty list of part sizes")
+        if len(sizes) > serialization.parts_limit(limit):
+            raise MessageTooLarge(
+                "an upload of %d parts exceeds the limit of %d parts"
+                % (len(sizes), serialization.parts_limit(limit))
+            )
+        total = sum(sizes)
+        if total > limit:
+            raise MessageTooLarge(
+                "an upload of %d bytes exceeds the controller's message limit of %d bytes"
+                % (total, limit)
+            )
+        self.uploads += 1
+        return self.offers.expect(sizes)
+
+    def resolve_upload(self, reply: wire.Reply) -> wire.Reply:
+        """`reply` with its uploaded frames as its data; a reply whose upload
+        the controller does not hold (expired) becomes a `ConnectionLost`
+        failure: never a partial value."""
+        if reply.upload is None:
+            return reply
+        parts = self.offers.claim(reply.upload)
+        if parts is None:
+            error = ConnectionLost("the upload of this reply's value was not received whole")
+            return reply._replace(ok=False, data=to_wire(error), upload=None)
+        return reply._replace(data=serialization.as_frames(parts), upload=None)
+
+
+def is_big_reply(reply: tuple, threshold: int = BULK_MIN) -> bool:
+    """Whether an engine's plain reply should upload its frames."""
+    return (
+        reply[1] is True
+        and serialization.is_frames(reply[2])
+        and serialization.frames_size(reply[2]) >= threshold
+    )
+
+
+async def upload_reply(reactor, session, reply: tuple) -> tuple:
+    """Upload a big reply's frames over the session's bulk-data channel
+    (`session.request_upload`, `session.bulk_location`, `session.tubid`);
+    answers the plain reply that names the upload (`wire.Reply` version
+    5).  Raises what the request or `channel.upload` raises."""
+    frames = reply[2]
+    views = [memoryview(part) for part in frames]
+    capability = await session.request_upload([view.nbytes for view in views])
+    host, port = session.bulk_location.rsplit(":", 1)
+    await threads.deferToThreadPool(
+        reactor, reactor.getThreadPool(), channel.upload, host, int(port), session.tubid,
+        capability, views, TRANSFER_TIMEOUT,
+    )
+    return wire.Reply.parse(reply)._replace(data=b"", upload=capability).plain()
 
 
 async def receive_results(reactor, location: str, tubid: str, answer: wire.BulkResults) -> list:

@@ -153,6 +153,11 @@ class RIEngineSession(RemoteInterface):
         """A pickled list of ``(seq, ok, data, started, finished)`` replies."""
         return None
 
+    def upload(sizes=MESSAGE):
+        """A capability to upload a big reply's frames (the pickled list of
+        their sizes) over the bulk-data channel (version 5)."""
+        return MESSAGE
+
 
 class RIEngineRegistrar(RemoteInterface):
     """The engine furl: lets an engine register, and nothing else."""

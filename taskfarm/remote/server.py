@@ -20,7 +20,7 @@ from zope.interface import implementer
 from taskfarm import serialization, wire
 from taskfarm.batching import pickled_size
 from taskfarm.bulk import channel
-from taskfarm.bulk.policy import BulkResultsPolicy
+from taskfarm.bulk.policy import BulkPolicy
 from taskfarm.errors import BadRequest, MessageTooLarge, ProtocolVersionError, to_wire
 from taskfarm.interfaces import IEngineChannel
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK
@@ -281,11 +281,26 @@ class RemoteEngineSession(BoundedReferenceable):
         handle,
         channel: RemoteEngineChannel,
         max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE,
+        bulk=None,
     ) -> None:
         super().__init__(max_message_size)
         self._registry = registry
         self._handle = handle
         self._channel = channel
+        self._bulk = bulk
+
+    def remote_upload(self, sizes):
+        """A capability to upload a big reply's frames of the pickled list
+        of `sizes` over the bulk-data channel (version 5)."""
+
+        def capability():
+            if self._bulk is None:
+                raise BadRequest("this controller has no bulk-data channel")
+            return self._bulk.upload_capability(
+                serialization.unpack(sizes, self.max_message_size), self.max_message_size
+            )
+
+        return reply(capability)
 
     def remote_replies(self, batch):
         sweeper.received(batch)
@@ -294,6 +309,10 @@ class RemoteEngineSession(BoundedReferenceable):
                 serialization.unpack(batch, self.max_message_size), "replies"
             )
             replies = list(map(wire.Reply.parse, replies))
+            if any(r.upload is not None for r in replies):
+                if self._bulk is None:
+                    raise BadRequest("a reply names an upload, but there is no bulk channel")
+                replies = [self._bulk.resolve_upload(r) for r in replies]
         except (BadRequest, ProtocolVersionError) as e:
             _log.warn(
                 "engine {engine_id} sent replies this controller cannot read "
@@ -312,13 +331,18 @@ class RemoteEngineRegistrar(BoundedReferenceable):
     """The engine furl's object: registration, and nothing more."""
 
     def __init__(
-        self, registry, max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE
+        self, registry, max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE,
+        bulk=None,
     ) -> None:
         super().__init__(max_message_size)
         self._registry = registry
+        self._bulk = bulk
 
     def remote_hello(self):
-        return hello_blob("engine", max_message_size=self.max_message_size)
+        return hello_blob(
+            "engine", max_message_size=self.max_message_size,
+            bulk=None if self._bulk is None else self._bulk.location,
+        )
 
     def remote_register(self, engine, properties, requested_id):
         props = serialization.unpack(properties, self.max_message_size)
@@ -327,7 +351,9 @@ class RemoteEngineRegistrar(BoundedReferenceable):
         engine.notifyOnDisconnect(
             self._registry.engine_lost, handle, "its connection closed"
         )
-        session = RemoteEngineSession(self._registry, handle, channel, self.max_message_size)
+        session = RemoteEngineSession(
+            self._registry, handle, channel, self.max_message_size, self._bulk
+        )
         return handle.engine_id, session
 
 
@@ -375,7 +401,7 @@ class ControllerServer(Service):
         self.tub.startService()
         limit = self._max_message_size
         referenceables = {
-            ENGINE: RemoteEngineRegistrar(self._registry, limit),
+            ENGINE: RemoteEngineRegistrar(self._registry, limit, bulk=self.bulk),
             TASK: RemoteTaskController(
                 self._services[TASK], self._reactor, max_message_size=limit, bulk=self.bulk
             ),
@@ -399,7 +425,7 @@ class ControllerServer(Service):
         self.bulk_server.start()
         location = self.location[4:] if self.location.startswith("tcp:") else self.location
         host = location.rsplit(":", 1)[0]
-        self.bulk = BulkResultsPolicy(offers, "%s:%d" % (host, self.bulk_server.port))
+        self.bulk = BulkPolicy(offers, "%s:%d" % (host, self.bulk_server.port))
 
     async def stopService(self) -> None:
         super().stopService()
