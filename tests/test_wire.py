@@ -255,6 +255,11 @@ BAD = [
     (wire.Hello, _hello(bulk="nowhere"), "hello: bulk"),
     (wire.Hello, _hello(bulk="host:0"), "hello: bulk"),
     (wire.Hello, _hello(bulk=4000), "hello: bulk"),
+    # replies naming an upload (version 5)
+    (wire.Reply, (1, True, b"", 1.0, 2.0, 5, None, None, b"short"), "reply: upload"),
+    (wire.Reply, (1, True, b"x", 1.0, 2.0, 5, None, None, b"c" * 32), "reply: upload"),
+    (wire.Reply, (1, False, ("E", "x"), 1.0, 2.0, 5, None, None, b"c" * 32), "reply: upload"),
+    (wire.Reply, (1, True, b"", 1.0, 2.0, 5, 3, None, b"c" * 32), "reply: stdout"),
     # bulk results (version 5)
     (wire.BulkResults, ([None], None, []), "bulk results must have 4 fields"),
     (wire.BulkResults, ((), None, [], []), "bulk results: envelopes"),
@@ -342,6 +347,7 @@ BAD += [
 
 #: Values at each limit that are still accepted.
 GOOD = [
+    (wire.Reply, (1, True, b"", 1.0, 2.0, 5, None, "err", b"c" * 32)),
     (wire.TaskOptions, _options(retries=0)),
     (wire.TaskOptions, _options(retries=MAX_RETRIES)),
     (wire.TaskOptions, _options(priority=-(2**70))),

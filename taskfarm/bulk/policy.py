@@ -21,6 +21,10 @@ from taskfarm.errors import BadRequest, ConnectionLost, MessageTooLarge, to_wire
 #: bulk-data channel.
 BULK_MIN = 1 << 20
 
+#: The commands whose big replies engines upload: task results, which the
+#: controller keeps and answers over the channel again (`results_bulk`).
+UPLOAD_OPS = frozenset({"task"})
+
 #: Seconds each socket operation of a transfer may take.
 TRANSFER_TIMEOUT = 60.0
 
@@ -95,10 +99,15 @@ class BulkPolicy:
             self.offered += 1
         return answer
 
-    def upload_capability(self, sizes: object, limit: int) -> bytes:
-        """A capability to upload parts of `sizes` bytes (a list of ints),
-        checked against the message `limit`: `MessageTooLarge` at more,
-        `BadRequest` for anything but sizes."""
+    def upload_capability(self, op: str | None, sizes: object, limit: int) -> bytes | None:
+        """A capability to upload the reply to an `op` command, of parts of
+        `sizes` bytes (a list of ints), checked against the message `limit`:
+        `MessageTooLarge` at more, `BadRequest` for anything but sizes.
+        None (reply over Foolscap) for a command whose reply is not in
+        `UPLOAD_OPS`: a MultiEngine answer goes on to its client over
+        Foolscap, where buffers received here would need a copy."""
+        if op not in UPLOAD_OPS:
+            return None
         if not isinstance(sizes, list) or not sizes or not all(
             type(n) is int and n >= 0 for n in sizes
         ):
@@ -143,10 +152,13 @@ async def upload_reply(reactor, session, reply: tuple) -> tuple:
     """Upload a big reply's frames over the session's bulk-data channel
     (`session.request_upload`, `session.bulk_location`, `session.tubid`);
     answers the plain reply that names the upload (`wire.Reply` version
-    5).  Raises what the request or `channel.upload` raises."""
+    5), or `reply` itself when the controller wants it over Foolscap.
+    Raises what the request or `channel.upload` raises."""
     frames = reply[2]
     views = [memoryview(part) for part in frames]
-    capability = await session.request_upload([view.nbytes for view in views])
+    capability = await session.request_upload(reply[0], [view.nbytes for view in views])
+    if capability is None:
+        return reply  # the controller wants it over Foolscap
     host, port = session.bulk_location.rsplit(":", 1)
     await threads.deferToThreadPool(
         reactor, reactor.getThreadPool(), channel.upload, host, int(port), session.tubid,

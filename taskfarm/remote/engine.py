@@ -83,20 +83,23 @@ class _FoolscapEngineSession:
     def notify_on_disconnect(self, callback) -> None:
         self._rref.notifyOnDisconnect(callback)
 
-    def request_upload(self, sizes: list[int]) -> defer.Deferred:
-        """A capability to upload parts of `sizes` bytes over the bulk-data
-        channel; fails with the controller's typed error."""
-        return defer.Deferred.fromCoroutine(self._request_upload(sizes))
+    def request_upload(self, seq: int, sizes: list[int]) -> defer.Deferred:
+        """A capability to upload the reply to command `seq`, of parts of
+        `sizes` bytes, over the bulk-data channel; None: the controller
+        wants it over Foolscap.  Fails with the controller's typed error."""
+        return defer.Deferred.fromCoroutine(self._request_upload(seq, sizes))
 
-    async def _request_upload(self, sizes: list[int]) -> bytes:
+    async def _request_upload(self, seq: int, sizes: list[int]) -> bytes | None:
         try:
-            answer = await self._session.callRemote("upload", serialization.pack(sizes))
+            answer = await self._session.callRemote("upload", seq, serialization.pack(sizes))
         except DeadReferenceError:
             raise ConnectionLost("lost the controller while asking to upload") from None
         ok, value = wire.Answer.parse(serialization.unpack(answer, self.max_message_size))
         if not ok:
             raise from_wire(value)
-        if not (type(value) is bytes and len(value) == wire.CAPABILITY_BYTES):
+        if value is not None and not (
+            type(value) is bytes and len(value) == wire.CAPABILITY_BYTES
+        ):
             raise BadRequest("the controller answered upload with no capability")
         return value
 

@@ -153,9 +153,10 @@ class RIEngineSession(RemoteInterface):
         """A pickled list of ``(seq, ok, data, started, finished)`` replies."""
         return None
 
-    def upload(sizes=MESSAGE):
-        """A capability to upload a big reply's frames (the pickled list of
-        their sizes) over the bulk-data channel (version 5)."""
+    def upload(seq=int, sizes=MESSAGE):
+        """A capability to upload the frames of the reply to command `seq`
+        (the pickled list of their sizes) over the bulk-data channel, or
+        None: reply over Foolscap (version 5)."""
         return MESSAGE
 
 

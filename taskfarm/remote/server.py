@@ -289,15 +289,18 @@ class RemoteEngineSession(BoundedReferenceable):
         self._channel = channel
         self._bulk = bulk
 
-    def remote_upload(self, sizes):
-        """A capability to upload a big reply's frames of the pickled list
-        of `sizes` over the bulk-data channel (version 5)."""
+    def remote_upload(self, seq, sizes):
+        """A capability to upload the frames (of the pickled list of
+        `sizes`) of the reply to command `seq` over the bulk-data channel,
+        or None: reply over Foolscap (version 5)."""
 
         def capability():
             if self._bulk is None:
                 raise BadRequest("this controller has no bulk-data channel")
+            entry = self._handle.inflight.get(seq)
             return self._bulk.upload_capability(
-                serialization.unpack(sizes, self.max_message_size), self.max_message_size
+                None if entry is None else entry[0],
+                serialization.unpack(sizes, self.max_message_size), self.max_message_size,
             )
 
         return reply(capability)
