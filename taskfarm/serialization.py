@@ -394,3 +394,13 @@ def frames_parts(frames) -> list[bytes]:
     give them back as a list); no copy where a frame wraps a whole `bytes`."""
     return [_part_bytes(part) for part in frames]
 
+
+
+def frames_views(frames) -> list[memoryview]:
+    """Stored frames as flat memoryviews over their buffers (no copy,
+    whatever holds the bytes): for writing them out."""
+    views = []
+    for part in frames:
+        view = part.raw() if type(part) is PickleBuffer else memoryview(part).cast("B")
+        views.append(view)
+    return views

@@ -8,7 +8,7 @@ import numpy
 from twisted.internet import reactor
 
 from taskfarm.bulk import channel
-from taskfarm.bulk.policy import BULK_MIN
+from taskfarm.bulk.policy import BULK_MIN, UPLOAD_MIN
 from taskfarm.task import MapTask, Task
 from taskfarm.testing.cluster import ClusterTestCase
 from taskfarm.testing.helpers import async_test as run
@@ -28,20 +28,20 @@ class BulkResultsTests(ClusterTestCase):
 
     @run
     async def test_big_results_come_over_the_bulk_channel(self):
-        """A 4 MB array and a Task's big bytes travel over the channel and
+        """A big array and a Task's big bytes travel over the channel and
         come back equal (the array writable and without a copy of its own:
         it keeps the received buffer); a small result stays on Foolscap;
         no capability is left behind."""
         tc = await self.start_cluster(1)
-        array = numpy.arange(MB // 2, dtype=numpy.float64)
+        array = numpy.arange(BULK_MIN // 8 + 1024, dtype=numpy.float64)
         value = await _within(tc.get_task_result(
             await tc.run(MapTask(numpy.copy, args=(array,))), block=True))
         self.assertTrue(numpy.array_equal(value, array))
         self.assertTrue(value.flags.writeable)
         self.assertEqual(self.bulk().offered, 1)
-        ids = [await tc.run(Task("b = b'x' * %d" % (2 * MB), pull="b")) for _ in range(3)]
+        ids = [await tc.run(Task("b = b'x' * %d" % BULK_MIN, pull="b")) for _ in range(3)]
         results = await _within(tc.get_task_results(ids, block=True))
-        self.assertEqual([r.ns.b for r in results], [b"x" * (2 * MB)] * 3)
+        self.assertEqual([r.ns.b for r in results], [b"x" * BULK_MIN] * 3)
         self.assertEqual(self.bulk().offered, 2)  # one answer, one capability
         small = await _within(tc.get_task_result(
             await tc.run(MapTask(len, args=(b"s" * (BULK_MIN // 2),))), block=True))
@@ -54,8 +54,8 @@ class BulkResultsTests(ClusterTestCase):
         tc = await self.start_cluster(1)
         tc.use_bulk = False
         value = await _within(tc.get_task_result(
-            await tc.run(MapTask(bytes, args=(3 * MB,))), block=True))
-        self.assertEqual(value, bytes(3 * MB))
+            await tc.run(MapTask(bytes, args=(BULK_MIN + MB,))), block=True))
+        self.assertEqual(value, bytes(BULK_MIN + MB))
         self.assertEqual(self.bulk().offered, 0)
 
     @run
@@ -73,8 +73,8 @@ class BulkResultsTests(ClusterTestCase):
         self.addCleanup(impostor.stop)
         tc._connection.bulk_location = "127.0.0.1:%d" % impostor.port
         value = await _within(tc.get_task_result(
-            await tc.run(MapTask(bytes, args=(3 * MB,))), block=True))
-        self.assertEqual(value, bytes(3 * MB))
+            await tc.run(MapTask(bytes, args=(BULK_MIN + MB,))), block=True))
+        self.assertEqual(value, bytes(BULK_MIN + MB))
         self.assertEqual(self.bulk().offered, 1)
         self.assertEqual(len(self.bulk().offers), 1)  # untaken, until it expires
 
@@ -94,9 +94,14 @@ class BulkUploadTests(ClusterTestCase):
         its client over Foolscap); nothing stays in the capability table."""
         tc = await self.start_cluster(1)
         value = await _within(tc.get_task_result(
-            await tc.run(MapTask(bytes, args=(3 * MB,))), block=True))
-        self.assertEqual(value, bytes(3 * MB))
+            await tc.run(MapTask(bytes, args=(UPLOAD_MIN,))), block=True))
+        self.assertEqual(value, bytes(UPLOAD_MIN))
         self.assertEqual(self.bulk().uploads, 1)
+        # Big enough to be fetched over the channel, not to be uploaded.
+        value = await _within(tc.get_task_result(
+            await tc.run(MapTask(bytes, args=(UPLOAD_MIN // 2,))), block=True))
+        self.assertEqual(self.bulk().uploads, 1)
+        self.assertEqual(self.bulk().offered, 2)
         small = await _within(tc.get_task_result(await tc.run(MapTask(len, args=("ab",))),
                                                  block=True))
         self.assertEqual(small, 2)
@@ -153,6 +158,6 @@ class NoBulkChannelTests(ClusterTestCase):
         tc = await self.start_cluster(1, bulk_listen="none")
         self.assertIsNone(self.cluster.controller.server.bulk)
         value = await _within(tc.get_task_result(
-            await tc.run(MapTask(bytes, args=(3 * MB,))), block=True))
-        self.assertEqual(value, bytes(3 * MB))
+            await tc.run(MapTask(bytes, args=(BULK_MIN + MB,))), block=True))
+        self.assertEqual(value, bytes(BULK_MIN + MB))
         self.assertIsNone(tc._connection.bulk_location)

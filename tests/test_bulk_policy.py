@@ -131,6 +131,9 @@ class UploadPolicyTests(unittest.SynchronousTestCase):
         self.assertEqual(len(self.bulk.offers), 0)
 
 
+UPLOAD = policy.UPLOAD_MIN
+
+
 class _Session:
     """An engine session whose upload request answers `answer`."""
 
@@ -160,7 +163,7 @@ class EngineFallbackTests(unittest.SynchronousTestCase):
         link._sender(session)(replies)
 
     def test_a_failed_upload_request_replies_over_foolscap(self):
-        frames = _frames(BIG)
+        frames = _frames(UPLOAD)
         reply = wire.Reply(3, True, frames, 1.0, 2.0).plain()
         small = wire.Reply(4, True, b"small", 1.0, 2.0).plain()
         session = _Session(defer.fail(ConnectionLost("gone")))
@@ -175,15 +178,21 @@ class EngineFallbackTests(unittest.SynchronousTestCase):
 
     def test_the_controller_may_want_it_over_foolscap(self):
         session = _Session(defer.succeed(None))
-        self.send(session, [wire.Reply(3, True, _frames(BIG), 1.0, 2.0).plain()])
+        self.send(session, [wire.Reply(3, True, _frames(UPLOAD), 1.0, 2.0).plain()])
         (message,) = session.sent
         (reply,) = serialization.unpack(message)
         self.assertIsNone(wire.Reply.parse(reply).upload)
 
+    def test_a_reply_below_the_upload_threshold_is_not_uploaded(self):
+        session = _Session(defer.succeed(b"c" * 32))
+        self.send(session, [wire.Reply(3, True, _frames(UPLOAD // 2), 1.0, 2.0).plain()])
+        self.assertEqual(session.asked, [])
+        self.assertEqual(len(session.sent), 1)
+
     def test_without_a_channel_nothing_is_asked(self):
         session = _Session(None)
         session.bulk_location = None
-        self.send(session, [wire.Reply(3, True, _frames(BIG), 1.0, 2.0).plain()])
+        self.send(session, [wire.Reply(3, True, _frames(UPLOAD), 1.0, 2.0).plain()])
         self.assertEqual(session.asked, [])
         self.assertEqual(len(session.sent), 1)
 

@@ -5,7 +5,7 @@ or more to the channel (`split_results`, on the controller); the client
 receives them into one preallocated `bytearray` per frame and puts them
 back as the results' data (`join_results`), which `serialization.loads`
 unpickles without joining them.  Smaller results stay in the Foolscap
-answer: below about a MiB, a TLS handshake and a thread hand-off cost
+answer: below a few MiB, a TLS handshake and a thread hand-off cost
 more than Foolscap's copies.
 """
 
@@ -18,8 +18,15 @@ from taskfarm.bulk import channel
 from taskfarm.errors import BadRequest, ConnectionLost, MessageTooLarge, to_wire
 
 #: Results of at least this many bytes (all their frames) go over the
-#: bulk-data channel.
-BULK_MIN = 1 << 20
+#: bulk-data channel.  Each answer that moves any costs a TLS handshake
+#: and a thread hand-off: measured (bench/datapath.py ret1MB), 1 MiB
+#: results came slower over the channel than over Foolscap.
+BULK_MIN = 4 << 20
+
+#: Replies of at least this many bytes are uploaded by engines: each
+#: upload costs a round trip for its capability and a TLS handshake of its
+#: own, which 1 MiB results (bench/datapath.py ret1MB) do not repay.
+UPLOAD_MIN = 8 << 20
 
 #: The commands whose big replies engines upload: task results, which the
 #: controller keeps and answers over the channel again (`results_bulk`).
@@ -139,7 +146,7 @@ class BulkPolicy:
         return reply._replace(data=serialization.as_frames(parts), upload=None)
 
 
-def is_big_reply(reply: tuple, threshold: int = BULK_MIN) -> bool:
+def is_big_reply(reply: tuple, threshold: int = UPLOAD_MIN) -> bool:
     """Whether an engine's plain reply should upload its frames."""
     return (
         reply[1] is True
