@@ -208,3 +208,27 @@ class ReplyVersionTests(unittest.SynchronousTestCase):
         # Without an upload, the older versions as before.
         self.assertEqual(len(reply._replace(upload=None).plain()), 8)
         self.assertEqual(len(wire.Reply(1, True, b"x", 1.0, 2.0).plain()), 5)
+
+
+class BulkListenOptionTests(unittest.SynchronousTestCase):
+    """``twistd taskcontroller --bulk-listen``."""
+
+    def parse(self, *argv):
+        from taskfarm.controller.tap import Options
+
+        options = Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_default_none_and_an_endpoint(self):
+        self.assertIsNone(self.parse()["bulk-listen"])
+        self.assertEqual(self.parse("--bulk-listen", "none")["bulk-listen"], "none")
+        endpoint = "tcp:10106:interface=127.0.0.1"
+        self.assertEqual(self.parse("--bulk-listen", endpoint)["bulk-listen"], endpoint)
+
+    def test_a_bad_endpoint_is_a_usage_error_naming_the_option(self):
+        from twisted.python import usage
+
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse("--bulk-listen", "udp:1")
+        self.assertIn("--bulk-listen", str(caught.exception))
