@@ -67,6 +67,10 @@ CHUNK = 4 << 20
 #: Seconds each socket operation of a transfer may take, by default.
 TIMEOUT = 60.0
 
+#: Seconds a connection has for its TLS handshake and request: a peer
+#: without a capability holds a thread no longer.
+REQUEST_TIMEOUT = 10.0
+
 #: Transfers the controller serves at once (more wait for a thread).
 THREADS = 4
 
@@ -248,7 +252,7 @@ class BulkServer:
                 _log.warn("bulk channel: accept failed: {error}", error=str(e))
                 return
             conn.setblocking(True)
-            conn.settimeout(self._timeout)
+            conn.settimeout(min(self._timeout, REQUEST_TIMEOUT))
             with self._active_lock:
                 self._active.add(conn)
             self._pool.callInThread(self._serve, conn)
@@ -260,6 +264,7 @@ class BulkServer:
             with self._context.wrap_socket(conn, server_side=True) as tls:
                 request = bytearray(REQUEST_BYTES)
                 _receive_exactly(tls, memoryview(request))
+                tls.settimeout(self._timeout)
                 head, capability = bytes(request[: len(MAGIC) + 1]), bytes(request[len(MAGIC) + 1 :])
                 if head == MAGIC + GET:
                     self._send(tls, capability)
