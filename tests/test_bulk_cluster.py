@@ -88,10 +88,9 @@ class BulkUploadTests(ClusterTestCase):
         return self.cluster.controller.server.bulk
 
     @run
-    async def test_big_task_replies_are_uploaded_and_others_are_not(self):
-        """A big task result travels from the engine over the channel; a
-        small one does not, nor a MultiEngine pull answer (it goes on to
-        its client over Foolscap); nothing stays in the capability table."""
+    async def test_big_task_replies_are_uploaded_and_small_ones_are_not(self):
+        """A big task result travels from the engine over the channel, a
+        small one does not; nothing stays in the capability table."""
         tc = await self.start_cluster(1)
         value = await _within(tc.get_task_result(
             await tc.run(MapTask(bytes, args=(UPLOAD_MIN,))), block=True))

@@ -48,6 +48,23 @@ class SplitJoinTests(unittest.SynchronousTestCase):
             value = serialization.loads(wire.ResultEnvelope.parse(joined[index]).data)
             self.assertEqual(value, serialization.loads(frames))
 
+    def test_engine_outcomes_move_their_big_values(self):
+        big = _frames(BIG)
+        outcomes = [wire.EngineOutcome(0, True, big).plain(),
+                    wire.EngineOutcome(1, True, b"small").plain(),
+                    wire.EngineOutcome(2, False, wire.WireError("E", "x").plain()).plain()]
+        bulk = policy.BulkPolicy(self.offers, "127.0.0.1:1")
+        answer = wire.BulkResults.parse(bulk.outcomes_answer(outcomes))
+        self.assertEqual(answer.moved, [(0, len(big))])
+        self.assertEqual(answer.envelopes[0][2], b"")
+        self.assertEqual(answer.envelopes[1:], outcomes[1:])
+        parts = self.offers.take(answer.capability, channel.GET)
+        joined = policy.join_results(answer, [ReceivedBuffer(memoryview(p)) for p in parts],
+                                     data_at=2)
+        value = serialization.loads(wire.EngineOutcome.parse(joined[0]).data)
+        self.assertEqual(value, serialization.loads(big))
+        self.assertEqual(bulk.offered, 1)
+
     def test_at_the_threshold_moves_just_below_stays(self):
         frames = _frames(BIG)
         size = serialization.frames_size(frames)
@@ -102,8 +119,10 @@ class UploadPolicyTests(unittest.SynchronousTestCase):
             with self.assertRaises(BadRequest):
                 self.bulk.upload_capability("task", sizes, 1000)
 
-    def test_only_task_replies_are_uploaded(self):
-        for op in ("pull", "execute", None):
+    def test_only_task_and_pull_replies_are_uploaded(self):
+        self.assertIsNotNone(self.bulk.upload_capability("pull", [10], 1000))
+        self.bulk.offers.clear()
+        for op in ("execute", "push", None):
             self.assertIsNone(self.bulk.upload_capability(op, [10], 1000))
         self.assertEqual(len(self.bulk.offers), 0)
 

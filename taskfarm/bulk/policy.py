@@ -29,8 +29,9 @@ BULK_MIN = 4 << 20
 UPLOAD_MIN = 8 << 20
 
 #: The commands whose big replies engines upload: task results, which the
-#: controller keeps and answers over the channel again (`results_bulk`).
-UPLOAD_OPS = frozenset({"task"})
+#: controller keeps and answers over the channel again (`results_bulk`),
+#: and pulls, answered over it too (`engine_call_bulk`).
+UPLOAD_OPS = frozenset({"task", "pull"})
 
 #: Seconds each socket operation of a transfer may take.
 TRANSFER_TIMEOUT = 60.0
@@ -39,26 +40,29 @@ TRANSFER_TIMEOUT = 60.0
 _DATA = 3
 
 
-def split_results(envelopes: list, threshold: int = BULK_MIN) -> tuple[list, list, list]:
+def split_results(envelopes: list, threshold: int = BULK_MIN, ok_at: int = 2,
+                  data_at: int = _DATA) -> tuple[list, list, list]:
     """``(envelopes, parts, moved)``: the plain result envelopes with the
     data of each ok one of `threshold` bytes or more (as frames) taken out
     (left ``b""``), those frames' buffers in order, and ``(index, count)``
-    for each envelope emptied (see `wire.BulkResults`)."""
+    for each envelope emptied (see `wire.BulkResults`).  `ok_at` and
+    `data_at` say where an envelope has its ok flag and its data (a
+    `wire.ResultEnvelope` by default; 1 and 2 for a `wire.EngineOutcome`)."""
     out: list = []
     parts: list = []
     moved: list = []
     for index, envelope in enumerate(envelopes):
-        if envelope is not None and envelope[2] is True:
-            data = envelope[_DATA]
+        if envelope is not None and envelope[ok_at] is True:
+            data = envelope[data_at]
             if serialization.is_frames(data) and serialization.frames_size(data) >= threshold:
                 parts.extend(data)
                 moved.append((index, len(data)))
-                envelope = envelope[:_DATA] + (b"",) + envelope[_DATA + 1 :]
+                envelope = envelope[:data_at] + (b"",) + envelope[data_at + 1 :]
         out.append(envelope)
     return out, parts, moved
 
 
-def join_results(answer: wire.BulkResults, parts: list) -> list:
+def join_results(answer: wire.BulkResults, parts: list, data_at: int = _DATA) -> list:
     """The answer's envelopes with each moved one's data back, as frames
     made of the received `parts` (in the order `split_results` took them)."""
     if len(parts) != len(answer.sizes):
@@ -67,18 +71,19 @@ def join_results(answer: wire.BulkResults, parts: list) -> list:
     at = 0
     for index, count in answer.moved:
         envelope = envelopes[index]
-        if not isinstance(envelope, tuple) or len(envelope) <= _DATA:
-            raise BadRequest("bulk results: moved entry %d is not a result envelope" % index)
+        if not isinstance(envelope, tuple) or len(envelope) <= data_at:
+            raise BadRequest("bulk results: moved entry %d is not an envelope" % index)
         frames = tuple(parts[at : at + count])
         at += count
-        envelopes[index] = envelope[:_DATA] + (frames,) + envelope[_DATA + 1 :]
+        envelopes[index] = envelope[:data_at] + (frames,) + envelope[data_at + 1 :]
     return envelopes
 
 
-def results_answer(envelopes: list, offers, threshold: int = BULK_MIN) -> tuple:
+def results_answer(envelopes: list, offers, threshold: int = BULK_MIN, ok_at: int = 2,
+                   data_at: int = _DATA) -> tuple:
     """A plain `wire.BulkResults` for `envelopes`: their big frames offered
     in `offers` (`taskfarm.bulk.channel.Offers`) under one capability."""
-    envelopes, parts, moved = split_results(envelopes, threshold)
+    envelopes, parts, moved = split_results(envelopes, threshold, ok_at, data_at)
     if not parts:
         return wire.BulkResults(envelopes, None, [], []).plain()
     sizes = [memoryview(part).nbytes for part in parts]
@@ -102,6 +107,14 @@ class BulkPolicy:
     def results_answer(self, envelopes: list) -> tuple:
         """`results_answer` with this policy's offers and threshold."""
         answer = results_answer(envelopes, self.offers, self.threshold)
+        if answer[1] is not None:
+            self.offered += 1
+        return answer
+
+    def outcomes_answer(self, outcomes: list) -> tuple:
+        """A MultiEngine answer (plain `wire.EngineOutcome`s) as a plain
+        `wire.BulkResults`, big values offered on the channel."""
+        answer = results_answer(outcomes, self.offers, self.threshold, ok_at=1, data_at=2)
         if answer[1] is not None:
             self.offered += 1
         return answer
@@ -174,7 +187,8 @@ async def upload_reply(reactor, session, reply: tuple) -> tuple:
     return wire.Reply.parse(reply)._replace(data=b"", upload=capability).plain()
 
 
-async def receive_results(reactor, location: str, tubid: str, answer: wire.BulkResults) -> list:
+async def receive_results(reactor, location: str, tubid: str, answer: wire.BulkResults,
+                          data_at: int = _DATA) -> list:
     """The envelopes of a `wire.BulkResults` answer, their moved frames
     fetched from the bulk-data channel at `location` (HOST:PORT) whose
     certificate has `tubid`, in a thread of `reactor`'s pool.  Raises what
@@ -186,4 +200,4 @@ async def receive_results(reactor, location: str, tubid: str, answer: wire.BulkR
         reactor, reactor.getThreadPool(), channel.fetch, host, int(port), tubid,
         answer.capability, answer.sizes, TRANSFER_TIMEOUT, serialization.ReceivedBuffer,
     )
-    return join_results(answer, parts)
+    return join_results(answer, parts, data_at)

@@ -244,6 +244,11 @@ class RIMultiEngine(RemoteInterface):
         """A pickled ``(op, targets, args, per_target_args_or_None)``."""
         return PARTS
 
+    def engine_call_bulk(request=PARTS):
+        """`engine_call`, answered as a `wire.BulkResults`: big values are
+        fetched over the bulk-data channel (version 5)."""
+        return PARTS
+
     def properties(request=MESSAGE):
         """A pickled ``(action, targets, argument)``."""
         return MESSAGE

@@ -408,7 +408,7 @@ class ControllerServer(Service):
             TASK: RemoteTaskController(
                 self._services[TASK], self._reactor, max_message_size=limit, bulk=self.bulk
             ),
-            MULTIENGINE: RemoteMultiEngine(self._services[MULTIENGINE], limit),
+            MULTIENGINE: RemoteMultiEngine(self._services[MULTIENGINE], limit, bulk=self.bulk),
         }
         self._referenceables = referenceables
         for interface, ref in referenceables.items():
