@@ -355,8 +355,8 @@ def unpack(blob, limit: int | None = None) -> object:
         check_size(blob, limit)
         header, buffers = blob, None
     elif is_frames(blob) and blob:
-        parts = [_part_bytes(p) if type(p) is PickleBuffer else p for p in blob]
-        if not all(isinstance(part, bytes) for part in parts):
+        parts = [_unpackable(p) for p in blob]
+        if not all(type(part) is bytes or type(part) is ReceivedBuffer for part in parts):
             raise BadRequest("expected a list of byte strings")
         if limit is not None and len(parts) > parts_limit(limit):
             raise MessageTooLarge(
@@ -371,6 +371,19 @@ def unpack(blob, limit: int | None = None) -> object:
         return _DataOnlyUnpickler(io.BytesIO(header), buffers=buffers).load()
     except Exception as e:
         raise BadRequest("malformed message: %s: %s" % (type(e).__name__, e)) from None
+
+
+def _unpackable(part):
+    """A part of a message as `unpack` reads it: a whole `ReceivedBuffer`
+    as it is (the values unpickled from it may keep it: no copy), a
+    `PickleBuffer` as `_part_bytes`, anything else unchanged (and
+    refused unless bytes)."""
+    if type(part) is PickleBuffer:
+        view = part.raw()
+        if type(view.obj) is ReceivedBuffer and view.nbytes == len(view.obj):
+            return view.obj
+        return _part_bytes(part)
+    return part
 
 
 def check_size(blob, limit: int | None, what: str = "message") -> None:

@@ -251,3 +251,28 @@ class BulkListenOptionTests(unittest.SynchronousTestCase):
         with self.assertRaises(usage.UsageError) as caught:
             self.parse("--bulk-listen", "udp:1")
         self.assertIn("--bulk-listen", str(caught.exception))
+
+
+class ReceivedBufferTests(unittest.SynchronousTestCase):
+    """Frames received into `ReceivedBuffer`s are read without a copy."""
+
+    def test_a_pulled_envelope_keeps_its_received_buffers(self):
+        import numpy
+
+        array = numpy.arange(BIG // 8, dtype=numpy.float64)
+        envelope = serialization.pack_frames((serialization.dumps_value(array),))
+        received = [ReceivedBuffer(memoryview(p)) for p in envelope]
+        frames = wire.EngineOutcome.parse((0, True, received)).data
+        (value_frames,) = serialization.unpack(frames)
+        value = serialization.loads(value_frames)
+        self.assertTrue(numpy.array_equal(value, array))
+        self.assertTrue(value.flags.writeable)
+        self.assertFalse(value.flags.owndata)
+        base = value
+        while getattr(base, "base", None) is not None:
+            base = base.base
+        self.assertTrue(any(base is r or getattr(base, "obj", None) is r for r in received))
+
+    def test_other_bytearrays_are_still_refused_in_a_message(self):
+        with self.assertRaises(BadRequest):
+            serialization.unpack([bytearray(serialization.pack(1))])
