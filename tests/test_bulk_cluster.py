@@ -114,6 +114,49 @@ class BulkUploadTests(ClusterTestCase):
         self.assertEqual(len(self.bulk().offers), 0)
 
     @run
+    async def test_a_big_pull_comes_over_the_channel_both_hops(self):
+        """A pulled array of 8 MiB or more: the engine uploads it, the
+        client fetches it (a small pull and a client without the channel
+        stay on Foolscap); each comes back equal, with nothing left in the
+        capability table."""
+        await self.start_cluster(2)
+        mec = self.cluster.multiengine_client()
+        array = numpy.arange(UPLOAD_MIN // 4 + 16, dtype=numpy.int32)
+        await _within(mec.push({"a": array, "s": 5}, targets=[0, 1], block=True))
+        pulled = await _within(mec.pull("a", targets=[0, 1], block=True))
+        self.assertEqual(len(pulled), 2)
+        for value in pulled:
+            self.assertTrue(numpy.array_equal(value, array))
+            self.assertTrue(value.flags.writeable)
+        self.assertEqual((self.bulk().uploads, self.bulk().offered), (2, 1))
+        self.assertEqual(await _within(mec.pull("s", targets=[0], block=True)), [5])
+        self.assertEqual((self.bulk().uploads, self.bulk().offered), (2, 1))
+        plain = self.cluster.multiengine_client()
+        plain.use_bulk = False
+        (again,) = await _within(plain.pull("a", targets=[1], block=True))
+        self.assertTrue(numpy.array_equal(again, array))
+        self.assertEqual(self.bulk().offered, 1)
+        self.assertEqual(len(self.bulk().offers), 0)
+
+    @run
+    async def test_a_pull_whose_fetch_is_refused_raises(self):
+        """A pull is not asked again over Foolscap (it could see other
+        values): a channel with the wrong certificate raises BulkRefused."""
+        from taskfarm.errors import BulkRefused
+        from taskfarm.remote.tub import new_tub
+
+        await self.start_cluster(1)
+        mec = self.cluster.multiengine_client()
+        array = numpy.arange(UPLOAD_MIN // 4 + 16, dtype=numpy.int32)
+        await _within(mec.push({"a": array}, targets=0, block=True))
+        impostor = channel.BulkServer(reactor, channel.Offers(reactor), new_tub().getCertData())
+        impostor.start()
+        self.addCleanup(impostor.stop)
+        mec._connection.bulk_location = "127.0.0.1:%d" % impostor.port
+        with self.assertRaises(BulkRefused):
+            await _within(mec.pull("a", targets=0, block=True))
+
+    @run
     async def test_an_engine_killed_mid_upload_leaves_nothing_partial(self):
         """The engine is SIGKILLed while it uploads a 64 MB result: the
         upload is dropped (nothing claimable, nothing kept), the task runs
