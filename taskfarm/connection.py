@@ -29,7 +29,13 @@ from taskfarm.errors import (
 )
 from taskfarm.interfaces import IControllerDialer, IControllerReference
 from taskfarm.profile import INTERFACES
-from taskfarm.remote.client import FoolscapDialer, describe_error, furl_location, is_lost
+from taskfarm.remote.client import (
+    FoolscapDialer,
+    describe_error,
+    furl_location,
+    is_lost,
+    peer_key,
+)
 
 #: Seconds a connection attempt may take before `ControllerUnreachable`.
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -107,6 +113,9 @@ class ControllerConnection:
         self.on_new_incarnation: list = []
         #: The controller's largest accepted message, learnt at `hello`.
         self.max_message_size = serialization.DEFAULT_MAX_MESSAGE_SIZE
+        #: HOST:PORT of the controller's bulk-data channel, learnt at
+        #: `hello` (None: it has none).
+        self.bulk_location: str | None = None
 
     def _use_furl(self, furl: str) -> None:
         self.location = furl_location(furl)
@@ -115,6 +124,13 @@ class ControllerConnection:
     def _resolve_furl(self) -> None:
         if self.furl is None:
             self._use_furl(self._furl_source())
+
+    @property
+    def tubid(self) -> str:
+        """The controller's tubid, as its furl names it: what the bulk-data
+        channel's certificate must match."""
+        self._resolve_furl()
+        return peer_key(self.furl)[0]
 
     def connect(self) -> defer.Deferred:
         """Connect (once); fires when the interface answered `hello`."""
@@ -182,6 +198,7 @@ class ControllerConnection:
                 % (hello.interface, self.interface, self.interface, self.interface)
             )
         self.max_message_size = hello.max_message_size
+        self.bulk_location = hello.bulk
         incarnation = hello.incarnation
         if self.incarnation is not None and incarnation != self.incarnation:
             self._log.warn(

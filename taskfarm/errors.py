@@ -85,6 +85,11 @@ class MessageTooLarge(TaskfarmError, ValueError):
     """A message is bigger than the configured size limit."""
 
 
+class BulkRefused(TaskfarmError):
+    """The bulk-data channel refused a transfer: an unknown, used or expired
+    capability, or a peer whose certificate does not match its furl's tubid."""
+
+
 class BadRequest(TaskfarmError, ValueError):
     """A peer sent a message the receiver cannot make sense of."""
 

@@ -11,6 +11,7 @@ from twisted.python.failure import Failure
 
 from taskfarm import progress as progress_bars
 from taskfarm import serialization, wire
+from taskfarm.bulk import policy as bulk_policy
 from taskfarm.clientbase import BaseClient, gather, parallel_decorator, zip_equal
 from taskfarm.connection import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -49,6 +50,10 @@ class MultiEngineClient(BaseClient):
     """
 
     interface = MULTIENGINE
+
+    #: Whether pulled big values may come over the controller's bulk-data
+    #: channel (`taskfarm.bulk`); False: everything over Foolscap.
+    use_bulk = True
 
     def __init__(
         self,
@@ -107,7 +112,16 @@ class MultiEngineClient(BaseClient):
         request = serialization.pack_message(
             wire.EngineCall(op, targets, args, per_target, timeout).plain()
         )
-        return _collect(method, await self._connection.call("engine_call", request), decode)
+        location = getattr(self._connection, "bulk_location", None) if self.use_bulk else None
+        if op != "pull" or location is None:
+            return _collect(method, await self._connection.call("engine_call", request), decode)
+        # A pull's big values come over the bulk-data channel; a transfer
+        # that fails raises (a pull asked again could see other values).
+        answer = wire.BulkResults.parse(await self._connection.call("engine_call_bulk", request))
+        outcomes = await bulk_policy.receive_results(
+            self._reactor, location, self._connection.tubid, answer, data_at=2
+        )
+        return _collect(method, outcomes, decode)
 
     async def _resolve(self, targets) -> list[int]:
         targets = self.targets if targets is None else targets

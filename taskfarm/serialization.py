@@ -84,7 +84,17 @@ def _rebuild_array(buffer, dtype, shape: tuple, fortran: bool, writeable: bool):
         # Received bytes are immutable: a writable array needs its own copy.
         buffer = bytearray(buffer)
     array = numpy.frombuffer(buffer, dtype=dtype)
+    if not writeable and array.flags.writeable:
+        array.flags.writeable = False  # a ReceivedBuffer, kept as it was sent
     return array.reshape(shape, order="F" if fortran else "C")
+
+
+class ReceivedBuffer(bytearray):
+    """A buffer received straight into this process's memory (the bulk-data
+    channel receives each frame into one): `loads` hands it to the value
+    it rebuilds as it is, so a NumPy array keeps it without a copy."""
+
+    __slots__ = ()
 
 
 class _Raw:
@@ -227,6 +237,16 @@ def _part_bytes(part) -> bytes:
     return view.tobytes()
 
 
+def _loadable(part):
+    """A frame as `loads` hands it to pickle: a whole `ReceivedBuffer` as
+    it is (the value may keep it), else as `_part_bytes`."""
+    view = part.raw() if type(part) is PickleBuffer else memoryview(part)
+    owner = view.obj
+    if type(owner) is ReceivedBuffer and view.nbytes == len(owner):
+        return owner
+    return _part_bytes(part)
+
+
 def dumps(value: object, what: str = "value") -> bytes:
     """Pickle a user value with cloudpickle; `what` names it in errors."""
     try:
@@ -268,7 +288,7 @@ def loads(blob, what: str = "value") -> object:
     frames); `what` names it in errors."""
     try:
         if is_frames(blob):
-            parts = [_part_bytes(part) for part in blob]
+            parts = [_loadable(part) for part in blob]
             return pickle.loads(parts[0], buffers=parts[1:])
         return pickle.loads(blob)
     except Exception as e:
@@ -335,8 +355,8 @@ def unpack(blob, limit: int | None = None) -> object:
         check_size(blob, limit)
         header, buffers = blob, None
     elif is_frames(blob) and blob:
-        parts = [_part_bytes(p) if type(p) is PickleBuffer else p for p in blob]
-        if not all(isinstance(part, bytes) for part in parts):
+        parts = [_unpackable(p) for p in blob]
+        if not all(type(part) is bytes or type(part) is ReceivedBuffer for part in parts):
             raise BadRequest("expected a list of byte strings")
         if limit is not None and len(parts) > parts_limit(limit):
             raise MessageTooLarge(
@@ -351,6 +371,19 @@ def unpack(blob, limit: int | None = None) -> object:
         return _DataOnlyUnpickler(io.BytesIO(header), buffers=buffers).load()
     except Exception as e:
         raise BadRequest("malformed message: %s: %s" % (type(e).__name__, e)) from None
+
+
+def _unpackable(part):
+    """A part of a message as `unpack` reads it: a whole `ReceivedBuffer`
+    as it is (the values unpickled from it may keep it: no copy), a
+    `PickleBuffer` as `_part_bytes`, anything else unchanged (and
+    refused unless bytes)."""
+    if type(part) is PickleBuffer:
+        view = part.raw()
+        if type(view.obj) is ReceivedBuffer and view.nbytes == len(view.obj):
+            return view.obj
+        return _part_bytes(part)
+    return part
 
 
 def check_size(blob, limit: int | None, what: str = "message") -> None:
@@ -374,3 +407,13 @@ def frames_parts(frames) -> list[bytes]:
     give them back as a list); no copy where a frame wraps a whole `bytes`."""
     return [_part_bytes(part) for part in frames]
 
+
+
+def frames_views(frames) -> list[memoryview]:
+    """Stored frames as flat memoryviews over their buffers (no copy,
+    whatever holds the bytes): for writing them out."""
+    views = []
+    for part in frames:
+        view = part.raw() if type(part) is PickleBuffer else memoryview(part).cast("B")
+        views.append(view)
+    return views

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from taskfarm import progress as progress_bars
 from taskfarm import serialization, wire
+from taskfarm.bulk import policy as bulk_policy
 from taskfarm.clientbase import BaseClient, gather, parallel_decorator, zip_equal
 from taskfarm.connection import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -20,6 +21,8 @@ from taskfarm.connection import (
 )
 from taskfarm.errors import (
     BadRequest,
+    BulkRefused,
+    ConnectionLost,
     NoEnginesWarning,
     TaskAlreadyCompleted,
     UnknownTask,
@@ -42,6 +45,10 @@ class TaskClient(BaseClient):
 
     interface = TASK
     _log = Logger()
+
+    #: Whether big results may come over the controller's bulk-data
+    #: channel (`taskfarm.bulk`); False: everything over Foolscap.
+    use_bulk = True
 
     def __init__(
         self,
@@ -166,11 +173,7 @@ class TaskClient(BaseClient):
 
     async def _get_result(self, taskid: int, block: bool, full: bool = False):
         _check_id(taskid)
-        (envelope,) = _result_envelopes(
-            await self._ask_until_answered(
-                [taskid], "results", serialization.pack([taskid]), bool(block)
-            )
-        )
+        (envelope,) = _result_envelopes(await self._results([taskid], block, until_answered=True))
         if envelope is None:
             return None
         if full:
@@ -214,13 +217,34 @@ class TaskClient(BaseClient):
         envelopes: list = []
         while len(envelopes) < len(taskids):
             part = taskids[len(envelopes) :]
-            answer = _result_envelopes(
-                await self._ask_about(part, "results", serialization.pack(part), False)
-            )
+            answer = _result_envelopes(await self._results(part, False))
             if not answer:
                 raise BadRequest("the controller answered no result for %d ids" % len(part))
             envelopes.extend(answer)
         return envelopes
+
+    async def _results(self, taskids: list[int], block: bool, until_answered: bool = False):
+        """A ``results`` answer (its envelopes, plain), big results fetched
+        over the controller's bulk-data channel when it has one; a transfer
+        that fails is asked for again over Foolscap."""
+        # A connection without a bulk channel (an in-process one) has no location.
+        location = getattr(self._connection, "bulk_location", None) if self.use_bulk else None
+        method = "results" if location is None else "results_bulk"
+        args = (serialization.pack(taskids), bool(block))
+        if until_answered:
+            answer = await self._ask_until_answered(taskids, method, *args)
+        else:
+            answer = await self._ask_about(taskids, method, *args)
+        if location is None:
+            return answer
+        bulk = wire.BulkResults.parse(answer)
+        try:
+            return await bulk_policy.receive_results(
+                self._reactor, location, self._connection.tubid, bulk
+            )
+        except (ConnectionLost, BulkRefused) as e:
+            self._log.warn("bulk transfer failed ({error}); asking over Foolscap", error=str(e))
+            return await self._ask_about(taskids, "results", serialization.pack(taskids), False)
 
     def _slice_bytes(self) -> int:
         # Half the limit: results vary, and an answer cut short costs a call.

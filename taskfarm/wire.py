@@ -58,7 +58,13 @@ from taskfarm.serialization import as_frames
 #: reply's data) may be *frames*, a list of byte strings with big buffers out
 #: of band (`serialization.dumps_value`), and a message may travel as a list
 #: of byte strings (`serialization.pack_message`); no message's fields changed.
-WIRE_VERSION = 4
+#: 5: the controller's `Hello` names its bulk-data channel (``bulk``,
+#: HOST:PORT or None), and the Task interface answers ``results_bulk``
+#: (`BulkResults`): big results' frames travel over that channel
+#: (`taskfarm.bulk`) and the answer holds their capability and sizes.
+#: An engine's session answers ``upload`` (a capability for a big reply's
+#: frames) and a reply may name its uploaded frames (`Reply` version 5).
+WIRE_VERSION = 5
 
 #: What a blocking `wait` or `results` answers when its tasks are still
 #: unfinished after the controller's bound: the client asks again.  Each
@@ -534,6 +540,8 @@ class Hello(NamedTuple):
     version: int
     max_message_size: int
     incarnation: str | None = None
+    #: HOST:PORT of the controller's bulk-data channel (version 5), or None.
+    bulk: str | None = None
 
     @classmethod
     def parse(cls, value: object) -> Hello:
@@ -555,10 +563,64 @@ class Hello(NamedTuple):
         incarnation = value.get("incarnation")
         if incarnation is not None and not isinstance(incarnation, str):
             raise _bad(what, "incarnation", "a str or None", incarnation)
-        return tuple.__new__(cls, (interface, version, limit, incarnation))
+        bulk = value.get("bulk")
+        if bulk is not None and not _is_location(bulk):
+            raise _bad(what, "bulk", "HOST:PORT or None", bulk)
+        return tuple.__new__(cls, (interface, version, limit, incarnation, bulk))
 
     def plain(self) -> dict:
         return self._asdict()
+
+
+def _is_location(value: object) -> bool:
+    if not isinstance(value, str) or ":" not in value:
+        return False
+    host, port = value.rsplit(":", 1)
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+#: The length of a bulk-data capability (`taskfarm.bulk.channel`).
+CAPABILITY_BYTES = 32
+
+
+class BulkResults(NamedTuple):
+    """What ``results_bulk`` answers (version 5): result envelopes whose big
+    frames were moved to the bulk-data channel.
+
+    `moved` lists ``(index, parts)``: the envelope at `index` has its data
+    (left empty here) in the next `parts` of the transfer that
+    `capability` gives, of `sizes` bytes each, in order.  No capability
+    (and no sizes, nothing moved) when no result was big enough."""
+
+    envelopes: list
+    capability: bytes | None
+    sizes: list
+    moved: list
+
+    @classmethod
+    def parse(cls, value: object) -> BulkResults:
+        what = "bulk results"
+        envelopes, capability, sizes, moved = _fields(cls, value, what)
+        if not isinstance(envelopes, list):
+            raise _bad(what, "envelopes", "a list", envelopes)
+        if not isinstance(sizes, list) or not all(_is_int(n) and n >= 0 for n in sizes):
+            raise _bad(what, "sizes", "a list of byte counts", sizes)
+        if not isinstance(moved, list) or not all(
+            isinstance(m, tuple) and len(m) == 2 and _is_int(m[0]) and _is_int(m[1])
+            and 0 <= m[0] < len(envelopes) and m[1] >= 1
+            for m in moved
+        ) or len({m[0] for m in moved}) != len(moved):
+            raise _bad(what, "moved", "a list of distinct (envelope index, parts)", moved)
+        if sum(m[1] for m in moved) != len(sizes):
+            raise _bad(what, "moved", "as many parts as sizes", moved)
+        if sizes:
+            if not isinstance(capability, bytes) or len(capability) != CAPABILITY_BYTES:
+                raise _bad(what, "capability", "%d bytes" % CAPABILITY_BYTES, capability)
+        elif capability is not None:
+            raise _bad(what, "capability", "None when nothing moved", capability)
+        return tuple.__new__(cls, (envelopes, capability, sizes, moved))
+
+    plain = _plain
 
 
 # -- the command stream (controller to engine and back) ----------------------------------
@@ -761,18 +823,33 @@ class Reply(NamedTuple):
     #: (version 4; None in a reply to any other command).
     stdout: str | None = None
     stderr: str | None = None
+    #: The capability under which the engine uploaded this reply's frames
+    #: over the bulk-data channel (version 5; `data` is then empty), or None.
+    upload: bytes | None = None
 
     @classmethod
     def parse(cls, value: object) -> Reply:
         output = (None, None)
+        upload = None
         if type(value) is tuple and len(value) == 8 and type(value[5]) is int and value[5] == 4:
             output = value[6:8]
             for name, text in zip(("stdout", "stderr"), output, strict=True):
                 if not isinstance(text, str):
                     raise _bad("reply", name, "a str", text)
             value = value[:5]
+        elif type(value) is tuple and len(value) == 9 and type(value[5]) is int and value[5] == 5:
+            output, upload = value[6:8], value[8]
+            for name, text in zip(("stdout", "stderr"), output, strict=True):
+                if text is not None and not isinstance(text, str):
+                    raise _bad("reply", name, "a str or None", text)
+            if not (type(upload) is bytes and len(upload) == CAPABILITY_BYTES):
+                raise _bad("reply", "upload", "a capability of %d bytes" % CAPABILITY_BYTES, upload)
+            if value[1] is not True or value[2] != b"":
+                raise _bad("reply", "upload", "an ok reply with empty data", upload)
+            value = value[:5]
         elif isinstance(value, cls):
             output = (value.stdout, value.stderr)
+            upload = value.upload
             value = tuple(value[:5])
         seq, ok, data, started, finished = fields = _fields(_ReplyFieldsV1, value, "reply")
         if type(seq) is not int:
@@ -789,10 +866,13 @@ class Reply(NamedTuple):
             raise _bad("reply", "started", "None or a finite float time", started)
         if not (type(finished) is float and math.isfinite(finished)):
             raise _bad("reply", "finished", "a finite float time", finished)
-        return tuple.__new__(cls, tuple(fields) + tuple(output))
+        return tuple.__new__(cls, tuple(fields) + tuple(output) + (upload,))
 
     def plain(self) -> tuple:
-        """Version 1 (five fields) without output, else version 4."""
+        """Version 1 (five fields) without output, version 4 with it,
+        version 5 when the frames were uploaded."""
+        if self.upload is not None:
+            return tuple(self[:5]) + (5, self.stdout, self.stderr, self.upload)
         if self.stdout is None and self.stderr is None:
             return tuple(self[:5])
         return tuple(self[:5]) + (4, self.stdout or "", self.stderr or "")

@@ -47,6 +47,7 @@ PROCESS_MODULES = {
 
 #: (module, class) pairs, bases included, of tests with real processes or sockets.
 PROCESS_CLASSES = {
+    ("test_bulk_channel", "BulkSocketTests"),
     ("test_channels", "FoolscapChannelTests"),
     ("test_depend", "DependTestCase"),
     ("test_dashboard", "DashboardServiceTests"),

@@ -55,7 +55,11 @@ EXAMPLES = {
     wire.ResultEnvelope: wire.ResultEnvelope(4, CALL, True, b"result", 1, 10.0, 11.0, 12.0),
     wire.WireError: wire.WireError("TaskAborted", "task 4 was aborted"),
     wire.Answer: wire.Answer(False, wire.WireError("BadRequest", "no")),
-    wire.Hello: wire.Hello("task", wire.WIRE_VERSION, 1024, "incarnation"),
+    wire.Hello: wire.Hello("task", wire.WIRE_VERSION, 1024, "incarnation", "127.0.0.1:4000"),
+    wire.BulkResults: wire.BulkResults(
+        [wire.ResultEnvelope(4, CALL, True, b"", 1, 10.0, 11.0, 12.0).plain(), None],
+        b"c" * wire.CAPABILITY_BYTES, [10, 2**21], [(0, 2)],
+    ),
     wire.TaskArgs: wire.TaskArgs(CALL, b"payload", False, True, None),
     wire.ExecuteArgs: wire.ExecuteArgs("a = 1"),
     wire.PushArgs: wire.PushArgs(b"values"),
@@ -248,6 +252,25 @@ BAD = [
     (wire.Hello, _hello(max_message_size="big"), "max_message_size"),
     (wire.Hello, _hello(max_message_size=0), "max_message_size"),
     (wire.Hello, _hello(incarnation=7), "incarnation"),
+    (wire.Hello, _hello(bulk="nowhere"), "hello: bulk"),
+    (wire.Hello, _hello(bulk="host:0"), "hello: bulk"),
+    (wire.Hello, _hello(bulk=4000), "hello: bulk"),
+    # replies naming an upload (version 5)
+    (wire.Reply, (1, True, b"", 1.0, 2.0, 5, None, None, b"short"), "reply: upload"),
+    (wire.Reply, (1, True, b"x", 1.0, 2.0, 5, None, None, b"c" * 32), "reply: upload"),
+    (wire.Reply, (1, False, ("E", "x"), 1.0, 2.0, 5, None, None, b"c" * 32), "reply: upload"),
+    (wire.Reply, (1, True, b"", 1.0, 2.0, 5, 3, None, b"c" * 32), "reply: stdout"),
+    # bulk results (version 5)
+    (wire.BulkResults, ([None], None, []), "bulk results must have 4 fields"),
+    (wire.BulkResults, ((), None, [], []), "bulk results: envelopes"),
+    (wire.BulkResults, ([None], b"c" * 32, [-1], [(0, 1)]), "bulk results: sizes"),
+    (wire.BulkResults, ([None], b"c" * 32, [1], [(1, 1)]), "bulk results: moved"),
+    (wire.BulkResults, ([None], b"c" * 32, [1], [(0, 0)]), "bulk results: moved"),
+    (wire.BulkResults, ([None, None], b"c" * 32, [1, 1], [(0, 1), (0, 1)]), "bulk results: moved"),
+    (wire.BulkResults, ([None], b"c" * 32, [1, 2], [(0, 1)]), "as many parts as sizes"),
+    (wire.BulkResults, ([None], b"short", [1], [(0, 1)]), "bulk results: capability"),
+    (wire.BulkResults, ([None], None, [1], [(0, 1)]), "bulk results: capability"),
+    (wire.BulkResults, ([None], b"c" * 32, [], []), "None when nothing moved"),
     # the command stream
     (wire.Command, ("7", "task", ()), "command: seq"),
     (wire.Command, (True, "reset", ()), "seq"),
@@ -324,6 +347,7 @@ BAD += [
 
 #: Values at each limit that are still accepted.
 GOOD = [
+    (wire.Reply, (1, True, b"", 1.0, 2.0, 5, None, "err", b"c" * 32)),
     (wire.TaskOptions, _options(retries=0)),
     (wire.TaskOptions, _options(retries=MAX_RETRIES)),
     (wire.TaskOptions, _options(priority=-(2**70))),

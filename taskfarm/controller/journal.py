@@ -772,8 +772,9 @@ def _blob(record) -> object:
     if record.ok:
         if serialization.is_frames(record.data):
             # Written part by part (a file, or framed inline when small):
-            # read back as a list of the same byte strings.
-            return serialization.frames_parts(record.data)
+            # read back as a list of the same byte strings.  Views, so a
+            # frame received into a buffer (the bulk channel) is not copied.
+            return serialization.frames_views(record.data)
         return record.data
     return serialization.pack(record.data)
 

@@ -19,7 +19,7 @@ from twisted.internet import task
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from taskfarm import serialization
+from taskfarm import serialization, wire
 from taskfarm.batching import pickled_size, split_by_size
 from taskfarm.errors import EngineLost, InvalidProperty, MessageTooLarge, TaskTimeout, to_wire
 from taskfarm.interfaces import IEngineSink
@@ -478,10 +478,10 @@ class EngineRegistry:
 def _output_of(reply: tuple) -> tuple[str, str] | None:
     """``(stdout, stderr)`` of a reply, parsed (`wire.Reply`) or plain
     (version 4: the five fields, 4, stdout, stderr); None without output."""
-    if len(reply) == 7:  # a parsed wire.Reply
-        if reply[5] is None and reply[6] is None:
+    if isinstance(reply, wire.Reply):
+        if reply.stdout is None and reply.stderr is None:
             return None
-        return (reply[5] or "", reply[6] or "")
+        return (reply.stdout or "", reply.stderr or "")
     if len(reply) == 8:
         return (reply[6], reply[7])
     return None

@@ -145,12 +145,17 @@ def build_controller(
     retry_delay: float = DEFAULT_RETRY_DELAY,
     failure_penalty: float = DEFAULT_FAILURE_PENALTY,
     dashboard: str | None = None,
+    bulk_listen: str | None = None,
 ) -> ControllerService:
     """Build a controller for `profile`; it listens once started.  Use
     `create_controller`, which first takes the profile's lock.
 
     With `dashboard` (a server endpoint string), the web dashboard is
     served there; its URL, with its token, goes to the profile.
+
+    The bulk-data channel (`taskfarm.bulk`) listens at `bulk_listen` (a
+    tcp endpoint string; None: a free port on the Tub's interface;
+    ``"none"``: no channel, everything over Foolscap).
 
     With `journal`, tasks are kept in the profile's journal and restored at
     start; `JournalCorrupt` is raised here if it cannot be read.  `depend`
@@ -191,6 +196,7 @@ def build_controller(
         listen=listen,
         location=location,
         max_message_size=max_message_size,
+        bulk_listen=bulk_listen,
     )
     web = None
     if dashboard is not None:

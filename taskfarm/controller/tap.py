@@ -65,6 +65,7 @@ class Options(BriefUsage, usage.Options):
         ["retry-delay", None, DEFAULT_RETRY_DELAY, "Seconds before a failed task's first retry, unless the task sets retry_delay; doubled per further retry, up to %g s (0: retry at once)." % MAX_RETRY_DELAY, float],
         ["failure-penalty", None, DEFAULT_FAILURE_PENALTY, "Seconds the engine a task failed on sits out for that task while another engine is free (0: none).", float],
         ["retention", None, DEFAULT_RETENTION, "Seconds finished tasks are kept unless cleared (0: until cleared).", float],
+        ["bulk-listen", None, None, "Where the bulk-data channel for big values listens, e.g. tcp:10106:interface=127.0.0.1 (default: a free port on --listen's interface; none: no channel, big values over Foolscap)."],
         ["dashboard", None, None, "Serve the web dashboard and /metrics here, e.g. tcp:8765:interface=127.0.0.1 (loopback unless an interface is named; off by default). Its URL, with its access token, is logged and written to security/dashboard.url in the profile."],
         *logoptions.parameters(
             "{host} and {pid} in PATH are filled in.  PROFILE/log/controller.log "
@@ -89,6 +90,11 @@ class Options(BriefUsage, usage.Options):
                     "--listen on all interfaces needs --location HOST:PORT, the "
                     "address engines and clients should dial"
                 )
+        if self["bulk-listen"] not in (None, "none"):
+            try:
+                parse_listen(self["bulk-listen"])
+            except ValueError as e:
+                raise usage.UsageError(str(e).replace("--listen", "--bulk-listen")) from None
         if self["dashboard"] is not None:
             from taskfarm.dashboard.server import dashboard_endpoint
 
@@ -195,6 +201,7 @@ def makeService(options: Options):
             retry_delay=options["retry-delay"],
             failure_penalty=options["failure-penalty"],
             dashboard=options["dashboard"],
+            bulk_listen=options["bulk-listen"],
         )
     except (JournalCorrupt, ProfileInUse) as e:
         # Starting again would not help: say why, with EXIT_REFUSED.

@@ -24,6 +24,7 @@ from zope.interface import implementer
 from taskfarm import serialization
 from taskfarm.backoff import Backoff
 from taskfarm.batching import pickled_size, split_by_size
+from taskfarm.bulk import policy as bulk_policy
 from taskfarm.engine.worker import CommandWorker
 from taskfarm.errors import MessageTooLarge, to_wire
 from taskfarm.interfaces import IControllerLink, IEngineCommands, IEngineSession
@@ -202,7 +203,32 @@ class EngineLink(service.Service):
         # controller reads one while the next is sent; none exceeds `limit`.
         batch_bytes = min(room, REPLY_BATCH_BYTES)
 
+        bulk = getattr(session, "bulk_location", None) is not None
+
         def send(replies: list) -> None:
+            if bulk and self.use_bulk:
+                big = [r for r in replies if bulk_policy.is_big_reply(r)]
+                if big:
+                    for reply in big:
+                        defer.Deferred.fromCoroutine(upload_then_send(reply))
+                    replies = [r for r in replies if not bulk_policy.is_big_reply(r)]
+                    if not replies:
+                        return
+            send_over_foolscap(replies)
+
+        async def upload_then_send(reply: tuple) -> None:
+            # Uploaded first, then named by the Foolscap reply; an upload
+            # that fails sends the reply over Foolscap instead.
+            try:
+                named = await bulk_policy.upload_reply(self._reactor, session, reply)
+            except Exception as e:
+                self._log.warn("bulk upload failed ({error}); replying over Foolscap",
+                               error=describe_error(e))
+                send_over_foolscap([reply])
+                return
+            session.send_replies(serialization.pack_message([named]))
+
+        def send_over_foolscap(replies: list) -> None:
             # Packed once: usually they fit in one message, which this is.
             # Big results' buffers are not copied into it (out of band).
             packed = serialization.pack_message(replies)
@@ -215,6 +241,10 @@ class EngineLink(service.Service):
                     return
 
         return send
+
+    #: Whether big replies may be uploaded over the controller's bulk-data
+    #: channel (`taskfarm.bulk`); False: everything over Foolscap.
+    use_bulk = True
 
     def _disconnected(self) -> None:
         self._worker.end_session()

@@ -57,10 +57,13 @@ def reply_in_parts(function, *args) -> defer.Deferred:
     return d
 
 
-def hello_blob(interface: str, incarnation: str | None = None, *, max_message_size: int) -> bytes:
+def hello_blob(
+    interface: str, incarnation: str | None = None, *, max_message_size: int,
+    bulk: str | None = None,
+) -> bytes:
     """What `hello` answers: which interface this is, the wire's limits (the
-    answering Referenceable's own) and (for the Task interface) the
-    controller's incarnation."""
+    answering Referenceable's own), (for the Task interface) the
+    controller's incarnation and where its bulk-data channel listens."""
     return serialization.pack(
-        wire.Hello(interface, wire.WIRE_VERSION, max_message_size, incarnation).plain()
+        wire.Hello(interface, wire.WIRE_VERSION, max_message_size, incarnation, bulk).plain()
     )

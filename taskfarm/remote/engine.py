@@ -13,10 +13,10 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from taskfarm import serialization, wire
-from taskfarm.errors import WrongInterface
+from taskfarm.errors import BadRequest, ConnectionLost, WrongInterface, from_wire
 from taskfarm.interfaces import IControllerLink, IEngineCommands, IEngineSession
 from taskfarm.remote import schemas, sweeper
-from taskfarm.remote.client import furl_location
+from taskfarm.remote.client import furl_location, peer_key
 from taskfarm.remote.schemas import BoundedReferenceable
 from taskfarm.remote.tub import new_tub
 
@@ -59,12 +59,17 @@ class _EngineReferenceable(BoundedReferenceable):
 class _FoolscapEngineSession:
     """One registration: replies go through the controller's session object."""
 
-    def __init__(self, rref, session, engine_id: int, limit: int, location: str) -> None:
+    def __init__(self, rref, session, engine_id: int, limit: int, location: str,
+                 bulk_location: str | None = None, tubid: str | None = None) -> None:
         self._rref = rref
         self._session = session
         self.engine_id = engine_id
         self.max_message_size = limit
         self.location = location
+        #: HOST:PORT of the controller's bulk-data channel (None: none), and
+        #: the tubid its certificate must have (the furl's).
+        self.bulk_location = bulk_location
+        self.tubid = tubid
         # Checked against the controller's limit, as the controller will.
         self._bounded = schemas.bounded_call(session, "replies", limit)
 
@@ -77,6 +82,26 @@ class _FoolscapEngineSession:
 
     def notify_on_disconnect(self, callback) -> None:
         self._rref.notifyOnDisconnect(callback)
+
+    def request_upload(self, seq: int, sizes: list[int]) -> defer.Deferred:
+        """A capability to upload the reply to command `seq`, of parts of
+        `sizes` bytes, over the bulk-data channel; None: the controller
+        wants it over Foolscap.  Fails with the controller's typed error."""
+        return defer.Deferred.fromCoroutine(self._request_upload(seq, sizes))
+
+    async def _request_upload(self, seq: int, sizes: list[int]) -> bytes | None:
+        try:
+            answer = await self._session.callRemote("upload", seq, serialization.pack(sizes))
+        except DeadReferenceError:
+            raise ConnectionLost("lost the controller while asking to upload") from None
+        ok, value = wire.Answer.parse(serialization.unpack(answer, self.max_message_size))
+        if not ok:
+            raise from_wire(value)
+        if value is not None and not (
+            type(value) is bytes and len(value) == wire.CAPABILITY_BYTES
+        ):
+            raise BadRequest("the controller answered upload with no capability")
+        return value
 
 
 @implementer(IControllerLink)
@@ -129,4 +154,6 @@ class FoolscapControllerLink:
             serialization.pack(properties),
             requested_id,
         )
-        return _FoolscapEngineSession(rref, session, engine_id, limit, location)
+        return _FoolscapEngineSession(
+            rref, session, engine_id, limit, location, hello.bulk, peer_key(furl)[0]
+        )

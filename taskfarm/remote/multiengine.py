@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from twisted.internet import defer
 from zope.interface import implementer
 
 from taskfarm import serialization, wire
@@ -15,13 +16,19 @@ class RemoteMultiEngine(BoundedReferenceable):
     """The MultiEngine interface, served to clients holding its furl."""
 
     def __init__(
-        self, multiengine, max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE
+        self, multiengine, max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE,
+        bulk=None,
     ) -> None:
         super().__init__(max_message_size)
         self._multiengine = multiengine
+        #: The bulk-data channel's policy (`taskfarm.bulk.policy`), or None.
+        self.bulk = bulk
 
     def remote_hello(self):
-        return hello_blob("multiengine", max_message_size=self.max_message_size)
+        return hello_blob(
+            "multiengine", max_message_size=self.max_message_size,
+            bulk=None if self.bulk is None else self.bulk.location,
+        )
 
     def _unpack(self, blob: bytes):
         return serialization.unpack(blob, self.max_message_size)
@@ -30,6 +37,24 @@ class RemoteMultiEngine(BoundedReferenceable):
         def call():
             op, targets, args, per_target, timeout = wire.EngineCall.parse(self._unpack(request))
             return self._multiengine.call(op, targets, args, per_target, timeout)
+
+        return sweeper.once_answered(reply_in_parts(call), request)
+
+    def remote_engine_call_bulk(self, request):
+        """`remote_engine_call`, answered as a `wire.BulkResults`: big values
+        are fetched over the bulk-data channel (version 5)."""
+
+        def offered(outcomes):
+            if self.bulk is None:
+                return wire.BulkResults(outcomes, None, [], []).plain()
+            return self.bulk.outcomes_answer(outcomes)
+
+        def call():
+            op, targets, args, per_target, timeout = wire.EngineCall.parse(self._unpack(request))
+            d = defer.maybeDeferred(
+                self._multiengine.call, op, targets, args, per_target, timeout
+            )
+            return d.addCallback(offered)
 
         return sweeper.once_answered(reply_in_parts(call), request)
 

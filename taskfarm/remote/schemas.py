@@ -153,6 +153,12 @@ class RIEngineSession(RemoteInterface):
         """A pickled list of ``(seq, ok, data, started, finished)`` replies."""
         return None
 
+    def upload(seq=int, sizes=MESSAGE):
+        """A capability to upload the frames of the reply to command `seq`
+        (the pickled list of their sizes) over the bulk-data channel, or
+        None: reply over Foolscap (version 5)."""
+        return MESSAGE
+
 
 class RIEngineRegistrar(RemoteInterface):
     """The engine furl: lets an engine register, and nothing else."""
@@ -188,6 +194,11 @@ class RITaskController(RemoteInterface):
     def results(taskids=MESSAGE, block=bool):
         """Result envelopes of the pickled list of task ids (`NOT_YET` when
         `block` and they are still unfinished after the bound)."""
+        return PARTS
+
+    def results_bulk(taskids=MESSAGE, block=bool):
+        """`results`, answered as a `wire.BulkResults`: big results' frames
+        are fetched over the bulk-data channel (version 5)."""
         return PARTS
 
     def wait(taskids=MESSAGE):
@@ -231,6 +242,11 @@ class RIMultiEngine(RemoteInterface):
 
     def engine_call(request=PARTS):
         """A pickled ``(op, targets, args, per_target_args_or_None)``."""
+        return PARTS
+
+    def engine_call_bulk(request=PARTS):
+        """`engine_call`, answered as a `wire.BulkResults`: big values are
+        fetched over the bulk-data channel (version 5)."""
         return PARTS
 
     def properties(request=MESSAGE):

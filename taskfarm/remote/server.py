@@ -19,6 +19,8 @@ from zope.interface import implementer
 
 from taskfarm import serialization, wire
 from taskfarm.batching import pickled_size
+from taskfarm.bulk import channel
+from taskfarm.bulk.policy import BulkPolicy
 from taskfarm.errors import BadRequest, MessageTooLarge, ProtocolVersionError, to_wire
 from taskfarm.interfaces import IEngineChannel
 from taskfarm.profile import ENGINE, MULTIENGINE, TASK
@@ -60,9 +62,12 @@ class RemoteTaskController(BoundedReferenceable):
         clock=None,
         wait_bound: float | None = None,
         max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE,
+        bulk=None,
     ) -> None:
         super().__init__(max_message_size)
         self._controller = controller
+        #: The bulk-data channel's policy (`taskfarm.bulk.policy`), or None.
+        self.bulk = bulk
         self._clock = controller.clock if clock is None else clock
         self._wait_bound = WAIT_BOUND if wait_bound is None else wait_bound
         #: Blocking calls not answered yet.
@@ -89,7 +94,8 @@ class RemoteTaskController(BoundedReferenceable):
 
     def remote_hello(self):
         return hello_blob(
-            "task", self._controller.incarnation, max_message_size=self.max_message_size
+            "task", self._controller.incarnation, max_message_size=self.max_message_size,
+            bulk=None if self.bulk is None else self.bulk.location,
         )
 
     def remote_submit(self, batch):
@@ -115,6 +121,27 @@ class RemoteTaskController(BoundedReferenceable):
             if block:
                 d = self._bounded(d)
             d.addCallback(_fit_unless_not_yet, self.max_message_size)
+            return d
+
+        return reply_in_parts(results)
+
+    def remote_results_bulk(self, taskids, block):
+        """`remote_results`, big results' frames moved to the bulk-data
+        channel: answers a `wire.BulkResults` (or `NOT_YET`)."""
+
+        def offered(envelopes):
+            if envelopes is schemas.NOT_YET:
+                return envelopes
+            if self.bulk is None:
+                return wire.BulkResults(envelopes, None, [], []).plain()
+            return self.bulk.results_answer(envelopes)
+
+        def results():
+            d = self._controller.results(_unpack_ids(taskids, self.max_message_size), block)
+            if block:
+                d = self._bounded(d)
+            d.addCallback(_fit_unless_not_yet, self.max_message_size)
+            d.addCallback(offered)
             return d
 
         return reply_in_parts(results)
@@ -254,11 +281,29 @@ class RemoteEngineSession(BoundedReferenceable):
         handle,
         channel: RemoteEngineChannel,
         max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE,
+        bulk=None,
     ) -> None:
         super().__init__(max_message_size)
         self._registry = registry
         self._handle = handle
         self._channel = channel
+        self._bulk = bulk
+
+    def remote_upload(self, seq, sizes):
+        """A capability to upload the frames (of the pickled list of
+        `sizes`) of the reply to command `seq` over the bulk-data channel,
+        or None: reply over Foolscap (version 5)."""
+
+        def capability():
+            if self._bulk is None:
+                raise BadRequest("this controller has no bulk-data channel")
+            entry = self._handle.inflight.get(seq)
+            return self._bulk.upload_capability(
+                None if entry is None else entry[0],
+                serialization.unpack(sizes, self.max_message_size), self.max_message_size,
+            )
+
+        return reply(capability)
 
     def remote_replies(self, batch):
         sweeper.received(batch)
@@ -267,6 +312,10 @@ class RemoteEngineSession(BoundedReferenceable):
                 serialization.unpack(batch, self.max_message_size), "replies"
             )
             replies = list(map(wire.Reply.parse, replies))
+            if any(r.upload is not None for r in replies):
+                if self._bulk is None:
+                    raise BadRequest("a reply names an upload, but there is no bulk channel")
+                replies = [self._bulk.resolve_upload(r) for r in replies]
         except (BadRequest, ProtocolVersionError) as e:
             _log.warn(
                 "engine {engine_id} sent replies this controller cannot read "
@@ -285,13 +334,18 @@ class RemoteEngineRegistrar(BoundedReferenceable):
     """The engine furl's object: registration, and nothing more."""
 
     def __init__(
-        self, registry, max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE
+        self, registry, max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE,
+        bulk=None,
     ) -> None:
         super().__init__(max_message_size)
         self._registry = registry
+        self._bulk = bulk
 
     def remote_hello(self):
-        return hello_blob("engine", max_message_size=self.max_message_size)
+        return hello_blob(
+            "engine", max_message_size=self.max_message_size,
+            bulk=None if self._bulk is None else self._bulk.location,
+        )
 
     def remote_register(self, engine, properties, requested_id):
         props = serialization.unpack(properties, self.max_message_size)
@@ -300,7 +354,9 @@ class RemoteEngineRegistrar(BoundedReferenceable):
         engine.notifyOnDisconnect(
             self._registry.engine_lost, handle, "its connection closed"
         )
-        session = RemoteEngineSession(self._registry, handle, channel, self.max_message_size)
+        session = RemoteEngineSession(
+            self._registry, handle, channel, self.max_message_size, self._bulk
+        )
         return handle.engine_id, session
 
 
@@ -316,8 +372,15 @@ class ControllerServer(Service):
         listen: str | None = None,
         location: str | None = None,
         max_message_size: int = serialization.DEFAULT_MAX_MESSAGE_SIZE,
+        bulk_listen: str | None = None,
     ) -> None:
         self._profile = profile
+        #: Where the bulk-data channel listens: a tcp endpoint, None for a
+        #: free port on the Tub's interface, "none" for no channel.
+        self._bulk_listen = bulk_listen
+        #: The bulk-data channel (`taskfarm.bulk.channel.BulkServer`), or None.
+        self.bulk_server = None
+        self.bulk = None
         self._reactor = reactor
         self._registry = registry
         self._services = services
@@ -331,28 +394,48 @@ class ControllerServer(Service):
     def startService(self) -> None:
         super().startService()
         self._profile.ensure()
-        self.tub = tubs.new_tub(tubs.load_or_create_cert(self._profile))
+        cert = tubs.load_or_create_cert(self._profile)
+        self.tub = tubs.new_tub(cert)
         listen = self._listen or tubs.default_listen(self._profile)
         self.location = tubs.listen_and_locate(
             self.tub, listen, self._location, self._reactor
         )
+        self._start_bulk(cert, listen)
         self.tub.startService()
         limit = self._max_message_size
         referenceables = {
-            ENGINE: RemoteEngineRegistrar(self._registry, limit),
+            ENGINE: RemoteEngineRegistrar(self._registry, limit, bulk=self.bulk),
             TASK: RemoteTaskController(
-                self._services[TASK], self._reactor, max_message_size=limit
+                self._services[TASK], self._reactor, max_message_size=limit, bulk=self.bulk
             ),
-            MULTIENGINE: RemoteMultiEngine(self._services[MULTIENGINE], limit),
+            MULTIENGINE: RemoteMultiEngine(self._services[MULTIENGINE], limit, bulk=self.bulk),
         }
         self._referenceables = referenceables
         for interface, ref in referenceables.items():
             self.furls[interface] = tubs.register(self.tub, self._profile, interface, ref)
         sweeper.process_sweeper().start()
 
+    def _start_bulk(self, cert: bytes, listen: str) -> None:
+        """Listen for the bulk-data channel with the Tub's certificate, on
+        the Tub's interface unless told (`taskfarm.bulk`)."""
+        if self._bulk_listen == "none":
+            return
+        interface, port = tubs.parse_listen(self._bulk_listen or listen)
+        if self._bulk_listen is None:
+            port = 0
+        offers = channel.Offers(self._reactor)
+        self.bulk_server = channel.BulkServer(self._reactor, offers, cert, interface, port)
+        self.bulk_server.start()
+        location = self.location[4:] if self.location.startswith("tcp:") else self.location
+        host = location.rsplit(":", 1)[0]
+        self.bulk = BulkPolicy(offers, "%s:%d" % (host, self.bulk_server.port))
+
     async def stopService(self) -> None:
         super().stopService()
         sweeper.process_sweeper().stop()
+        if self.bulk_server is not None:
+            server, self.bulk_server = self.bulk_server, None
+            server.stop()
         if self.tub is not None:
             self._referenceables[TASK].release_held()
             await self.tub.stopService()
