@@ -8,10 +8,12 @@ It starts a server (this script with ``--serve``: a Tub on 127.0.0.1 with
 one Referenceable), connects, and prints one JSON object on stdout::
 
     {"seq_us_median": ..., "seq_us_p99": ..., "seq_n": ...,
+     "seq_cpu_us_client": ..., "seq_cpu_us_server": ...,
      "echo1MB_MBps": ..., "echo_n": ...}
 
 - sequential round trip: ``callRemote("noop", i)``, one at a time, `--seq`
-  calls (after 50 to warm up);
+  calls (after 50 to warm up), with the CPU time (user + system) each
+  process spent per call;
 - 1 MB echo: ``callRemote("echo", b)`` with a 1 MiB `bytes`, 4 calls
   outstanding, `--echo` calls; MB/s of payload one way.
 
@@ -87,6 +89,9 @@ def measure(args) -> dict:
                 for i in range(50):
                     await ref.callRemote("noop", i)
                 lat = []
+                # CPU per call of both processes: what a round trip costs
+                # beside its wall time (on a loaded machine, the other).
+                cpu0 = (benchlib.cpu_seconds(os.getpid()), benchlib.cpu_seconds(server.pid))
                 for i in range(args.seq):
                     t0 = time.perf_counter()
                     await ref.callRemote("noop", i)
@@ -96,6 +101,9 @@ def measure(args) -> dict:
                 out["seq_us_median"] = statistics.median(lat) * 1e6
                 out["seq_us_p99"] = benchlib.pct(lat, 99) * 1e6
                 out["seq_n"] = len(lat)
+                cpu1 = (benchlib.cpu_seconds(os.getpid()), benchlib.cpu_seconds(server.pid))
+                out["seq_cpu_us_client"] = (cpu1[0] - cpu0[0]) / len(lat) * 1e6
+                out["seq_cpu_us_server"] = (cpu1[1] - cpu0[1]) / len(lat) * 1e6
                 payload = os.urandom(benchlib.MiB)
                 await ref.callRemote("echo", payload)
                 done = 0

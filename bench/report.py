@@ -53,6 +53,7 @@ WORKLOADS = [
         ("controller_call_us", "blocking client: one controller call (engine_ids)"),
         ("fc_seq_rtt_us_median", "raw Foolscap sequential round trip, median"),
         ("fc_seq_rtt_us_p99", "raw Foolscap sequential round trip, p99"),
+        ("fc_seq_cpu_us", "raw Foolscap round trip: CPU of both processes, us"),
         ("fc_echo1MB_MBps", "raw Foolscap 1 MiB echo"),
         ("rtt_over_fc_rtt", "round trip / raw Foolscap round trip"),
     ]),

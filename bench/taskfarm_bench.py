@@ -232,9 +232,13 @@ def run_core(args, emit, wd, cl, tc, meter_roles):
     wd.phase("rtt", args.phase_timeout)
     for i in range(10):  # warm
         tc.get_task_result(tc.run(MapTask(noop, (i,))), block=True)
+    cpu = CpuMeter(meter_roles).start()
     lat, legs = rtt_legs(tc, args.rtt, time.monotonic() + args.phase_timeout / 2)
+    # CPU per round trip by process (user + system): on a machine with few
+    # free cores, the round trip's wall time follows it
+    extra = cpu.per_task(len(lat))
     tc.clear()
-    emit("rtt_ms_median", statistics.median(lat) * 1e3, "ms", n=len(lat))
+    emit("rtt_ms_median", statistics.median(lat) * 1e3, "ms", n=len(lat), **extra)
     emit("rtt_ms_p99", benchlib.pct(lat, 99) * 1e3, "ms", n=len(lat))
     for (name, desc) in LEGS:
         if legs[name]:
@@ -251,6 +255,10 @@ def run_core(args, emit, wd, cl, tc, meter_roles):
         emit("fc_seq_rtt_us_median", floor["seq_us_median"], "us", n=floor["seq_n"],
              desc="raw Foolscap sequential callRemote round trip (bench/fcfloor.py)")
         emit("fc_seq_rtt_us_p99", floor["seq_us_p99"], "us", n=floor["seq_n"])
+        emit("fc_seq_cpu_us", floor["seq_cpu_us_client"] + floor["seq_cpu_us_server"], "us",
+             n=floor["seq_n"], client=round(floor["seq_cpu_us_client"], 1),
+             server=round(floor["seq_cpu_us_server"], 1),
+             desc="CPU (user + system) of both processes per raw Foolscap round trip")
         emit("fc_echo1MB_MBps", floor["echo1MB_MBps"], "MB/s", n=floor["echo_n"],
              desc="raw Foolscap echo of 1 MiB bytes, 4 outstanding")
         emit("rtt_over_fc_rtt", statistics.median(lat) * 1e6 / floor["seq_us_median"], "x",
