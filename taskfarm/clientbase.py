@@ -80,6 +80,11 @@ class BaseClient:
 
     interface = TASK
 
+    #: Whether big values (task results, pulled values) may come over the
+    #: controller's bulk-data channel (`taskfarm.bulk`); False: everything
+    #: over Foolscap.
+    use_bulk = True
+
     def __init__(
         self,
         furl_or_file=None,

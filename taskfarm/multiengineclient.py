@@ -51,10 +51,6 @@ class MultiEngineClient(BaseClient):
 
     interface = MULTIENGINE
 
-    #: Whether pulled big values may come over the controller's bulk-data
-    #: channel (`taskfarm.bulk`); False: everything over Foolscap.
-    use_bulk = True
-
     def __init__(
         self,
         furl_or_file=None,

@@ -46,10 +46,6 @@ class TaskClient(BaseClient):
     interface = TASK
     _log = Logger()
 
-    #: Whether big results may come over the controller's bulk-data
-    #: channel (`taskfarm.bulk`); False: everything over Foolscap.
-    use_bulk = True
-
     def __init__(
         self,
         furl_or_file=None,
