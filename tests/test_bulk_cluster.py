@@ -50,6 +50,23 @@ class BulkResultsTests(ClusterTestCase):
         self.assertEqual(len(self.bulk().offers), 0)
 
     @run
+    async def test_many_small_results_ride_one_transfer(self):
+        """Six 1 MiB results (each below the threshold, their total above
+        it) come in one answer over the channel: one capability; three
+        (below in total) stay on Foolscap."""
+        tc = await self.start_cluster(1)
+        mib = 1 << 20
+        ids = [await tc.run(MapTask(bytes, args=(mib,))) for _ in range(6)]
+        values = await _within(tc.get_task_results(ids, block=True))
+        self.assertEqual(values, [bytes(mib)] * 6)
+        self.assertEqual(self.bulk().offered, 1)
+        ids = [await tc.run(MapTask(bytes, args=(mib,))) for _ in range(3)]
+        values = await _within(tc.get_task_results(ids, block=True))
+        self.assertEqual(values, [bytes(mib)] * 3)
+        self.assertEqual(self.bulk().offered, 1)
+        self.assertEqual(len(self.bulk().offers), 0)
+
+    @run
     async def test_a_client_without_the_channel_gets_results_over_foolscap(self):
         tc = await self.start_cluster(1)
         tc.use_bulk = False

@@ -16,6 +16,7 @@ from taskfarm.serialization import ReceivedBuffer
 from taskfarm.wire import CALL
 
 BIG = policy.BULK_MIN
+MIB = 1 << 20
 
 
 def _envelope(taskid: int, data, ok: bool = True) -> tuple:
@@ -30,23 +31,58 @@ class SplitJoinTests(unittest.SynchronousTestCase):
     def setUp(self):
         self.offers = channel.Offers(task.Clock())
 
-    def test_big_frames_move_small_ones_stay(self):
+    def test_all_frames_move_when_the_answer_is_big(self):
+        """The answer's frames total the threshold: every result held as
+        frames moves, the small one too (one transfer for all); blobs,
+        failures and unfinished tasks stay."""
         big, other = _frames(BIG), _frames(2 * BIG)
         small = _frames(BIG // 2)
         error = wire.WireError("KeyError", "x").plain()
         envelopes = [_envelope(1, big), _envelope(2, small), None,
                      _envelope(3, error, ok=False), _envelope(4, b"blob"), _envelope(5, other)]
         answer = wire.BulkResults.parse(policy.results_answer(envelopes, self.offers))
-        self.assertEqual(answer.moved, [(0, len(big)), (5, len(other))])
+        self.assertEqual(answer.moved, [(0, len(big)), (1, len(small)), (5, len(other))])
         self.assertEqual(answer.envelopes[0][3], b"")
-        self.assertEqual(answer.envelopes[1:5], envelopes[1:5])
-        self.assertEqual(answer.sizes, [memoryview(p).nbytes for p in (*big, *other)])
+        self.assertEqual(answer.envelopes[1][3], b"")
+        self.assertEqual(answer.envelopes[2:5], envelopes[2:5])
+        self.assertEqual(answer.sizes, [memoryview(p).nbytes for p in (*big, *small, *other)])
+        self.assertEqual(len(self.offers), 1)
         parts = self.offers.take(answer.capability, channel.GET)
         received = [ReceivedBuffer(memoryview(p)) for p in parts]
         joined = policy.join_results(answer, received)
-        for index, frames in ((0, big), (5, other)):
+        for index, frames in ((0, big), (1, small), (5, other)):
             value = serialization.loads(wire.ResultEnvelope.parse(joined[index]).data)
             self.assertEqual(value, serialization.loads(frames))
+
+    def test_many_small_results_at_below_above_the_threshold(self):
+        """1 MiB results: their total decides, at, just below and above
+        the threshold; a hundred go as one capability."""
+        frames = _frames(MIB)
+        one = serialization.frames_size(frames)
+        four = [_envelope(i, frames) for i in range(4)]
+        moved = policy.split_results(four, threshold=4 * one)[2]
+        self.assertEqual(moved, [(i, len(frames)) for i in range(4)])
+        self.assertEqual(policy.split_results(four, threshold=4 * one + 1)[1:], ([], []))
+        self.assertEqual(len(policy.split_results(four, threshold=3 * one)[2]), 4)
+        # With the default threshold (4 MiB): three stay, four move.
+        self.assertEqual(policy.split_results(four[:3])[2], [])
+        self.assertEqual(len(policy.split_results(four)[2]), 4)
+        hundred = [_envelope(i, frames) for i in range(100)]
+        answer = wire.BulkResults.parse(policy.results_answer(hundred, self.offers))
+        self.assertEqual(len(answer.moved), 100)
+        self.assertEqual(len(answer.sizes), 100 * len(frames))
+        self.assertEqual(len(self.offers), 1)
+        parts = self.offers.take(answer.capability, channel.GET)
+        joined = policy.join_results(answer, [ReceivedBuffer(memoryview(p)) for p in parts])
+        self.assertEqual([serialization.loads(wire.ResultEnvelope.parse(e).data) for e in joined],
+                         [serialization.loads(frames)] * 100)
+
+    def test_small_results_below_the_threshold_stay(self):
+        small = _frames(BIG // 4)
+        envelopes = [_envelope(1, small), _envelope(2, small), _envelope(3, b"blob")]
+        answer = policy.results_answer(envelopes, self.offers)
+        self.assertEqual(answer[1:], (None, [], []))
+        self.assertEqual(len(self.offers), 0)
 
     def test_engine_outcomes_move_their_big_values(self):
         big = _frames(BIG)

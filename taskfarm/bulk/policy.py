@@ -1,12 +1,13 @@
 """What travels over the bulk-data channel, and how answers carry it.
 
-A ``results`` answer moves the frames of each result of `BULK_MIN` bytes
-or more to the channel (`split_results`, on the controller); the client
+A ``results`` answer whose results' frames total `BULK_MIN` bytes or
+more moves all those frames to the channel in one transfer
+(`split_results`, on the controller); the client
 receives them into one preallocated `bytearray` per frame and puts them
 back as the results' data (`join_results`), which `serialization.loads`
-unpickles without joining them.  Smaller results stay in the Foolscap
-answer: below a few MiB, a TLS handshake and a thread hand-off cost
-more than Foolscap's copies.
+unpickles without joining them.  Smaller answers stay on Foolscap:
+below a few MiB, a TLS handshake and a thread hand-off cost more than
+Foolscap's copies.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from taskfarm import serialization, wire
 from taskfarm.bulk import channel
 from taskfarm.errors import BadRequest, ConnectionLost, MessageTooLarge, to_wire
 
-#: Results of at least this many bytes (all their frames) go over the
-#: bulk-data channel.  Each answer that moves any costs a TLS handshake
-#: and a thread hand-off: measured (bench/datapath.py ret1MB), 1 MiB
-#: results came slower over the channel than over Foolscap.
+#: An answer whose results' frames total at least this many bytes sends
+#: them all over the bulk-data channel, in one transfer.  Each transfer
+#: costs a TLS handshake and a thread hand-off: measured
+#: (bench/datapath.py ret1MB), one transfer per 1 MiB result came slower
+#: than Foolscap, so the decision is per answer (`split_results`).
 BULK_MIN = 4 << 20
 
 #: Replies of at least this many bytes are uploaded by engines: each
@@ -43,22 +45,33 @@ _DATA = 3
 def split_results(envelopes: list, threshold: int = BULK_MIN, ok_at: int = 2,
                   data_at: int = _DATA) -> tuple[list, list, list]:
     """``(envelopes, parts, moved)``: the plain result envelopes with the
-    data of each ok one of `threshold` bytes or more (as frames) taken out
-    (left ``b""``), those frames' buffers in order, and ``(index, count)``
-    for each envelope emptied (see `wire.BulkResults`).  `ok_at` and
-    `data_at` say where an envelope has its ok flag and its data (a
+    data of every ok one held as frames (a value with buffers of
+    `serialization.OOB_MIN` bytes or more) taken out (left ``b""``) when
+    those frames total `threshold` bytes or more in the whole answer;
+    those frames' buffers in order, and ``(index, count)`` for each
+    envelope emptied (see `wire.BulkResults`).  Below the threshold
+    nothing moves.  The decision is the answer's, not each value's: one
+    transfer (one handshake) carries all of them, so a hundred 1 MiB
+    results repay it as one 100 MiB result does.  `ok_at` and `data_at`
+    say where an envelope has its ok flag and its data (a
     `wire.ResultEnvelope` by default; 1 and 2 for a `wire.EngineOutcome`)."""
-    out: list = []
+    big = [
+        index
+        for index, envelope in enumerate(envelopes)
+        if envelope is not None and envelope[ok_at] is True
+        and serialization.is_frames(envelope[data_at])
+    ]
+    if sum(serialization.frames_size(envelopes[i][data_at]) for i in big) < threshold:
+        return list(envelopes), [], []
+    out = list(envelopes)
     parts: list = []
     moved: list = []
-    for index, envelope in enumerate(envelopes):
-        if envelope is not None and envelope[ok_at] is True:
-            data = envelope[data_at]
-            if serialization.is_frames(data) and serialization.frames_size(data) >= threshold:
-                parts.extend(data)
-                moved.append((index, len(data)))
-                envelope = envelope[:data_at] + (b"",) + envelope[data_at + 1 :]
-        out.append(envelope)
+    for index in big:
+        envelope = out[index]
+        data = envelope[data_at]
+        parts.extend(data)
+        moved.append((index, len(data)))
+        out[index] = envelope[:data_at] + (b"",) + envelope[data_at + 1 :]
     return out, parts, moved
 
 
