@@ -20,6 +20,19 @@ def _within(d, seconds: float = 60.0):
     return d.addTimeout(seconds, reactor)
 
 
+def _hold_the_reactor(n: int) -> bytes:
+    """In an engine: let the tasks queued behind this one arrive, then
+    keep the engine's reactor busy while they run, so their replies leave
+    in one batch."""
+    import time
+
+    from twisted.internet import reactor
+
+    time.sleep(0.5)
+    reactor.callFromThread(time.sleep, 1.0)
+    return bytes(n)
+
+
 class BulkResultsTests(ClusterTestCase):
     folder_prefix = "taskfarm-bulk-"
 
@@ -129,6 +142,24 @@ class BulkUploadTests(ClusterTestCase):
         self.assertTrue(numpy.array_equal(pulled, array))
         self.assertEqual(self.bulk().uploads, 1)
         self.assertEqual(len(self.bulk().offers), 0)
+
+    @run
+    async def test_a_batch_of_small_replies_is_uploaded_in_one_transfer(self):
+        """Nine 1 MiB task results leave the engine in one reply batch
+        (its reactor held while its worker finishes them): together above
+        the upload threshold, they go in one upload, and come back equal."""
+        tc = await self.start_cluster(1)
+        # Short tasks first: the controller then keeps many queued at the engine.
+        await _within(tc.get_task_results(
+            [await tc.run(MapTask(len, args=("x",))) for _ in range(30)], block=True))
+        mib = 1 << 20
+        ids = [await tc.run(MapTask(_hold_the_reactor, args=(mib,)))]
+        ids += [await tc.run(MapTask(bytes, args=(mib,))) for _ in range(8)]
+        values = await _within(tc.get_task_results(ids, block=True))
+        self.assertEqual(values, [bytes(mib)] * 9)
+        self.assertEqual(self.bulk().uploads, 1)
+        self.assertEqual(len(self.bulk().offers), 0)
+        self.assertEqual(self.bulk()._batches, {})
 
     @run
     async def test_a_big_pull_comes_over_the_channel_both_hops(self):

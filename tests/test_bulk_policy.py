@@ -186,6 +186,78 @@ class UploadPolicyTests(unittest.SynchronousTestCase):
         self.assertEqual(len(self.bulk.offers), 0)
 
 
+class BatchUploadPolicyTests(unittest.SynchronousTestCase):
+    """Several replies' frames in one upload: the controller's side."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.bulk = policy.BulkPolicy(channel.Offers(self.clock), "127.0.0.1:1")
+        self.ops = {1: "task", 2: "task", 3: "pull", 4: "execute"}
+
+    def test_a_batch_gets_one_capability_bounded_by_the_limit(self):
+        cap = self.bulk.upload_capability_for(self.ops.get, 1, [(1, [300, 200]), (2, [500])], 1000)
+        self.assertIsNotNone(cap)
+        self.assertEqual(self.bulk.offers.take(cap, channel.PUT), [300, 200, 500])
+        with self.assertRaises(MessageTooLarge):
+            self.bulk.upload_capability_for(self.ops.get, 1, [(1, [600]), (2, [401])], 1000)
+        self.assertEqual(self.bulk.uploads, 1)
+
+    def test_a_batch_with_a_reply_of_another_command_goes_over_foolscap(self):
+        for seq in (4, 9):  # not an upload op; not in flight
+            self.assertIsNone(
+                self.bulk.upload_capability_for(self.ops.get, 1, [(1, [10]), (seq, [10])], 1000))
+        self.assertEqual(len(self.bulk.offers), 0)
+
+    def test_bad_batches_are_a_bad_request(self):
+        for groups in ([(1, [10]), (1, [10])], [(1, [])], [(1, [10]), ("2", [1])],
+                       [(1, [10], 3)], [(1, [-1]), (2, [1])]):
+            with self.assertRaises(BadRequest):
+                self.bulk.upload_capability_for(self.ops.get, 1, groups, 1000)
+
+    def _uploaded(self, groups, contents):
+        cap = self.bulk.upload_capability_for(self.ops.get, groups[0][0], groups, 1000)
+        self.bulk.offers.take(cap, channel.PUT)
+        self.bulk.offers.deposit(cap, [ReceivedBuffer(c) for c in contents])
+        return cap
+
+    def test_a_completed_batch_is_shared_among_its_replies_in_order(self):
+        cap = self._uploaded([(1, [3, 4]), (3, [2])], [b"abc", b"defg", b"hi"])
+        replies = [wire.Reply(3, True, b"", 1.0, 2.0, upload=cap),
+                   wire.Reply(2, True, b"plain", 1.0, 2.0),
+                   wire.Reply(1, True, b"", 1.0, 2.0, upload=cap)]
+        resolved = self.bulk.resolve_uploads(replies)
+        self.assertEqual([r.upload for r in resolved], [None] * 3)
+        self.assertEqual([bytes(p.raw()) for p in resolved[0].data], [b"hi"])
+        self.assertEqual(resolved[1].data, b"plain")
+        self.assertEqual([bytes(p.raw()) for p in resolved[2].data], [b"abc", b"defg"])
+        self.assertEqual(len(self.bulk.offers), 0)
+        self.assertEqual(self.bulk._batches, {})
+
+    def test_a_batch_not_held_whole_fails_every_reply_never_partial(self):
+        cap = self.bulk.upload_capability_for(self.ops.get, 1, [(1, [3]), (2, [3])], 1000)
+        self.bulk.offers.take(cap, channel.PUT)  # under way, never deposited
+        replies = [wire.Reply(1, True, b"", 1.0, 2.0, upload=cap),
+                   wire.Reply(2, True, b"", 1.0, 2.0, upload=cap)]
+        for reply in self.bulk.resolve_uploads(replies):
+            self.assertFalse(reply.ok)
+            self.assertIsInstance(from_wire(reply.data), ConnectionLost)
+        self.assertEqual(self.bulk._batches, {})
+
+    def test_a_reply_the_batch_does_not_list_fails(self):
+        cap = self._uploaded([(1, [3]), (2, [1])], [b"abc", b"d"])
+        replies = [wire.Reply(1, True, b"", 1.0, 2.0, upload=cap),
+                   wire.Reply(3, True, b"", 1.0, 2.0, upload=cap)]
+        first, stranger = self.bulk.resolve_uploads(replies)
+        self.assertEqual([bytes(p.raw()) for p in first.data], [b"abc"])
+        self.assertIsInstance(from_wire(stranger.data), ConnectionLost)
+
+    def test_expired_batches_are_forgotten(self):
+        self.bulk.upload_capability_for(self.ops.get, 1, [(1, [3]), (2, [3])], 1000)
+        self.clock.advance(61)
+        self.bulk.upload_capability_for(self.ops.get, 1, [(1, [3]), (2, [3])], 1000)
+        self.assertEqual(len(self.bulk._batches), 1)
+
+
 UPLOAD = policy.UPLOAD_MIN
 
 
@@ -251,6 +323,37 @@ class EngineFallbackTests(unittest.SynchronousTestCase):
         self.assertEqual(session.asked, [])
         self.assertEqual(len(session.sent), 1)
 
+    def test_the_batch_total_decides_what_is_uploaded(self):
+        """1 MiB replies: below the upload threshold in total, none is
+        uploaded; at it, all in one request (one capability)."""
+        frames = _frames(MIB)
+        one = serialization.frames_size(frames)
+        replies = [wire.Reply(i, True, frames, 1.0, 2.0).plain() for i in range(10)]
+        small = wire.Reply(99, True, b"small", 1.0, 2.0).plain()
+        self.assertEqual(policy.big_replies(replies[:2] + [small], threshold=2 * one + 1), [])
+        self.assertEqual(policy.big_replies(replies[:2] + [small], threshold=2 * one),
+                         replies[:2])
+        count = -(-UPLOAD // one)  # the fewest 1 MiB replies at the default threshold
+        self.assertEqual(policy.big_replies(replies[: count - 1]), [])
+        self.assertEqual(len(policy.big_replies(replies[:count])), count)
+        session = _Session(defer.succeed(None))
+        self.send(session, replies[:count] + [small])
+        (seq, groups), = session.asked
+        self.assertEqual(seq, 0)
+        self.assertEqual(groups, [(i, [memoryview(p).nbytes for p in frames]) for i in range(count)])
+        sent = [wire.Reply.parse(r) for m in session.sent for r in serialization.unpack(m)]
+        self.assertEqual(sorted(r.seq for r in sent), list(range(count)) + [99])
+        self.assertTrue(all(r.upload is None for r in sent))
+
+    def test_a_failed_batch_upload_replies_over_foolscap(self):
+        frames = _frames(MIB)
+        replies = [wire.Reply(i, True, frames, 1.0, 2.0).plain() for i in range(9)]
+        session = _Session(defer.fail(ConnectionLost("gone")))
+        self.send(session, replies)
+        sent = [wire.Reply.parse(r) for m in session.sent for r in serialization.unpack(m)]
+        self.assertEqual(sorted(r.seq for r in sent), list(range(9)))
+        self.assertEqual(serialization.loads(sent[0].data), serialization.loads(frames))
+        self.flushLoggedErrors()
 
 
 class ReplyVersionTests(unittest.SynchronousTestCase):

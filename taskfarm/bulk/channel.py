@@ -149,6 +149,10 @@ class Offers:
         with self._lock:
             self._entries.pop(capability, None)
 
+    def __contains__(self, capability: bytes) -> bool:
+        with self._lock:
+            return capability in self._entries
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)

@@ -116,6 +116,9 @@ class BulkPolicy:
         #: Capabilities handed out for results, and for uploads, since the start.
         self.offered = 0
         self.uploads = 0
+        #: capability -> ``[(seq, parts), ...]`` of a batch upload (several
+        #: replies' frames in one transfer), while its offer is held.
+        self._batches: dict[bytes, list] = {}
 
     def results_answer(self, envelopes: list) -> tuple:
         """`results_answer` with this policy's offers and threshold."""
@@ -159,6 +162,75 @@ class BulkPolicy:
         self.uploads += 1
         return self.offers.expect(sizes)
 
+    def upload_capability_for(self, op_of, seq: int, sizes: object, limit: int) -> bytes | None:
+        """`upload_capability` for an ``upload(seq, sizes)`` request, where
+        `op_of(seq)` names a command's op (None: not in flight).  `sizes`
+        is a list of part sizes (the reply to `seq`), or a batch: a list of
+        ``(seq, sizes)`` pairs, one per reply, all their parts uploaded in
+        one transfer (`batch_capability`)."""
+        if isinstance(sizes, list) and sizes and all(type(x) is tuple for x in sizes):
+            return self.batch_capability(op_of, sizes, limit)
+        return self.upload_capability(op_of(seq), sizes, limit)
+
+    def batch_capability(self, op_of, groups: list, limit: int) -> bytes | None:
+        """One capability to upload the frames of several replies, `groups`
+        a list of ``(seq, sizes)`` pairs in the order of the parts; None
+        (over Foolscap) unless every reply answers a command in
+        `UPLOAD_OPS`.  Bounded as `upload_capability`; `BadRequest` for a
+        malformed or repeated group."""
+        seqs: list = []
+        flat: list = []
+        for group in groups:
+            if len(group) != 2 or type(group[0]) is not int or not isinstance(group[1], list) \
+                    or not group[1]:
+                raise BadRequest("an upload batch needs (seq, sizes) pairs")
+            seqs.append(group[0])
+            flat.extend(group[1])
+        if len(set(seqs)) != len(seqs):
+            raise BadRequest("an upload batch names a command twice")
+        if not all(op_of(seq) in UPLOAD_OPS for seq in seqs):
+            return None
+        capability = self.upload_capability("task", flat, limit)
+        # Batches whose offers expired or were claimed are forgotten here.
+        for held in [c for c in self._batches if c not in self.offers]:
+            del self._batches[held]
+        self._batches[capability] = [(seq, len(group[1])) for seq, group in zip(seqs, groups, strict=True)]
+        return capability
+
+    def resolve_uploads(self, replies: list) -> list:
+        """`resolve_upload` for each of `replies`; the replies that name a
+        batch capability share its parts, claimed once, in the batch's
+        order.  A batch not held whole fails every reply that names it
+        (`ConnectionLost`), and a reply it does not list fails too."""
+        claimed: dict = {}
+        out = []
+        for reply in replies:
+            capability = reply.upload
+            if capability is None or capability not in self._batches and capability not in claimed:
+                out.append(self.resolve_upload(reply))
+                continue
+            if capability not in claimed:
+                claimed[capability] = self._split_batch(capability)
+            frames = claimed[capability].get(reply.seq) if claimed[capability] else None
+            if frames is None:
+                error = ConnectionLost("the upload of this reply's value was not received whole")
+                out.append(reply._replace(ok=False, data=to_wire(error), upload=None))
+            else:
+                out.append(reply._replace(data=frames, upload=None))
+        return out
+
+    def _split_batch(self, capability: bytes) -> dict | None:
+        groups = self._batches.pop(capability)
+        parts = self.offers.claim(capability)
+        if parts is None:
+            return None
+        frames: dict = {}
+        at = 0
+        for seq, count in groups:
+            frames[seq] = serialization.as_frames(parts[at : at + count])
+            at += count
+        return frames
+
     def resolve_upload(self, reply: wire.Reply) -> wire.Reply:
         """`reply` with its uploaded frames as its data; a reply whose upload
         the controller does not hold (expired) becomes a `ConnectionLost`
@@ -172,13 +244,36 @@ class BulkPolicy:
         return reply._replace(data=serialization.as_frames(parts), upload=None)
 
 
-def is_big_reply(reply: tuple, threshold: int = UPLOAD_MIN) -> bool:
-    """Whether an engine's plain reply should upload its frames."""
-    return (
-        reply[1] is True
-        and serialization.is_frames(reply[2])
-        and serialization.frames_size(reply[2]) >= threshold
+def big_replies(replies: list, threshold: int = UPLOAD_MIN) -> list:
+    """The ok replies among an engine's batch (plain) that hold frames,
+    when their frames total `threshold` bytes or more; else ``[]``: the
+    batch's total decides, not each reply's size (one transfer, one
+    handshake, carries them all: `upload_replies`)."""
+    framed = [r for r in replies if r[1] is True and serialization.is_frames(r[2])]
+    if sum(serialization.frames_size(r[2]) for r in framed) < threshold:
+        return []
+    return framed
+
+
+async def upload_replies(reactor, session, replies: list) -> list:
+    """Upload the frames of several big replies in one transfer under one
+    capability (the request lists ``(seq, sizes)`` per reply); answers the
+    plain replies that name it, or None when the controller wants them
+    over Foolscap.  One reply: `upload_reply`'s request."""
+    if len(replies) == 1:
+        named = await upload_reply(reactor, session, replies[0])
+        return None if named is replies[0] else [named]
+    groups = [(r[0], [memoryview(part).nbytes for part in r[2]]) for r in replies]
+    views = [memoryview(part) for r in replies for part in r[2]]
+    capability = await session.request_upload(replies[0][0], groups)
+    if capability is None:
+        return None
+    host, port = session.bulk_location.rsplit(":", 1)
+    await threads.deferToThreadPool(
+        reactor, reactor.getThreadPool(), channel.upload, host, int(port), session.tubid,
+        capability, views, TRANSFER_TIMEOUT,
     )
+    return [wire.Reply.parse(r)._replace(data=b"", upload=capability).plain() for r in replies]
 
 
 async def upload_reply(reactor, session, reply: tuple) -> tuple:

@@ -156,7 +156,10 @@ class RIEngineSession(RemoteInterface):
     def upload(seq=int, sizes=MESSAGE):
         """A capability to upload the frames of the reply to command `seq`
         (the pickled list of their sizes) over the bulk-data channel, or
-        None: reply over Foolscap (version 5)."""
+        None: reply over Foolscap (version 5).  `sizes` may instead be a
+        batch, a pickled list of ``(seq, sizes)`` pairs (`seq` the first):
+        several replies' frames in one transfer, each reply naming the one
+        capability (`taskfarm.bulk.policy.BulkPolicy.batch_capability`)."""
         return MESSAGE
 
 
