@@ -162,6 +162,29 @@ class BulkUploadTests(ClusterTestCase):
         self.assertEqual(self.bulk()._batches, {})
 
     @run
+    async def test_a_big_push_is_uploaded_by_the_client(self):
+        """A pushed array of 4 MiB or more goes client -> controller over the
+        channel and on to both engines; it pulls back equal; a small push
+        and a client without the channel stay on Foolscap; nothing is left
+        in the capability table."""
+        await self.start_cluster(2)
+        mec = self.cluster.multiengine_client()
+        array = numpy.arange(BULK_MIN // 8 + 1024, dtype=numpy.float64)
+        await _within(mec.push({"a": array, "n": 3}, targets="all", block=True))
+        self.assertEqual(self.bulk().pushes, 1)
+        sums = await _within(mec.execute("s = float(a.sum()) + n", targets="all", block=True))
+        self.assertEqual(len(sums), 2)
+        for total in await _within(mec.pull("s", targets="all", block=True)):
+            self.assertEqual(total, float(array.sum()) + 3)
+        await _within(mec.push({"b": b"x" * 1000}, targets=0, block=True))
+        mec.use_bulk = False
+        await _within(mec.push({"c": array}, targets=1, block=True))
+        self.assertEqual(self.bulk().pushes, 1)
+        (c,) = await _within(mec.pull("c", targets=1, block=True))
+        self.assertTrue(numpy.array_equal(c, array))
+        self.assertEqual(len(self.bulk().offers), 0)
+
+    @run
     async def test_a_big_pull_comes_over_the_channel_both_hops(self):
         """A pulled array of 8 MiB or more: the engine uploads it, the
         client fetches it (a small pull and a client without the channel

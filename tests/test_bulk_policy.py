@@ -251,11 +251,78 @@ class BatchUploadPolicyTests(unittest.SynchronousTestCase):
         self.assertEqual([bytes(p.raw()) for p in first.data], [b"abc"])
         self.assertIsInstance(from_wire(stranger.data), ConnectionLost)
 
+    def test_a_batch_under_way_is_kept_while_another_is_asked_for(self):
+        """A batch whose transfer has begun (taken, not yet deposited) keeps
+        its record when the next batch comes: its replies still share it."""
+        groups = [(1, [3]), (2, [1])]
+        cap = self.bulk.upload_capability_for(self.ops.get, 1, groups, 1000)
+        self.bulk.offers.take(cap, channel.PUT)
+        self.bulk.upload_capability_for(self.ops.get, 3, [(3, [1])], 1000)
+        self.bulk.offers.deposit(cap, [ReceivedBuffer(b"abc"), ReceivedBuffer(b"d")])
+        first, second = self.bulk.resolve_uploads(
+            [wire.Reply(1, True, b"", 1.0, 2.0, upload=cap),
+             wire.Reply(2, True, b"", 1.0, 2.0, upload=cap)])
+        self.assertEqual([bytes(p.raw()) for p in first.data], [b"abc"])
+        self.assertEqual([bytes(p.raw()) for p in second.data], [b"d"])
+
     def test_expired_batches_are_forgotten(self):
         self.bulk.upload_capability_for(self.ops.get, 1, [(1, [3]), (2, [3])], 1000)
         self.clock.advance(61)
         self.bulk.upload_capability_for(self.ops.get, 1, [(1, [3]), (2, [3])], 1000)
         self.assertEqual(len(self.bulk._batches), 1)
+
+
+class PushPolicyTests(unittest.SynchronousTestCase):
+    """A client's upload of a push's value: the controller's side."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.bulk = policy.BulkPolicy(channel.Offers(self.clock), "127.0.0.1:1")
+
+    def _call(self, args=(b"",), op="push", per_target=None):
+        return wire.EngineCall(op, "all", args, per_target, None)
+
+    def test_the_capability_is_bounded_by_the_limit(self):
+        self.assertIsNotNone(self.bulk.push_capability([600, 400], 1000))
+        with self.assertRaises(MessageTooLarge):
+            self.bulk.push_capability([600, 401], 1000)
+        for sizes in ([], [-1], None):
+            with self.assertRaises(BadRequest):
+                self.bulk.push_capability(sizes, 1000)
+
+    def test_a_completed_upload_becomes_the_pushs_value(self):
+        frames = _frames(BIG)
+        cap = self.bulk.push_capability([memoryview(p).nbytes for p in frames], 1 << 30)
+        self.bulk.offers.take(cap, channel.PUT)
+        self.bulk.offers.deposit(cap, [ReceivedBuffer(memoryview(p)) for p in frames])
+        call = self.bulk.uploaded_call(self._call(), cap)
+        self.assertEqual(call.op, "push")
+        self.assertEqual(serialization.loads(call.args[0]), serialization.loads(frames))
+        self.assertEqual(len(self.bulk.offers), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_an_upload_not_held_whole_never_pushes(self):
+        """The client died mid-upload (or it expired): ConnectionLost, and
+        the offer is gone after its ttl."""
+        cap = self.bulk.push_capability([3], 1000)
+        self.bulk.offers.take(cap, channel.PUT)  # under way, never deposited
+        with self.assertRaises(ConnectionLost):
+            self.bulk.uploaded_call(self._call(), cap)
+        cap = self.bulk.push_capability([3], 1000)
+        self.clock.advance(61)
+        with self.assertRaises(ConnectionLost):
+            self.bulk.uploaded_call(self._call(), cap)
+        self.assertEqual(len(self.bulk.offers), 0)
+
+    def test_only_a_push_of_nothing_takes_an_upload(self):
+        cap = self.bulk.push_capability([3], 1000)
+        for call in (self._call(op="execute", args=("x",)), self._call(args=(b"v",)),
+                     self._call(per_target={0: (b"",)})):
+            with self.assertRaises(BadRequest):
+                self.bulk.uploaded_call(call, cap)
+        with self.assertRaises(BadRequest):
+            self.bulk.uploaded_call(self._call(), b"short")
+        self.assertEqual(len(self.bulk.offers), 1)  # untouched
 
 
 UPLOAD = policy.UPLOAD_MIN

@@ -150,8 +150,9 @@ class Offers:
             self._entries.pop(capability, None)
 
     def __contains__(self, capability: bytes) -> bool:
-        with self._lock:
-            return capability in self._entries
+        """Whether `capability` is still held: neither claimed nor expired
+        (a transfer of it may be under way).  Reactor thread only."""
+        return capability in self._timers
 
     def __len__(self) -> int:
         with self._lock:

@@ -113,9 +113,11 @@ class BulkPolicy:
         self.offers = offers
         self.location = location
         self.threshold = threshold
-        #: Capabilities handed out for results, and for uploads, since the start.
+        #: Capabilities handed out for results, and for engines' uploads, since the start.
         self.offered = 0
         self.uploads = 0
+        #: Capabilities handed out to clients for pushes' values.
+        self.pushes = 0
         #: capability -> ``[(seq, parts), ...]`` of a batch upload (several
         #: replies' frames in one transfer), while its offer is held.
         self._batches: dict[bytes, list] = {}
@@ -144,6 +146,11 @@ class BulkPolicy:
         Foolscap, where buffers received here would need a copy."""
         if op not in UPLOAD_OPS:
             return None
+        capability = self._expect(sizes, limit)
+        self.uploads += 1
+        return capability
+
+    def _expect(self, sizes: object, limit: int) -> bytes:
         if not isinstance(sizes, list) or not sizes or not all(
             type(n) is int and n >= 0 for n in sizes
         ):
@@ -159,7 +166,6 @@ class BulkPolicy:
                 "an upload of %d bytes exceeds the controller's message limit of %d bytes"
                 % (total, limit)
             )
-        self.uploads += 1
         return self.offers.expect(sizes)
 
     def upload_capability_for(self, op_of, seq: int, sizes: object, limit: int) -> bytes | None:
@@ -231,6 +237,30 @@ class BulkPolicy:
             at += count
         return frames
 
+    def push_capability(self, sizes: object, limit: int) -> bytes:
+        """A capability for a client to upload a push's value, of parts of
+        `sizes` bytes, bounded as `upload_capability` (`MessageTooLarge`,
+        `BadRequest`)."""
+        capability = self._expect(sizes, limit)
+        self.pushes += 1
+        return capability
+
+    def uploaded_call(self, call: wire.EngineCall, capability: object) -> wire.EngineCall:
+        """`call`, a push whose value was uploaded under `capability`, with
+        the received frames as its value.  `ConnectionLost` unless the
+        upload completed (and did not expire): the push never reaches an
+        engine with part of its value; `BadRequest` for any call but a
+        push of ``b""`` to every target."""
+        if call.op != "push" or call.per_target is not None or tuple(call.args) != (b"",):
+            raise BadRequest("only a push with its value left b\"\" takes an upload")
+        if not (type(capability) is bytes and len(capability) == wire.CAPABILITY_BYTES):
+            raise BadRequest("an uploaded push needs a capability of %d bytes"
+                             % wire.CAPABILITY_BYTES)
+        parts = self.offers.claim(capability)
+        if parts is None:
+            raise ConnectionLost("the upload of the pushed value was not received whole")
+        return call._replace(args=(serialization.as_frames(parts),))
+
     def resolve_upload(self, reply: wire.Reply) -> wire.Reply:
         """`reply` with its uploaded frames as its data; a reply whose upload
         the controller does not hold (expired) becomes a `ConnectionLost`
@@ -242,6 +272,30 @@ class BulkPolicy:
             error = ConnectionLost("the upload of this reply's value was not received whole")
             return reply._replace(ok=False, data=to_wire(error), upload=None)
         return reply._replace(data=serialization.as_frames(parts), upload=None)
+
+
+#: Pushes whose value (its frames) is at least this many bytes are
+#: uploaded by the client over the bulk-data channel; the controller
+#: forwards them to the engines over Foolscap.
+PUSH_MIN = BULK_MIN
+
+
+async def upload_push(reactor, connection, location: str, frames) -> bytes:
+    """Upload a push's value `frames` to the controller's bulk-data channel
+    at `location` under a capability asked of `connection` (``upload``,
+    bounded by the message limit); answers the capability, for
+    ``engine_call_uploaded``.  Raises what the request or `channel.upload`
+    raises."""
+    views = [memoryview(part) for part in frames]
+    capability = await connection.call("upload", serialization.pack([v.nbytes for v in views]))
+    if not (type(capability) is bytes and len(capability) == wire.CAPABILITY_BYTES):
+        raise BadRequest("the controller answered upload with no capability")
+    host, port = location.rsplit(":", 1)
+    await threads.deferToThreadPool(
+        reactor, reactor.getThreadPool(), channel.upload, host, int(port), connection.tubid,
+        capability, views, TRANSFER_TIMEOUT,
+    )
+    return capability
 
 
 def big_replies(replies: list, threshold: int = UPLOAD_MIN) -> list:

@@ -252,6 +252,16 @@ class RIMultiEngine(RemoteInterface):
         fetched over the bulk-data channel (version 5)."""
         return PARTS
 
+    def upload(sizes=MESSAGE):
+        """A capability to upload a push's value (its frames, of the pickled
+        list of `sizes`) over the bulk-data channel."""
+        return MESSAGE
+
+    def engine_call_uploaded(request=PARTS, capability=MESSAGE):
+        """`engine_call` of a push whose value's frames were uploaded under
+        `capability` (its value in `request` left ``b""``)."""
+        return PARTS
+
     def properties(request=MESSAGE):
         """A pickled ``(action, targets, argument)``."""
         return MESSAGE
