@@ -153,8 +153,8 @@ class BulkUploadTests(ClusterTestCase):
         await _within(tc.get_task_results(
             [await tc.run(MapTask(len, args=("x",))) for _ in range(30)], block=True))
         mib = 1 << 20
-        ids = [await tc.run(MapTask(_hold_the_reactor, args=(mib,)))]
-        ids += [await tc.run(MapTask(bytes, args=(mib,))) for _ in range(8)]
+        ids = await tc.run_many(
+            [MapTask(_hold_the_reactor, args=(mib,))] + [MapTask(bytes, args=(mib,))] * 8)
         values = await _within(tc.get_task_results(ids, block=True))
         self.assertEqual(values, [bytes(mib)] * 9)
         self.assertEqual(self.bulk().uploads, 1)
