@@ -168,9 +168,27 @@ class MultiEngineClient(BaseClient):
         except Exception as e:
             return defer.fail(e)
         return self._answer(
-            self._engine_call("push", "push", targets, (blob,), lambda _: None, timeout=timeout),
+            self._push(blob, targets, timeout),
             block, timeout, "push to %s" % self._targets_text(targets),
         )
+
+    async def _push(self, blob, targets, timeout) -> list:
+        # A big value is uploaded over the bulk-data channel first, then
+        # named by the push (a failed upload raises: nothing was pushed).
+        if self.use_bulk and getattr(self._connection, "ever_connected", True) is False:
+            await self._connection.connect()  # the channel's location comes with hello
+        location = getattr(self._connection, "bulk_location", None) if self.use_bulk else None
+        if (location is None or not serialization.is_frames(blob)
+                or serialization.frames_size(blob) < bulk_policy.PUSH_MIN):
+            return await self._engine_call("push", "push", targets, (blob,), lambda _: None,
+                                           timeout=timeout)
+        capability = await bulk_policy.upload_push(self._reactor, self._connection, location, blob)
+        targets = self.targets if targets is None else targets
+        request = serialization.pack_message(
+            wire.EngineCall("push", targets, (b"",), None, timeout).plain()
+        )
+        answer = await self._connection.call("engine_call_uploaded", request, capability)
+        return _collect("push", answer, lambda _: None)
 
     def pull(self, keys, targets=None, block=None, timeout=None) -> defer.Deferred:
         """One value per target for a str key; a list of values for a list of keys."""

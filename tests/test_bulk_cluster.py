@@ -20,6 +20,19 @@ def _within(d, seconds: float = 60.0):
     return d.addTimeout(seconds, reactor)
 
 
+def _hold_the_reactor(n: int) -> bytes:
+    """In an engine: let the tasks queued behind this one arrive, then
+    keep the engine's reactor busy while they run, so their replies leave
+    in one batch."""
+    import time
+
+    from twisted.internet import reactor
+
+    time.sleep(0.5)
+    reactor.callFromThread(time.sleep, 1.0)
+    return bytes(n)
+
+
 class BulkResultsTests(ClusterTestCase):
     folder_prefix = "taskfarm-bulk-"
 
@@ -47,6 +60,23 @@ class BulkResultsTests(ClusterTestCase):
             await tc.run(MapTask(len, args=(b"s" * (BULK_MIN // 2),))), block=True))
         self.assertEqual(small, BULK_MIN // 2)
         self.assertEqual(self.bulk().offered, 2)
+        self.assertEqual(len(self.bulk().offers), 0)
+
+    @run
+    async def test_many_small_results_ride_one_transfer(self):
+        """Six 1 MiB results (each below the threshold, their total above
+        it) come in one answer over the channel: one capability; three
+        (below in total) stay on Foolscap."""
+        tc = await self.start_cluster(1)
+        mib = 1 << 20
+        ids = [await tc.run(MapTask(bytes, args=(mib,))) for _ in range(6)]
+        values = await _within(tc.get_task_results(ids, block=True))
+        self.assertEqual(values, [bytes(mib)] * 6)
+        self.assertEqual(self.bulk().offered, 1)
+        ids = [await tc.run(MapTask(bytes, args=(mib,))) for _ in range(3)]
+        values = await _within(tc.get_task_results(ids, block=True))
+        self.assertEqual(values, [bytes(mib)] * 3)
+        self.assertEqual(self.bulk().offered, 1)
         self.assertEqual(len(self.bulk().offers), 0)
 
     @run
@@ -111,6 +141,47 @@ class BulkUploadTests(ClusterTestCase):
         (pulled,) = await _within(mec.pull("a", targets=0, block=True))
         self.assertTrue(numpy.array_equal(pulled, array))
         self.assertEqual(self.bulk().uploads, 1)
+        self.assertEqual(len(self.bulk().offers), 0)
+
+    @run
+    async def test_a_batch_of_small_replies_is_uploaded_in_one_transfer(self):
+        """Nine 1 MiB task results leave the engine in one reply batch
+        (its reactor held while its worker finishes them): together above
+        the upload threshold, they go in one upload, and come back equal."""
+        tc = await self.start_cluster(1)
+        # Short tasks first: the controller then keeps many queued at the engine.
+        await _within(tc.get_task_results(
+            [await tc.run(MapTask(len, args=("x",))) for _ in range(30)], block=True))
+        mib = 1 << 20
+        ids = await tc.run_many(
+            [MapTask(_hold_the_reactor, args=(mib,))] + [MapTask(bytes, args=(mib,))] * 8)
+        values = await _within(tc.get_task_results(ids, block=True))
+        self.assertEqual(values, [bytes(mib)] * 9)
+        self.assertEqual(self.bulk().uploads, 1)
+        self.assertEqual(len(self.bulk().offers), 0)
+        self.assertEqual(self.bulk()._batches, {})
+
+    @run
+    async def test_a_big_push_is_uploaded_by_the_client(self):
+        """A pushed array of 4 MiB or more goes client -> controller over the
+        channel and on to both engines; it pulls back equal; a small push
+        and a client without the channel stay on Foolscap; nothing is left
+        in the capability table."""
+        await self.start_cluster(2)
+        mec = self.cluster.multiengine_client()
+        array = numpy.arange(BULK_MIN // 8 + 1024, dtype=numpy.float64)
+        await _within(mec.push({"a": array, "n": 3}, targets="all", block=True))
+        self.assertEqual(self.bulk().pushes, 1)
+        sums = await _within(mec.execute("s = float(a.sum()) + n", targets="all", block=True))
+        self.assertEqual(len(sums), 2)
+        for total in await _within(mec.pull("s", targets="all", block=True)):
+            self.assertEqual(total, float(array.sum()) + 3)
+        await _within(mec.push({"b": b"x" * 1000}, targets=0, block=True))
+        mec.use_bulk = False
+        await _within(mec.push({"c": array}, targets=1, block=True))
+        self.assertEqual(self.bulk().pushes, 1)
+        (c,) = await _within(mec.pull("c", targets=1, block=True))
+        self.assertTrue(numpy.array_equal(c, array))
         self.assertEqual(len(self.bulk().offers), 0)
 
     @run

@@ -149,6 +149,11 @@ class Offers:
         with self._lock:
             self._entries.pop(capability, None)
 
+    def __contains__(self, capability: bytes) -> bool:
+        """Whether `capability` is still held: neither claimed nor expired
+        (a transfer of it may be under way).  Reactor thread only."""
+        return capability in self._timers
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)

@@ -207,26 +207,30 @@ class EngineLink(service.Service):
 
         def send(replies: list) -> None:
             if bulk and self.use_bulk:
-                big = [r for r in replies if bulk_policy.is_big_reply(r)]
+                # The batch's total decides: its big replies go in one upload.
+                big = bulk_policy.big_replies(replies)
                 if big:
-                    for reply in big:
-                        defer.Deferred.fromCoroutine(upload_then_send(reply))
-                    replies = [r for r in replies if not bulk_policy.is_big_reply(r)]
+                    defer.Deferred.fromCoroutine(upload_then_send(big))
+                    moved = {id(r) for r in big}
+                    replies = [r for r in replies if id(r) not in moved]
                     if not replies:
                         return
             send_over_foolscap(replies)
 
-        async def upload_then_send(reply: tuple) -> None:
-            # Uploaded first, then named by the Foolscap reply; an upload
-            # that fails sends the reply over Foolscap instead.
+        async def upload_then_send(big: list) -> None:
+            # Uploaded first, then named by the Foolscap replies; an upload
+            # that fails sends the replies over Foolscap instead.
             try:
-                named = await bulk_policy.upload_reply(self._reactor, session, reply)
+                named = await bulk_policy.upload_replies(self._reactor, session, big)
             except Exception as e:
                 self._log.warn("bulk upload failed ({error}); replying over Foolscap",
                                error=describe_error(e))
-                send_over_foolscap([reply])
+                send_over_foolscap(big)
                 return
-            session.send_replies(serialization.pack_message([named]))
+            if named is None:
+                send_over_foolscap(big)  # the controller wants them over Foolscap
+                return
+            session.send_replies(serialization.pack_message(named))
 
         def send_over_foolscap(replies: list) -> None:
             # Packed once: usually they fit in one message, which this is.

@@ -83,13 +83,14 @@ class _FoolscapEngineSession:
     def notify_on_disconnect(self, callback) -> None:
         self._rref.notifyOnDisconnect(callback)
 
-    def request_upload(self, seq: int, sizes: list[int]) -> defer.Deferred:
+    def request_upload(self, seq: int, sizes: list) -> defer.Deferred:
         """A capability to upload the reply to command `seq`, of parts of
-        `sizes` bytes, over the bulk-data channel; None: the controller
+        `sizes` bytes (or a batch of replies' frames, ``(seq, sizes)``
+        pairs), over the bulk-data channel; None: the controller
         wants it over Foolscap.  Fails with the controller's typed error."""
         return defer.Deferred.fromCoroutine(self._request_upload(seq, sizes))
 
-    async def _request_upload(self, seq: int, sizes: list[int]) -> bytes | None:
+    async def _request_upload(self, seq: int, sizes: list) -> bytes | None:
         try:
             answer = await self._session.callRemote("upload", seq, serialization.pack(sizes))
         except DeadReferenceError:

@@ -6,6 +6,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from taskfarm import serialization, wire
+from taskfarm.errors import BadRequest
 from taskfarm.remote import schemas, sweeper
 from taskfarm.remote.answers import hello_blob, reply, reply_in_parts
 from taskfarm.remote.schemas import BoundedReferenceable
@@ -55,6 +56,29 @@ class RemoteMultiEngine(BoundedReferenceable):
                 self._multiengine.call, op, targets, args, per_target, timeout
             )
             return d.addCallback(offered)
+
+        return sweeper.once_answered(reply_in_parts(call), request)
+
+    def remote_upload(self, sizes):
+        """A capability to upload a push's value over the bulk-data channel."""
+
+        def capability():
+            if self.bulk is None:
+                raise BadRequest("this controller has no bulk-data channel")
+            return self.bulk.push_capability(self._unpack(sizes), self.max_message_size)
+
+        return reply(capability)
+
+    def remote_engine_call_uploaded(self, request, capability):
+        """`remote_engine_call` of a push whose value was uploaded: the
+        received frames go on to the engines over Foolscap."""
+
+        def call():
+            if self.bulk is None:
+                raise BadRequest("this controller has no bulk-data channel")
+            parsed = wire.EngineCall.parse(self._unpack(request))
+            op, targets, args, per_target, timeout = self.bulk.uploaded_call(parsed, capability)
+            return self._multiengine.call(op, targets, args, per_target, timeout)
 
         return sweeper.once_answered(reply_in_parts(call), request)
 

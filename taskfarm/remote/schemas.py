@@ -156,7 +156,10 @@ class RIEngineSession(RemoteInterface):
     def upload(seq=int, sizes=MESSAGE):
         """A capability to upload the frames of the reply to command `seq`
         (the pickled list of their sizes) over the bulk-data channel, or
-        None: reply over Foolscap (version 5)."""
+        None: reply over Foolscap (version 5).  `sizes` may instead be a
+        batch, a pickled list of ``(seq, sizes)`` pairs (`seq` the first):
+        several replies' frames in one transfer, each reply naming the one
+        capability (`taskfarm.bulk.policy.BulkPolicy.batch_capability`)."""
         return MESSAGE
 
 
@@ -247,6 +250,16 @@ class RIMultiEngine(RemoteInterface):
     def engine_call_bulk(request=PARTS):
         """`engine_call`, answered as a `wire.BulkResults`: big values are
         fetched over the bulk-data channel (version 5)."""
+        return PARTS
+
+    def upload(sizes=MESSAGE):
+        """A capability to upload a push's value (its frames, of the pickled
+        list of `sizes`) over the bulk-data channel."""
+        return MESSAGE
+
+    def engine_call_uploaded(request=PARTS, capability=MESSAGE):
+        """`engine_call` of a push whose value's frames were uploaded under
+        `capability` (its value in `request` left ``b""``)."""
         return PARTS
 
     def properties(request=MESSAGE):

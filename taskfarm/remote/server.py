@@ -297,10 +297,13 @@ class RemoteEngineSession(BoundedReferenceable):
         def capability():
             if self._bulk is None:
                 raise BadRequest("this controller has no bulk-data channel")
-            entry = self._handle.inflight.get(seq)
-            return self._bulk.upload_capability(
-                None if entry is None else entry[0],
-                serialization.unpack(sizes, self.max_message_size), self.max_message_size,
+            def op_of(number):
+                entry = self._handle.inflight.get(number)
+                return None if entry is None else entry[0]
+
+            return self._bulk.upload_capability_for(
+                op_of, seq, serialization.unpack(sizes, self.max_message_size),
+                self.max_message_size,
             )
 
         return reply(capability)
@@ -315,7 +318,7 @@ class RemoteEngineSession(BoundedReferenceable):
             if any(r.upload is not None for r in replies):
                 if self._bulk is None:
                     raise BadRequest("a reply names an upload, but there is no bulk channel")
-                replies = [self._bulk.resolve_upload(r) for r in replies]
+                replies = self._bulk.resolve_uploads(replies)
         except (BadRequest, ProtocolVersionError) as e:
             _log.warn(
                 "engine {engine_id} sent replies this controller cannot read "
