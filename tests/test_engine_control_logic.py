@@ -80,10 +80,7 @@ class ControlTests(unittest.SynchronousTestCase):
         self.mec = self.grid.multiengine_client()
 
     def settle(self, d: defer.Deferred | None = None) -> None:
-        for _ in range(200):
-            if d is not None and d.called:
-                return
-            self.grid.clock.advance(0.001)
+        self.grid.settle(0.2, 0.001, until=d)
 
     def value(self, d):
         self.settle(d)

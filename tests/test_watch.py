@@ -47,10 +47,7 @@ class GridCase(unittest.SynchronousTestCase):
         self.tc._connection.call = counting
 
     def settle(self, d: defer.Deferred | None = None, seconds: float = 2.0) -> None:
-        for _ in range(int(seconds / 0.002)):
-            if d is not None and d.called and not isinstance(d.result, defer.Deferred):
-                return
-            self.grid.clock.advance(0.002)
+        self.grid.settle(seconds, 0.002, until=d)
 
     def value(self, d):
         self.settle(d)

@@ -10,7 +10,7 @@ Everything moves only when the test advances the clock.
 
 from __future__ import annotations
 
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from taskfarm.asyncclient import MultiEngineClient, TaskClient
 from taskfarm.controller.multiengine import MultiEngine
@@ -79,9 +79,13 @@ class LocalGrid:
     def multiengine_client(self, **options) -> MultiEngineClient:
         return MultiEngineClient(self.furls[MULTIENGINE], self.clock, tub=self.tub, **options)
 
-    def settle(self, seconds: float = 0.1, step: float = 0.002) -> None:
-        """Let `seconds` of clock time pass in small steps."""
+    def settle(self, seconds: float = 0.1, step: float = 0.002, until=None) -> None:
+        """Let `seconds` of clock time pass in small steps; with `until` (a
+        Deferred), stop early once it has its result (not a Deferred it
+        waits on)."""
         for _ in range(int(round(seconds / step))):
+            if until is not None and until.called and not isinstance(until.result, defer.Deferred):
+                return
             self.clock.advance(step)
 
     def restart(self) -> None:
